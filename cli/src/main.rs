@@ -1,0 +1,24 @@
+//! `mesh`: the command-line face of a mesh node. Parsing and printing live here; everything a
+//! node does lives in the mesh-node crate.
+
+mod args;
+mod commands;
+mod output;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = args::Cli::parse();
+    output::init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return output::fail(&anyhow::anyhow!("cannot start the async runtime: {e}")),
+    };
+    match runtime.block_on(commands::run(cli)) {
+        Ok(code) => code,
+        Err(e) => output::fail(&e),
+    }
+}

@@ -1,0 +1,444 @@
+//! The serving side: answers `/mesh/infer/1` and `/mesh/catalog/1` streams.
+//!
+//! Each hosted model has a bounded admission count (running + waiting). A request beyond it
+//! is answered `overloaded` at once. Compute runs on a blocking thread; its output flows
+//! through a small bounded channel to the stream. The call is cancelled when the caller goes
+//! away or the deadline passes, and the engine stops at its next step.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use libp2p::PeerId;
+use mesh_protocol::frame::{encode_body, DEFAULT_MAX_FRAME_LEN};
+use mesh_protocol::{
+    CatalogRequest, CatalogResponse, ErrorCode, InferRequest, InferResponse, Input, ModelCard,
+    SignedModelCard, Task, Usage, WireError,
+};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{Gone, Output, SharedEngine};
+use crate::identity::NodeIdentity;
+use crate::wire::{read_frame, write_frame, WireIoError};
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// How long a caller has to send its request frame after opening a stream.
+    pub request_timeout: Duration,
+    /// Deadline of a call that names none.
+    pub default_deadline: Duration,
+    /// Longest deadline a caller may ask for.
+    pub max_deadline: Duration,
+    /// Requests that may wait per model while all its slots are busy.
+    pub max_queue: usize,
+    pub max_frame_len: usize,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            request_timeout: Duration::from_secs(10),
+            default_deadline: Duration::from_secs(120),
+            max_deadline: Duration::from_secs(600),
+            max_queue: 16,
+            max_frame_len: DEFAULT_MAX_FRAME_LEN,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeSetupError {
+    #[error("two models are named {0:?}")]
+    DuplicateName(String),
+    #[error("model name {0:?}: {1}")]
+    BadName(String, String),
+    #[error("model {0:?} has max_concurrency 0")]
+    NoConcurrency(String),
+}
+
+/// One hosted model with its admission control.
+pub struct HostedModel {
+    engine: SharedEngine,
+    slots: Arc<Semaphore>,
+    admitted: Arc<AtomicUsize>,
+    capacity: usize,
+    runs: AtomicU64,
+}
+
+/// Releases an admission when dropped.
+struct Admission(Arc<AtomicUsize>);
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl HostedModel {
+    fn try_admit(&self) -> Option<Admission> {
+        let mut current = self.admitted.load(Ordering::Acquire);
+        loop {
+            if current >= self.capacity {
+                return None;
+            }
+            match self.admitted.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Some(Admission(self.admitted.clone())),
+                Err(now) => current = now,
+            }
+        }
+    }
+
+    pub fn card(&self) -> &ModelCard {
+        self.engine.card()
+    }
+}
+
+/// Everything a node serves.
+pub struct Server {
+    models: BTreeMap<String, Arc<HostedModel>>,
+    signed_cards: Vec<SignedModelCard>,
+    config: ServeConfig,
+}
+
+impl Server {
+    pub fn new(
+        identity: &NodeIdentity,
+        engines: Vec<SharedEngine>,
+        config: ServeConfig,
+    ) -> Result<Server, ServeSetupError> {
+        let mut models = BTreeMap::new();
+        let mut signed_cards = Vec::new();
+        for engine in engines {
+            let card = engine.card().clone();
+            mesh_protocol::ids::validate_model_name(&card.name)
+                .map_err(|e| ServeSetupError::BadName(card.name.clone(), e))?;
+            if card.max_concurrency == 0 {
+                return Err(ServeSetupError::NoConcurrency(card.name));
+            }
+            let bytes = encode_body(&card).expect("a model card always encodes");
+            let signature = identity
+                .sign(&SignedModelCard::signed_message(&bytes))
+                .to_vec();
+            signed_cards.push(SignedModelCard {
+                card: bytes,
+                signature,
+            });
+            let slots = card.max_concurrency as usize;
+            let hosted = HostedModel {
+                engine,
+                slots: Arc::new(Semaphore::new(slots)),
+                admitted: Arc::new(AtomicUsize::new(0)),
+                capacity: slots + config.max_queue,
+                runs: AtomicU64::new(0),
+            };
+            if models.insert(card.name.clone(), Arc::new(hosted)).is_some() {
+                return Err(ServeSetupError::DuplicateName(card.name));
+            }
+        }
+        Ok(Server {
+            models,
+            signed_cards,
+            config,
+        })
+    }
+
+    pub fn cards(&self) -> impl Iterator<Item = &ModelCard> {
+        self.models.values().map(|m| m.card())
+    }
+
+    pub fn model_names(&self) -> Vec<String> {
+        self.models.keys().cloned().collect()
+    }
+
+    /// Requests running or waiting, over all models.
+    pub fn load(&self) -> u32 {
+        self.models
+            .values()
+            .map(|m| m.admitted.load(Ordering::Acquire) as u32)
+            .sum()
+    }
+
+    /// How many times `model`'s engine was started (refused calls never start it).
+    pub fn runs(&self, model: &str) -> u64 {
+        self.models
+            .get(model)
+            .map_or(0, |m| m.runs.load(Ordering::Acquire))
+    }
+
+    pub fn config(&self) -> &ServeConfig {
+        &self.config
+    }
+
+    /// Answers one catalog stream.
+    pub async fn serve_catalog<S>(&self, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let (mut rd, mut wr) = stream.split();
+        let max = self.config.max_frame_len;
+        match tokio::time::timeout(
+            self.config.request_timeout,
+            read_frame::<CatalogRequest, _>(&mut rd, max),
+        )
+        .await
+        {
+            Ok(Ok(Some(_))) => {
+                let response = CatalogResponse {
+                    cards: self.signed_cards.clone(),
+                    load: self.load(),
+                };
+                if let Err(e) = write_frame(&mut wr, &response, max).await {
+                    tracing::debug!("catalog reply failed: {e}");
+                }
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => tracing::debug!("bad catalog request: {e}"),
+            Err(_) => tracing::debug!("catalog request timed out"),
+        }
+        let _ = wr.close().await;
+    }
+
+    /// Answers one inference stream from `peer`, start to end. Never panics on bad input:
+    /// every failure becomes an `error` frame if the stream still works.
+    pub async fn serve_infer<S>(&self, peer: PeerId, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let (mut rd, mut wr) = stream.split();
+        let max = self.config.max_frame_len;
+        let request = match tokio::time::timeout(
+            self.config.request_timeout,
+            read_frame::<InferRequest, _>(&mut rd, max),
+        )
+        .await
+        {
+            Ok(Ok(Some(request))) => request,
+            Ok(Ok(None)) => return,
+            Ok(Err(WireIoError::Io(e))) => {
+                tracing::debug!(%peer, "stream failed before the request: {e}");
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::info!(%peer, "malformed request: {e}");
+                self.send_error(&mut wr, WireError::bad_request(e.to_string()))
+                    .await;
+                return;
+            }
+            Err(_) => {
+                let e = WireError::bad_request(format!(
+                    "no request frame within {:?}",
+                    self.config.request_timeout
+                ));
+                self.send_error(&mut wr, e).await;
+                return;
+            }
+        };
+        let model = request.model.clone();
+        let started = Instant::now();
+        match self.run_call(request, &mut rd, &mut wr).await {
+            Ok(()) => {
+                tracing::info!(%peer, %model, ms = started.elapsed().as_millis() as u64, "call served")
+            }
+            Err(CallEnd::CallerGone) => {
+                tracing::info!(%peer, %model, "caller went away; call cancelled")
+            }
+            Err(CallEnd::Refused(e)) => {
+                tracing::info!(%peer, %model, code = %e.code, "call failed: {}", e.message);
+                self.send_error(&mut wr, e).await;
+            }
+        }
+        let _ = wr.close().await;
+    }
+
+    async fn send_error<W: AsyncWrite + Unpin>(&self, wr: &mut W, error: WireError) {
+        let frame = InferResponse::Error(error);
+        if let Err(e) = write_frame(wr, &frame, self.config.max_frame_len).await {
+            tracing::debug!("could not send error frame: {e}");
+        }
+    }
+
+    fn check(&self, request: &InferRequest) -> Result<Arc<HostedModel>, WireError> {
+        request.validate()?;
+        let hosted = self.models.get(&request.model).ok_or_else(|| {
+            WireError::new(
+                ErrorCode::UnknownModel,
+                format!(
+                    "this node does not host {:?}; it hosts: {}",
+                    request.model,
+                    self.model_names().join(", ")
+                ),
+            )
+        })?;
+        let wants = match request.input {
+            Input::Embed { .. } => Task::Embed,
+            Input::Chat { .. } | Input::Completion { .. } => Task::Generate,
+        };
+        if hosted.card().task != wants {
+            return Err(WireError::bad_request(format!(
+                "model {:?} is a {:?} model and cannot take {:?} input",
+                request.model,
+                hosted.card().task,
+                wants
+            )));
+        }
+        Ok(hosted.clone())
+    }
+
+    async fn run_call<R, W>(
+        &self,
+        request: InferRequest,
+        rd: &mut R,
+        wr: &mut W,
+    ) -> Result<(), CallEnd>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let hosted = self.check(&request)?;
+        let deadline_len = request
+            .deadline_ms
+            .map(Duration::from_millis)
+            .unwrap_or(self.config.default_deadline)
+            .min(self.config.max_deadline);
+        let deadline = tokio::time::Instant::now() + deadline_len;
+        let queued = Instant::now();
+        let admission = hosted.try_admit().ok_or_else(|| {
+            WireError::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "model {:?} is busy: {} calls running or queued",
+                    request.model, hosted.capacity
+                ),
+            )
+        })?;
+        let permit = tokio::time::timeout_at(deadline, hosted.slots.clone().acquire_owned())
+            .await
+            .map_err(|_| deadline_exceeded(deadline_len))?
+            .expect("the slot semaphore is never closed");
+        let max = self.config.max_frame_len;
+        let started = InferResponse::Started {
+            model: request.model.clone(),
+            queue_ms: queued.elapsed().as_millis() as u64,
+        };
+        write_frame(wr, &started, max)
+            .await
+            .map_err(|_| CallEnd::CallerGone)?;
+
+        let cancel = CancellationToken::new();
+        let _cancel_on_exit = cancel.clone().drop_guard();
+        let (tx, mut rx) = mpsc::channel::<Output>(16);
+        hosted.runs.fetch_add(1, Ordering::AcqRel);
+        let compute_start = Instant::now();
+        let job = spawn_compute(
+            hosted.clone(),
+            request,
+            tx,
+            cancel.clone(),
+            permit,
+            admission,
+        );
+
+        let mut first_output: Option<Duration> = None;
+        let mut probe = [0u8; 1];
+        loop {
+            tokio::select! {
+                output = rx.recv() => match output {
+                    Some(output) => {
+                        first_output.get_or_insert_with(|| compute_start.elapsed());
+                        let frame = match output {
+                            Output::Delta(text) => InferResponse::Delta { text },
+                            Output::Embeddings(vectors) => InferResponse::Embeddings { vectors },
+                        };
+                        if write_frame(wr, &frame, max).await.is_err() {
+                            cancel.cancel();
+                            return Err(CallEnd::CallerGone);
+                        }
+                    }
+                    None => break,
+                },
+                // The caller sends nothing after its request: any read result means it left.
+                _ = rd.read(&mut probe) => {
+                    cancel.cancel();
+                    return Err(CallEnd::CallerGone);
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    cancel.cancel();
+                    return Err(deadline_exceeded(deadline_len).into());
+                }
+            }
+        }
+        let completion = match job.await {
+            Ok(result) => result?,
+            Err(join) => {
+                tracing::error!("engine task failed: {join}");
+                return Err(WireError::new(ErrorCode::Internal, "the engine crashed").into());
+            }
+        };
+        let total = compute_start.elapsed();
+        let done = InferResponse::Done {
+            finish_reason: completion.finish_reason,
+            usage: Usage {
+                prompt_tokens: completion.prompt_tokens,
+                completion_tokens: completion.completion_tokens,
+                time_to_first_token_ms: first_output.unwrap_or(total).as_millis() as u64,
+                total_ms: total.as_millis() as u64,
+            },
+        };
+        write_frame(wr, &done, max)
+            .await
+            .map_err(|_| CallEnd::CallerGone)
+    }
+}
+
+/// Runs the engine on a blocking thread. The slot and admission are held until compute
+/// really stops, so a cancelled call cannot leave extra work running behind the bound.
+fn spawn_compute(
+    hosted: Arc<HostedModel>,
+    request: InferRequest,
+    tx: mpsc::Sender<Output>,
+    cancel: CancellationToken,
+    permit: OwnedSemaphorePermit,
+    admission: Admission,
+) -> tokio::task::JoinHandle<Result<crate::engine::Completion, WireError>> {
+    tokio::task::spawn_blocking(move || {
+        let _held = (permit, admission);
+        let mut sink = |output: Output| tx.blocking_send(output).map_err(|_| Gone);
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            hosted.engine.run(&request, &mut sink, &cancel)
+        }));
+        result.unwrap_or_else(|_| {
+            Err(WireError::new(
+                ErrorCode::Internal,
+                "the engine panicked on this request",
+            ))
+        })
+    })
+}
+
+fn deadline_exceeded(after: Duration) -> WireError {
+    WireError::new(
+        ErrorCode::DeadlineExceeded,
+        format!("the call did not finish within its deadline of {after:?}"),
+    )
+}
+
+enum CallEnd {
+    /// Answered with an error frame.
+    Refused(WireError),
+    /// The caller closed or reset the stream; nothing more can be sent.
+    CallerGone,
+}
+
+impl From<WireError> for CallEnd {
+    fn from(e: WireError) -> Self {
+        CallEnd::Refused(e)
+    }
+}

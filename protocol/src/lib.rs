@@ -1,0 +1,23 @@
+//! mesh-protocol: the wire format of mesh, and nothing else.
+//!
+//! - [`ids`]: versioned protocol ids and DHT keys.
+//! - [`frame`]: unsigned-varint length prefix + one CBOR value, bounded before allocating.
+//! - [`infer`]: request and response frames of `/mesh/infer/1`.
+//! - [`card`]: the model card a node advertises, and the catalog exchange.
+//! - [`error`]: typed error codes a client can act on.
+//!
+//! This crate has no async runtime, no networking and no model code, so another
+//! implementation (or a fuzzer) can use it alone. `docs/protocol.md` specifies every frame.
+
+pub mod card;
+pub mod error;
+pub mod frame;
+pub mod ids;
+pub mod infer;
+
+pub use card::{CatalogRequest, CatalogResponse, ModelCard, SignedModelCard, Task};
+pub use error::{ErrorCode, WireError};
+pub use frame::{decode_frame, encode_frame, FrameError, DEFAULT_MAX_FRAME_LEN};
+pub use infer::{
+    ChatMessage, FinishReason, InferRequest, InferResponse, Input, Role, SamplingParams, Usage,
+};

@@ -1,0 +1,139 @@
+//! Golden byte vectors: these exact bytes are the wire format of `/mesh/infer/1` and
+//! `/mesh/catalog/1`. docs/protocol.md quotes them; changing one is a protocol version bump.
+
+use mesh_protocol::frame::{decode_frame, encode_body, encode_frame, DEFAULT_MAX_FRAME_LEN};
+use mesh_protocol::*;
+
+fn check<T>(value: &T, expected_hex: &str)
+where
+    T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+{
+    let bytes = encode_frame(value, DEFAULT_MAX_FRAME_LEN).unwrap();
+    assert_eq!(hex::encode(&bytes), expected_hex, "encoding of {value:?}");
+    let expected = hex::decode(expected_hex).unwrap();
+    let (decoded, used): (T, usize) = decode_frame(&expected, DEFAULT_MAX_FRAME_LEN)
+        .unwrap()
+        .unwrap();
+    assert_eq!(used, expected.len());
+    assert_eq!(&decoded, value);
+}
+
+#[test]
+fn chat_request() {
+    let req = InferRequest {
+        model: "smol".into(),
+        input: Input::Chat {
+            messages: vec![ChatMessage {
+                role: Role::User,
+                content: "Hi".into(),
+            }],
+        },
+        params: SamplingParams {
+            max_tokens: 16,
+            temperature: 0.0,
+            top_p: None,
+            top_k: None,
+            seed: Some(7),
+            stop: vec![],
+        },
+        deadline_ms: Some(30_000),
+        token: None,
+    };
+    check(&req, "8e01a5656d6f64656c64736d6f6c65696e707574a16463686174a1686d6573736167657381a264726f6c65647573657267636f6e74656e7462486966706172616d73a66a6d61785f746f6b656e73106b74656d7065726174757265fa0000000065746f705f70f665746f705f6bf66473656564076473746f70806b646561646c696e655f6d7319753065746f6b656ef6");
+}
+
+#[test]
+fn embed_request() {
+    let req = InferRequest {
+        model: "minilm".into(),
+        input: Input::Embed {
+            texts: vec!["a".into(), "b".into()],
+        },
+        params: SamplingParams::default(),
+        deadline_ms: None,
+        token: Some(vec![1, 2, 3]),
+    };
+    check(&req, "7fa5656d6f64656c666d696e696c6d65696e707574a165656d626564a1657465787473826161616266706172616d73a66a6d61785f746f6b656e731901006b74656d7065726174757265fa0000000065746f705f70f665746f705f6bf66473656564f66473746f70806b646561646c696e655f6d73f665746f6b656e43010203");
+}
+
+#[test]
+fn response_frames() {
+    check(
+        &InferResponse::Started {
+            model: "smol".into(),
+            queue_ms: 3,
+        },
+        "1fa16773746172746564a2656d6f64656c64736d6f6c6871756575655f6d7303",
+    );
+    check(
+        &InferResponse::Delta {
+            text: "Paris".into(),
+        },
+        "13a16564656c7461a16474657874655061726973",
+    );
+    check(
+        &InferResponse::Embeddings {
+            vectors: vec![vec![0.5, -1.0]],
+        },
+        "21a16a656d62656464696e6773a167766563746f72738182fa3f000000fabf800000",
+    );
+    check(
+        &InferResponse::Done {
+            finish_reason: FinishReason::Stop,
+            usage: Usage {
+                prompt_tokens: 30,
+                completion_tokens: 8,
+                time_to_first_token_ms: 40,
+                total_ms: 200,
+            },
+        },
+        "68a164646f6e65a26d66696e6973685f726561736f6e6473746f70657573616765a46d70726f6d70745f746f6b656e73181e71636f6d706c6574696f6e5f746f6b656e73087674696d655f746f5f66697273745f746f6b656e5f6d73182868746f74616c5f6d7318c8",
+    );
+    check(
+        &InferResponse::Error(WireError::new(ErrorCode::UnknownModel, "no such model")),
+        "31a1656572726f72a264636f64656d756e6b6e6f776e5f6d6f64656c676d6573736167656d6e6f2073756368206d6f64656c",
+    );
+}
+
+#[test]
+fn model_card_and_catalog() {
+    let card = ModelCard {
+        name: "smol".into(),
+        task: Task::Generate,
+        architecture: "llama".into(),
+        parameters: 134_515_008,
+        quantization: "Q4_1".into(),
+        context_length: 8192,
+        embedding_dims: None,
+        sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53".into(),
+        license: Some("Apache-2.0".into()),
+        max_concurrency: 2,
+    };
+    check(&card, "dd01aa646e616d6564736d6f6c647461736b6867656e65726174656c617263686974656374757265656c6c616d616a706172616d65746572731a080489406c7175616e74697a6174696f6e6451345f316e636f6e746578745f6c656e6774681920006e656d62656464696e675f64696d73f666736861323536784062313739633935323364306536613066393861333330633735363262363832373530613666386338633135653562633730656133373337323831313064623533676c6963656e73656a4170616368652d322e306f6d61785f636f6e63757272656e637902");
+    let catalog = CatalogResponse {
+        cards: vec![SignedModelCard {
+            card: encode_body(&card).unwrap()[..4].to_vec(),
+            signature: vec![0xAB; 4],
+        }],
+        load: 1,
+    };
+    check(
+        &catalog,
+        "28a265636172647381a2646361726444aa646e61697369676e617475726544abababab646c6f616401",
+    );
+    check(&CatalogRequest {}, "01a0");
+}
+
+#[test]
+fn unknown_error_codes_from_newer_peers_decode_as_unknown() {
+    // {"error": {"code": "melted", "message": ""}}
+    let frame =
+        hex::decode("1da1656572726f72a264636f6465666d656c746564676d65737361676560").unwrap();
+    let (resp, _): (InferResponse, usize) = decode_frame(&frame, DEFAULT_MAX_FRAME_LEN)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        resp,
+        InferResponse::Error(WireError::new(ErrorCode::Unknown, ""))
+    );
+}

@@ -1,0 +1,3 @@
+//! The end-to-end test binary: real `mesh` processes and real libp2p swarms.
+
+mod identity;
