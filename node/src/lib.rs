@@ -6,13 +6,18 @@
 //! - [`engine`]: loaded models behind one trait.
 //! - [`serve`]: answering inference and catalog streams, with admission control.
 //! - [`call`]: the calling side of those streams.
+//! - [`network`]: the libp2p swarm task and its client handle.
+//! - [`node`]: a running node, tying the above together.
 
 pub mod call;
 pub mod engine;
 pub mod home;
 pub mod identity;
+pub mod network;
+pub mod node;
 pub mod serve;
 pub mod wire;
 
 pub use home::Home;
 pub use identity::NodeIdentity;
+pub use node::{Node, NodeConfig, NodeError};

@@ -62,6 +62,7 @@ pub enum ServeSetupError {
 /// One hosted model with its admission control.
 pub struct HostedModel {
     engine: SharedEngine,
+    signed_card: SignedModelCard,
     slots: Arc<Semaphore>,
     admitted: Arc<AtomicUsize>,
     capacity: usize,
@@ -104,7 +105,6 @@ impl HostedModel {
 /// Everything a node serves.
 pub struct Server {
     models: BTreeMap<String, Arc<HostedModel>>,
-    signed_cards: Vec<SignedModelCard>,
     config: ServeConfig,
 }
 
@@ -115,7 +115,6 @@ impl Server {
         config: ServeConfig,
     ) -> Result<Server, ServeSetupError> {
         let mut models = BTreeMap::new();
-        let mut signed_cards = Vec::new();
         for engine in engines {
             let card = engine.card().clone();
             mesh_protocol::ids::validate_model_name(&card.name)
@@ -127,13 +126,13 @@ impl Server {
             let signature = identity
                 .sign(&SignedModelCard::signed_message(&bytes))
                 .to_vec();
-            signed_cards.push(SignedModelCard {
-                card: bytes,
-                signature,
-            });
             let slots = card.max_concurrency as usize;
             let hosted = HostedModel {
                 engine,
+                signed_card: SignedModelCard {
+                    card: bytes,
+                    signature,
+                },
                 slots: Arc::new(Semaphore::new(slots)),
                 admitted: Arc::new(AtomicUsize::new(0)),
                 capacity: slots + config.max_queue,
@@ -143,11 +142,7 @@ impl Server {
                 return Err(ServeSetupError::DuplicateName(card.name));
             }
         }
-        Ok(Server {
-            models,
-            signed_cards,
-            config,
-        })
+        Ok(Server { models, config })
     }
 
     pub fn cards(&self) -> impl Iterator<Item = &ModelCard> {
@@ -192,7 +187,11 @@ impl Server {
         {
             Ok(Ok(Some(_))) => {
                 let response = CatalogResponse {
-                    cards: self.signed_cards.clone(),
+                    cards: self
+                        .models
+                        .values()
+                        .map(|m| m.signed_card.clone())
+                        .collect(),
                     load: self.load(),
                 };
                 if let Err(e) = write_frame(&mut wr, &response, max).await {
@@ -357,9 +356,9 @@ impl Server {
                             Output::Delta(text) => InferResponse::Delta { text },
                             Output::Embeddings(vectors) => InferResponse::Embeddings { vectors },
                         };
-                        if write_frame(wr, &frame, max).await.is_err() {
+                        if let Err(e) = write_frame(wr, &frame, max).await {
                             cancel.cancel();
-                            return Err(CallEnd::CallerGone);
+                            return Err(write_failure(e));
                         }
                     }
                     None => break,
@@ -421,6 +420,18 @@ fn spawn_compute(
             ))
         })
     })
+}
+
+/// A frame that cannot be encoded (too large) is the node's failure, reported to the caller;
+/// a failed write means the caller is gone.
+fn write_failure(e: WireIoError) -> CallEnd {
+    match e {
+        WireIoError::Frame(e) => CallEnd::Refused(WireError::new(
+            ErrorCode::Internal,
+            format!("the answer does not fit in a frame: {e}"),
+        )),
+        _ => CallEnd::CallerGone,
+    }
 }
 
 fn deadline_exceeded(after: Duration) -> WireError {

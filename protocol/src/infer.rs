@@ -121,6 +121,9 @@ impl InferRequest {
     /// Checks the request's shape without knowing the model (the node checks the rest).
     pub fn validate(&self) -> Result<(), WireError> {
         crate::ids::validate_model_name(&self.model).map_err(WireError::bad_request)?;
+        if self.deadline_ms == Some(0) {
+            return Err(WireError::bad_request("deadline_ms must be at least 1"));
+        }
         match &self.input {
             Input::Chat { messages } => {
                 if messages.is_empty() || messages.len() > MAX_INPUTS {
@@ -135,7 +138,7 @@ impl InferRequest {
                 self.params.validate()
             }
             Input::Completion { prompt } => {
-                if prompt.is_empty() {
+                if prompt.trim().is_empty() {
                     return Err(WireError::bad_request("the prompt is empty"));
                 }
                 self.params.validate()

@@ -1,3 +1,4 @@
 //! The end-to-end test binary: real `mesh` processes and real libp2p swarms.
 
 mod identity;
+mod network;

@@ -1,0 +1,487 @@
+//! The task that owns the swarm: it runs commands from [`super::Client`] and reacts to
+//! swarm events. Nothing here blocks or computes: inference runs elsewhere.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::core::ConnectedPoint;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
+use libp2p::{dcutr, identify, kad, mdns, ping, Multiaddr, PeerId, Swarm};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::behaviour::{MeshBehaviour, MeshBehaviourEvent, KAD};
+use super::{NetworkConfig, NetworkEvent, Path, PeerSummary};
+use mesh_protocol::ids::model_provider_key;
+
+type Reply<T> = oneshot::Sender<Result<T, String>>;
+
+pub enum Command {
+    /// Dial an address (its peer id may be unknown) and report who answered.
+    Dial {
+        addr: Multiaddr,
+        reply: Reply<PeerId>,
+    },
+    /// Be connected to `peer`, looking it up in the DHT if needed.
+    Connect {
+        peer: PeerId,
+        reply: Reply<()>,
+    },
+    /// Announce (or stop announcing) that this node hosts `model`.
+    Provide {
+        model: String,
+        on: bool,
+    },
+    /// Peers that announce `model`, not counting this node.
+    FindProviders {
+        model: String,
+        reply: Reply<Vec<PeerId>>,
+    },
+    /// Every peer in the routing table.
+    KnownPeers {
+        reply: Reply<Vec<PeerId>>,
+    },
+    Peers {
+        reply: Reply<Vec<PeerSummary>>,
+    },
+    ListenAddrs {
+        reply: Reply<Vec<Multiaddr>>,
+    },
+    /// The path of the best open connection to `peer`.
+    PathTo {
+        peer: PeerId,
+        reply: Reply<Option<Path>>,
+    },
+}
+
+struct ConnectionInfo {
+    peer: PeerId,
+    path: Path,
+    remote: Multiaddr,
+}
+
+#[derive(Default)]
+struct PeerInfo {
+    agent: Option<String>,
+    rtt: Option<Duration>,
+}
+
+pub struct EventLoop {
+    swarm: Swarm<MeshBehaviour>,
+    commands: mpsc::Receiver<Command>,
+    events: broadcast::Sender<NetworkEvent>,
+    config: NetworkConfig,
+    shutdown: CancellationToken,
+    connections: HashMap<ConnectionId, ConnectionInfo>,
+    peers: HashMap<PeerId, PeerInfo>,
+    provided: HashSet<String>,
+    last_announce: Option<Instant>,
+    pending_dials: HashMap<ConnectionId, Reply<PeerId>>,
+    pending_connects: HashMap<PeerId, Vec<Reply<()>>>,
+    peer_lookups: HashMap<kad::QueryId, PeerId>,
+    provider_queries: HashMap<kad::QueryId, (HashSet<PeerId>, Reply<Vec<PeerId>>)>,
+}
+
+impl EventLoop {
+    pub fn new(
+        swarm: Swarm<MeshBehaviour>,
+        commands: mpsc::Receiver<Command>,
+        events: broadcast::Sender<NetworkEvent>,
+        config: NetworkConfig,
+        shutdown: CancellationToken,
+    ) -> Self {
+        EventLoop {
+            swarm,
+            commands,
+            events,
+            config,
+            shutdown,
+            connections: HashMap::new(),
+            peers: HashMap::new(),
+            provided: HashSet::new(),
+            last_announce: None,
+            pending_dials: HashMap::new(),
+            pending_connects: HashMap::new(),
+            peer_lookups: HashMap::new(),
+            provider_queries: HashMap::new(),
+        }
+    }
+
+    pub async fn run(mut self) {
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                command = self.commands.recv() => match command {
+                    Some(command) => self.on_command(command),
+                    None => break,
+                },
+                _ = self.shutdown.cancelled() => break,
+            }
+        }
+        for model in std::mem::take(&mut self.provided) {
+            self.swarm
+                .behaviour_mut()
+                .kad
+                .stop_providing(&kad::RecordKey::new(&model_provider_key(&model)));
+        }
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for peer in peers {
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        tracing::debug!("network task stopped");
+    }
+
+    fn emit(&self, event: NetworkEvent) {
+        // Nobody listening is fine.
+        let _ = self.events.send(event);
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Dial { addr, reply } => {
+                let opts = DialOpts::unknown_peer_id().address(addr.clone()).build();
+                let id = opts.connection_id();
+                match self.swarm.dial(opts) {
+                    Ok(()) => {
+                        self.pending_dials.insert(id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(format!("cannot dial {addr}: {e}")));
+                    }
+                }
+            }
+            Command::Connect { peer, reply } => self.connect(peer, reply),
+            Command::Provide { model, on } => {
+                let key = kad::RecordKey::new(&model_provider_key(&model));
+                if on {
+                    self.provided.insert(model);
+                    self.announce_all();
+                } else {
+                    self.provided.remove(&model);
+                    self.swarm.behaviour_mut().kad.stop_providing(&key);
+                }
+            }
+            Command::FindProviders { model, reply } => {
+                let key = kad::RecordKey::new(&model_provider_key(&model));
+                let id = self.swarm.behaviour_mut().kad.get_providers(key);
+                self.provider_queries.insert(id, (HashSet::new(), reply));
+            }
+            Command::KnownPeers { reply } => {
+                let mut peers = Vec::new();
+                for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
+                    for entry in bucket.iter() {
+                        peers.push(*entry.node.key.preimage());
+                    }
+                }
+                let _ = reply.send(Ok(peers));
+            }
+            Command::Peers { reply } => {
+                let _ = reply.send(Ok(self.peer_summaries()));
+            }
+            Command::ListenAddrs { reply } => {
+                let _ = reply.send(Ok(self.swarm.listeners().cloned().collect()));
+            }
+            Command::PathTo { peer, reply } => {
+                let _ = reply.send(Ok(self.best_path(&peer)));
+            }
+        }
+    }
+
+    fn connect(&mut self, peer: PeerId, reply: Reply<()>) {
+        if self.swarm.is_connected(&peer) {
+            let _ = reply.send(Ok(()));
+            return;
+        }
+        if peer == *self.swarm.local_peer_id() {
+            let _ = reply.send(Err("that is this node's own peer id".into()));
+            return;
+        }
+        self.pending_connects.entry(peer).or_default().push(reply);
+        let opts = DialOpts::peer_id(peer)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        match self.swarm.dial(opts) {
+            Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {}
+            Err(DialError::NoAddresses) => {
+                tracing::debug!(%peer, "no known address; looking the peer up in the DHT");
+                let id = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+                self.peer_lookups.insert(id, peer);
+            }
+            Err(e) => self.fail_connects(&peer, format!("cannot dial {peer}: {e}")),
+        }
+    }
+
+    fn fail_connects(&mut self, peer: &PeerId, reason: String) {
+        for reply in self.pending_connects.remove(peer).unwrap_or_default() {
+            let _ = reply.send(Err(reason.clone()));
+        }
+    }
+
+    fn announce_all(&mut self) {
+        self.last_announce = Some(Instant::now());
+        let models: Vec<String> = self.provided.iter().cloned().collect();
+        for model in models {
+            let key = kad::RecordKey::new(&model_provider_key(&model));
+            if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(key) {
+                tracing::warn!(%model, "cannot announce: {e}");
+            }
+        }
+    }
+
+    fn best_path(&self, peer: &PeerId) -> Option<Path> {
+        self.connections
+            .values()
+            .filter(|c| &c.peer == peer)
+            .map(|c| c.path)
+            .min_by_key(|p| match p {
+                Path::Direct => 0,
+                Path::HolePunched => 1,
+                Path::Relayed => 2,
+            })
+    }
+
+    fn peer_summaries(&self) -> Vec<PeerSummary> {
+        let mut by_peer: HashMap<PeerId, Vec<&ConnectionInfo>> = HashMap::new();
+        for c in self.connections.values() {
+            by_peer.entry(c.peer).or_default().push(c);
+        }
+        let mut out: Vec<PeerSummary> = by_peer
+            .into_iter()
+            .map(|(peer, conns)| {
+                let info = self.peers.get(&peer);
+                PeerSummary {
+                    peer_id: peer.to_string(),
+                    path: self.best_path(&peer).unwrap_or(Path::Direct),
+                    addresses: conns.iter().map(|c| c.remote.to_string()).collect(),
+                    connections: conns.len(),
+                    agent: info.and_then(|i| i.agent.clone()),
+                    rtt_ms: info.and_then(|i| i.rtt).map(|d| d.as_secs_f64() * 1000.0),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        out
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<MeshBehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening");
+                if self.config.announce_listen_addrs && !is_unspecified(&address) {
+                    self.swarm.add_external_address(address.clone());
+                }
+                self.emit(NetworkEvent::Listening(address));
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                let path = if endpoint.is_relayed() {
+                    Path::Relayed
+                } else {
+                    Path::Direct
+                };
+                let remote = endpoint.get_remote_address().clone();
+                tracing::debug!(peer = %peer_id, %remote, path = path.as_str(), "connected");
+                if let ConnectedPoint::Dialer { address, .. } = &endpoint {
+                    if !endpoint.is_relayed() && self.pending_dials.contains_key(&connection_id) {
+                        // A bootstrap address: put it in the routing table right away.
+                        self.swarm
+                            .behaviour_mut()
+                            .kad
+                            .add_address(&peer_id, address.clone());
+                    }
+                }
+                if let Some(reply) = self.pending_dials.remove(&connection_id) {
+                    let _ = reply.send(Ok(peer_id));
+                }
+                for reply in self.pending_connects.remove(&peer_id).unwrap_or_default() {
+                    let _ = reply.send(Ok(()));
+                }
+                self.connections.insert(
+                    connection_id,
+                    ConnectionInfo {
+                        peer: peer_id,
+                        path,
+                        remote,
+                    },
+                );
+                self.peers.entry(peer_id).or_default();
+                self.emit(NetworkEvent::Connected {
+                    peer: peer_id,
+                    path,
+                });
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                num_established,
+                ..
+            } => {
+                self.connections.remove(&connection_id);
+                if num_established == 0 {
+                    self.peers.remove(&peer_id);
+                    self.emit(NetworkEvent::Disconnected { peer: peer_id });
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                peer_id,
+                error,
+            } => {
+                tracing::debug!(?peer_id, "dial failed: {error}");
+                if let Some(reply) = self.pending_dials.remove(&connection_id) {
+                    let _ = reply.send(Err(error.to_string()));
+                }
+                if let Some(peer) = peer_id {
+                    if !self.swarm.is_connected(&peer) {
+                        self.fail_connects(&peer, format!("cannot reach {peer}: {error}"));
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
+            _ => {}
+        }
+    }
+
+    fn on_behaviour_event(&mut self, event: MeshBehaviourEvent) {
+        match event {
+            MeshBehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                if info.protocols.contains(&KAD) {
+                    for addr in info.listen_addrs.iter().filter(|a| !is_unspecified(a)) {
+                        self.swarm
+                            .behaviour_mut()
+                            .kad
+                            .add_address(&peer_id, addr.clone());
+                    }
+                }
+                self.peers.entry(peer_id).or_default().agent = Some(info.agent_version);
+            }
+            MeshBehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            }) => {
+                self.peers.entry(peer).or_default().rtt = Some(rtt);
+            }
+            MeshBehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                for (peer, addr) in found {
+                    tracing::debug!(%peer, %addr, "found on the LAN");
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
+                    let opts = DialOpts::peer_id(peer)
+                        .addresses(vec![addr])
+                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .build();
+                    let _ = self.swarm.dial(opts);
+                }
+            }
+            MeshBehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            }) => match result {
+                Ok(connection_id) => {
+                    tracing::info!(peer = %remote_peer_id, "hole punched: direct connection");
+                    if let Some(c) = self.connections.get_mut(&connection_id) {
+                        c.path = Path::HolePunched;
+                    }
+                    self.emit(NetworkEvent::Connected {
+                        peer: remote_peer_id,
+                        path: Path::HolePunched,
+                    });
+                }
+                Err(e) => {
+                    tracing::info!(peer = %remote_peer_id, "hole punch failed, staying relayed: {e}")
+                }
+            },
+            MeshBehaviourEvent::Kad(event) => self.on_kad_event(event),
+            _ => {}
+        }
+    }
+
+    fn on_kad_event(&mut self, event: kad::Event) {
+        match event {
+            kad::Event::RoutingUpdated {
+                is_new_peer: true, ..
+            } => {
+                // A new neighbour may be one of the closest to our keys: tell it soon.
+                let stale = self
+                    .last_announce
+                    .is_none_or(|t| t.elapsed() > Duration::from_secs(2));
+                if !self.provided.is_empty() && stale {
+                    self.announce_all();
+                }
+            }
+            kad::Event::OutboundQueryProgressed {
+                id, result, step, ..
+            } => match result {
+                kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
+                    providers,
+                    ..
+                })) => {
+                    let local = *self.swarm.local_peer_id();
+                    for peer in providers.into_iter().filter(|p| *p != local) {
+                        // The provider's addresses live only as long as this query: dial now.
+                        let opts = DialOpts::peer_id(peer)
+                            .condition(PeerCondition::DisconnectedAndNotDialing)
+                            .build();
+                        let _ = self.swarm.dial(opts);
+                        if let Some((found, _)) = self.provider_queries.get_mut(&id) {
+                            found.insert(peer);
+                        }
+                    }
+                    if step.last {
+                        self.finish_provider_query(id);
+                    }
+                }
+                kad::QueryResult::GetProviders(_) => self.finish_provider_query(id),
+                kad::QueryResult::GetClosestPeers(result) => {
+                    let Some(target) = self.peer_lookups.remove(&id) else {
+                        return;
+                    };
+                    let peers = match result {
+                        Ok(ok) => ok.peers,
+                        Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+                    };
+                    match peers.into_iter().find(|p| p.peer_id == target) {
+                        Some(found) if !found.addrs.is_empty() => {
+                            let opts = DialOpts::peer_id(target).addresses(found.addrs).build();
+                            if let Err(e) = self.swarm.dial(opts) {
+                                self.fail_connects(&target, format!("cannot dial {target}: {e}"));
+                            }
+                        }
+                        _ => self.fail_connects(
+                            &target,
+                            format!("peer {target} was not found on the mesh"),
+                        ),
+                    }
+                }
+                kad::QueryResult::StartProviding(Err(e)) => {
+                    tracing::debug!("announcement reached no peer yet: {e:?}")
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+
+    fn finish_provider_query(&mut self, id: kad::QueryId) {
+        if let Some((found, reply)) = self.provider_queries.remove(&id) {
+            let _ = reply.send(Ok(found.into_iter().collect()));
+        }
+    }
+}
+
+fn is_unspecified(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        libp2p::multiaddr::Protocol::Ip4(ip) => ip.is_unspecified(),
+        libp2p::multiaddr::Protocol::Ip6(ip) => ip.is_unspecified(),
+        _ => false,
+    })
+}

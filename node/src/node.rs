@@ -1,0 +1,263 @@
+//! A running node: the swarm task, the accept loops that serve streams, and shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{AsyncWriteExt, StreamExt};
+use libp2p::{Multiaddr, PeerId};
+use mesh_protocol::frame::DEFAULT_MAX_FRAME_LEN;
+use mesh_protocol::{ErrorCode, InferResponse, ModelCard, WireError};
+use tokio::sync::{broadcast, mpsc, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::SharedEngine;
+use crate::identity::NodeIdentity;
+use crate::network::behaviour::build_swarm;
+use crate::network::client::{CATALOG, INFER};
+use crate::network::event_loop::EventLoop;
+use crate::network::{Client, NetworkConfig};
+use crate::serve::{ServeConfig, ServeSetupError, Server};
+use crate::wire::write_frame;
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub network: NetworkConfig,
+    pub serve: ServeConfig,
+    /// Inbound streams served at once, over all peers; more are refused `overloaded`.
+    pub max_inbound_streams: usize,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            network: NetworkConfig::default(),
+            serve: ServeConfig::default(),
+            max_inbound_streams: 256,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Build(#[from] crate::network::behaviour::BuildError),
+    #[error(transparent)]
+    Models(#[from] ServeSetupError),
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: Multiaddr, reason: String },
+    #[error("no bootstrap peer answered: {0}")]
+    Bootstrap(String),
+}
+
+pub struct Node {
+    client: Client,
+    server: Arc<Server>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl Node {
+    /// Starts the node: listens, serves its models, dials the bootstrap peers and announces
+    /// its models. Returns once every listener is up and a bootstrap peer (if any) answered.
+    pub async fn start(
+        identity: NodeIdentity,
+        engines: Vec<SharedEngine>,
+        config: NodeConfig,
+    ) -> Result<Node, NodeError> {
+        let server = Arc::new(Server::new(&identity, engines, config.serve.clone())?);
+        let mut swarm = build_swarm(&identity, &config.network)?;
+        for addr in &config.network.listen {
+            swarm
+                .listen_on(addr.clone())
+                .map_err(|e| NodeError::Listen {
+                    addr: addr.clone(),
+                    reason: e.to_string(),
+                })?;
+        }
+        let mut control = swarm.behaviour().stream.new_control();
+        let infer_streams = control
+            .accept(INFER)
+            .expect("the infer protocol is registered once");
+        let catalog_streams = control
+            .accept(CATALOG)
+            .expect("the catalog protocol is registered once");
+
+        let shutdown = CancellationToken::new();
+        let (command_tx, command_rx) = mpsc::channel(config.network.command_queue);
+        let (event_tx, mut listening) = broadcast::channel(1024);
+        let client = Client::new(command_tx, control, event_tx.clone(), identity.peer_id());
+        let event_loop = EventLoop::new(
+            swarm,
+            command_rx,
+            event_tx,
+            config.network.clone(),
+            shutdown.clone(),
+        );
+
+        let mut tasks = JoinSet::new();
+        tasks.spawn(event_loop.run());
+        let inbound_limit = Arc::new(Semaphore::new(config.max_inbound_streams));
+        tasks.spawn(accept_infer(
+            infer_streams,
+            server.clone(),
+            inbound_limit.clone(),
+            shutdown.clone(),
+        ));
+        tasks.spawn(accept_catalog(
+            catalog_streams,
+            server.clone(),
+            inbound_limit,
+            shutdown.clone(),
+        ));
+
+        let node = Node {
+            client,
+            server,
+            shutdown,
+            tasks,
+        };
+        // Wait until each listener reports an address, so the caller can print them.
+        let expected = config.network.listen.len();
+        let mut seen = 0;
+        while seen < expected {
+            match tokio::time::timeout(Duration::from_secs(10), listening.recv()).await {
+                Ok(Ok(crate::network::NetworkEvent::Listening(_))) => seen += 1,
+                Ok(Ok(_)) => {}
+                Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
+                Ok(Err(broadcast::error::RecvError::Closed)) | Err(_) => break,
+            }
+        }
+        node.join(&config.network.bootstrap).await?;
+        for card in node.server.cards() {
+            node.client
+                .provide(&card.name)
+                .await
+                .map_err(|e| NodeError::Bootstrap(e.to_string()))?;
+        }
+        Ok(node)
+    }
+
+    /// Dials the bootstrap peers; succeeds if any answers (or none were given).
+    async fn join(&self, bootstrap: &[Multiaddr]) -> Result<(), NodeError> {
+        if bootstrap.is_empty() {
+            return Ok(());
+        }
+        let dials = bootstrap.iter().map(|addr| {
+            let client = self.client.clone();
+            let addr = addr.clone();
+            async move { (addr.clone(), client.dial(addr).await) }
+        });
+        let mut errors = Vec::new();
+        let mut joined = 0;
+        for (addr, result) in futures::future::join_all(dials).await {
+            match result {
+                Ok(peer) => {
+                    tracing::info!(%peer, %addr, "joined through bootstrap peer");
+                    joined += 1;
+                }
+                Err(e) => errors.push(format!("{addr}: {e}")),
+            }
+        }
+        if joined == 0 {
+            return Err(NodeError::Bootstrap(errors.join("; ")));
+        }
+        for e in errors {
+            tracing::warn!("bootstrap peer unreachable: {e}");
+        }
+        Ok(())
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.client.local_peer_id()
+    }
+
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    pub fn server(&self) -> &Arc<Server> {
+        &self.server
+    }
+
+    pub fn cards(&self) -> Vec<ModelCard> {
+        self.server.cards().cloned().collect()
+    }
+
+    /// Stops announcing, closes connections and waits for the node's tasks to end.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        let wait = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .is_err()
+        {
+            tracing::warn!("node tasks did not stop within 5 s; aborting them");
+            self.tasks.abort_all();
+        }
+    }
+}
+
+async fn accept_infer(
+    mut incoming: libp2p_stream::IncomingStreams,
+    server: Arc<Server>,
+    limit: Arc<Semaphore>,
+    shutdown: CancellationToken,
+) {
+    let mut calls = JoinSet::new();
+    loop {
+        tokio::select! {
+            next = incoming.next() => {
+                let Some((peer, mut stream)) = next else { break };
+                match limit.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let server = server.clone();
+                        calls.spawn(async move {
+                            server.serve_infer(peer, stream).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => {
+                        calls.spawn(async move {
+                            let busy = InferResponse::Error(WireError::new(
+                                ErrorCode::Overloaded,
+                                "this node is serving its maximum number of streams",
+                            ));
+                            let _ = write_frame(&mut stream, &busy, DEFAULT_MAX_FRAME_LEN).await;
+                            let _ = stream.close().await;
+                        });
+                    }
+                }
+            }
+            Some(_) = calls.join_next(), if !calls.is_empty() => {}
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    calls.abort_all();
+}
+
+async fn accept_catalog(
+    mut incoming: libp2p_stream::IncomingStreams,
+    server: Arc<Server>,
+    limit: Arc<Semaphore>,
+    shutdown: CancellationToken,
+) {
+    let mut calls = JoinSet::new();
+    loop {
+        tokio::select! {
+            next = incoming.next() => {
+                let Some((_, stream)) = next else { break };
+                if let Ok(permit) = limit.clone().try_acquire_owned() {
+                    let server = server.clone();
+                    calls.spawn(async move {
+                        server.serve_catalog(stream).await;
+                        drop(permit);
+                    });
+                }
+            }
+            Some(_) = calls.join_next(), if !calls.is_empty() => {}
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    calls.abort_all();
+}
