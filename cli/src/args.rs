@@ -1,8 +1,11 @@
 //! Command-line arguments. These names and flags are the user interface: keep them stable.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use mesh_node::engine::ModelSpec;
+use mesh_node::network::Multiaddr;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -29,15 +32,106 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a node in the foreground: host models and join the mesh
-    Join,
+    Join(JoinArgs),
     /// Call a model on a peer (or on any peer that hosts it) and stream the answer
-    Infer,
+    Infer(InferArgs),
     /// List the models on the mesh and who hosts them
-    Models,
+    Models(FindArgs),
     /// List the peers a running node is connected to, and how
     Peers,
     /// Print this node's peer id (creating its key on first use)
     Id,
     /// Issue, inspect and revoke capability tokens
     Token,
+}
+
+/// How a short-lived command reaches the mesh.
+#[derive(Debug, Args)]
+pub struct FindArgs {
+    /// A peer to join the mesh through (repeatable) [default: the node running on this machine]
+    #[arg(long, value_name = "MULTIADDR")]
+    pub bootstrap: Vec<Multiaddr>,
+
+    /// Do not look for peers on the local network with mDNS
+    #[arg(long)]
+    pub no_mdns: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct JoinArgs {
+    /// Address to listen on (repeatable) [default: TCP and QUIC on all interfaces, any port]
+    #[arg(long, value_name = "MULTIADDR")]
+    pub listen: Vec<Multiaddr>,
+
+    /// A peer to join the mesh through (repeatable)
+    #[arg(long, value_name = "MULTIADDR")]
+    pub bootstrap: Vec<Multiaddr>,
+
+    /// A model to host, NAME=PATH (repeatable); PATH may be builtin:echo or builtin:hash-embed
+    #[arg(long = "model", value_name = "NAME=PATH")]
+    pub models: Vec<ModelSpec>,
+
+    /// Do not look for peers on the local network with mDNS
+    #[arg(long)]
+    pub no_mdns: bool,
+
+    /// Where to serve the HTTP API (keep it on loopback)
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7440")]
+    pub api: SocketAddr,
+
+    /// Calls served at once per model; more wait in a bounded queue
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub concurrency: u32,
+
+    /// Calls that may wait per model while all its slots are busy
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub queue: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct InferArgs {
+    /// The peer id of the node to call, or `any` for any node that hosts the model
+    pub peer: String,
+
+    /// The model name, as the node announces it
+    pub model: String,
+
+    /// The prompt (or, for an embedding model, a text to embed; repeatable) [default: stdin]
+    #[arg(long, short)]
+    pub prompt: Vec<String>,
+
+    /// A system message to put before the prompt
+    #[arg(long)]
+    pub system: Option<String>,
+
+    /// Most tokens to generate
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: u32,
+
+    /// Sampling temperature; 0 is greedy
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub temperature: f32,
+
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P
+    #[arg(long, value_name = "P")]
+    pub top_p: Option<f32>,
+
+    /// Keep only the K most likely tokens
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<u32>,
+
+    /// Seed for sampling, for repeatable answers
+    #[arg(long)]
+    pub seed: Option<u64>,
+
+    /// Stop when this text is generated (repeatable)
+    #[arg(long)]
+    pub stop: Vec<String>,
+
+    /// Give up if the whole call takes longer than this many seconds
+    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    pub timeout: u64,
+
+    #[command(flatten)]
+    pub find: FindArgs,
 }

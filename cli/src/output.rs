@@ -19,11 +19,49 @@ pub fn json_line(value: &serde_json::Value) {
     println!("{value}");
 }
 
-/// Exit code of a command that failed for a reason not covered by a more specific code.
-pub const EXIT_FAILURE: u8 = 1;
+/// Exit codes, one per kind of failure a script may want to act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Anything not covered below, including internal errors on the serving node.
+    Failure = 1,
+    // 2 is clap's usage error.
+    NotFound = 3,
+    Unauthorized = 4,
+    Overloaded = 5,
+    BadRequest = 6,
+    Network = 7,
+    DeadlineExceeded = 8,
+}
+
+/// An error that carries its exit code.
+#[derive(Debug)]
+pub struct Failed {
+    pub exit: Exit,
+    pub message: String,
+}
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Failed {}
+
+pub fn failed(exit: Exit, message: impl Into<String>) -> anyhow::Error {
+    Failed {
+        exit,
+        message: message.into(),
+    }
+    .into()
+}
 
 /// Reports an error as one line on stderr and turns it into the exit code.
 pub fn fail(err: &anyhow::Error) -> ExitCode {
-    eprintln!("mesh: error: {err:#}");
-    ExitCode::from(EXIT_FAILURE)
+    let code = err
+        .downcast_ref::<Failed>()
+        .map_or(Exit::Failure, |f| f.exit);
+    let text = format!("{err:#}").replace('\n', " ");
+    eprintln!("mesh: error: {text}");
+    ExitCode::from(code as u8)
 }

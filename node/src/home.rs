@@ -91,6 +91,36 @@ impl Home {
     }
 }
 
+/// What a running `mesh join` writes to `node.json`, so local commands can find it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RuntimeInfo {
+    pub peer_id: String,
+    pub api: Option<std::net::SocketAddr>,
+    pub listen_addrs: Vec<String>,
+    pub pid: u32,
+}
+
+impl Home {
+    pub fn write_runtime(&self, info: &RuntimeInfo) -> std::io::Result<()> {
+        let tmp = self.root.join("node.json.tmp");
+        fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(info).map_err(std::io::Error::other)?,
+        )?;
+        fs::rename(tmp, self.control_file())
+    }
+
+    /// The running node's info, if a node wrote it (it may have died since: probe its API).
+    pub fn read_runtime(&self) -> Option<RuntimeInfo> {
+        let bytes = fs::read(self.control_file()).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    pub fn remove_runtime(&self) {
+        let _ = fs::remove_file(self.control_file());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

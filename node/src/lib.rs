@@ -8,7 +8,11 @@
 //! - [`call`]: the calling side of those streams.
 //! - [`network`]: the libp2p swarm task and its client handle.
 //! - [`node`]: a running node, tying the above together.
+//! - [`api`]: the HTTP API on loopback.
+//! - [`ask`]: choosing a node for a model and running a call end to end.
 
+pub mod api;
+pub mod ask;
 pub mod call;
 pub mod engine;
 pub mod home;

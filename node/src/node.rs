@@ -26,6 +26,8 @@ pub struct NodeConfig {
     pub serve: ServeConfig,
     /// Inbound streams served at once, over all peers; more are refused `overloaded`.
     pub max_inbound_streams: usize,
+    /// Where to serve the HTTP API (loopback by default); `None` for no API.
+    pub api: Option<std::net::SocketAddr>,
 }
 
 impl Default for NodeConfig {
@@ -34,6 +36,7 @@ impl Default for NodeConfig {
             network: NetworkConfig::default(),
             serve: ServeConfig::default(),
             max_inbound_streams: 256,
+            api: None,
         }
     }
 }
@@ -48,10 +51,13 @@ pub enum NodeError {
     Listen { addr: Multiaddr, reason: String },
     #[error("no bootstrap peer answered: {0}")]
     Bootstrap(String),
+    #[error("{0}")]
+    Api(String),
 }
 
 pub struct Node {
     client: Client,
+    api_addr: Option<std::net::SocketAddr>,
     server: Arc<Server>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
@@ -66,6 +72,10 @@ impl Node {
         config: NodeConfig,
     ) -> Result<Node, NodeError> {
         let server = Arc::new(Server::new(&identity, engines, config.serve.clone())?);
+        let api_listener = match config.api {
+            Some(addr) => Some(crate::api::bind(addr).await.map_err(NodeError::Api)?),
+            None => None,
+        };
         let mut swarm = build_swarm(&identity, &config.network)?;
         for addr in &config.network.listen {
             swarm
@@ -111,8 +121,18 @@ impl Node {
             shutdown.clone(),
         ));
 
+        let api_addr = api_listener.as_ref().and_then(|l| l.local_addr().ok());
+        if let Some(listener) = api_listener {
+            let (client, server, shutdown) = (client.clone(), server.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                if let Err(e) = crate::api::serve(listener, client, server, shutdown).await {
+                    tracing::error!("the HTTP API stopped: {e}");
+                }
+            });
+        }
         let node = Node {
             client,
+            api_addr,
             server,
             shutdown,
             tasks,
@@ -170,6 +190,11 @@ impl Node {
 
     pub fn peer_id(&self) -> PeerId {
         self.client.local_peer_id()
+    }
+
+    /// Where the HTTP API listens, if it is on.
+    pub fn api_addr(&self) -> Option<std::net::SocketAddr> {
+        self.api_addr
     }
 
     pub fn client(&self) -> Client {

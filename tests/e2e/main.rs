@@ -1,4 +1,5 @@
 //! The end-to-end test binary: real `mesh` processes and real libp2p swarms.
 
+mod cli;
 mod identity;
 mod network;

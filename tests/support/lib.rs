@@ -43,3 +43,110 @@ pub fn stdout(out: &Output) -> String {
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).trim().to_string()
 }
+
+/// A `mesh join` process, stopped with SIGTERM (and reaped) when dropped.
+pub struct JoinedNode {
+    pub child: std::process::Child,
+    pub home: tempfile::TempDir,
+    /// The `ready` line it printed.
+    pub ready: serde_json::Value,
+    /// Its stderr, kept in a file for failure messages.
+    pub log: PathBuf,
+}
+
+impl JoinedNode {
+    /// Starts `mesh join --json` with `args` on loopback and waits (up to 30 s) for `ready`.
+    pub fn start(args: &[&str]) -> JoinedNode {
+        use std::io::BufRead;
+        let home = tempfile::tempdir().expect("tempdir");
+        let log = home.path().join("stderr.log");
+        let mut child = Command::new(mesh_bin())
+            .arg("join")
+            .arg("--json")
+            .args(["--home", home.path().join("h").to_str().unwrap()])
+            .args([
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--no-mdns",
+                "--api",
+                "127.0.0.1:0",
+            ])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn mesh join");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = std::io::BufReader::new(stdout).lines();
+            if let Some(Ok(first)) = lines.next() {
+                let _ = tx.send(first);
+            }
+            // Keep draining so the node never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "mesh join printed no ready line; stderr:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            });
+        let ready: serde_json::Value = serde_json::from_str(&line).expect("ready is JSON");
+        assert_eq!(ready["event"], "ready", "{line}");
+        JoinedNode {
+            child,
+            home,
+            ready,
+            log,
+        }
+    }
+
+    pub fn peer_id(&self) -> String {
+        self.ready["peer_id"].as_str().expect("peer_id").to_string()
+    }
+
+    /// Its first listen address, with `/p2p/`.
+    pub fn addr(&self) -> String {
+        self.ready["listen_addrs"][0]
+            .as_str()
+            .expect("a listen address")
+            .to_string()
+    }
+
+    pub fn home_dir(&self) -> String {
+        self.home.path().join("h").to_str().unwrap().to_string()
+    }
+
+    /// Sends SIGTERM and waits up to 10 s for a clean exit; returns whether it exited cleanly.
+    pub fn stop(&mut self) -> bool {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_secs(10) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        false
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for JoinedNode {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+    }
+}

@@ -106,6 +106,12 @@ impl Client {
             .await
     }
 
+    /// Walks the DHT from the known peers, filling the routing table.
+    pub async fn bootstrap(&self) -> Result<(), NetworkError> {
+        self.ask("the DHT walk", |reply| Command::Bootstrap { reply })
+            .await
+    }
+
     pub async fn known_peers(&self) -> Result<Vec<PeerId>, NetworkError> {
         self.ask("the routing table", |reply| Command::KnownPeers { reply })
             .await

@@ -39,6 +39,10 @@ pub enum Command {
         model: String,
         reply: Reply<Vec<PeerId>>,
     },
+    /// Walk the DHT to fill the routing table; replies when the walk ends.
+    Bootstrap {
+        reply: Reply<()>,
+    },
     /// Every peer in the routing table.
     KnownPeers {
         reply: Reply<Vec<PeerId>>,
@@ -82,6 +86,7 @@ pub struct EventLoop {
     pending_connects: HashMap<PeerId, Vec<Reply<()>>>,
     peer_lookups: HashMap<kad::QueryId, PeerId>,
     provider_queries: HashMap<kad::QueryId, (HashSet<PeerId>, Reply<Vec<PeerId>>)>,
+    bootstrap_queries: HashMap<kad::QueryId, Reply<()>>,
 }
 
 impl EventLoop {
@@ -106,6 +111,7 @@ impl EventLoop {
             pending_connects: HashMap::new(),
             peer_lookups: HashMap::new(),
             provider_queries: HashMap::new(),
+            bootstrap_queries: HashMap::new(),
         }
     }
 
@@ -168,6 +174,14 @@ impl EventLoop {
                 let id = self.swarm.behaviour_mut().kad.get_providers(key);
                 self.provider_queries.insert(id, (HashSet::new(), reply));
             }
+            Command::Bootstrap { reply } => match self.swarm.behaviour_mut().kad.bootstrap() {
+                Ok(id) => {
+                    self.bootstrap_queries.insert(id, reply);
+                }
+                Err(_) => {
+                    let _ = reply.send(Err("no known peers to start from".into()));
+                }
+            },
             Command::KnownPeers { reply } => {
                 let mut peers = Vec::new();
                 for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
@@ -239,6 +253,7 @@ impl EventLoop {
                 Path::Direct => 0,
                 Path::HolePunched => 1,
                 Path::Relayed => 2,
+                Path::Local => 3,
             })
     }
 
@@ -460,6 +475,17 @@ impl EventLoop {
                             &target,
                             format!("peer {target} was not found on the mesh"),
                         ),
+                    }
+                }
+                kad::QueryResult::Bootstrap(result) => {
+                    let done = match &result {
+                        Ok(ok) => ok.num_remaining == 0,
+                        Err(_) => true,
+                    };
+                    if done || step.last {
+                        if let Some(reply) = self.bootstrap_queries.remove(&id) {
+                            let _ = reply.send(result.map(|_| ()).map_err(|e| e.to_string()));
+                        }
                     }
                 }
                 kad::QueryResult::StartProviding(Err(e)) => {

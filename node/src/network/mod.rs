@@ -13,10 +13,10 @@ pub mod event_loop;
 
 use std::time::Duration;
 
-use libp2p::{Multiaddr, PeerId};
 use serde::Serialize;
 
 pub use client::{Client, NetworkError};
+pub use libp2p::{Multiaddr, PeerId};
 
 #[derive(Debug, Clone)]
 pub struct NetworkConfig {
@@ -62,7 +62,7 @@ impl Default for NetworkConfig {
 }
 
 /// How a connection to a peer was made.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Path {
     /// Dialled or accepted directly.
@@ -71,6 +71,8 @@ pub enum Path {
     HolePunched,
     /// Through a circuit relay.
     Relayed,
+    /// Served by this node itself, without the network.
+    Local,
 }
 
 impl Path {
@@ -79,6 +81,7 @@ impl Path {
             Path::Direct => "direct",
             Path::HolePunched => "hole-punched",
             Path::Relayed => "relayed",
+            Path::Local => "local",
         }
     }
 }

@@ -1,0 +1,221 @@
+//! `mesh infer`: call a model on the mesh and stream the answer to stdout.
+
+use std::io::{Read, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use futures::StreamExt;
+use mesh_node::ask::{self, Ask, AskEvent};
+use mesh_node::Home;
+use mesh_protocol::{ErrorCode, SamplingParams};
+use tokio::sync::mpsc;
+
+use crate::args::InferArgs;
+use crate::output::{self, failed, Exit};
+
+pub async fn run(home: Home, args: &InferArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let ask = build_ask(args)?;
+    let (tx, mut rx) = mpsc::channel::<AskEvent>(64);
+
+    // Through the node running here (it calls with its own key), else a short-lived node.
+    let local = if args.find.bootstrap.is_empty() {
+        super::reach::local_node(&home).await
+    } else {
+        None
+    };
+    let mut client_node = None;
+    let worker = match local.and_then(|(info, _)| info.api) {
+        Some(api) => tokio::spawn(via_api(api, ask, tx)),
+        None => {
+            let identity = super::load_identity(&home)?;
+            let node = super::reach::client_node(&home, identity, &args.find).await?;
+            let mesh = ask::Mesh {
+                client: node.client(),
+                local: None,
+            };
+            client_node = Some(node);
+            tokio::spawn(async move {
+                let last = ask::run(&mesh, &ask, &tx).await;
+                let _ = tx.send(last).await;
+            })
+        }
+    };
+
+    let mut outcome = Ok(ExitCode::SUCCESS);
+    while let Some(event) = rx.recv().await {
+        if json {
+            output::json_line(&serde_json::to_value(&event)?);
+        }
+        match event {
+            AskEvent::Delta { text } if !json => {
+                print!("{text}");
+                std::io::stdout().flush()?;
+            }
+            AskEvent::Embeddings { vectors } if !json => {
+                for v in vectors {
+                    println!("{}", serde_json::to_string(&v)?);
+                }
+            }
+            AskEvent::Done {
+                peer,
+                path,
+                usage,
+                total_ms,
+                time_to_first_byte_ms,
+                ..
+            } => {
+                if !json {
+                    println!();
+                    eprintln!(
+                        "mesh: {} prompt + {} completion tokens from {peer} ({}), first byte {time_to_first_byte_ms} ms, total {total_ms} ms",
+                        usage.prompt_tokens,
+                        usage.completion_tokens,
+                        path.as_str()
+                    );
+                }
+                break;
+            }
+            AskEvent::Error {
+                code,
+                message,
+                network,
+            } => {
+                let exit = exit_for(code, network);
+                outcome = Err(failed(exit, format!("{code}: {message}")));
+                break;
+            }
+            _ => {}
+        }
+    }
+    worker.abort();
+    if let Some(node) = client_node {
+        node.shutdown().await;
+    }
+    outcome
+}
+
+fn exit_for(code: ErrorCode, network: bool) -> Exit {
+    match code {
+        ErrorCode::UnknownModel => Exit::NotFound,
+        ErrorCode::Unauthorized => Exit::Unauthorized,
+        ErrorCode::Overloaded => Exit::Overloaded,
+        ErrorCode::BadRequest => Exit::BadRequest,
+        ErrorCode::DeadlineExceeded => Exit::DeadlineExceeded,
+        _ if network => Exit::Network,
+        ErrorCode::Internal | ErrorCode::Unknown => Exit::Failure,
+    }
+}
+
+fn build_ask(args: &InferArgs) -> anyhow::Result<Ask> {
+    if args.peer != "any" {
+        super::reach::parse_peer(&args.peer)?;
+    }
+    mesh_protocol::ids::validate_model_name(&args.model)
+        .map_err(|e| failed(Exit::BadRequest, e))?;
+    let prompts = if args.prompt.is_empty() {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text).map_err(|e| {
+            failed(
+                Exit::BadRequest,
+                format!("cannot read the prompt from stdin: {e}"),
+            )
+        })?;
+        vec![text.trim_end_matches('\n').to_string()]
+    } else {
+        args.prompt.clone()
+    };
+    if prompts.iter().all(|p| p.trim().is_empty()) {
+        return Err(failed(Exit::BadRequest, "the prompt is empty"));
+    }
+    let params = SamplingParams {
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        seed: args.seed,
+        stop: args.stop.clone(),
+    };
+    params
+        .validate()
+        .map_err(|e| failed(Exit::BadRequest, e.message))?;
+    if args.timeout == 0 {
+        return Err(failed(
+            Exit::BadRequest,
+            "--timeout must be at least 1 second",
+        ));
+    }
+    Ok(Ask {
+        target: args.peer.clone(),
+        model: args.model.clone(),
+        prompts,
+        system: args.system.clone(),
+        params,
+        deadline_ms: args.timeout.saturating_mul(1000),
+    })
+}
+
+/// Runs the call through the local node's API, forwarding its events.
+async fn via_api(api: std::net::SocketAddr, ask: Ask, tx: mpsc::Sender<AskEvent>) {
+    let network_error = |message: String| AskEvent::Error {
+        code: ErrorCode::Internal,
+        message,
+        network: true,
+    };
+    let client = match reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = tx.send(network_error(e.to_string())).await;
+            return;
+        }
+    };
+    let response = match client
+        .post(format!("http://{api}/v1/mesh/infer"))
+        .json(&ask)
+        .send()
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = tx
+                .send(network_error(format!("the local node's API failed: {e}")))
+                .await;
+            return;
+        }
+    };
+    let mut body = response.bytes_stream();
+    let mut buf = Vec::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = tx.send(network_error(e.to_string())).await;
+                return;
+            }
+        };
+        buf.extend_from_slice(&chunk);
+        while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=end).collect();
+            match serde_json::from_slice::<AskEvent>(&line) {
+                Ok(event) => {
+                    if tx.send(event).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx
+                        .send(network_error(format!("bad line from the local node: {e}")))
+                        .await;
+                    return;
+                }
+            }
+        }
+    }
+    let _ = tx
+        .send(network_error(
+            "the local node ended the answer early".into(),
+        ))
+        .await;
+}

@@ -1,0 +1,159 @@
+//! `mesh join`: run a node in the foreground until Ctrl-C.
+
+use std::process::ExitCode;
+
+use mesh_node::engine::{self, SharedEngine};
+use mesh_node::home::RuntimeInfo;
+use mesh_node::network::{Multiaddr, NetworkEvent};
+use mesh_node::{Home, Node, NodeConfig};
+
+use crate::args::JoinArgs;
+use crate::output::{self, failed, Exit};
+
+pub async fn run(home: Home, args: &JoinArgs, json: bool) -> anyhow::Result<ExitCode> {
+    if let Some((info, _)) = super::reach::local_node(&home).await {
+        return Err(failed(
+            Exit::Failure,
+            format!(
+                "a node (pid {}) is already running with home {}; give this one its own --home",
+                info.pid,
+                home.root().display()
+            ),
+        ));
+    }
+    let identity = super::load_identity(&home)?;
+    let engines = load_models(args)?;
+
+    let mut config = NodeConfig::default();
+    if !args.listen.is_empty() {
+        config.network.listen = args.listen.clone();
+    }
+    config.network.bootstrap = args.bootstrap.clone();
+    config.network.mdns = !args.no_mdns;
+    config.serve.max_queue = args.queue;
+    config.api = Some(args.api);
+
+    let node = Node::start(identity, engines, config)
+        .await
+        .map_err(|e| failed(Exit::Network, e.to_string()))?;
+    let peer_id = node.peer_id();
+    let listen: Vec<Multiaddr> = node
+        .client()
+        .listen_addrs()
+        .await?
+        .into_iter()
+        .filter_map(|a| a.with_p2p(peer_id).ok())
+        .collect();
+    home.write_runtime(&RuntimeInfo {
+        peer_id: peer_id.to_string(),
+        api: node.api_addr(),
+        listen_addrs: listen.iter().map(|a| a.to_string()).collect(),
+        pid: std::process::id(),
+    })?;
+    print_ready(&node, &listen, json);
+
+    let mut events = node.client().events();
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            event = events.recv() => match event {
+                Ok(event) if json => print_event(&event),
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            },
+        }
+    }
+    tracing::info!("shutting down");
+    node.shutdown().await;
+    home.remove_runtime();
+    if json {
+        output::json_line(&serde_json::json!({ "event": "stopped" }));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn load_models(args: &JoinArgs) -> anyhow::Result<Vec<SharedEngine>> {
+    args.models
+        .iter()
+        .map(|spec| {
+            tracing::info!(model = %spec.name, source = %spec.source, "loading model");
+            engine::load(spec, args.concurrency)
+                .map_err(|e| failed(Exit::BadRequest, e.to_string()))
+        })
+        .collect()
+}
+
+fn print_ready(node: &Node, listen: &[Multiaddr], json: bool) {
+    let cards = node.cards();
+    if json {
+        output::json_line(&serde_json::json!({
+            "event": "ready",
+            "peer_id": node.peer_id().to_string(),
+            "listen_addrs": listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "models": cards.iter().map(|c| &c.name).collect::<Vec<_>>(),
+            "api": node.api_addr().map(|a| format!("http://{a}")),
+        }));
+        return;
+    }
+    println!("mesh node {} is up", node.peer_id());
+    for addr in listen {
+        println!("  listening on {addr}");
+    }
+    if let Some(api) = node.api_addr() {
+        println!("  API on http://{api} (loopback only)");
+    }
+    // The address another machine is most likely to reach: not loopback, TCP first.
+    let share = listen
+        .iter()
+        .find(|a| !a.to_string().starts_with("/ip4/127.") && a.to_string().contains("/tcp/"))
+        .or_else(|| listen.first());
+    if cards.is_empty() {
+        println!("  hosting no models (a relay and DHT peer for others)");
+    }
+    for card in &cards {
+        println!(
+            "  hosting {} ({:?}, {}, {})",
+            card.name, card.task, card.architecture, card.quantization
+        );
+        if let Some(addr) = share {
+            println!(
+                "    call it: mesh infer {} {} --bootstrap {addr} --prompt \"Hello\"",
+                node.peer_id(),
+                card.name
+            );
+        }
+    }
+    println!("Press Ctrl-C to stop.");
+}
+
+fn print_event(event: &NetworkEvent) {
+    let line = match event {
+        NetworkEvent::Listening(addr) => {
+            serde_json::json!({ "event": "listening", "addr": addr.to_string() })
+        }
+        NetworkEvent::Connected { peer, path } => {
+            serde_json::json!({ "event": "peer_connected", "peer_id": peer.to_string(), "path": path })
+        }
+        NetworkEvent::Disconnected { peer } => {
+            serde_json::json!({ "event": "peer_disconnected", "peer_id": peer.to_string() })
+        }
+    };
+    output::json_line(&line);
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

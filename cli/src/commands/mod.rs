@@ -1,0 +1,43 @@
+//! One module per subcommand.
+
+mod infer;
+mod join;
+mod models;
+mod peers;
+mod reach;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use mesh_node::{Home, NodeIdentity};
+
+use crate::args::{Cli, Command};
+use crate::output;
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let json = cli.json;
+    let home = || -> anyhow::Result<Home> { Ok(Home::open(Home::resolve(cli.home.as_deref())?)?) };
+    match &cli.command {
+        Command::Id => id(&home()?, json),
+        Command::Join(args) => join::run(home()?, args, json).await,
+        Command::Infer(args) => infer::run(home()?, args, json).await,
+        Command::Models(args) => models::run(home()?, args, json).await,
+        Command::Peers => peers::run(home()?, json).await,
+        Command::Token => anyhow::bail!("`mesh token` is not implemented yet"),
+    }
+}
+
+pub fn load_identity(home: &Home) -> anyhow::Result<NodeIdentity> {
+    NodeIdentity::load_or_create(&home.key_path())
+        .with_context(|| format!("loading the node key in {}", home.root().display()))
+}
+
+fn id(home: &Home, json: bool) -> anyhow::Result<ExitCode> {
+    let identity = load_identity(home)?;
+    if json {
+        output::json_line(&serde_json::json!({ "peer_id": identity.peer_id().to_string() }));
+    } else {
+        println!("{}", identity.peer_id());
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,82 @@
+//! How short-lived commands (`infer`, `models`, `peers`) reach the mesh: through the bootstrap
+//! peers given, else through the node running on this machine, else through mDNS.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use mesh_node::api::Status;
+use mesh_node::home::RuntimeInfo;
+use mesh_node::network::Multiaddr;
+use mesh_node::{Home, Node, NodeConfig, NodeIdentity};
+
+use crate::args::FindArgs;
+use crate::output::{failed, Exit};
+
+/// The running local node's info, if its API answers.
+pub async fn local_node(home: &Home) -> Option<(RuntimeInfo, Status)> {
+    let info = home.read_runtime()?;
+    let api = info.api?;
+    let url = format!("http://{api}/v1/mesh/status");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .ok()?;
+    let status: Status = client.get(url).send().await.ok()?.json().await.ok()?;
+    Some((info, status))
+}
+
+/// Starts a short-lived client node joined to the mesh.
+pub async fn client_node(
+    home: &Home,
+    identity: NodeIdentity,
+    find: &FindArgs,
+) -> anyhow::Result<Node> {
+    let mut bootstrap = find.bootstrap.clone();
+    if bootstrap.is_empty() {
+        if let Some((_, status)) = local_node(home).await {
+            bootstrap = local_addrs(&status);
+        }
+    }
+    if bootstrap.is_empty() && find.no_mdns {
+        return Err(failed(
+            Exit::Network,
+            "no way to reach the mesh: pass --bootstrap MULTIADDR, run `mesh join` on this machine, or allow mDNS",
+        ));
+    }
+    let mut config = NodeConfig::default();
+    config.network.listen = vec![];
+    config.network.bootstrap = bootstrap.clone();
+    config.network.mdns = !find.no_mdns;
+    // A short-lived client should not become part of other nodes' routing tables.
+    config.network.dht_server = false;
+    let node = Node::start(identity, vec![], config)
+        .await
+        .map_err(|e| failed(Exit::Network, e.to_string()))?;
+    if bootstrap.is_empty() {
+        // Only mDNS: give it a moment to find LAN peers.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    Ok(node)
+}
+
+/// The local node's addresses, best first: loopback TCP, then the rest.
+fn local_addrs(status: &Status) -> Vec<Multiaddr> {
+    let mut addrs: Vec<Multiaddr> = status
+        .listen_addrs
+        .iter()
+        .filter_map(|a| a.parse().ok())
+        .filter_map(|a: Multiaddr| a.with_p2p(status.peer_id.parse().ok()?).ok())
+        .collect();
+    addrs.sort_by_key(|a| {
+        let s = a.to_string();
+        (!s.starts_with("/ip4/127.0.0.1/tcp/"), s)
+    });
+    addrs.truncate(1);
+    addrs
+}
+
+pub fn parse_peer(text: &str) -> anyhow::Result<mesh_node::network::PeerId> {
+    text.parse()
+        .with_context(|| format!("{text:?} is not a peer id (they start with 12D3KooW)"))
+        .map_err(|e| failed(Exit::BadRequest, format!("{e:#}")))
+}

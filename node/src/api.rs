@@ -1,0 +1,123 @@
+//! The node's HTTP API on loopback: status and peers for `mesh peers` and friends.
+//!
+//! Bound to loopback by default: it answers anyone who can open a local socket.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::ask::{Ask, AskEvent};
+use crate::network::{Client, PeerSummary};
+use crate::serve::Server;
+use tokio::sync::mpsc;
+
+#[derive(Clone)]
+struct ApiState {
+    client: Client,
+    server: Arc<Server>,
+}
+
+/// What `GET /v1/mesh/status` returns.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub peer_id: String,
+    pub listen_addrs: Vec<String>,
+    pub models: Vec<mesh_protocol::ModelCard>,
+    pub load: u32,
+}
+
+/// Serves the API on `listener` until `shutdown` fires.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    client: Client,
+    server: Arc<Server>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/v1/mesh/status", get(status))
+        .route("/v1/mesh/peers", get(peers))
+        .route("/v1/mesh/infer", axum::routing::post(infer))
+        .with_state(ApiState { client, server });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// Binds the API address, explaining the usual failure.
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, String> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        format!("cannot serve the API on {addr}: {e} (another node running? pick one with --api 127.0.0.1:PORT, or port 0 for any)")
+    })
+}
+
+struct ApiError(String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "error": { "message": self.0, "type": "unavailable" } })),
+        )
+            .into_response()
+    }
+}
+
+async fn status(State(state): State<ApiState>) -> Result<Json<Status>, ApiError> {
+    let listen_addrs = state
+        .client
+        .listen_addrs()
+        .await
+        .map_err(|e| ApiError(e.to_string()))?;
+    Ok(Json(Status {
+        peer_id: state.client.local_peer_id().to_string(),
+        listen_addrs: listen_addrs.iter().map(|a| a.to_string()).collect(),
+        models: state.server.cards().cloned().collect(),
+        load: state.server.load(),
+    }))
+}
+
+async fn peers(State(state): State<ApiState>) -> Result<Json<Vec<PeerSummary>>, ApiError> {
+    state
+        .client
+        .peers()
+        .await
+        .map(Json)
+        .map_err(|e| ApiError(e.to_string()))
+}
+
+/// `POST /v1/mesh/infer` with an [`Ask`]: streams [`AskEvent`]s as JSON lines, the last
+/// being `done` or `error`. Closing the response cancels the call on the serving node.
+async fn infer(State(state): State<ApiState>, Json(ask): Json<Ask>) -> Response {
+    let (tx, rx) = mpsc::channel::<AskEvent>(64);
+    tokio::spawn(async move {
+        let mesh = crate::ask::Mesh {
+            client: state.client.clone(),
+            local: Some(state.server.clone()),
+        };
+        let last = crate::ask::run(&mesh, &ask, &tx).await;
+        let _ = tx.send(last).await;
+    });
+    let lines = tokio_stream_lines(rx);
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(axum::body::Body::from_stream(lines))
+        .expect("static headers are valid")
+}
+
+fn tokio_stream_lines(
+    rx: mpsc::Receiver<AskEvent>,
+) -> impl futures::Stream<Item = Result<String, std::convert::Infallible>> {
+    futures::stream::unfold(rx, |mut rx| async move {
+        let event = rx.recv().await?;
+        let mut line = serde_json::to_string(&event).expect("events serialize");
+        line.push('\n');
+        Some((Ok(line), rx))
+    })
+}

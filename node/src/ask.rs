@@ -1,0 +1,353 @@
+//! Asking the mesh: pick the node (a given peer, or any provider of the model), build the
+//! request to fit the model's task, call it, and report every step as an [`AskEvent`].
+//!
+//! `mesh infer` and the HTTP API both use this, so they behave the same.
+
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use mesh_protocol::{
+    ChatMessage, ErrorCode, FinishReason, InferRequest, InferResponse, Input, ModelCard, Role,
+    SamplingParams, Task, Usage, WireError,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use std::sync::Arc;
+
+use tokio_util::compat::TokioAsyncReadCompatExt;
+
+use crate::call::{Call, CallError};
+use crate::network::client::INFER;
+use crate::network::{Client, Path};
+use crate::serve::Server;
+
+/// A call's byte stream: a libp2p stream, or an in-memory pipe to this node's own server.
+pub trait CallStream: futures::AsyncRead + futures::AsyncWrite + Unpin + Send {}
+impl<T: futures::AsyncRead + futures::AsyncWrite + Unpin + Send> CallStream for T {}
+type BoxedStream = Box<dyn CallStream>;
+
+/// What to ask, before knowing which node will answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Ask {
+    /// A peer id, or `any`.
+    pub target: String,
+    pub model: String,
+    /// The prompt for a generation model; the texts to embed for an embedding model.
+    pub prompts: Vec<String>,
+    #[serde(default)]
+    pub system: Option<String>,
+    #[serde(default)]
+    pub params: SamplingParams,
+    /// Milliseconds for the whole call.
+    pub deadline_ms: u64,
+}
+
+/// One step of a call, as `mesh infer --json` prints it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum AskEvent {
+    Connected {
+        peer: String,
+        path: Path,
+        connect_ms: u64,
+    },
+    Started {
+        queue_ms: u64,
+    },
+    Delta {
+        text: String,
+    },
+    Embeddings {
+        vectors: Vec<Vec<f32>>,
+    },
+    Done {
+        peer: String,
+        path: Path,
+        finish_reason: FinishReason,
+        usage: Usage,
+        connect_ms: u64,
+        time_to_first_byte_ms: u64,
+        total_ms: u64,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+        /// True when the failure was on the network, not an answer from a node.
+        network: bool,
+    },
+}
+
+impl AskEvent {
+    pub fn from_call_error(e: &CallError) -> AskEvent {
+        match e {
+            CallError::Remote(w) => AskEvent::Error {
+                code: w.code,
+                message: w.message.clone(),
+                network: false,
+            },
+            CallError::Timeout(_) => AskEvent::Error {
+                code: ErrorCode::DeadlineExceeded,
+                message: e.to_string(),
+                network: true,
+            },
+            other => AskEvent::Error {
+                code: ErrorCode::Internal,
+                message: other.to_string(),
+                network: true,
+            },
+        }
+    }
+}
+
+/// What a node can reach: the mesh through its client, and its own models.
+#[derive(Clone)]
+pub struct Mesh {
+    pub client: Client,
+    pub local: Option<Arc<Server>>,
+}
+
+impl Mesh {
+    fn local_card(&self, model: &str) -> Option<(ModelCard, u32)> {
+        let server = self.local.as_ref()?;
+        let card = server.cards().find(|c| c.name == model)?.clone();
+        Some((card, server.load()))
+    }
+}
+
+/// Nodes that can answer `model`, with its card, best first (this node itself first).
+pub async fn candidates(
+    mesh: &Mesh,
+    target: &str,
+    model: &str,
+) -> Result<Vec<(PeerId, ModelCard, u32)>, CallError> {
+    let client = &mesh.client;
+    let me = client.local_peer_id();
+    let local = mesh.local_card(model).map(|(card, load)| (me, card, load));
+    if target == me.to_string() || (target == "any" && local.is_some()) {
+        return local.map(|l| vec![l]).ok_or_else(|| {
+            CallError::Remote(WireError::new(
+                ErrorCode::UnknownModel,
+                format!("this node does not host model {model:?}"),
+            ))
+        });
+    }
+    let peers = if target == "any" {
+        let found = client
+            .find_providers(model)
+            .await
+            .map_err(|e| CallError::Network(e.to_string()))?;
+        if found.is_empty() {
+            return Err(CallError::Remote(WireError::new(
+                ErrorCode::UnknownModel,
+                format!("no node on the mesh announces model {model:?}"),
+            )));
+        }
+        found
+    } else {
+        vec![target.parse::<PeerId>().map_err(|_| {
+            CallError::Remote(WireError::bad_request(format!(
+                "{target:?} is neither a peer id nor `any`"
+            )))
+        })?]
+    };
+    let lookups = peers
+        .iter()
+        .map(|peer| async move { (*peer, client.catalog(*peer).await) });
+    let mut found = Vec::new();
+    let mut last_error = None;
+    for (peer, result) in futures::future::join_all(lookups).await {
+        match result {
+            Ok((cards, load)) => match cards.into_iter().find(|c| c.name == model) {
+                Some(card) => found.push((peer, card, load)),
+                None => {
+                    last_error = Some(CallError::Remote(WireError::new(
+                        ErrorCode::UnknownModel,
+                        format!("node {peer} does not host model {model:?}"),
+                    )))
+                }
+            },
+            Err(e) => last_error = Some(e),
+        }
+    }
+    found.sort_by_key(|(_, _, load)| *load);
+    match (found.is_empty(), last_error) {
+        (true, Some(e)) => Err(e),
+        _ => Ok(found),
+    }
+}
+
+/// Builds the request that fits the model's task.
+pub fn build_request(ask: &Ask, card: &ModelCard) -> Result<InferRequest, WireError> {
+    let input = match card.task {
+        Task::Embed => Input::Embed {
+            texts: ask.prompts.clone(),
+        },
+        Task::Generate => {
+            if ask.prompts.len() != 1 {
+                return Err(WireError::bad_request(format!(
+                    "a generation model takes one prompt, got {}",
+                    ask.prompts.len()
+                )));
+            }
+            let mut messages = Vec::new();
+            if let Some(system) = &ask.system {
+                messages.push(ChatMessage {
+                    role: Role::System,
+                    content: system.clone(),
+                });
+            }
+            messages.push(ChatMessage {
+                role: Role::User,
+                content: ask.prompts[0].clone(),
+            });
+            Input::Chat { messages }
+        }
+    };
+    let request = InferRequest {
+        model: ask.model.clone(),
+        input,
+        params: ask.params.clone(),
+        deadline_ms: Some(ask.deadline_ms),
+        token: None,
+    };
+    request.validate()?;
+    Ok(request)
+}
+
+/// Runs `ask` to the end, sending every step but the last to `events`, and returns the last
+/// (`done` or `error`). Tries the next provider when one fails before its first output.
+/// If `events` is closed (the asker went away), the call is dropped, which cancels it on
+/// the serving node.
+pub async fn run(mesh: &Mesh, ask: &Ask, events: &mpsc::Sender<AskEvent>) -> AskEvent {
+    let begin = Instant::now();
+    let candidates = match candidates(mesh, &ask.target, &ask.model).await {
+        Ok(c) => c,
+        Err(e) => return AskEvent::from_call_error(&e),
+    };
+    let mut last = AskEvent::Error {
+        code: ErrorCode::UnknownModel,
+        message: format!("no node answered for model {:?}", ask.model),
+        network: true,
+    };
+    for (peer, card, _) in candidates {
+        let request = match build_request(ask, &card) {
+            Ok(r) => r,
+            Err(e) => return AskEvent::from_call_error(&CallError::Remote(e)),
+        };
+        match call_one(mesh, peer, &request, begin, events).await {
+            Ok(done) => return done,
+            Err((e, produced_output)) => {
+                last = AskEvent::from_call_error(&e);
+                let retryable = !produced_output
+                    && matches!(
+                        &e,
+                        CallError::Network(_)
+                            | CallError::Closed
+                            | CallError::Remote(WireError {
+                                code: ErrorCode::Overloaded,
+                                ..
+                            })
+                    );
+                if !retryable {
+                    return last;
+                }
+                tracing::info!(%peer, "provider failed before answering ({e}); trying the next");
+            }
+        }
+    }
+    last
+}
+
+async fn call_one(
+    mesh: &Mesh,
+    peer: PeerId,
+    request: &InferRequest,
+    begin: Instant,
+    events: &mpsc::Sender<AskEvent>,
+) -> Result<AskEvent, (CallError, bool)> {
+    let gone = || {
+        (
+            CallError::Remote(WireError::new(ErrorCode::Internal, "the asker went away")),
+            true,
+        )
+    };
+    let client = &mesh.client;
+    let deadline = Duration::from_millis(request.deadline_ms.unwrap_or(120_000));
+    let mut call: Call<BoxedStream> = match (&mesh.local, peer == client.local_peer_id()) {
+        (Some(server), true) => {
+            let (near, far) = tokio::io::duplex(64 * 1024);
+            let server = server.clone();
+            tokio::spawn(async move { server.serve_infer(peer, far.compat()).await });
+            Call::start(Box::new(near.compat()) as BoxedStream, request, deadline).await
+        }
+        _ => {
+            let stream = client
+                .open_stream(peer, INFER)
+                .await
+                .map_err(|e| (CallError::Network(e.to_string()), false))?;
+            Call::start(Box::new(stream) as BoxedStream, request, deadline).await
+        }
+    }
+    .map_err(|e| (e, false))?;
+    let connect_ms = begin.elapsed().as_millis() as u64;
+    let path = if peer == client.local_peer_id() {
+        Path::Local
+    } else {
+        client
+            .path_to(peer)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(Path::Direct)
+    };
+    events
+        .send(AskEvent::Connected {
+            peer: peer.to_string(),
+            path,
+            connect_ms,
+        })
+        .await
+        .map_err(|_| gone())?;
+    let mut first_byte = None;
+    loop {
+        let frame = match call.next().await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return Err((CallError::Closed, first_byte.is_some())),
+            Err(e) => return Err((e, first_byte.is_some())),
+        };
+        let event = match frame {
+            InferResponse::Started { queue_ms, .. } => AskEvent::Started { queue_ms },
+            InferResponse::Delta { text } => {
+                first_byte.get_or_insert_with(|| begin.elapsed());
+                AskEvent::Delta { text }
+            }
+            InferResponse::Embeddings { vectors } => {
+                first_byte.get_or_insert_with(|| begin.elapsed());
+                AskEvent::Embeddings { vectors }
+            }
+            InferResponse::Done {
+                finish_reason,
+                usage,
+            } => {
+                let total = begin.elapsed();
+                // The path may have changed during the call (a hole punch upgrades a relay).
+                let path = match path {
+                    Path::Local => path,
+                    _ => client.path_to(peer).await.ok().flatten().unwrap_or(path),
+                };
+                return Ok(AskEvent::Done {
+                    peer: peer.to_string(),
+                    path,
+                    finish_reason,
+                    usage,
+                    connect_ms,
+                    time_to_first_byte_ms: first_byte.unwrap_or(total).as_millis() as u64,
+                    total_ms: total.as_millis() as u64,
+                });
+            }
+            InferResponse::Error(e) => return Err((CallError::Remote(e), first_byte.is_some())),
+        };
+        events.send(event).await.map_err(|_| gone())?;
+    }
+}

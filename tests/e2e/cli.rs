@@ -1,0 +1,172 @@
+//! `mesh` processes driven by the CLI: join, infer, models, peers, exit codes.
+
+use mesh_tests::{mesh, stderr, stdout, JoinedNode};
+
+/// Runs `mesh infer` from a fresh home against the mesh reached through `bootstrap`.
+fn infer(bootstrap: &str, extra: &[&str]) -> std::process::Output {
+    let home = tempfile::tempdir().unwrap();
+    let home = home.path().join("c");
+    let mut args = vec![
+        "infer",
+        "--home",
+        home.to_str().unwrap(),
+        "--bootstrap",
+        bootstrap,
+        "--no-mdns",
+    ];
+    args.extend_from_slice(extra);
+    mesh(&args)
+}
+
+#[test]
+fn three_processes_find_and_call_a_model_through_the_dht() {
+    let b = JoinedNode::start(&[]);
+    let a = JoinedNode::start(&["--bootstrap", &b.addr(), "--model", "echo=builtin:echo"]);
+    assert_eq!(a.ready["models"], serde_json::json!(["echo"]));
+
+    // C knows only B. The provider record may take a moment to land on B: retry briefly.
+    let mut out = infer(&b.addr(), &["any", "echo", "--prompt", "across the mesh"]);
+    for _ in 0..20 {
+        if out.status.success() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        out = infer(&b.addr(), &["any", "echo", "--prompt", "across the mesh"]);
+    }
+    assert!(out.status.success(), "{}\nA: {}", stderr(&out), a.stderr());
+    assert_eq!(stdout(&out), "echo: across the mesh");
+    assert!(stderr(&out).contains(&a.peer_id()), "{}", stderr(&out));
+
+    // --json: frames as lines, then a final line with usage, timings and the path.
+    let out = infer(
+        &b.addr(),
+        &[&a.peer_id(), "echo", "--prompt", "json please", "--json"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    let events: Vec<&str> = lines.iter().map(|l| l["event"].as_str().unwrap()).collect();
+    assert_eq!(
+        events,
+        ["connected", "started", "delta", "delta", "delta", "done"]
+    );
+    let done = lines.last().unwrap();
+    assert_eq!(done["path"], "direct");
+    assert_eq!(done["usage"]["completion_tokens"], 3);
+    assert!(done["total_ms"].is_u64() && done["time_to_first_byte_ms"].is_u64());
+
+    // `mesh models` lists it with its host.
+    let home = tempfile::tempdir().unwrap();
+    let out = mesh(&[
+        "models",
+        "--home",
+        home.path().join("m").to_str().unwrap(),
+        "--bootstrap",
+        &b.addr(),
+        "--no-mdns",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let row: serde_json::Value =
+        serde_json::from_str(stdout(&out).lines().next().unwrap()).unwrap();
+    assert_eq!(row["model"], "echo");
+    assert_eq!(row["peer_id"], a.peer_id().as_str());
+
+    // `mesh peers` asks the running node through its API.
+    let out = mesh(&["peers", "--home", &a.home_dir(), "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains(&b.peer_id()), "{}", stdout(&out));
+
+    // `mesh infer` with no bootstrap goes through the node running with that home.
+    let out = mesh(&[
+        "infer",
+        "--home",
+        &a.home_dir(),
+        "any",
+        "echo",
+        "--prompt",
+        "local",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(r#""path":"local""#),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn infer_failures_have_their_own_exit_codes_and_one_line_messages() {
+    let a = JoinedNode::start(&["--model", "echo=builtin:echo"]);
+    let cases: &[(&[&str], i32, &str)] = &[
+        (
+            &["any", "no-such-model", "--prompt", "x"],
+            3,
+            "unknown_model",
+        ),
+        (
+            &[&a.peer_id(), "no-such-model", "--prompt", "x"],
+            3,
+            "does not host",
+        ),
+        (
+            &["any", "echo", "--prompt", "x", "--temperature", "-1"],
+            6,
+            "temperature",
+        ),
+        (
+            &["any", "echo", "--prompt", "x", "--max-tokens", "0"],
+            6,
+            "max_tokens",
+        ),
+        (&["any", "echo", "--prompt", "   "], 6, "empty"),
+        (&["not-a-peer", "echo", "--prompt", "x"], 6, "not a peer id"),
+    ];
+    for (args, code, needle) in cases {
+        let out = infer(&a.addr(), args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(*code), "{args:?}: {err}");
+        let last = err.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("mesh: error:") && last.contains(needle),
+            "{args:?}: {err}"
+        );
+    }
+    // Nothing answers at this address: a network failure, exit 7.
+    let out = infer(
+        "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWRs2hfKDHDVSEXcK47mGkNYrZ1S7kBT4J8orokGPqi5cP",
+        &["any", "echo", "--prompt", "x"],
+    );
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+}
+
+#[test]
+fn join_refuses_bad_models_and_stops_cleanly_on_sigterm() {
+    let home = tempfile::tempdir().unwrap();
+    let out = mesh(&[
+        "join",
+        "--home",
+        home.path().join("h").to_str().unwrap(),
+        "--no-mdns",
+        "--model",
+        "x=builtin:gpt-9",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("unknown built-in model"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = mesh(&["join", "--model", "no-equals-sign"]);
+    assert_eq!(out.status.code(), Some(2), "clap usage error");
+
+    let mut a = JoinedNode::start(&["--model", "echo=builtin:echo"]);
+    let runtime = std::path::Path::new(&a.home_dir()).join("node.json");
+    assert!(runtime.exists());
+    assert!(a.stop(), "clean exit on SIGTERM: {}", a.stderr());
+    assert!(!runtime.exists(), "node.json removed on shutdown");
+}
