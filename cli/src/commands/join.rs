@@ -22,7 +22,7 @@ pub async fn run(home: Home, args: &JoinArgs, json: bool) -> anyhow::Result<Exit
         ));
     }
     let identity = super::load_identity(&home)?;
-    let engines = load_models(args)?;
+    let engines = load_models(&home, args)?;
 
     let mut config = NodeConfig::default();
     if !args.listen.is_empty() {
@@ -74,12 +74,12 @@ pub async fn run(home: Home, args: &JoinArgs, json: bool) -> anyhow::Result<Exit
     Ok(ExitCode::SUCCESS)
 }
 
-fn load_models(args: &JoinArgs) -> anyhow::Result<Vec<SharedEngine>> {
+fn load_models(home: &Home, args: &JoinArgs) -> anyhow::Result<Vec<SharedEngine>> {
     args.models
         .iter()
         .map(|spec| {
             tracing::info!(model = %spec.name, source = %spec.source, "loading model");
-            engine::load(spec, args.concurrency)
+            engine::load(spec, &home.models_dir(), args.concurrency)
                 .map_err(|e| failed(Exit::BadRequest, e.to_string()))
         })
         .collect()

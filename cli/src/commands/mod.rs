@@ -2,6 +2,7 @@
 
 mod infer;
 mod join;
+mod model;
 mod models;
 mod peers;
 mod reach;
@@ -23,6 +24,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Infer(args) => infer::run(home()?, args, json).await,
         Command::Models(args) => models::run(home()?, args, json).await,
         Command::Peers => peers::run(home()?, json).await,
+        Command::Model(action) => model::run(&home()?, action, json),
         Command::Token => anyhow::bail!("`mesh token` is not implemented yet"),
     }
 }

