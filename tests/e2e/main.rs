@@ -2,4 +2,5 @@
 
 mod cli;
 mod identity;
+mod models;
 mod network;

@@ -150,3 +150,20 @@ impl Drop for JoinedNode {
         }
     }
 }
+
+/// Where `scripts/test.sh` fetched the real models (`$MESH_MODELS`).
+///
+/// The real-model tests fail loudly without them: CI must never skip them silently.
+pub fn models_dir() -> PathBuf {
+    let dir = std::env::var_os("MESH_MODELS").map(PathBuf::from).unwrap_or_else(|| {
+        panic!("MESH_MODELS is not set: run the tests with scripts/test.sh, which fetches the models")
+    });
+    for known in ["smollm2-135m-instruct", "all-minilm-l6-v2"] {
+        assert!(
+            dir.join(known).exists(),
+            "{known} is not in {}: run `mesh model fetch all` (scripts/test.sh does)",
+            dir.display()
+        );
+    }
+    dir
+}

@@ -66,7 +66,11 @@ impl BertEngine {
             .map_err(|e| format!("model.safetensors does not load (corrupt?): {e}"))?;
         let model = BertModel::load(vb, &config)
             .map_err(|e| format!("the weights do not fit a BERT model: {e}"))?;
-        tracing::info!(model = name, ms = started.elapsed().as_millis() as u64, "loaded BERT model");
+        tracing::info!(
+            model = name,
+            ms = started.elapsed().as_millis() as u64,
+            "loaded BERT model"
+        );
         Ok(BertEngine {
             card: ModelCard {
                 name: name.to_string(),
@@ -106,13 +110,14 @@ impl BertEngine {
                 .iter()
                 .map(|e| e.get_attention_mask().iter().sum::<u32>())
                 .sum::<u32>();
-            let stack = |f: &dyn Fn(&tokenizers::Encoding) -> &[u32]| -> candle_core::Result<Tensor> {
-                let rows = encodings
-                    .iter()
-                    .map(|e| Tensor::new(f(e), &self.device))
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                Tensor::stack(&rows, 0)
-            };
+            let stack =
+                |f: &dyn Fn(&tokenizers::Encoding) -> &[u32]| -> candle_core::Result<Tensor> {
+                    let rows = encodings
+                        .iter()
+                        .map(|e| Tensor::new(f(e), &self.device))
+                        .collect::<candle_core::Result<Vec<_>>>()?;
+                    Tensor::stack(&rows, 0)
+                };
             let pooled = (|| -> candle_core::Result<Vec<Vec<f32>>> {
                 let ids = stack(&|e| e.get_ids())?;
                 let type_ids = stack(&|e| e.get_type_ids())?;

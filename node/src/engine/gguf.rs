@@ -289,6 +289,10 @@ impl Engine for GgufEngine {
         &self.card
     }
 
+    fn validate(&self, request: &InferRequest) -> Result<(), WireError> {
+        self.encode_prompt(&request.input).map(|_| ())
+    }
+
     fn run(
         &self,
         request: &InferRequest,
@@ -320,10 +324,7 @@ impl Engine for GgufEngine {
                 break;
             }
             generated += 1;
-            if let Some(piece) = decoder
-                .push(&self.tokenizer, next)
-                .map_err(internal)?
-            {
+            if let Some(piece) = decoder.push(&self.tokenizer, next).map_err(internal)? {
                 match stops.feed(&piece) {
                     StopStep::Continue(text) => {
                         if !text.is_empty() {
@@ -352,7 +353,10 @@ impl Engine for GgufEngine {
                 .forward(&input, prompt.len() + step)
                 .map_err(internal)?;
         }
-        let mut tail = decoder.flush(&self.tokenizer).map_err(internal)?.unwrap_or_default();
+        let mut tail = decoder
+            .flush(&self.tokenizer)
+            .map_err(internal)?
+            .unwrap_or_default();
         tail = match stops.feed(&tail) {
             StopStep::Continue(t) => t + &stops.finish(),
             StopStep::Stop(t) => {

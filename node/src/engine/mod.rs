@@ -44,6 +44,12 @@ pub struct Gone;
 pub trait Engine: Send + Sync + 'static {
     fn card(&self) -> &ModelCard;
 
+    /// Checks what only the model can check (e.g. the prompt fits its context), cheaply and
+    /// before the call is admitted, so a bad request never takes a slot or starts compute.
+    fn validate(&self, _request: &InferRequest) -> Result<(), WireError> {
+        Ok(())
+    }
+
     fn run(
         &self,
         request: &InferRequest,
@@ -152,12 +158,15 @@ impl Loaded {
 }
 
 fn load_path(name: &str, path: &std::path::Path, max_concurrency: u32) -> Result<Loaded, String> {
-    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     if meta.is_dir() {
         if path.join("config.json").exists() && path.join("model.safetensors").exists() {
             return bert::BertEngine::load(name, path, max_concurrency).map(Loaded::Bert);
         }
-        return Err("a model directory needs config.json, tokenizer.json and model.safetensors".into());
+        return Err(
+            "a model directory needs config.json, tokenizer.json and model.safetensors".into(),
+        );
     }
     let mut magic = [0u8; 4];
     use std::io::Read;
