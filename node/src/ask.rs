@@ -18,7 +18,6 @@ use std::sync::Arc;
 use tokio_util::compat::TokioAsyncReadCompatExt;
 
 use crate::call::{Call, CallError};
-use crate::network::client::INFER;
 use crate::network::{Client, Path};
 use crate::serve::Server;
 
@@ -279,17 +278,16 @@ async fn call_one(
             let (near, far) = tokio::io::duplex(64 * 1024);
             let server = server.clone();
             tokio::spawn(async move { server.serve_infer(peer, far.compat()).await });
-            Call::start(Box::new(near.compat()) as BoxedStream, request, deadline).await
-        }
-        _ => {
-            let stream = client
-                .open_stream(peer, INFER)
+            Call::start(Box::new(near.compat()) as BoxedStream, request, deadline)
                 .await
-                .map_err(|e| (CallError::Network(e.to_string()), false))?;
-            Call::start(Box::new(stream) as BoxedStream, request, deadline).await
+                .map_err(|e| (e, false))?
         }
-    }
-    .map_err(|e| (e, false))?;
+        _ => client
+            .call(peer, request, deadline)
+            .await
+            .map_err(|e| (e, false))?
+            .boxed(),
+    };
     let connect_ms = begin.elapsed().as_millis() as u64;
     let path = if peer == client.local_peer_id() {
         Path::Local

@@ -27,6 +27,10 @@ pub enum CallError {
     Protocol(String),
     #[error("network failure: {0}")]
     Network(String),
+    /// The stream closed before the node answered anything: it never read the request
+    /// (e.g. its accept queue was full), so trying again is safe.
+    #[error("the node did not accept the stream")]
+    NotAccepted,
 }
 
 impl From<WireIoError> for CallError {
@@ -46,6 +50,8 @@ pub struct Call<S> {
     _wr: WriteHalf<S>,
     idle_timeout: Duration,
     finished: bool,
+    /// The first frame, read early by [`Call::start_confirmed`].
+    first: Option<InferResponse>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Call<S> {
@@ -65,11 +71,50 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Call<S> {
             _wr: wr,
             idle_timeout,
             finished: false,
+            first: None,
         })
+    }
+
+    /// Like [`Call::start`], but also waits for the node's first frame, so a stream the node
+    /// dropped unread (it never saw the request) shows up here as [`CallError::NotAccepted`].
+    pub async fn start_confirmed(
+        stream: S,
+        request: &InferRequest,
+        idle_timeout: Duration,
+    ) -> Result<Call<S>, CallError> {
+        let mut call = Self::start(stream, request, idle_timeout).await?;
+        match call.next().await {
+            Ok(Some(frame)) => {
+                call.first = Some(frame);
+                Ok(call)
+            }
+            Ok(None) => Err(CallError::NotAccepted),
+            Err(CallError::Closed | CallError::Network(_)) => Err(CallError::NotAccepted),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The same call over a boxed stream, so calls over different transports share a type.
+    pub fn boxed(self) -> Call<Box<dyn crate::ask::CallStream>>
+    where
+        S: Send + 'static,
+    {
+        let stream = self.rd.reunite(self._wr).expect("halves of one stream");
+        let (rd, wr) = (Box::new(stream) as Box<dyn crate::ask::CallStream>).split();
+        Call {
+            rd,
+            _wr: wr,
+            idle_timeout: self.idle_timeout,
+            finished: self.finished,
+            first: self.first,
+        }
     }
 
     /// The next frame, `Ok(None)` after `done`. An `error` frame comes back as `Err(Remote)`.
     pub async fn next(&mut self) -> Result<Option<InferResponse>, CallError> {
+        if let Some(frame) = self.first.take() {
+            return Ok(Some(frame));
+        }
         if self.finished {
             return Ok(None);
         }
@@ -87,6 +132,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Call<S> {
             }
             Some(done @ InferResponse::Done { .. }) => {
                 self.finished = true;
+                // A clean close lets both ends free the stream at once (dropping resets it).
+                let _ = self._wr.close().await;
                 Ok(Some(done))
             }
             Some(other) => Ok(Some(other)),

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{AsyncWriteExt, StreamExt};
+use futures::AsyncWriteExt;
 use libp2p::{Multiaddr, PeerId};
 use mesh_protocol::frame::DEFAULT_MAX_FRAME_LEN;
 use mesh_protocol::{ErrorCode, InferResponse, ModelCard, WireError};
@@ -14,8 +14,9 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::SharedEngine;
 use crate::identity::NodeIdentity;
 use crate::network::behaviour::build_swarm;
-use crate::network::client::{CATALOG, INFER};
+use crate::network::client::INFER;
 use crate::network::event_loop::EventLoop;
+use crate::network::inbound::Inbound;
 use crate::network::{Client, NetworkConfig};
 use crate::serve::{ServeConfig, ServeSetupError, Server};
 use crate::wire::write_frame;
@@ -76,7 +77,7 @@ impl Node {
             Some(addr) => Some(crate::api::bind(addr).await.map_err(NodeError::Api)?),
             None => None,
         };
-        let mut swarm = build_swarm(&identity, &config.network)?;
+        let (mut swarm, inbound_streams) = build_swarm(&identity, &config.network)?;
         for addr in &config.network.listen {
             swarm
                 .listen_on(addr.clone())
@@ -85,39 +86,34 @@ impl Node {
                     reason: e.to_string(),
                 })?;
         }
-        let mut control = swarm.behaviour().stream.new_control();
-        let infer_streams = control
-            .accept(INFER)
-            .expect("the infer protocol is registered once");
-        let catalog_streams = control
-            .accept(CATALOG)
-            .expect("the catalog protocol is registered once");
+        let control = swarm.behaviour().stream.new_control();
 
         let shutdown = CancellationToken::new();
         let (command_tx, command_rx) = mpsc::channel(config.network.command_queue);
         let (event_tx, mut listening) = broadcast::channel(1024);
-        let client = Client::new(command_tx, control, event_tx.clone(), identity.peer_id());
+        let connected = crate::network::ConnectedPeers::default();
+        let client = Client::new(
+            command_tx,
+            control,
+            event_tx.clone(),
+            identity.peer_id(),
+            connected.clone(),
+        );
         let event_loop = EventLoop::new(
             swarm,
             command_rx,
             event_tx,
             config.network.clone(),
             shutdown.clone(),
+            connected,
         );
 
         let mut tasks = JoinSet::new();
         tasks.spawn(event_loop.run());
-        let inbound_limit = Arc::new(Semaphore::new(config.max_inbound_streams));
-        tasks.spawn(accept_infer(
-            infer_streams,
+        tasks.spawn(accept(
+            inbound_streams,
             server.clone(),
-            inbound_limit.clone(),
-            shutdown.clone(),
-        ));
-        tasks.spawn(accept_catalog(
-            catalog_streams,
-            server.clone(),
-            inbound_limit,
+            Arc::new(Semaphore::new(config.max_inbound_streams)),
             shutdown.clone(),
         ));
 
@@ -223,8 +219,10 @@ impl Node {
     }
 }
 
-async fn accept_infer(
-    mut incoming: libp2p_stream::IncomingStreams,
+/// Serves inbound streams, each on its own task, at most `limit` at once; beyond that an
+/// inference stream is answered `overloaded` and a catalog stream is closed.
+async fn accept(
+    mut incoming: mpsc::Receiver<Inbound>,
     server: Arc<Server>,
     limit: Arc<Semaphore>,
     shutdown: CancellationToken,
@@ -232,17 +230,22 @@ async fn accept_infer(
     let mut calls = JoinSet::new();
     loop {
         tokio::select! {
-            next = incoming.next() => {
-                let Some((peer, mut stream)) = next else { break };
+            next = incoming.recv() => {
+                let Some((peer, protocol, mut stream)) = next else { break };
+                let is_infer = protocol == INFER;
+                let server = server.clone();
                 match limit.clone().try_acquire_owned() {
                     Ok(permit) => {
-                        let server = server.clone();
                         calls.spawn(async move {
-                            server.serve_infer(peer, stream).await;
+                            if is_infer {
+                                server.serve_infer(peer, stream).await;
+                            } else {
+                                server.serve_catalog(stream).await;
+                            }
                             drop(permit);
                         });
                     }
-                    Err(_) => {
+                    Err(_) if is_infer => {
                         calls.spawn(async move {
                             let busy = InferResponse::Error(WireError::new(
                                 ErrorCode::Overloaded,
@@ -252,32 +255,7 @@ async fn accept_infer(
                             let _ = stream.close().await;
                         });
                     }
-                }
-            }
-            Some(_) = calls.join_next(), if !calls.is_empty() => {}
-            _ = shutdown.cancelled() => break,
-        }
-    }
-    calls.abort_all();
-}
-
-async fn accept_catalog(
-    mut incoming: libp2p_stream::IncomingStreams,
-    server: Arc<Server>,
-    limit: Arc<Semaphore>,
-    shutdown: CancellationToken,
-) {
-    let mut calls = JoinSet::new();
-    loop {
-        tokio::select! {
-            next = incoming.next() => {
-                let Some((_, stream)) = next else { break };
-                if let Ok(permit) = limit.clone().try_acquire_owned() {
-                    let server = server.clone();
-                    calls.spawn(async move {
-                        server.serve_catalog(stream).await;
-                        drop(permit);
-                    });
+                    Err(_) => {}
                 }
             }
             Some(_) = calls.join_next(), if !calls.is_empty() => {}

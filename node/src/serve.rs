@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::PeerId;
-use mesh_protocol::frame::{encode_body, DEFAULT_MAX_FRAME_LEN};
+use mesh_protocol::frame::{encode_body, encode_frame, DEFAULT_MAX_FRAME_LEN};
 use mesh_protocol::{
     CatalogRequest, CatalogResponse, ErrorCode, InferRequest, InferResponse, Input, ModelCard,
     SignedModelCard, Task, Usage, WireError,
@@ -327,14 +327,12 @@ impl Server {
             .await
             .map_err(|_| deadline_exceeded(deadline_len))?
             .expect("the slot semaphore is never closed");
-        let max = self.config.max_frame_len;
-        let started = InferResponse::Started {
+        let mut out = FrameBuffer::new(self.config.max_frame_len);
+        // Held back briefly: it usually leaves in one packet with the first output.
+        out.push(&InferResponse::Started {
             model: request.model.clone(),
             queue_ms: queued.elapsed().as_millis() as u64,
-        };
-        write_frame(wr, &started, max)
-            .await
-            .map_err(|_| CallEnd::CallerGone)?;
+        })?;
 
         let cancel = CancellationToken::new();
         let _cancel_on_exit = cancel.clone().drop_guard();
@@ -352,7 +350,9 @@ impl Server {
 
         let mut first_output: Option<Duration> = None;
         let mut probe = [0u8; 1];
-        loop {
+        let hold_started = tokio::time::sleep(STARTED_HOLD);
+        tokio::pin!(hold_started);
+        let result = loop {
             tokio::select! {
                 output = rx.recv() => match output {
                     Some(output) => {
@@ -361,33 +361,52 @@ impl Server {
                             Output::Delta(text) => InferResponse::Delta { text },
                             Output::Embeddings(vectors) => InferResponse::Embeddings { vectors },
                         };
-                        if let Err(e) = write_frame(wr, &frame, max).await {
-                            cancel.cancel();
-                            return Err(write_failure(e));
+                        if let Err(e) = out.push(&frame) {
+                            break Err(e);
+                        }
+                        // Send unless more output is already waiting: one packet for a burst.
+                        if rx.is_empty() && out.send(wr).await.is_err() {
+                            break Err(CallEnd::CallerGone);
                         }
                     }
-                    None => break,
+                    None => break Ok(()),
                 },
-                // The caller sends nothing after its request: any read result means it left.
-                _ = rd.read(&mut probe) => {
-                    cancel.cancel();
-                    return Err(CallEnd::CallerGone);
+                _ = &mut hold_started, if out.has_data() && first_output.is_none() => {
+                    if out.send(wr).await.is_err() {
+                        break Err(CallEnd::CallerGone);
+                    }
                 }
+                // The caller sends nothing after its request: any read result means it left.
+                _ = rd.read(&mut probe) => break Err(CallEnd::CallerGone),
                 _ = tokio::time::sleep_until(deadline) => {
-                    cancel.cancel();
-                    return Err(deadline_exceeded(deadline_len).into());
+                    break Err(deadline_exceeded(deadline_len).into());
                 }
             }
+        };
+        if let Err(end) = result {
+            cancel.cancel();
+            // Whatever is buffered goes out before an error frame.
+            if matches!(end, CallEnd::Refused(_)) {
+                let _ = out.send(wr).await;
+            }
+            return Err(end);
         }
         let completion = match job.await {
-            Ok(result) => result?,
+            Ok(result) => result,
             Err(join) => {
                 tracing::error!("engine task failed: {join}");
-                return Err(WireError::new(ErrorCode::Internal, "the engine crashed").into());
+                Err(WireError::new(ErrorCode::Internal, "the engine crashed"))
+            }
+        };
+        let completion = match completion {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = out.send(wr).await;
+                return Err(e.into());
             }
         };
         let total = compute_start.elapsed();
-        let done = InferResponse::Done {
+        out.push(&InferResponse::Done {
             finish_reason: completion.finish_reason,
             usage: Usage {
                 prompt_tokens: completion.prompt_tokens,
@@ -395,10 +414,53 @@ impl Server {
                 time_to_first_token_ms: first_output.unwrap_or(total).as_millis() as u64,
                 total_ms: total.as_millis() as u64,
             },
-        };
-        write_frame(wr, &done, max)
-            .await
-            .map_err(|_| CallEnd::CallerGone)
+        })?;
+        out.send(wr).await.map_err(|_| CallEnd::CallerGone)
+    }
+}
+
+/// How long `started` may wait to share a packet with the first output.
+const STARTED_HOLD: Duration = Duration::from_millis(2);
+
+/// Encoded frames waiting to be written together.
+struct FrameBuffer {
+    bytes: Vec<u8>,
+    max_frame_len: usize,
+}
+
+impl FrameBuffer {
+    fn new(max_frame_len: usize) -> Self {
+        FrameBuffer {
+            bytes: Vec::new(),
+            max_frame_len,
+        }
+    }
+
+    fn has_data(&self) -> bool {
+        !self.bytes.is_empty()
+    }
+
+    /// Encodes a frame; one too large for a frame is the node's failure, told to the caller.
+    fn push(&mut self, frame: &InferResponse) -> Result<(), CallEnd> {
+        let encoded = encode_frame(frame, self.max_frame_len).map_err(|e| {
+            CallEnd::Refused(WireError::new(
+                ErrorCode::Internal,
+                format!("the answer does not fit in a frame: {e}"),
+            ))
+        })?;
+        self.bytes.extend_from_slice(&encoded);
+        Ok(())
+    }
+
+    /// Writes and flushes everything buffered.
+    async fn send<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> std::io::Result<()> {
+        if self.bytes.is_empty() {
+            return Ok(());
+        }
+        wr.write_all(&self.bytes).await?;
+        wr.flush().await?;
+        self.bytes.clear();
+        Ok(())
     }
 }
 
@@ -425,18 +487,6 @@ fn spawn_compute(
             ))
         })
     })
-}
-
-/// A frame that cannot be encoded (too large) is the node's failure, reported to the caller;
-/// a failed write means the caller is gone.
-fn write_failure(e: WireIoError) -> CallEnd {
-    match e {
-        WireIoError::Frame(e) => CallEnd::Refused(WireError::new(
-            ErrorCode::Internal,
-            format!("the answer does not fit in a frame: {e}"),
-        )),
-        _ => CallEnd::CallerGone,
-    }
 }
 
 fn deadline_exceeded(after: Duration) -> WireError {

@@ -1,5 +1,9 @@
-//! Local testnets: nodes on loopback, in this process or as `mesh` processes.
+//! Local testnets and benchmarks: nodes on loopback, in this process or as `mesh` processes.
 //!
-//! The NAT lab (network namespaces) is driven by `testnet/testnet.sh`.
+//! - [`inprocess`]: real libp2p nodes in this process, for tests and benchmarks.
+//! - [`bench`]: what `mesh-bench` measures.
+//!
+//! `testnet/testnet.sh` drives `mesh` processes.
 
+pub mod bench;
 pub mod inprocess;

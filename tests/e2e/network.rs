@@ -348,18 +348,18 @@ async fn a_full_queue_answers_overloaded_at_once() {
     )
     .await;
     let c = start_node(vec![], vec![tcp_addr(&a).await]).await;
+    // 18 calls at once, each run to the end on its own task.
     let mut calls = Vec::new();
     for _ in 0..18 {
-        calls.push(
-            c.client()
-                .call(
-                    a.peer_id(),
-                    &chat("slow-echo", "a b c"),
-                    Duration::from_secs(30),
-                )
-                .await
-                .unwrap(),
-        );
+        let client = c.client();
+        let peer = a.peer_id();
+        calls.push(tokio::spawn(async move {
+            let mut call = client
+                .call(peer, &chat("slow-echo", "a b c"), Duration::from_secs(30))
+                .await?;
+            while call.next().await?.is_some() {}
+            Ok::<(), CallError>(())
+        }));
     }
     // Wait until all 18 are admitted.
     let start = Instant::now();
@@ -376,8 +376,8 @@ async fn a_full_queue_answers_overloaded_at_once() {
         t.elapsed() < Duration::from_secs(2),
         "overloaded is answered at once"
     );
-    for mut call in calls {
-        while call.next().await.unwrap().is_some() {}
+    for call in calls {
+        call.await.unwrap().expect("admitted calls all finish");
     }
     c.shutdown().await;
     a.shutdown().await;

@@ -136,8 +136,8 @@ pub fn load(
 
 /// A loaded file engine, before it is shared.
 enum Loaded {
-    Gguf(gguf::GgufEngine),
-    Bert(bert::BertEngine),
+    Gguf(Box<gguf::GgufEngine>),
+    Bert(Box<bert::BertEngine>),
 }
 
 impl Loaded {
@@ -151,8 +151,8 @@ impl Loaded {
 
     fn into_engine(self) -> Box<dyn Engine> {
         match self {
-            Loaded::Gguf(e) => Box::new(e),
-            Loaded::Bert(e) => Box::new(e),
+            Loaded::Gguf(e) => e,
+            Loaded::Bert(e) => e,
         }
     }
 }
@@ -162,7 +162,8 @@ fn load_path(name: &str, path: &std::path::Path, max_concurrency: u32) -> Result
         std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     if meta.is_dir() {
         if path.join("config.json").exists() && path.join("model.safetensors").exists() {
-            return bert::BertEngine::load(name, path, max_concurrency).map(Loaded::Bert);
+            return bert::BertEngine::load(name, path, max_concurrency)
+                .map(|e| Loaded::Bert(Box::new(e)));
         }
         return Err(
             "a model directory needs config.json, tokenizer.json and model.safetensors".into(),
@@ -174,7 +175,8 @@ fn load_path(name: &str, path: &std::path::Path, max_concurrency: u32) -> Result
         .and_then(|mut f| f.read_exact(&mut magic))
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     if &magic == b"GGUF" {
-        return gguf::GgufEngine::load(name, path, max_concurrency).map(Loaded::Gguf);
+        return gguf::GgufEngine::load(name, path, max_concurrency)
+            .map(|e| Loaded::Gguf(Box::new(e)));
     }
     Err("not a GGUF file (no GGUF magic) and not a model directory".into())
 }

@@ -8,7 +8,12 @@ use libp2p::{
     connection_limits, dcutr, identify, kad, mdns, noise, ping, relay, tcp, yamux, StreamProtocol,
     Swarm, SwarmBuilder,
 };
-use mesh_protocol::ids::{IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL};
+use mesh_protocol::ids::{
+    CATALOG_PROTOCOL, IDENTIFY_PROTOCOL_VERSION, INFER_PROTOCOL, KAD_PROTOCOL,
+};
+use tokio::sync::mpsc;
+
+use super::inbound::Inbound;
 
 use super::NetworkConfig;
 use crate::identity::NodeIdentity;
@@ -25,6 +30,7 @@ pub struct MeshBehaviour {
     pub relay_client: relay::client::Behaviour,
     pub dcutr: dcutr::Behaviour,
     pub stream: libp2p_stream::Behaviour,
+    pub inbound: super::inbound::Behaviour,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -35,10 +41,19 @@ pub enum BuildError {
     Behaviour(String),
 }
 
+/// Builds the swarm; inbound mesh streams arrive on the returned receiver.
 pub fn build_swarm(
     identity: &NodeIdentity,
     config: &NetworkConfig,
-) -> Result<Swarm<MeshBehaviour>, BuildError> {
+) -> Result<(Swarm<MeshBehaviour>, mpsc::Receiver<Inbound>), BuildError> {
+    let (inbound, streams) = super::inbound::Behaviour::new(
+        vec![
+            StreamProtocol::new(INFER_PROTOCOL),
+            StreamProtocol::new(CATALOG_PROTOCOL),
+        ],
+        config.inbound_queue,
+    );
+    let mut inbound = Some(inbound);
     let transport = |e: &dyn std::fmt::Display| BuildError::Transport(e.to_string());
     let swarm = SwarmBuilder::with_existing_identity(identity.keypair().clone())
         .with_tokio()
@@ -54,17 +69,24 @@ pub fn build_swarm(
         .with_relay_client(noise::Config::new, yamux::Config::default)
         .map_err(|e| transport(&e))?
         .with_behaviour(|key, relay_client| {
-            build_behaviour(key, relay_client, config).map_err(|e| e.into())
+            let inbound = inbound.take().expect("the behaviour is built once");
+            build_behaviour(key, relay_client, inbound, config).map_err(|e| e.into())
         })
         .map_err(|e| BuildError::Behaviour(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_connection_timeout))
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(config.idle_connection_timeout)
+                // Each stream proposes exactly one protocol, so the opener may send its
+                // request before the answer to the negotiation: one round trip fewer per call.
+                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+        })
         .build();
-    Ok(swarm)
+    Ok((swarm, streams))
 }
 
 fn build_behaviour(
     key: &libp2p::identity::Keypair,
     relay_client: relay::client::Behaviour,
+    inbound: super::inbound::Behaviour,
     config: &NetworkConfig,
 ) -> Result<MeshBehaviour, std::io::Error> {
     let peer_id = key.public().to_peer_id();
@@ -121,5 +143,6 @@ fn build_behaviour(
         relay_client,
         dcutr: dcutr::Behaviour::new(peer_id),
         stream: libp2p_stream::Behaviour::new(),
+        inbound,
     })
 }

@@ -8,11 +8,14 @@ use mesh_protocol::{InferRequest, ModelCard};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::event_loop::Command;
-use super::{NetworkEvent, Path, PeerSummary};
+use super::{ConnectedPeers, NetworkEvent, Path, PeerSummary};
 use crate::call::{fetch_catalog, Call, CallError};
 
 pub const INFER: StreamProtocol = StreamProtocol::new(INFER_PROTOCOL);
 pub const CATALOG: StreamProtocol = StreamProtocol::new(CATALOG_PROTOCOL);
+
+/// Attempts at a call whose stream the node dropped unread.
+const CALL_ATTEMPTS: u32 = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
@@ -32,6 +35,7 @@ pub struct Client {
     control: libp2p_stream::Control,
     events: broadcast::Sender<NetworkEvent>,
     local_peer_id: PeerId,
+    connected: ConnectedPeers,
     /// Bound on dialling and on opening a stream.
     pub connect_timeout: Duration,
 }
@@ -42,12 +46,14 @@ impl Client {
         control: libp2p_stream::Control,
         events: broadcast::Sender<NetworkEvent>,
         local_peer_id: PeerId,
+        connected: ConnectedPeers,
     ) -> Client {
         Client {
             commands,
             control,
             events,
             local_peer_id,
+            connected,
             connect_timeout: Duration::from_secs(20),
         }
     }
@@ -85,8 +91,18 @@ impl Client {
 
     /// Ensures a connection to `peer`, finding it through the DHT if needed.
     pub async fn connect(&self, peer: PeerId) -> Result<(), NetworkError> {
+        if self.is_connected(&peer) {
+            return Ok(());
+        }
         self.ask("a connection", |reply| Command::Connect { peer, reply })
             .await
+    }
+
+    pub fn is_connected(&self, peer: &PeerId) -> bool {
+        self.connected
+            .read()
+            .expect("never poisoned: no panics while held")
+            .contains(peer)
     }
 
     pub async fn provide(&self, model: &str) -> Result<(), NetworkError> {
@@ -162,18 +178,37 @@ impl Client {
         }
     }
 
-    /// Starts an inference call on `peer`.
+    /// Starts an inference call on `peer`: returns once the node has answered its first frame.
+    ///
+    /// libp2p-stream drops an inbound stream when its accept queue is momentarily full; the
+    /// node has then not read the request, so the call is retried (a few times, backing off).
     pub async fn call(
         &self,
         peer: PeerId,
         request: &InferRequest,
         idle_timeout: Duration,
     ) -> Result<Call<Stream>, CallError> {
-        let stream = self
-            .open_stream(peer, INFER)
-            .await
-            .map_err(|e| CallError::Network(e.to_string()))?;
-        Call::start(stream, request, idle_timeout).await
+        let mut backoff = Duration::from_millis(1);
+        for attempt in 1.. {
+            let stream = self
+                .open_stream(peer, INFER)
+                .await
+                .map_err(|e| CallError::Network(e.to_string()))?;
+            match Call::start_confirmed(stream, request, idle_timeout).await {
+                Err(CallError::NotAccepted) if attempt < CALL_ATTEMPTS => {
+                    tracing::debug!(%peer, attempt, "stream not accepted; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(100));
+                }
+                Err(CallError::NotAccepted) => {
+                    return Err(CallError::Network(format!(
+                        "{peer} did not accept the call after {CALL_ATTEMPTS} attempts"
+                    )))
+                }
+                other => return other,
+            }
+        }
+        unreachable!("the loop returns")
     }
 
     /// The verified model cards `peer` hosts, and its current load.

@@ -13,7 +13,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::behaviour::{MeshBehaviour, MeshBehaviourEvent, KAD};
-use super::{NetworkConfig, NetworkEvent, Path, PeerSummary};
+use super::{ConnectedPeers, NetworkConfig, NetworkEvent, Path, PeerSummary};
 use mesh_protocol::ids::model_provider_key;
 
 type Reply<T> = oneshot::Sender<Result<T, String>>;
@@ -79,6 +79,7 @@ pub struct EventLoop {
     config: NetworkConfig,
     shutdown: CancellationToken,
     connections: HashMap<ConnectionId, ConnectionInfo>,
+    connected: ConnectedPeers,
     peers: HashMap<PeerId, PeerInfo>,
     provided: HashSet<String>,
     last_announce: Option<Instant>,
@@ -96,6 +97,7 @@ impl EventLoop {
         events: broadcast::Sender<NetworkEvent>,
         config: NetworkConfig,
         shutdown: CancellationToken,
+        connected: ConnectedPeers,
     ) -> Self {
         EventLoop {
             swarm,
@@ -104,6 +106,7 @@ impl EventLoop {
             config,
             shutdown,
             connections: HashMap::new(),
+            connected,
             peers: HashMap::new(),
             provided: HashSet::new(),
             last_announce: None,
@@ -326,6 +329,10 @@ impl EventLoop {
                     },
                 );
                 self.peers.entry(peer_id).or_default();
+                self.connected
+                    .write()
+                    .expect("never poisoned: no panics while held")
+                    .insert(peer_id);
                 self.emit(NetworkEvent::Connected {
                     peer: peer_id,
                     path,
@@ -340,6 +347,10 @@ impl EventLoop {
                 self.connections.remove(&connection_id);
                 if num_established == 0 {
                     self.peers.remove(&peer_id);
+                    self.connected
+                        .write()
+                        .expect("never poisoned: no panics while held")
+                        .remove(&peer_id);
                     self.emit(NetworkEvent::Disconnected { peer: peer_id });
                 }
             }

@@ -4,18 +4,25 @@
 //!
 //! - [`behaviour`]: the composed behaviour (identify, ping, Kademlia, mDNS, relay client,
 //!   DCUtR, libp2p-stream, connection limits) and the swarm builder.
+//! - [`inbound`]: accepting inbound mesh streams into a bounded queue.
 //! - [`event_loop`]: the task that owns the swarm.
 //! - [`client`]: the handle the rest of the node uses.
 
 pub mod behaviour;
 pub mod client;
 pub mod event_loop;
+pub mod inbound;
 
 use std::time::Duration;
 
 use serde::Serialize;
 
 pub use client::{Client, NetworkError};
+
+/// Peers with at least one open connection, kept by the swarm task and read by clients so a
+/// call to a connected peer needs no round trip through the swarm task.
+pub(crate) type ConnectedPeers =
+    std::sync::Arc<std::sync::RwLock<std::collections::HashSet<libp2p::PeerId>>>;
 pub use libp2p::{Multiaddr, PeerId};
 
 #[derive(Debug, Clone)]
@@ -36,6 +43,8 @@ pub struct NetworkConfig {
     pub max_providers_per_key: usize,
     /// Commands that may wait for the swarm task.
     pub command_queue: usize,
+    /// Inbound streams accepted but not yet picked up by a serving task.
+    pub inbound_queue: usize,
 }
 
 impl Default for NetworkConfig {
@@ -57,6 +66,7 @@ impl Default for NetworkConfig {
             provider_ttl: Duration::from_secs(15 * 60),
             max_providers_per_key: 100,
             command_queue: 256,
+            inbound_queue: 1024,
         }
     }
 }

@@ -1,0 +1,119 @@
+//! Benchmarks that need real swarms or real models. Prints one JSON object per measurement.
+//!
+//!   mesh-bench network [--calls N] [--seconds S]   tiny calls: mesh vs HTTP/1.1 keep-alive
+//!   mesh-bench generate [--tokens N] [--runs R]    SmolLM2 time to first token and tokens/s
+//!   mesh-bench embed [--seconds S]                 MiniLM embeddings/s at batch 1, 8, 32
+//!
+//! Built in the same profile as the tests (dependencies optimised): `testnet/bench.sh` runs
+//! it side by side with the reference implementations.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use mesh_testnet::bench::{self, Stats};
+
+fn arg(args: &[String], name: &str, default: u64) -> anyhow::Result<u64> {
+    match args.iter().position(|a| a == name) {
+        Some(i) => args
+            .get(i + 1)
+            .with_context(|| format!("{name} needs a value"))?
+            .parse()
+            .with_context(|| format!("{name} takes a whole number")),
+        None => Ok(default),
+    }
+}
+
+fn print(kind: &str, label: &str, stats: &Stats, extra: serde_json::Value) {
+    let mut line = serde_json::json!({
+        "bench": kind, "case": label, "n": stats.n,
+        "p50_us": stats.p50_us, "p99_us": stats.p99_us, "mean_us": stats.mean_us,
+    });
+    if let (Some(obj), serde_json::Value::Object(more)) = (line.as_object_mut(), extra) {
+        obj.extend(more);
+    }
+    println!("{line}");
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("network") => {
+            let calls = arg(&args, "--calls", 2000)? as usize;
+            let seconds = Duration::from_secs(arg(&args, "--seconds", 5)?);
+            let net = bench::network::Fixture::start().await?;
+            // Interleave the two systems so machine noise hits both alike.
+            let mut mesh_rt = Vec::new();
+            let mut http_rt = Vec::new();
+            for _ in 0..5 {
+                mesh_rt.extend(net.mesh_round_trips(calls / 5).await?);
+                http_rt.extend(net.http_round_trips(calls / 5).await?);
+            }
+            print(
+                "network",
+                "round_trip_mesh",
+                &Stats::of(&mesh_rt),
+                serde_json::json!({}),
+            );
+            print(
+                "network",
+                "round_trip_http",
+                &Stats::of(&http_rt),
+                serde_json::json!({}),
+            );
+            for (label, rate) in [
+                (
+                    "throughput_mesh_64_in_flight",
+                    net.mesh_throughput(64, seconds).await?,
+                ),
+                (
+                    "throughput_http_64_in_flight",
+                    net.http_throughput(64, seconds).await?,
+                ),
+            ] {
+                println!(
+                    "{}",
+                    serde_json::json!({"bench": "network", "case": label, "calls_per_s": rate})
+                );
+            }
+            print(
+                "network",
+                "cold_call_mesh",
+                &Stats::of(&net.mesh_cold_calls(50).await?),
+                serde_json::json!({}),
+            );
+            print(
+                "network",
+                "cold_call_http",
+                &Stats::of(&net.http_cold_calls(50).await?),
+                serde_json::json!({}),
+            );
+            net.stop().await;
+        }
+        Some("generate") => {
+            let tokens = arg(&args, "--tokens", 128)? as u32;
+            let runs = arg(&args, "--runs", 5)? as usize;
+            for line in bench::models::generate(tokens, runs)? {
+                println!("{line}");
+            }
+        }
+        Some("embed") => {
+            let seconds = Duration::from_secs(arg(&args, "--seconds", 5)?);
+            for line in bench::models::embed(seconds)? {
+                println!("{line}");
+            }
+        }
+        _ => {
+            eprintln!("usage: mesh-bench network|generate|embed [options] (see the source header)");
+            std::process::exit(2);
+        }
+    }
+    Ok(())
+}
