@@ -374,3 +374,35 @@ async fn concurrent_generations_all_get_the_greedy_answer() {
     c.shutdown().await;
     a.shutdown().await;
 }
+
+#[test]
+fn gguf_tokenizer_matches_llama_cpp_token_for_token() {
+    // Fixture written by testnet/reference/llama_cpp_tokens.py: llama.cpp's own tokenizer
+    // on the same GGUF, an independent implementation.
+    let fixture: serde_json::Value =
+        serde_json::from_str(include_str!("fixtures/smollm2_tokens.json")).unwrap();
+    let path =
+        mesh_tests::models_dir().join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let engine = mesh_node::engine::gguf::GgufEngine::load("smol", &path, 1).unwrap();
+    let cases = fixture["cases"].as_array().unwrap();
+    assert!(cases.len() >= 8);
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let expected: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let ids = engine
+            .tokenizer()
+            .encode(text, false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        assert_eq!(ids, expected, "token ids differ for {text:?}");
+        // And the ids decode back to the text.
+        let back = engine.tokenizer().decode(&ids, false).unwrap();
+        assert_eq!(back, text);
+    }
+}
