@@ -86,7 +86,7 @@ for i in $(seq 1 "$nodes"); do
   fi
   out="$run_dir/call$i.json"
   ok=0
-  for attempt in 1 2 3 4 5; do  # the provider record may need a moment to spread
+  for attempt in 1 2 3 4 5; do  # the node may need a moment to appear in the DHT
     if "$mesh" infer --json --home "$run_dir/client" --no-mdns --bootstrap "$boot" \
         "$peer" "$model" "${prompt[@]}" >"$out" 2>"$run_dir/call$i.log"; then ok=1; break; fi
     sleep 1
@@ -108,5 +108,9 @@ else:
 print(f"{'node'+node:<6} {model:<9} {done['path']:<8} {'ok':<7} {done['time_to_first_byte_ms']:>8} {done['total_ms']:>8}  {answer}")
 PY
 done
-if [ "$failures" -gt 0 ]; then echo "== $failures call(s) failed; logs were in $run_dir"; exit 1; fi
+if [ "$failures" -gt 0 ]; then
+  echo "== $failures call(s) failed; the client's and nodes' logs:"
+  tail -n 20 "$run_dir"/call*.log "$run_dir"/node*.log
+  exit 1
+fi
 echo "== every call answered"

@@ -25,6 +25,7 @@ pub enum Exit {
     /// Anything not covered below, including internal errors on the serving node.
     Failure = 1,
     // 2 is clap's usage error.
+    /// No node hosts the model (or the named node does not).
     NotFound = 3,
     Unauthorized = 4,
     Overloaded = 5,

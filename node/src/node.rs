@@ -228,6 +228,8 @@ async fn accept(
     shutdown: CancellationToken,
 ) {
     let mut calls = JoinSet::new();
+    // Served streams plus at most this many refusals in flight.
+    let refusal_cap = limit.available_permits() + 64;
     loop {
         tokio::select! {
             next = incoming.recv() => {
@@ -245,14 +247,18 @@ async fn accept(
                             drop(permit);
                         });
                     }
-                    Err(_) if is_infer => {
+                    // Refusals are bounded too; past that bound the stream is dropped (reset).
+                    Err(_) if is_infer && calls.len() < refusal_cap => {
                         calls.spawn(async move {
                             let busy = InferResponse::Error(WireError::new(
                                 ErrorCode::Overloaded,
                                 "this node is serving its maximum number of streams",
                             ));
-                            let _ = write_frame(&mut stream, &busy, DEFAULT_MAX_FRAME_LEN).await;
-                            let _ = stream.close().await;
+                            let refuse = async {
+                                let _ = write_frame(&mut stream, &busy, DEFAULT_MAX_FRAME_LEN).await;
+                                let _ = stream.close().await;
+                            };
+                            let _ = tokio::time::timeout(Duration::from_secs(5), refuse).await;
                         });
                     }
                     Err(_) => {}

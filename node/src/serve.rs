@@ -194,15 +194,19 @@ impl Server {
                         .collect(),
                     load: self.load(),
                 };
-                if let Err(e) = write_frame(&mut wr, &response, max).await {
-                    tracing::debug!("catalog reply failed: {e}");
+                match tokio::time::timeout(WRITE_TIMEOUT, write_frame(&mut wr, &response, max))
+                    .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!("catalog reply failed: {e}"),
+                    Err(_) => tracing::debug!("catalog reply timed out"),
                 }
             }
             Ok(Ok(None)) => {}
             Ok(Err(e)) => tracing::debug!("bad catalog request: {e}"),
             Err(_) => tracing::debug!("catalog request timed out"),
         }
-        let _ = wr.close().await;
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, wr.close()).await;
     }
 
     /// Answers one inference stream from `peer`, start to end. Never panics on bad input:
@@ -254,13 +258,20 @@ impl Server {
                 self.send_error(&mut wr, e).await;
             }
         }
-        let _ = wr.close().await;
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, wr.close()).await;
     }
 
     async fn send_error<W: AsyncWrite + Unpin>(&self, wr: &mut W, error: WireError) {
         let frame = InferResponse::Error(error);
-        if let Err(e) = write_frame(wr, &frame, self.config.max_frame_len).await {
-            tracing::debug!("could not send error frame: {e}");
+        match tokio::time::timeout(
+            WRITE_TIMEOUT,
+            write_frame(wr, &frame, self.config.max_frame_len),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!("could not send error frame: {e}"),
+            Err(_) => tracing::debug!("error frame timed out"),
         }
     }
 
@@ -327,7 +338,7 @@ impl Server {
             .await
             .map_err(|_| deadline_exceeded(deadline_len))?
             .expect("the slot semaphore is never closed");
-        let mut out = FrameBuffer::new(self.config.max_frame_len);
+        let mut out = FrameBuffer::new(self.config.max_frame_len, deadline);
         // Held back briefly: it usually leaves in one packet with the first output.
         out.push(&InferResponse::Started {
             model: request.model.clone(),
@@ -422,17 +433,25 @@ impl Server {
 /// How long `started` may wait to share a packet with the first output.
 const STARTED_HOLD: Duration = Duration::from_millis(2);
 
+/// Longest wait for a small control write (an error frame, a catalog, a close): a caller
+/// that stops reading must not hold a serving task.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Encoded frames waiting to be written together.
 struct FrameBuffer {
     bytes: Vec<u8>,
     max_frame_len: usize,
+    /// Writes give up at the call's deadline, so a caller that stops reading (while its
+    /// connection stays up) cannot hold a slot past it.
+    deadline: tokio::time::Instant,
 }
 
 impl FrameBuffer {
-    fn new(max_frame_len: usize) -> Self {
+    fn new(max_frame_len: usize, deadline: tokio::time::Instant) -> Self {
         FrameBuffer {
             bytes: Vec::new(),
             max_frame_len,
+            deadline,
         }
     }
 
@@ -457,8 +476,13 @@ impl FrameBuffer {
         if self.bytes.is_empty() {
             return Ok(());
         }
-        wr.write_all(&self.bytes).await?;
-        wr.flush().await?;
+        let write = async {
+            wr.write_all(&self.bytes).await?;
+            wr.flush().await
+        };
+        tokio::time::timeout_at(self.deadline, write)
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
         self.bytes.clear();
         Ok(())
     }

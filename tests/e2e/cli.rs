@@ -74,6 +74,12 @@ fn three_processes_find_and_call_a_model_through_the_dht() {
     assert_eq!(row["model"], "echo");
     assert_eq!(row["peer_id"], a.peer_id().as_str());
 
+    // With no --bootstrap, `mesh models` joins through the node running with that home
+    // (using a key of its own, since that node holds the home's key).
+    let out = mesh(&["models", "--home", &b.home_dir(), "--no-mdns", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains(r#""model":"echo""#), "{}", stdout(&out));
+
     // `mesh peers` asks the running node through its API.
     let out = mesh(&["peers", "--home", &a.home_dir(), "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));

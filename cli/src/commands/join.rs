@@ -33,9 +33,14 @@ pub async fn run(home: Home, args: &JoinArgs, json: bool) -> anyhow::Result<Exit
     config.serve.max_queue = args.queue;
     config.api = Some(args.api);
 
-    let node = Node::start(identity, engines, config)
-        .await
-        .map_err(|e| failed(Exit::Network, e.to_string()))?;
+    let node = Node::start(identity, engines, config).await.map_err(|e| {
+        let exit = match e {
+            mesh_node::NodeError::Models(_) => Exit::BadRequest,
+            mesh_node::NodeError::Api(_) => Exit::Failure,
+            _ => Exit::Network,
+        };
+        failed(exit, e.to_string())
+    })?;
     let peer_id = node.peer_id();
     let listen: Vec<Multiaddr> = node
         .client()
@@ -110,7 +115,7 @@ fn print_ready(node: &Node, listen: &[Multiaddr], json: bool) {
         .find(|a| !a.to_string().starts_with("/ip4/127.") && a.to_string().contains("/tcp/"))
         .or_else(|| listen.first());
     if cards.is_empty() {
-        println!("  hosting no models (a relay and DHT peer for others)");
+        println!("  hosting no models (a DHT peer others can join through)");
     }
     for card in &cards {
         println!(

@@ -32,9 +32,16 @@ pub async fn client_node(
     find: &FindArgs,
 ) -> anyhow::Result<Node> {
     let mut bootstrap = find.bootstrap.clone();
-    if bootstrap.is_empty() {
-        if let Some((_, status)) = local_node(home).await {
+    let mut identity = identity;
+    if let Some((_, status)) = local_node(home).await {
+        if bootstrap.is_empty() {
             bootstrap = local_addrs(&status);
+        }
+        // The node running here already holds this key; a second swarm with the same peer
+        // id could not even dial it. This short-lived node takes a key of its own.
+        if status.peer_id == identity.peer_id().to_string() {
+            tracing::debug!("a node with this key runs here; using a temporary key");
+            identity = NodeIdentity::generate();
         }
     }
     if bootstrap.is_empty() && find.no_mdns {

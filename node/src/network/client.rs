@@ -180,8 +180,8 @@ impl Client {
 
     /// Starts an inference call on `peer`: returns once the node has answered its first frame.
     ///
-    /// libp2p-stream drops an inbound stream when its accept queue is momentarily full; the
-    /// node has then not read the request, so the call is retried (a few times, backing off).
+    /// A stream that ends before any frame was never processed by the node (its inbound queue
+    /// was full, or it is shutting down), so the call is retried a few times, backing off.
     pub async fn call(
         &self,
         peer: PeerId,
@@ -202,7 +202,8 @@ impl Client {
                 }
                 Err(CallError::NotAccepted) => {
                     return Err(CallError::Network(format!(
-                        "{peer} did not accept the call after {CALL_ATTEMPTS} attempts"
+                        "{peer} closed the stream without answering, {CALL_ATTEMPTS} times \
+                         (overloaded, shutting down, or not a mesh node)"
                     )))
                 }
                 other => return other,

@@ -462,7 +462,13 @@ impl EventLoop {
                             found.insert(peer);
                         }
                     }
-                    if step.last {
+                    // Answer with the first providers found rather than waiting for the walk
+                    // to end; the query runs on so the dials above keep their addresses.
+                    let found_some = self
+                        .provider_queries
+                        .get(&id)
+                        .is_some_and(|(found, _)| !found.is_empty());
+                    if step.last || found_some {
                         self.finish_provider_query(id);
                     }
                 }

@@ -32,7 +32,7 @@ pub struct NetworkConfig {
     pub mdns: bool,
     /// Answer DHT queries (a node others can reach) or only ask them (a short-lived client).
     pub dht_server: bool,
-    /// Announce listen addresses as reachable (right on a LAN or loopback; AutoNAT refines it).
+    /// Announce listen addresses as reachable (right on a LAN or loopback).
     pub announce_listen_addrs: bool,
     pub max_connections: u32,
     pub max_connections_per_peer: u32,
@@ -62,7 +62,8 @@ impl Default for NetworkConfig {
             max_connections_per_peer: 4,
             max_pending: 64,
             idle_connection_timeout: Duration::from_secs(120),
-            query_timeout: Duration::from_secs(20),
+            // Below the client's 20 s wait, so a slow walk ends with what it found.
+            query_timeout: Duration::from_secs(15),
             provider_ttl: Duration::from_secs(15 * 60),
             max_providers_per_key: 100,
             command_queue: 256,
