@@ -78,7 +78,11 @@ fn three_processes_find_and_call_a_model_through_the_dht() {
     // (using a key of its own, since that node holds the home's key).
     let out = mesh(&["models", "--home", &b.home_dir(), "--no-mdns", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains(r#""model":"echo""#), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains(r#""model":"echo""#),
+        "{}",
+        stdout(&out)
+    );
 
     // `mesh peers` asks the running node through its API.
     let out = mesh(&["peers", "--home", &a.home_dir(), "--json"]);

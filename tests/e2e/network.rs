@@ -259,15 +259,15 @@ fn unsigned_varint_prefix(mut n: u64) -> Vec<u8> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_caller_hanging_up_cancels_the_compute() {
+/// A serving node A, a caller C, and a call from C to A that has started and would take
+/// about 10 s to finish (50 words at 200 ms each).
+async fn slow_call_in_progress() -> (Node, Node, mesh_node::call::Call<libp2p::Stream>) {
     let a = start_node(
         builtin_engines(&[("slow-echo", "echo?delay_ms=200")]),
         vec![],
     )
     .await;
     let c = start_node(vec![], vec![tcp_addr(&a).await]).await;
-
     let long = "word ".repeat(50);
     let mut call = c
         .client()
@@ -278,6 +278,12 @@ async fn a_caller_hanging_up_cancels_the_compute() {
         call.next().await.unwrap(),
         Some(InferResponse::Started { .. })
     ));
+    (a, c, call)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_hanging_up_cancels_the_compute() {
+    let (a, c, mut call) = slow_call_in_progress().await;
     assert!(matches!(
         call.next().await.unwrap(),
         Some(InferResponse::Delta { .. })
@@ -303,22 +309,7 @@ async fn a_caller_hanging_up_cancels_the_compute() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_going_away_mid_stream_ends_the_call_with_an_error() {
-    let a = start_node(
-        builtin_engines(&[("slow-echo", "echo?delay_ms=200")]),
-        vec![],
-    )
-    .await;
-    let c = start_node(vec![], vec![tcp_addr(&a).await]).await;
-    let long = "word ".repeat(50);
-    let mut call = c
-        .client()
-        .call(a.peer_id(), &chat("slow-echo", &long), IDLE)
-        .await
-        .unwrap();
-    assert!(matches!(
-        call.next().await.unwrap(),
-        Some(InferResponse::Started { .. })
-    ));
+    let (a, c, mut call) = slow_call_in_progress().await;
     a.shutdown().await;
 
     let start = Instant::now();

@@ -168,25 +168,8 @@ impl Fixture {
         in_flight: usize,
         for_how_long: Duration,
     ) -> anyhow::Result<f64> {
-        let me = Arc::new(self);
-        let deadline = Instant::now() + for_how_long;
-        let start = Instant::now();
-        let workers = (0..in_flight).map(|_| {
-            let me = me.clone();
-            async move {
-                let mut done = 0u64;
-                while Instant::now() < deadline {
-                    me.mesh_call().await?;
-                    done += 1;
-                }
-                anyhow::Ok(done)
-            }
-        });
-        let total: u64 = futures::future::try_join_all(workers)
-            .await?
-            .into_iter()
-            .sum();
-        Ok(total as f64 / start.elapsed().as_secs_f64())
+        self.throughput(in_flight, for_how_long, || self.mesh_call())
+            .await
     }
 
     /// The same with HTTP/1.1: one connection per call in flight (HTTP/1.1 cannot multiplex).
@@ -195,19 +178,30 @@ impl Fixture {
         in_flight: usize,
         for_how_long: Duration,
     ) -> anyhow::Result<f64> {
-        let me = Arc::new(self);
+        self.throughput(in_flight, for_how_long, || self.http_call(&self.http))
+            .await
+    }
+
+    /// Keeps `in_flight` workers calling `call` back to back until time is up.
+    async fn throughput<F, Fut>(
+        &self,
+        in_flight: usize,
+        for_how_long: Duration,
+        call: F,
+    ) -> anyhow::Result<f64>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>>,
+    {
         let deadline = Instant::now() + for_how_long;
         let start = Instant::now();
-        let workers = (0..in_flight).map(|_| {
-            let me = me.clone();
-            async move {
-                let mut done = 0u64;
-                while Instant::now() < deadline {
-                    me.http_call(&me.http).await?;
-                    done += 1;
-                }
-                anyhow::Ok(done)
+        let workers = (0..in_flight).map(|_| async {
+            let mut done = 0u64;
+            while Instant::now() < deadline {
+                call().await?;
+                done += 1;
             }
+            anyhow::Ok(done)
         });
         let total: u64 = futures::future::try_join_all(workers)
             .await?
