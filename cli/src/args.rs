@@ -143,7 +143,7 @@ pub struct InferArgs {
     #[arg(long)]
     pub stop: Vec<String>,
 
-    /// Give up if the whole call takes longer than this many seconds
+    /// Give up if the whole command (finding the node, connecting, answering) takes longer than this many seconds
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     pub timeout: u64,
 

@@ -110,8 +110,25 @@ fn three_processes_find_and_call_a_model_through_the_dht() {
 
 #[test]
 fn infer_failures_have_their_own_exit_codes_and_one_line_messages() {
-    let a = JoinedNode::start(&["--model", "echo=builtin:echo"]);
+    let a = JoinedNode::start(&[
+        "--model",
+        "echo=builtin:echo",
+        "--model",
+        "slow=builtin:echo?delay_ms=500",
+    ]);
     let cases: &[(&[&str], i32, &str)] = &[
+        (
+            &[
+                "any",
+                "slow",
+                "--prompt",
+                "a b c d e f g h",
+                "--timeout",
+                "1",
+            ],
+            8,
+            "--timeout",
+        ),
         (
             &["any", "no-such-model", "--prompt", "x"],
             3,

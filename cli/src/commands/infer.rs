@@ -14,6 +14,8 @@ use crate::args::InferArgs;
 use crate::output::{self, failed, Exit};
 
 pub async fn run(home: Home, args: &InferArgs, json: bool) -> anyhow::Result<ExitCode> {
+    // --timeout bounds the whole command: joining, finding the node, connecting, the answer.
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
     let ask = build_ask(args)?;
     let (tx, mut rx) = mpsc::channel::<AskEvent>(64);
 
@@ -42,7 +44,18 @@ pub async fn run(home: Home, args: &InferArgs, json: bool) -> anyhow::Result<Exi
     };
 
     let mut outcome = Ok(ExitCode::SUCCESS);
-    while let Some(event) = rx.recv().await {
+    loop {
+        let event = match tokio::time::timeout_at(give_up, rx.recv()).await {
+            Ok(Some(event)) => event,
+            Ok(None) => break,
+            Err(_) => {
+                outcome = Err(failed(
+                    Exit::DeadlineExceeded,
+                    format!("no complete answer within --timeout {} s", args.timeout),
+                ));
+                break;
+            }
+        };
         if json {
             output::json_line(&serde_json::to_value(&event)?);
         }

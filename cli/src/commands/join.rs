@@ -32,6 +32,13 @@ pub async fn run(home: Home, args: &JoinArgs, json: bool) -> anyhow::Result<Exit
     config.network.mdns = !args.no_mdns;
     config.serve.max_queue = args.queue;
     config.api = Some(args.api);
+    if !args.api.ip().is_loopback() {
+        tracing::warn!(
+            api = %args.api,
+            "the API has no authentication: anyone who can reach {} can use this node",
+            args.api
+        );
+    }
 
     let node = Node::start(identity, engines, config).await.map_err(|e| {
         let exit = match e {

@@ -22,7 +22,8 @@ pub async fn local_node(home: &Home) -> Option<(RuntimeInfo, Status)> {
         .build()
         .ok()?;
     let status: Status = client.get(url).send().await.ok()?.json().await.ok()?;
-    Some((info, status))
+    // A stale node.json may name a port another node now uses.
+    (status.peer_id == info.peer_id).then_some((info, status))
 }
 
 /// Starts a short-lived client node joined to the mesh.
