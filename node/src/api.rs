@@ -1,4 +1,5 @@
-//! The node's HTTP API on loopback: status and peers for `mesh peers` and friends.
+//! The node's HTTP API on loopback: status and peers for `mesh peers` and friends, and the
+//! OpenAI-compatible gateway ([`crate::openai`]).
 //!
 //! Bound to loopback by default: it answers anyone who can open a local socket.
 
@@ -19,9 +20,9 @@ use crate::serve::Server;
 use tokio::sync::mpsc;
 
 #[derive(Clone)]
-struct ApiState {
-    client: Client,
-    server: Arc<Server>,
+pub(crate) struct ApiState {
+    pub(crate) client: Client,
+    pub(crate) server: Arc<Server>,
 }
 
 /// What `GET /v1/mesh/status` returns.
@@ -44,6 +45,15 @@ pub async fn serve(
         .route("/v1/mesh/status", get(status))
         .route("/v1/mesh/peers", get(peers))
         .route("/v1/mesh/infer", axum::routing::post(infer))
+        .route("/v1/models", get(crate::openai::models))
+        .route(
+            "/v1/chat/completions",
+            axum::routing::post(crate::openai::chat_completions),
+        )
+        .route(
+            "/v1/embeddings",
+            axum::routing::post(crate::openai::embeddings),
+        )
         .with_state(ApiState { client, server });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })

@@ -33,9 +33,16 @@ pub struct Ask {
     pub target: String,
     pub model: String,
     /// The prompt for a generation model; the texts to embed for an embedding model.
+    #[serde(default)]
     pub prompts: Vec<String>,
     #[serde(default)]
     pub system: Option<String>,
+    /// A whole conversation for a generation model (used instead of `system` + `prompts`).
+    #[serde(default)]
+    pub messages: Vec<ChatMessage>,
+    /// The kind of model the asker can use; another kind is a bad request.
+    #[serde(default)]
+    pub expect: Option<Task>,
     #[serde(default)]
     pub params: SamplingParams,
     /// Milliseconds for the whole call.
@@ -178,9 +185,24 @@ pub async fn candidates(
 
 /// Builds the request that fits the model's task.
 pub fn build_request(ask: &Ask, card: &ModelCard) -> Result<InferRequest, WireError> {
+    if let Some(expected) = ask.expect {
+        if expected != card.task {
+            let (is, use_) = match card.task {
+                Task::Embed => ("an embedding model", "embeddings"),
+                Task::Generate => ("a generation model", "chat completions"),
+            };
+            return Err(WireError::bad_request(format!(
+                "model {:?} is {is}; use it for {use_}",
+                card.name
+            )));
+        }
+    }
     let input = match card.task {
         Task::Embed => Input::Embed {
             texts: ask.prompts.clone(),
+        },
+        Task::Generate if !ask.messages.is_empty() => Input::Chat {
+            messages: ask.messages.clone(),
         },
         Task::Generate => {
             if ask.prompts.len() != 1 {

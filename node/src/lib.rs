@@ -10,6 +10,7 @@
 //! - [`network`]: the libp2p swarm task and its client handle.
 //! - [`node`]: a running node, tying the above together.
 //! - [`api`]: the HTTP API on loopback.
+//! - [`openai`]: the OpenAI-compatible gateway on the API.
 //! - [`ask`]: choosing a node for a model and running a call end to end.
 
 pub mod api;
@@ -21,6 +22,7 @@ pub mod identity;
 pub mod models;
 pub mod network;
 pub mod node;
+pub mod openai;
 pub mod serve;
 pub mod wire;
 

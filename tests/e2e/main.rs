@@ -4,3 +4,4 @@ mod cli;
 mod identity;
 mod models;
 mod network;
+mod openai;

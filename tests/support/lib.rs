@@ -57,6 +57,11 @@ pub struct JoinedNode {
 impl JoinedNode {
     /// Starts `mesh join --json` with `args` on loopback and waits (up to 30 s) for `ready`.
     pub fn start(args: &[&str]) -> JoinedNode {
+        Self::start_with_env(args, &[])
+    }
+
+    /// Like [`JoinedNode::start`], with extra environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> JoinedNode {
         use std::io::BufRead;
         let home = tempfile::tempdir().expect("tempdir");
         let log = home.path().join("stderr.log");
@@ -73,6 +78,7 @@ impl JoinedNode {
             ])
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()

@@ -162,6 +162,8 @@ fn build_ask(args: &InferArgs) -> anyhow::Result<Ask> {
         model: args.model.clone(),
         prompts,
         system: args.system.clone(),
+        messages: Vec::new(),
+        expect: None,
         params,
         deadline_ms: args.timeout.saturating_mul(1000),
     })
