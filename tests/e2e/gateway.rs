@@ -1,0 +1,136 @@
+//! The gateway's routing and error statuses, with in-process nodes: a model hosted twice
+//! survives losing one provider, and a busy model answers 429.
+
+use std::time::Duration;
+
+use mesh_node::{Node, NodeIdentity};
+use mesh_testnet::inprocess::{builtin_engines, loopback_config, tcp_addr};
+use serde_json::{json, Value};
+
+async fn node_with_api(
+    specs: &[(&str, &str)],
+    bootstrap: Vec<libp2p::Multiaddr>,
+    queue: usize,
+) -> Node {
+    let mut config = loopback_config(bootstrap);
+    config.api = Some("127.0.0.1:0".parse().unwrap());
+    config.serve.max_queue = queue;
+    Node::start(NodeIdentity::generate(), builtin_engines(specs), config)
+        .await
+        .expect("node starts")
+}
+
+async fn chat(http: &reqwest::Client, gateway: &Node, model: &str, text: &str) -> (u16, Value) {
+    let url = format!("http://{}/v1/chat/completions", gateway.api_addr().unwrap());
+    let resp = http
+        .post(url)
+        .json(&json!({ "model": model, "messages": [{ "role": "user", "content": text }] }))
+        .send()
+        .await
+        .unwrap();
+    (resp.status().as_u16(), resp.json().await.unwrap())
+}
+
+/// The status of one chat completion, for calls run on their own task.
+async fn status_of_chat(
+    http: reqwest::Client,
+    api: std::net::SocketAddr,
+    model: &'static str,
+    text: &'static str,
+) -> u16 {
+    http.post(format!("http://{api}/v1/chat/completions"))
+        .json(&json!({ "model": model, "messages": [{ "role": "user", "content": text }] }))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_hosted_twice_keeps_answering_when_one_provider_dies() {
+    let b = node_with_api(&[], vec![], 16).await;
+    let boot = vec![tcp_addr(&b).await];
+    let a1 = node_with_api(&[("echo", "echo")], boot.clone(), 16).await;
+    let a2 = node_with_api(&[("echo", "echo")], boot.clone(), 16).await;
+    let c = node_with_api(&[], boot, 16).await;
+    let http = reqwest::Client::new();
+
+    // Both providers announce; wait until the gateway answers at all.
+    let mut answered = false;
+    for _ in 0..50 {
+        if chat(&http, &c, "echo", "warm up").await.0 == 200 {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(answered, "the gateway never reached an echo provider");
+    let mut found = c.client().find_providers("echo").await.unwrap();
+    for _ in 0..25 {
+        if found.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        found = c.client().find_providers("echo").await.unwrap();
+    }
+    assert_eq!(found.len(), 2, "both providers are in the DHT");
+
+    a1.shutdown().await;
+    for i in 0..10 {
+        let (status, body) = chat(&http, &c, "echo", &format!("call {i}")).await;
+        assert_eq!(status, 200, "call {i} after a provider died: {body}");
+        assert_eq!(
+            body["choices"][0]["message"]["content"],
+            format!("echo: call {i}")
+        );
+    }
+    for n in [c, a2, b] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_model_answers_429_and_bad_json_answers_400() {
+    // Two slots (the testnet helper's builtin engines), no queue: a third call is refused at once.
+    let a = node_with_api(&[("slow", "echo?delay_ms=300")], vec![], 0).await;
+    let http = reqwest::Client::new();
+    let first = tokio::spawn(status_of_chat(
+        http.clone(),
+        a.api_addr().unwrap(),
+        "slow",
+        "a b c d e f",
+    ));
+    let second = tokio::spawn(status_of_chat(
+        http.clone(),
+        a.api_addr().unwrap(),
+        "slow",
+        "a b c d e f",
+    ));
+    let mut waited = 0;
+    while a.server().load() < 2 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waited += 1;
+        assert!(waited < 250, "the first calls were never admitted");
+    }
+    let (status, body) = chat(&http, &a, "slow", "one more").await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["type"], "rate_limit_error");
+    assert_eq!(first.await.unwrap(), 200);
+    assert_eq!(second.await.unwrap(), 200);
+
+    let resp = http
+        .post(format!(
+            "http://{}/v1/chat/completions",
+            a.api_addr().unwrap()
+        ))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    a.shutdown().await;
+}
