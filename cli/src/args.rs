@@ -94,6 +94,10 @@ pub struct JoinArgs {
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7440")]
     pub api: SocketAddr,
 
+    /// Require this key (Authorization: Bearer KEY) on the OpenAI-compatible routes
+    #[arg(long, value_name = "KEY", env = "MESH_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
     /// Calls served at once per model; more wait in a bounded queue
     #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub concurrency: u32,

@@ -39,12 +39,10 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     client: Client,
     server: Arc<Server>,
+    api_key: Option<String>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/v1/mesh/status", get(status))
-        .route("/v1/mesh/peers", get(peers))
-        .route("/v1/mesh/infer", axum::routing::post(infer))
+    let gateway = Router::new()
         .route("/v1/models", get(crate::openai::models))
         .route(
             "/v1/chat/completions",
@@ -54,6 +52,15 @@ pub async fn serve(
             "/v1/embeddings",
             axum::routing::post(crate::openai::embeddings),
         )
+        .layer(axum::middleware::from_fn_with_state(
+            api_key.map(Arc::<str>::from),
+            crate::openai::require_api_key,
+        ));
+    let app = Router::new()
+        .route("/v1/mesh/status", get(status))
+        .route("/v1/mesh/peers", get(peers))
+        .route("/v1/mesh/infer", axum::routing::post(infer))
+        .merge(gateway)
         .with_state(ApiState { client, server });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })

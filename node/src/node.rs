@@ -29,6 +29,8 @@ pub struct NodeConfig {
     pub max_inbound_streams: usize,
     /// Where to serve the HTTP API (loopback by default); `None` for no API.
     pub api: Option<std::net::SocketAddr>,
+    /// A key the OpenAI-compatible routes require as `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
 }
 
 impl Default for NodeConfig {
@@ -38,6 +40,7 @@ impl Default for NodeConfig {
             serve: ServeConfig::default(),
             max_inbound_streams: 256,
             api: None,
+            api_key: None,
         }
     }
 }
@@ -120,8 +123,9 @@ impl Node {
         let api_addr = api_listener.as_ref().and_then(|l| l.local_addr().ok());
         if let Some(listener) = api_listener {
             let (client, server, shutdown) = (client.clone(), server.clone(), shutdown.clone());
+            let key = config.api_key.clone();
             tasks.spawn(async move {
-                if let Err(e) = crate::api::serve(listener, client, server, shutdown).await {
+                if let Err(e) = crate::api::serve(listener, client, server, key, shutdown).await {
                     tracing::error!("the HTTP API stopped: {e}");
                 }
             });

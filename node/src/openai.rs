@@ -84,6 +84,31 @@ impl IntoResponse for OpenAiError {
     }
 }
 
+/// With an API key set, the gateway routes need `Authorization: Bearer <key>` (OpenAI's form).
+pub(crate) async fn require_api_key(
+    State(key): State<Option<std::sync::Arc<str>>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(key) = key {
+        let given = request
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(&*key) {
+            return OpenAiError {
+                status: StatusCode::UNAUTHORIZED,
+                kind: "invalid_request_error",
+                code: "invalid_api_key",
+                message: "missing or wrong API key (send Authorization: Bearer <key>)".into(),
+            }
+            .into_response();
+        }
+    }
+    next.run(request).await
+}
+
 /// `stop` may be one string or a list.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]

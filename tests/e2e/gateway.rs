@@ -134,3 +134,39 @@ async fn a_busy_model_answers_429_and_bad_json_answers_400() {
     assert_eq!(body["error"]["type"], "invalid_request_error");
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_key_guards_the_gateway() {
+    let mut config = loopback_config(vec![]);
+    config.api = Some("127.0.0.1:0".parse().unwrap());
+    config.api_key = Some("s3cret".into());
+    let a = Node::start(
+        NodeIdentity::generate(),
+        builtin_engines(&[("echo", "echo")]),
+        config,
+    )
+    .await
+    .unwrap();
+    let url = format!("http://{}/v1/chat/completions", a.api_addr().unwrap());
+    let body = json!({ "model": "echo", "messages": [{ "role": "user", "content": "hi" }] });
+    let http = reqwest::Client::new();
+    for auth in [None, Some("Bearer wrong"), Some("s3cret")] {
+        let mut req = http.post(&url).json(&body);
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 401, "{auth:?}");
+        let err: Value = resp.json().await.unwrap();
+        assert_eq!(err["error"]["code"], "invalid_api_key");
+    }
+    let resp = http
+        .post(&url)
+        .header("authorization", "Bearer s3cret")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    a.shutdown().await;
+}

@@ -32,6 +32,7 @@ pub async fn run(home: Home, args: &JoinArgs, json: bool) -> anyhow::Result<Exit
     config.network.mdns = !args.no_mdns;
     config.serve.max_queue = args.queue;
     config.api = Some(args.api);
+    config.api_key = args.api_key.clone().filter(|k| !k.is_empty());
     if !args.api.ip().is_loopback() {
         tracing::warn!(
             api = %args.api,
