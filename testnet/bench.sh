@@ -3,6 +3,7 @@
 #   network:  tiny calls over the mesh vs HTTP/1.1 keep-alive (axum + hyper)
 #   generate: SmolLM2 in mesh (candle) vs llama.cpp, same GGUF, same prompt, same threads
 #   embed:    MiniLM in mesh (candle) vs sentence-transformers, same files, same threads
+#   gateway:  a chat completion through a node's OpenAI gateway vs the engine in-process
 # Prints JSON lines; docs/benchmarks.md quotes them.
 #
 # The reference implementations come from PyPI into a venv (llama-cpp-python builds
@@ -35,6 +36,9 @@ if [ "$what" = all ] || [ "$what" = generate ]; then
   python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d.pop("prompt_text"); print(json.dumps(d))' "$mesh_line"
   "$venv/bin/python" testnet/reference/llama_cpp_bench.py "$gguf" "$prompt_file" 128 5 "$threads"
   rm -f "$prompt_file"
+fi
+if [ "$what" = all ] || [ "$what" = gateway ]; then
+  "$bench" gateway --runs 10 --seconds 5
 fi
 if [ "$what" = all ] || [ "$what" = embed ]; then
   RAYON_NUM_THREADS=$threads "$bench" embed --seconds 5

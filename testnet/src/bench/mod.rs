@@ -1,5 +1,6 @@
 //! Measurement helpers for `mesh-bench`.
 
+pub mod gateway;
 pub mod models;
 pub mod network;
 

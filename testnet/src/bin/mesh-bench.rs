@@ -3,6 +3,7 @@
 //!   mesh-bench network [--calls N] [--seconds S]   tiny calls: mesh vs HTTP/1.1 keep-alive
 //!   mesh-bench generate [--tokens N] [--runs R]    SmolLM2 time to first token and tokens/s
 //!   mesh-bench embed [--seconds S]                 MiniLM embeddings/s at batch 1, 8, 32
+//!   mesh-bench gateway [--runs R] [--seconds S]    OpenAI gateway: overhead and requests/s
 //!
 //! Built in the same profile as the tests (dependencies optimised): `testnet/bench.sh` runs
 //! it side by side with the reference implementations.
@@ -104,6 +105,13 @@ async fn main() -> anyhow::Result<()> {
                 println!("{line}");
             }
         }
+        Some("gateway") => {
+            let runs = arg(&args, "--runs", 10)? as usize;
+            let seconds = Duration::from_secs(arg(&args, "--seconds", 5)?);
+            for line in bench::gateway::run(runs, 32, seconds).await? {
+                println!("{line}");
+            }
+        }
         Some("embed") => {
             let seconds = Duration::from_secs(arg(&args, "--seconds", 5)?);
             for line in bench::models::embed(seconds)? {
@@ -111,7 +119,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         _ => {
-            eprintln!("usage: mesh-bench network|generate|embed [options] (see the source header)");
+            eprintln!("usage: mesh-bench network|generate|embed|gateway [options] (see the source header)");
             std::process::exit(2);
         }
     }
