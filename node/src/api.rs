@@ -23,6 +23,18 @@ use tokio::sync::mpsc;
 pub(crate) struct ApiState {
     pub(crate) client: Client,
     pub(crate) server: Arc<Server>,
+    pub(crate) providers: Arc<crate::ask::ProviderCache>,
+}
+
+impl ApiState {
+    /// What a call made through the API can reach: the mesh, this node's models, the cache.
+    pub(crate) fn mesh(&self) -> crate::ask::Mesh {
+        crate::ask::Mesh {
+            client: self.client.clone(),
+            local: Some(self.server.clone()),
+            cache: Some(self.providers.clone()),
+        }
+    }
 }
 
 /// What `GET /v1/mesh/status` returns.
@@ -61,7 +73,11 @@ pub async fn serve(
         .route("/v1/mesh/peers", get(peers))
         .route("/v1/mesh/infer", axum::routing::post(infer))
         .merge(gateway)
-        .with_state(ApiState { client, server });
+        .with_state(ApiState {
+            client,
+            server,
+            providers: Default::default(),
+        });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
@@ -114,11 +130,7 @@ async fn peers(State(state): State<ApiState>) -> Result<Json<Vec<PeerSummary>>, 
 async fn infer(State(state): State<ApiState>, Json(ask): Json<Ask>) -> Response {
     let (tx, rx) = mpsc::channel::<AskEvent>(64);
     tokio::spawn(async move {
-        let mesh = crate::ask::Mesh {
-            client: state.client.clone(),
-            local: Some(state.server.clone()),
-        };
-        let last = crate::ask::run(&mesh, &ask, &tx).await;
+        let last = crate::ask::run(&state.mesh(), &ask, &tx).await;
         let _ = tx.send(last).await;
     });
     let lines = tokio_stream_lines(rx);

@@ -111,6 +111,55 @@ impl AskEvent {
 pub struct Mesh {
     pub client: Client,
     pub local: Option<Arc<Server>>,
+    /// Recently found providers, shared by the calls of one node (the API's).
+    pub cache: Option<Arc<ProviderCache>>,
+}
+
+/// How long a model's providers found through the DHT are reused without asking again.
+pub const PROVIDER_CACHE_TTL: Duration = Duration::from_secs(10);
+/// Most models whose providers are cached at once.
+const PROVIDER_CACHE_MODELS: usize = 1024;
+
+type Candidates = Vec<(PeerId, ModelCard, u32)>;
+
+/// The providers of `any` lookups, by model, for [`PROVIDER_CACHE_TTL`]. An entry is dropped
+/// as soon as a call to one of its providers fails on the network.
+#[derive(Default)]
+pub struct ProviderCache {
+    entries: std::sync::Mutex<std::collections::HashMap<String, (Instant, Candidates)>>,
+}
+
+impl ProviderCache {
+    fn get(&self, model: &str) -> Option<Candidates> {
+        let entries = self
+            .entries
+            .lock()
+            .expect("never poisoned: no panics while held");
+        entries
+            .get(model)
+            .filter(|(at, _)| at.elapsed() < PROVIDER_CACHE_TTL)
+            .map(|(_, c)| c.clone())
+    }
+
+    fn put(&self, model: &str, candidates: &Candidates) {
+        let mut entries = self
+            .entries
+            .lock()
+            .expect("never poisoned: no panics while held");
+        if entries.len() >= PROVIDER_CACHE_MODELS {
+            entries.retain(|_, (at, _)| at.elapsed() < PROVIDER_CACHE_TTL);
+        }
+        if entries.len() < PROVIDER_CACHE_MODELS {
+            entries.insert(model.to_string(), (Instant::now(), candidates.clone()));
+        }
+    }
+
+    fn forget(&self, model: &str) {
+        self.entries
+            .lock()
+            .expect("never poisoned: no panics while held")
+            .remove(model);
+    }
 }
 
 impl Mesh {
@@ -242,9 +291,19 @@ pub fn build_request(ask: &Ask, card: &ModelCard) -> Result<InferRequest, WireEr
 /// the serving node.
 pub async fn run(mesh: &Mesh, ask: &Ask, events: &mpsc::Sender<AskEvent>) -> AskEvent {
     let begin = Instant::now();
-    let candidates = match candidates(mesh, &ask.target, &ask.model).await {
-        Ok(c) => c,
-        Err(e) => return AskEvent::from_call_error(&e),
+    let cache = mesh.cache.as_ref().filter(|_| ask.target == "any");
+    let cached = cache.and_then(|c| c.get(&ask.model));
+    let candidates = match cached {
+        Some(c) => c,
+        None => match candidates(mesh, &ask.target, &ask.model).await {
+            Ok(c) => {
+                if let Some(cache) = cache {
+                    cache.put(&ask.model, &c);
+                }
+                c
+            }
+            Err(e) => return AskEvent::from_call_error(&e),
+        },
     };
     let mut last = AskEvent::Error {
         code: ErrorCode::UnknownModel,
@@ -270,6 +329,9 @@ pub async fn run(mesh: &Mesh, ask: &Ask, events: &mpsc::Sender<AskEvent>) -> Ask
                                 ..
                             })
                     );
+                if let (Some(cache), CallError::Network(_) | CallError::Closed) = (cache, &e) {
+                    cache.forget(&ask.model);
+                }
                 if !retryable {
                     return last;
                 }

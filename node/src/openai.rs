@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::api::ApiState;
-use crate::ask::{self, Ask, AskEvent, Mesh};
+use crate::ask::{self, Ask, AskEvent};
 
 /// Deadline of a gateway call (the OpenAI API has no per-request deadline field).
 const GATEWAY_DEADLINE: Duration = Duration::from_secs(300);
@@ -251,10 +251,7 @@ fn usage_json(u: &Usage) -> Value {
 /// Starts `ask` on the mesh; events arrive on the receiver, the last being `done` or `error`.
 fn start(state: &ApiState, ask: Ask) -> mpsc::Receiver<AskEvent> {
     let (tx, rx) = mpsc::channel(64);
-    let mesh = Mesh {
-        client: state.client.clone(),
-        local: Some(state.server.clone()),
-    };
+    let mesh = state.mesh();
     tokio::spawn(async move {
         let last = ask::run(&mesh, &ask, &tx).await;
         let _ = tx.send(last).await;

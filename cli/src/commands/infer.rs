@@ -34,6 +34,7 @@ pub async fn run(home: Home, args: &InferArgs, json: bool) -> anyhow::Result<Exi
             let mesh = ask::Mesh {
                 client: node.client(),
                 local: None,
+                cache: None,
             };
             client_node = Some(node);
             tokio::spawn(async move {

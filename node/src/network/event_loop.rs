@@ -462,13 +462,10 @@ impl EventLoop {
                             found.insert(peer);
                         }
                     }
-                    // Answer with the first providers found rather than waiting for the walk
-                    // to end; the query runs on so the dials above keep their addresses.
-                    let found_some = self
-                        .provider_queries
-                        .get(&id)
-                        .is_some_and(|(found, _)| !found.is_empty());
-                    if step.last || found_some {
+                    // The reply waits for the whole walk, so a model hosted by several nodes
+                    // gets all of them (for failover); the query timeout (15 s) stays below
+                    // the client's wait (20 s), so a slow walk still answers with what it found.
+                    if step.last {
                         self.finish_provider_query(id);
                     }
                 }
