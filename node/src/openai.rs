@@ -272,42 +272,63 @@ pub(crate) async fn chat_completions(
         Err(e) => return e.into_response(),
     };
     let id = format!("chatcmpl-{:016x}", rand::random::<u64>());
-    let mut events = start(&state, ask);
+    let events = start(&state, ask);
     if req.stream {
         let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
         return stream_chat(id, req.model, events, include_usage).await;
     }
-    let mut text = String::new();
+    match collect(events).await {
+        Ok(answer) => Json(json!({
+            "id": id, "object": "chat.completion", "created": unix_now(), "model": req.model,
+            "choices": [{ "index": 0, "message": { "role": "assistant", "content": answer.text },
+                          "finish_reason": finish_reason(answer.finish_reason) }],
+            "usage": usage_json(&answer.usage),
+        }))
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A whole answer, for the routes that do not stream.
+struct Answer {
+    text: String,
+    vectors: Vec<Vec<f32>>,
+    finish_reason: FinishReason,
+    usage: Usage,
+}
+
+/// Reads a call's events to the end.
+async fn collect(mut events: mpsc::Receiver<AskEvent>) -> Result<Answer, OpenAiError> {
+    let (mut text, mut vectors) = (String::new(), Vec::new());
     while let Some(event) = events.recv().await {
         match event {
             AskEvent::Delta { text: t } => text.push_str(&t),
+            AskEvent::Embeddings { vectors: v } => vectors = v,
             AskEvent::Done {
-                finish_reason: f,
+                finish_reason,
                 usage,
                 ..
             } => {
-                return Json(json!({
-                    "id": id, "object": "chat.completion", "created": unix_now(), "model": req.model,
-                    "choices": [{ "index": 0, "message": { "role": "assistant", "content": text },
-                                  "finish_reason": finish_reason(f) }],
-                    "usage": usage_json(&usage),
-                }))
-                .into_response();
+                return Ok(Answer {
+                    text,
+                    vectors,
+                    finish_reason,
+                    usage,
+                })
             }
             AskEvent::Error {
                 code,
                 message,
                 network,
-            } => return OpenAiError::from_mesh(code, message, network).into_response(),
-            _ => {}
+            } => return Err(OpenAiError::from_mesh(code, message, network)),
+            AskEvent::Connected { .. } | AskEvent::Started { .. } => {}
         }
     }
-    OpenAiError::from_mesh(
+    Err(OpenAiError::from_mesh(
         ErrorCode::Internal,
         "the call ended without an answer".into(),
         true,
-    )
-    .into_response()
+    ))
 }
 
 /// Streams chunks as server-sent events. Errors before the first token are plain HTTP errors;
@@ -449,44 +470,30 @@ pub(crate) async fn embeddings(
         params: SamplingParams::default(),
         deadline_ms: GATEWAY_DEADLINE.as_millis() as u64,
     };
-    let mut events = start(&state, ask);
-    let mut vectors = Vec::new();
-    while let Some(event) = events.recv().await {
-        match event {
-            AskEvent::Embeddings { vectors: v } => vectors = v,
-            AskEvent::Done { usage, .. } => {
-                let data: Vec<Value> = vectors
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| {
-                        let embedding = if as_base64 {
-                            json!(encode_base64(v))
-                        } else {
-                            json!(v)
-                        };
-                        json!({ "object": "embedding", "index": i, "embedding": embedding })
-                    })
-                    .collect();
-                return Json(json!({
-                    "object": "list", "data": data, "model": req.model,
-                    "usage": { "prompt_tokens": usage.prompt_tokens, "total_tokens": usage.prompt_tokens },
-                }))
-                .into_response();
-            }
-            AskEvent::Error {
-                code,
-                message,
-                network,
-            } => return OpenAiError::from_mesh(code, message, network).into_response(),
-            _ => {}
+    match collect(start(&state, ask)).await {
+        Ok(answer) => {
+            let data: Vec<Value> = answer
+                .vectors
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    let embedding = if as_base64 {
+                        json!(encode_base64(v))
+                    } else {
+                        json!(v)
+                    };
+                    json!({ "object": "embedding", "index": i, "embedding": embedding })
+                })
+                .collect();
+            let tokens = answer.usage.prompt_tokens;
+            Json(json!({
+                "object": "list", "data": data, "model": req.model,
+                "usage": { "prompt_tokens": tokens, "total_tokens": tokens },
+            }))
+            .into_response()
         }
+        Err(e) => e.into_response(),
     }
-    OpenAiError::from_mesh(
-        ErrorCode::Internal,
-        "the call ended without an answer".into(),
-        true,
-    )
-    .into_response()
 }
 
 /// OpenAI's base64 form: the little-endian f32 bytes of the vector.
