@@ -122,23 +122,13 @@ pub async fn run(
     })];
 
     post("echo").await?;
-    let deadline = Instant::now() + seconds;
-    let start = Instant::now();
-    let workers = (0..clients).map(|_| async {
-        let mut done = 0u64;
-        while Instant::now() < deadline {
-            post("echo").await?;
-            done += 1;
-        }
-        anyhow::Ok(done)
-    });
-    let total: u64 = futures::future::try_join_all(workers)
-        .await?
-        .into_iter()
-        .sum();
+    let rate = super::calls_per_second(clients, seconds, || async {
+        post("echo").await.map(|_| ())
+    })
+    .await?;
     out.push(json!({
         "bench": "gateway", "case": "echo_requests_per_s", "clients": clients,
-        "requests_per_s": total as f64 / start.elapsed().as_secs_f64(),
+        "requests_per_s": rate,
     }));
     c.shutdown().await;
     a.shutdown().await;

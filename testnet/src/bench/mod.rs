@@ -4,6 +4,34 @@ pub mod gateway;
 pub mod models;
 pub mod network;
 
+/// Calls completed per second with `in_flight` workers calling `call` back to back until
+/// `for_how_long` is up.
+pub async fn calls_per_second<F, Fut>(
+    in_flight: usize,
+    for_how_long: std::time::Duration,
+    call: F,
+) -> anyhow::Result<f64>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let start = std::time::Instant::now();
+    let deadline = start + for_how_long;
+    let workers = (0..in_flight).map(|_| async {
+        let mut done = 0u64;
+        while std::time::Instant::now() < deadline {
+            call().await?;
+            done += 1;
+        }
+        anyhow::Ok(done)
+    });
+    let total: u64 = futures::future::try_join_all(workers)
+        .await?
+        .into_iter()
+        .sum();
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
 /// Latency percentiles of a set of samples.
 #[derive(Debug, Clone)]
 pub struct Stats {

@@ -34,6 +34,22 @@ pub fn tiny_request() -> InferRequest {
     }
 }
 
+/// One tiny call from `from` to `to`, checking the answer.
+async fn tiny_call(from: &Node, to: &Node) -> anyhow::Result<()> {
+    let mut call = from
+        .client()
+        .call(to.peer_id(), &tiny_request(), Duration::from_secs(10))
+        .await?;
+    let mut text = String::new();
+    while let Some(frame) = call.next().await? {
+        if let InferResponse::Delta { text: t } = frame {
+            text.push_str(&t);
+        }
+    }
+    anyhow::ensure!(text == "echo:", "unexpected answer {text:?}");
+    Ok(())
+}
+
 pub struct Fixture {
     server: Node,
     client: Node,
@@ -109,23 +125,7 @@ impl Fixture {
     }
 
     async fn mesh_call(&self) -> anyhow::Result<()> {
-        let mut call = self
-            .client
-            .client()
-            .call(
-                self.server.peer_id(),
-                &tiny_request(),
-                Duration::from_secs(10),
-            )
-            .await?;
-        let mut text = String::new();
-        while let Some(frame) = call.next().await? {
-            if let InferResponse::Delta { text: t } = frame {
-                text.push_str(&t);
-            }
-        }
-        anyhow::ensure!(text == "echo:", "unexpected answer {text:?}");
-        Ok(())
+        tiny_call(&self.client, &self.server).await
     }
 
     async fn http_call(&self, client: &reqwest::Client) -> anyhow::Result<()> {
@@ -168,8 +168,7 @@ impl Fixture {
         in_flight: usize,
         for_how_long: Duration,
     ) -> anyhow::Result<f64> {
-        self.throughput(in_flight, for_how_long, || self.mesh_call())
-            .await
+        super::calls_per_second(in_flight, for_how_long, || self.mesh_call()).await
     }
 
     /// The same with HTTP/1.1: one connection per call in flight (HTTP/1.1 cannot multiplex).
@@ -178,36 +177,7 @@ impl Fixture {
         in_flight: usize,
         for_how_long: Duration,
     ) -> anyhow::Result<f64> {
-        self.throughput(in_flight, for_how_long, || self.http_call(&self.http))
-            .await
-    }
-
-    /// Keeps `in_flight` workers calling `call` back to back until time is up.
-    async fn throughput<F, Fut>(
-        &self,
-        in_flight: usize,
-        for_how_long: Duration,
-        call: F,
-    ) -> anyhow::Result<f64>
-    where
-        F: Fn() -> Fut,
-        Fut: std::future::Future<Output = anyhow::Result<()>>,
-    {
-        let deadline = Instant::now() + for_how_long;
-        let start = Instant::now();
-        let workers = (0..in_flight).map(|_| async {
-            let mut done = 0u64;
-            while Instant::now() < deadline {
-                call().await?;
-                done += 1;
-            }
-            anyhow::Ok(done)
-        });
-        let total: u64 = futures::future::try_join_all(workers)
-            .await?
-            .into_iter()
-            .sum();
-        Ok(total as f64 / start.elapsed().as_secs_f64())
+        super::calls_per_second(in_flight, for_how_long, || self.http_call(&self.http)).await
     }
 
     /// A new node each time: dial, Noise, Yamux, stream, call.
@@ -221,15 +191,7 @@ impl Fixture {
             let node = Node::start(NodeIdentity::generate(), vec![], config).await?;
             let t = Instant::now();
             node.client().dial(addr.clone()).await?;
-            let mut call = node
-                .client()
-                .call(
-                    self.server.peer_id(),
-                    &tiny_request(),
-                    Duration::from_secs(10),
-                )
-                .await?;
-            while call.next().await?.is_some() {}
+            tiny_call(&node, &self.server).await?;
             out.push(t.elapsed());
             node.shutdown().await;
         }
