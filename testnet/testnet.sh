@@ -4,14 +4,26 @@
 #   testnet/testnet.sh local [--nodes N]   N mesh nodes on loopback (default 3) hosting the real
 #                                          models; a separate client calls each node through the
 #                                          DHT and prints a table of results. No root needed.
+#   testnet/testnet.sh nat [--runs N] [--results FILE] [--keep]
+#                                          a NAT lab in network namespaces (needs root): a public
+#                                          relay, two nodes behind cone-like NATs, one behind a
+#                                          symmetric NAT; calls between them must answer and the
+#                                          cone<->cone pairs must end up hole-punched. See natlab.sh.
 #
-# Exit status: 0 when every call answered, 1 when one failed, 2 on a usage error.
+# Exit status: 0 when every call answered, 1 when one failed, 2 on a usage error,
+# 77 when the nat lab cannot run here (not root, a missing tool).
 set -euo pipefail
+caller_pwd=$PWD
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,15p' testnet/testnet.sh | sed 's/^# \{0,1\}//'; exit 2; }
 
 mode="${1:-}"; shift || true
+if [ "$mode" = nat ]; then
+  # shellcheck source=testnet/natlab.sh
+  . testnet/natlab.sh
+  nat_main "$@"
+fi
 nodes=3
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -23,7 +35,7 @@ done
 case "$mode" in
   local) ;;
   -h|--help|"") usage ;;
-  *) echo "testnet: unknown mode '$mode' (the NAT lab is not built yet)" >&2; exit 2 ;;
+  *) echo "testnet: unknown mode '$mode' (local or nat)" >&2; exit 2 ;;
 esac
 [[ "$nodes" =~ ^[0-9]+$ ]] && [ "$nodes" -ge 2 ] && [ "$nodes" -le 16 ] || { echo "testnet: --nodes must be 2..16" >&2; exit 2; }
 

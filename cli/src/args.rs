@@ -90,6 +90,36 @@ pub struct JoinArgs {
     #[arg(long)]
     pub no_mdns: bool,
 
+    /// An address others can reach this node at (a public IP, a forwarded port; repeatable).
+    /// Listen addresses bound to a specific IP count as reachable too; those of a wildcard
+    /// listener wait for AutoNAT to confirm them
+    #[arg(long, value_name = "MULTIADDR")]
+    pub external: Vec<Multiaddr>,
+
+    /// Do not relay for other nodes (a reachable node relays by default)
+    #[arg(long)]
+    pub no_relay: bool,
+
+    /// Relay reservations to hold while this node cannot be reached directly
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=8))]
+    pub max_relays: usize,
+
+    /// As a relay: most peers holding a reservation
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    pub relay_max_reservations: usize,
+
+    /// As a relay: most circuits relayed at once
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub relay_max_circuits: usize,
+
+    /// As a relay: longest life of one circuit, in seconds
+    #[arg(long, value_name = "SECS", default_value_t = 900)]
+    pub relay_circuit_secs: u64,
+
+    /// As a relay: most MiB relayed per circuit
+    #[arg(long, value_name = "MIB", default_value_t = 64)]
+    pub relay_circuit_mib: u64,
+
     /// Where to serve the HTTP API (keep it on loopback)
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7440")]
     pub api: SocketAddr,

@@ -44,6 +44,9 @@ pub struct Status {
     pub listen_addrs: Vec<String>,
     pub models: Vec<mesh_protocol::ModelCard>,
     pub load: u32,
+    /// Reachability, external addresses and relays; absent from older nodes.
+    #[serde(default)]
+    pub network: Option<crate::network::NetworkStatus>,
 }
 
 /// Serves the API on `listener` until `shutdown` fires.
@@ -113,6 +116,13 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Status>, ApiError>
         listen_addrs: listen_addrs.iter().map(|a| a.to_string()).collect(),
         models: state.server.cards().cloned().collect(),
         load: state.server.load(),
+        network: Some(
+            state
+                .client
+                .status()
+                .await
+                .map_err(|e| ApiError(e.to_string()))?,
+        ),
     }))
 }
 

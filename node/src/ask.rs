@@ -357,32 +357,26 @@ async fn call_one(
     };
     let client = &mesh.client;
     let deadline = Duration::from_millis(request.deadline_ms.unwrap_or(120_000));
-    let mut call: Call<BoxedStream> = match (&mesh.local, peer == client.local_peer_id()) {
-        (Some(server), true) => {
-            let (near, far) = tokio::io::duplex(64 * 1024);
-            let server = server.clone();
-            tokio::spawn(async move { server.serve_infer(peer, far.compat()).await });
-            Call::start(Box::new(near.compat()) as BoxedStream, request, deadline)
-                .await
-                .map_err(|e| (e, false))?
-        }
-        _ => client
-            .call(peer, request, deadline)
-            .await
-            .map_err(|e| (e, false))?
-            .boxed(),
-    };
+    let (mut call, path): (Call<BoxedStream>, Path) =
+        match (&mesh.local, peer == client.local_peer_id()) {
+            (Some(server), true) => {
+                let (near, far) = tokio::io::duplex(64 * 1024);
+                let server = server.clone();
+                tokio::spawn(async move { server.serve_infer(peer, far.compat()).await });
+                let call = Call::start(Box::new(near.compat()) as BoxedStream, request, deadline)
+                    .await
+                    .map_err(|e| (e, false))?;
+                (call, Path::Local)
+            }
+            _ => {
+                let (call, path) = client
+                    .call_with_path(peer, request, deadline)
+                    .await
+                    .map_err(|e| (e, false))?;
+                (call.boxed(), path)
+            }
+        };
     let connect_ms = begin.elapsed().as_millis() as u64;
-    let path = if peer == client.local_peer_id() {
-        Path::Local
-    } else {
-        client
-            .path_to(peer)
-            .await
-            .ok()
-            .flatten()
-            .unwrap_or(Path::Direct)
-    };
     events
         .send(AskEvent::Connected {
             peer: peer.to_string(),
@@ -413,11 +407,6 @@ async fn call_one(
                 usage,
             } => {
                 let total = begin.elapsed();
-                // The path may have changed during the call (a hole punch upgrades a relay).
-                let path = match path {
-                    Path::Local => path,
-                    _ => client.path_to(peer).await.ok().flatten().unwrap_or(path),
-                };
                 return Ok(AskEvent::Done {
                     peer: peer.to_string(),
                     path,

@@ -16,7 +16,7 @@ use crate::identity::NodeIdentity;
 use crate::network::behaviour::build_swarm;
 use crate::network::client::INFER;
 use crate::network::event_loop::EventLoop;
-use crate::network::inbound::Inbound;
+use crate::network::streams::Inbound;
 use crate::network::{Client, NetworkConfig};
 use crate::serve::{ServeConfig, ServeSetupError, Server};
 use crate::wire::write_frame;
@@ -80,7 +80,7 @@ impl Node {
             Some(addr) => Some(crate::api::bind(addr).await.map_err(NodeError::Api)?),
             None => None,
         };
-        let (mut swarm, inbound_streams) = build_swarm(&identity, &config.network)?;
+        let (mut swarm, inbound_streams, opener) = build_swarm(&identity, &config.network)?;
         for addr in &config.network.listen {
             swarm
                 .listen_on(addr.clone())
@@ -89,7 +89,6 @@ impl Node {
                     reason: e.to_string(),
                 })?;
         }
-        let control = swarm.behaviour().stream.new_control();
 
         let shutdown = CancellationToken::new();
         let (command_tx, command_rx) = mpsc::channel(config.network.command_queue);
@@ -97,7 +96,7 @@ impl Node {
         let connected = crate::network::ConnectedPeers::default();
         let client = Client::new(
             command_tx,
-            control,
+            opener,
             event_tx.clone(),
             identity.peer_id(),
             connected.clone(),

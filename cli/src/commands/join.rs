@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use mesh_node::engine::{self, SharedEngine};
 use mesh_node::home::RuntimeInfo;
-use mesh_node::network::{Multiaddr, NetworkEvent};
+use mesh_node::network::{Multiaddr, NetworkEvent, RelayLimits};
 use mesh_node::{Home, Node, NodeConfig};
 
 use crate::args::JoinArgs;
@@ -30,6 +30,15 @@ pub async fn run(home: Home, args: &JoinArgs, json: bool) -> anyhow::Result<Exit
     }
     config.network.bootstrap = args.bootstrap.clone();
     config.network.mdns = !args.no_mdns;
+    config.network.external = args.external.clone();
+    config.network.max_relays = args.max_relays;
+    config.network.relay_server = (!args.no_relay).then(|| RelayLimits {
+        max_reservations: args.relay_max_reservations,
+        max_circuits: args.relay_max_circuits,
+        max_circuit_duration: std::time::Duration::from_secs(args.relay_circuit_secs),
+        max_circuit_bytes: args.relay_circuit_mib * 1024 * 1024,
+        ..RelayLimits::default()
+    });
     config.serve.max_queue = args.queue;
     config.api = Some(args.api);
     config.api_key = args.api_key.clone().filter(|k| !k.is_empty());
@@ -151,6 +160,9 @@ fn print_event(event: &NetworkEvent) {
         }
         NetworkEvent::Disconnected { peer } => {
             serde_json::json!({ "event": "peer_disconnected", "peer_id": peer.to_string() })
+        }
+        NetworkEvent::Reserved { relay } => {
+            serde_json::json!({ "event": "relay_reserved", "relay": relay.to_string() })
         }
     };
     output::json_line(&line);

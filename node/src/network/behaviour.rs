@@ -5,16 +5,15 @@ use std::time::Duration;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
-    connection_limits, dcutr, identify, kad, mdns, noise, ping, relay, tcp, yamux, StreamProtocol,
-    Swarm, SwarmBuilder,
+    autonat, connection_limits, dcutr, identify, kad, mdns, noise, ping, relay, tcp, yamux,
+    StreamProtocol, Swarm, SwarmBuilder,
 };
 use mesh_protocol::ids::{
     CATALOG_PROTOCOL, IDENTIFY_PROTOCOL_VERSION, INFER_PROTOCOL, KAD_PROTOCOL,
 };
 use tokio::sync::mpsc;
 
-use super::inbound::Inbound;
-
+use super::streams::{self, Inbound, Opener};
 use super::NetworkConfig;
 use crate::identity::NodeIdentity;
 
@@ -27,10 +26,11 @@ pub struct MeshBehaviour {
     pub ping: ping::Behaviour,
     pub kad: kad::Behaviour<kad::store::MemoryStore>,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
+    pub autonat: Toggle<autonat::Behaviour>,
     pub relay_client: relay::client::Behaviour,
+    pub relay: Toggle<relay::Behaviour>,
     pub dcutr: dcutr::Behaviour,
-    pub stream: libp2p_stream::Behaviour,
-    pub inbound: super::inbound::Behaviour,
+    pub streams: streams::Behaviour,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,19 +41,22 @@ pub enum BuildError {
     Behaviour(String),
 }
 
-/// Builds the swarm; inbound mesh streams arrive on the returned receiver.
+/// Builds the swarm; inbound mesh streams arrive on the returned receiver, and the
+/// [`Opener`] opens outbound ones.
 pub fn build_swarm(
     identity: &NodeIdentity,
     config: &NetworkConfig,
-) -> Result<(Swarm<MeshBehaviour>, mpsc::Receiver<Inbound>), BuildError> {
-    let (inbound, streams) = super::inbound::Behaviour::new(
-        vec![
+) -> Result<(Swarm<MeshBehaviour>, mpsc::Receiver<Inbound>, Opener), BuildError> {
+    let (streams, inbound, opener) = streams::Behaviour::new(streams::Config {
+        inbound_protocols: vec![
             StreamProtocol::new(INFER_PROTOCOL),
             StreamProtocol::new(CATALOG_PROTOCOL),
         ],
-        config.inbound_queue,
-    );
-    let mut inbound = Some(inbound);
+        inbound_queue: config.inbound_queue,
+        open_queue: config.command_queue,
+        hole_punch_wait: config.hole_punch_wait,
+    });
+    let mut streams = Some(streams);
     let transport = |e: &dyn std::fmt::Display| BuildError::Transport(e.to_string());
     let swarm = SwarmBuilder::with_existing_identity(identity.keypair().clone())
         .with_tokio()
@@ -69,8 +72,8 @@ pub fn build_swarm(
         .with_relay_client(noise::Config::new, yamux::Config::default)
         .map_err(|e| transport(&e))?
         .with_behaviour(|key, relay_client| {
-            let inbound = inbound.take().expect("the behaviour is built once");
-            build_behaviour(key, relay_client, inbound, config).map_err(|e| e.into())
+            let streams = streams.take().expect("the behaviour is built once");
+            build_behaviour(key, relay_client, streams, config).map_err(|e| e.into())
         })
         .map_err(|e| BuildError::Behaviour(e.to_string()))?
         .with_swarm_config(|c| {
@@ -80,13 +83,13 @@ pub fn build_swarm(
                 .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
         })
         .build();
-    Ok((swarm, streams))
+    Ok((swarm, inbound, opener))
 }
 
 fn build_behaviour(
     key: &libp2p::identity::Keypair,
     relay_client: relay::client::Behaviour,
-    inbound: super::inbound::Behaviour,
+    streams: streams::Behaviour,
     config: &NetworkConfig,
 ) -> Result<MeshBehaviour, std::io::Error> {
     let peer_id = key.public().to_peer_id();
@@ -100,7 +103,10 @@ fn build_behaviour(
     let identify = identify::Behaviour::new(
         identify::Config::new(IDENTIFY_PROTOCOL_VERSION.to_string(), key.public())
             .with_agent_version(format!("mesh/{}", env!("CARGO_PKG_VERSION")))
-            .with_push_listen_addr_updates(true),
+            .with_push_listen_addr_updates(true)
+            // Tell peers only the addresses known to reach this node (explicit, confirmed by
+            // AutoNAT, or a relay's circuit): a NATed node's LAN address is of no use to them.
+            .with_hide_listen_addrs(true),
     );
 
     let mut kad_config = kad::Config::new(KAD);
@@ -119,11 +125,13 @@ fn build_behaviour(
         },
     );
     let mut kad = kad::Behaviour::with_config(peer_id, store, kad_config);
-    kad.set_mode(Some(if config.dht_server {
-        kad::Mode::Server
+    // A member is a DHT server once it has a confirmed external address (direct or through a
+    // relay); until then, and always for a short-lived client, it only asks.
+    kad.set_mode(if config.dht_server {
+        None
     } else {
-        kad::Mode::Client
-    }));
+        Some(kad::Mode::Client)
+    });
 
     let mdns = if config.mdns {
         Some(mdns::tokio::Behaviour::new(
@@ -134,15 +142,38 @@ fn build_behaviour(
         None
     };
 
+    let autonat = config.dht_server.then(|| {
+        autonat::Behaviour::new(
+            peer_id,
+            autonat::Config {
+                boot_delay: Duration::from_secs(2),
+                retry_interval: Duration::from_secs(30),
+                throttle_server_period: Duration::from_secs(15),
+                // LANs and test networks use private and documentation ranges; a dial-back only
+                // ever goes to the IP the asking peer was observed at, so this opens no
+                // amplification.
+                only_global_ips: false,
+                ..Default::default()
+            },
+        )
+    });
+    // The relay advertises itself only while this node has a confirmed external address.
+    let relay = config
+        .relay_server
+        .as_ref()
+        .filter(|_| config.dht_server)
+        .map(|limits| relay::Behaviour::new(peer_id, limits.to_relay_config()));
+
     Ok(MeshBehaviour {
         limits: connection_limits::Behaviour::new(limits),
         identify,
         ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15))),
         kad,
         mdns: Toggle::from(mdns),
+        autonat: Toggle::from(autonat),
         relay_client,
+        relay: Toggle::from(relay),
         dcutr: dcutr::Behaviour::new(peer_id),
-        stream: libp2p_stream::Behaviour::new(),
-        inbound,
+        streams,
     })
 }

@@ -8,7 +8,8 @@ use mesh_protocol::{InferRequest, ModelCard};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::event_loop::Command;
-use super::{ConnectedPeers, NetworkEvent, Path, PeerSummary};
+use super::streams::{OpenError, Opener};
+use super::{ConnectedPeers, NetworkEvent, NetworkStatus, Path, PeerSummary};
 use crate::call::{fetch_catalog, Call, CallError};
 
 pub const INFER: StreamProtocol = StreamProtocol::new(INFER_PROTOCOL);
@@ -32,7 +33,7 @@ pub enum NetworkError {
 #[derive(Clone)]
 pub struct Client {
     commands: mpsc::Sender<Command>,
-    control: libp2p_stream::Control,
+    opener: Opener,
     events: broadcast::Sender<NetworkEvent>,
     local_peer_id: PeerId,
     connected: ConnectedPeers,
@@ -43,14 +44,14 @@ pub struct Client {
 impl Client {
     pub(crate) fn new(
         commands: mpsc::Sender<Command>,
-        control: libp2p_stream::Control,
+        opener: Opener,
         events: broadcast::Sender<NetworkEvent>,
         local_peer_id: PeerId,
         connected: ConnectedPeers,
     ) -> Client {
         Client {
             commands,
-            control,
+            opener,
             events,
             local_peer_id,
             connected,
@@ -150,31 +151,37 @@ impl Client {
             .await
     }
 
-    /// Connects to `peer` if needed and opens a stream for `protocol`.
+    /// Reachability, external addresses and relays.
+    pub async fn status(&self) -> Result<NetworkStatus, NetworkError> {
+        self.ask("the network status", |reply| Command::Status { reply })
+            .await
+    }
+
+    /// Connects to `peer` if needed and opens a stream for `protocol` on the best connection.
     pub async fn open_stream(
         &self,
         peer: PeerId,
         protocol: StreamProtocol,
     ) -> Result<Stream, NetworkError> {
+        Ok(self.open_stream_with_path(peer, protocol).await?.0)
+    }
+
+    /// [`Client::open_stream`], also returning the path the stream runs on.
+    pub async fn open_stream_with_path(
+        &self,
+        peer: PeerId,
+        protocol: StreamProtocol,
+    ) -> Result<(Stream, Path), NetworkError> {
         self.connect(peer).await?;
-        let mut control = self.control.clone();
-        match tokio::time::timeout(
-            self.connect_timeout,
-            control.open_stream(peer, protocol.clone()),
-        )
-        .await
-        {
+        // Bounded by the hole-punch wait plus the negotiation timeout, but bound it anyway.
+        match tokio::time::timeout(self.connect_timeout, self.opener.open(peer, protocol)).await {
             Err(_) => Err(NetworkError::Timeout(self.connect_timeout, "a stream")),
-            Ok(Ok(stream)) => Ok(stream),
-            Ok(Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(p))) => {
-                Err(NetworkError::Unsupported {
-                    peer,
-                    protocol: p.to_string(),
-                })
+            Ok(Ok(opened)) => Ok(opened),
+            Ok(Err(OpenError::Unsupported { peer, protocol })) => {
+                Err(NetworkError::Unsupported { peer, protocol })
             }
-            Ok(Err(e)) => Err(NetworkError::Failed(format!(
-                "cannot open a stream to {peer}: {e}"
-            ))),
+            Ok(Err(OpenError::Stopped)) => Err(NetworkError::Stopped),
+            Ok(Err(e)) => Err(NetworkError::Failed(e.to_string())),
         }
     }
 
@@ -188,13 +195,26 @@ impl Client {
         request: &InferRequest,
         idle_timeout: Duration,
     ) -> Result<Call<Stream>, CallError> {
+        Ok(self.call_with_path(peer, request, idle_timeout).await?.0)
+    }
+
+    /// [`Client::call`], also returning the path the call runs on.
+    pub async fn call_with_path(
+        &self,
+        peer: PeerId,
+        request: &InferRequest,
+        idle_timeout: Duration,
+    ) -> Result<(Call<Stream>, Path), CallError> {
         let mut backoff = Duration::from_millis(1);
         for attempt in 1.. {
-            let stream = self
-                .open_stream(peer, INFER)
+            let (stream, path) = self
+                .open_stream_with_path(peer, INFER)
                 .await
                 .map_err(|e| CallError::Network(e.to_string()))?;
-            match Call::start_confirmed(stream, request, idle_timeout).await {
+            match Call::start_confirmed(stream, request, idle_timeout)
+                .await
+                .map(|call| (call, path))
+            {
                 Err(CallError::NotAccepted) if attempt < CALL_ATTEMPTS => {
                     tracing::debug!(%peer, attempt, "stream not accepted; retrying");
                     tokio::time::sleep(backoff).await;

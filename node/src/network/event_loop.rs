@@ -8,12 +8,15 @@ use futures::StreamExt;
 use libp2p::core::ConnectedPoint;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
-use libp2p::{dcutr, identify, kad, mdns, ping, Multiaddr, PeerId, Swarm};
+use libp2p::{autonat, dcutr, identify, kad, mdns, ping, relay, Multiaddr, PeerId, Swarm};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::behaviour::{MeshBehaviour, MeshBehaviourEvent, KAD};
-use super::{ConnectedPeers, NetworkConfig, NetworkEvent, Path, PeerSummary};
+use super::relays::{is_relayed, Relays};
+use super::{
+    ConnectedPeers, NetworkConfig, NetworkEvent, NetworkStatus, Path, PeerSummary, Reachability,
+};
 use mesh_protocol::ids::model_provider_key;
 
 type Reply<T> = oneshot::Sender<Result<T, String>>;
@@ -58,6 +61,9 @@ pub enum Command {
         peer: PeerId,
         reply: Reply<Option<Path>>,
     },
+    Status {
+        reply: Reply<NetworkStatus>,
+    },
 }
 
 struct ConnectionInfo {
@@ -88,6 +94,9 @@ pub struct EventLoop {
     peer_lookups: HashMap<kad::QueryId, PeerId>,
     provider_queries: HashMap<kad::QueryId, (HashSet<PeerId>, Reply<Vec<PeerId>>)>,
     bootstrap_queries: HashMap<kad::QueryId, Reply<()>>,
+    relays: Relays,
+    /// What AutoNAT concluded last.
+    nat_status: Reachability,
 }
 
 impl EventLoop {
@@ -103,7 +112,6 @@ impl EventLoop {
             swarm,
             commands,
             events,
-            config,
             shutdown,
             connections: HashMap::new(),
             connected,
@@ -115,13 +123,27 @@ impl EventLoop {
             peer_lookups: HashMap::new(),
             provider_queries: HashMap::new(),
             bootstrap_queries: HashMap::new(),
+            relays: Relays::new(if config.dht_server {
+                config.max_relays
+            } else {
+                0
+            }),
+            nat_status: Reachability::Unknown,
+            config,
         }
     }
 
     pub async fn run(mut self) {
+        for addr in self.config.external.clone() {
+            tracing::info!(%addr, "external address (given)");
+            self.swarm.add_external_address(addr);
+        }
+        // Retries relay reservations that failed or were waiting out a backoff.
+        let mut relay_check = tokio::time::interval(Duration::from_secs(5));
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                _ = relay_check.tick() => self.reserve_relays(),
                 command = self.commands.recv() => match command {
                     Some(command) => self.on_command(command),
                     None => break,
@@ -203,6 +225,54 @@ impl EventLoop {
             Command::PathTo { peer, reply } => {
                 let _ = reply.send(Ok(self.best_path(&peer)));
             }
+            Command::Status { reply } => {
+                let _ = reply.send(Ok(self.status()));
+            }
+        }
+    }
+
+    fn directly_reachable(&self) -> bool {
+        self.swarm.external_addresses().any(|a| !is_relayed(a))
+    }
+
+    fn status(&self) -> NetworkStatus {
+        let reachability = if self.directly_reachable() {
+            Reachability::Public
+        } else {
+            self.nat_status
+        };
+        NetworkStatus {
+            reachability,
+            external_addrs: self
+                .swarm
+                .external_addresses()
+                .map(|a| a.to_string())
+                .collect(),
+            relays: self.relays.active().iter().map(|p| p.to_string()).collect(),
+            relaying: self.swarm.behaviour().relay.is_enabled() && self.directly_reachable(),
+        }
+    }
+
+    /// Reserves relay slots while this node cannot be dialled directly.
+    fn reserve_relays(&mut self) {
+        if self.directly_reachable() {
+            return;
+        }
+        for (relay, addr) in self.relays.to_reserve(Instant::now()) {
+            match self.swarm.listen_on(addr.clone()) {
+                Ok(listener) => {
+                    tracing::info!(%relay, %addr, "not reachable directly: asking a relay for a slot");
+                    self.relays.requested(relay, listener);
+                }
+                Err(e) => tracing::warn!(%relay, %addr, "cannot listen through the relay: {e}"),
+            }
+        }
+    }
+
+    /// Reachable directly now: the relays are no longer needed.
+    fn release_relays(&mut self) {
+        for listener in self.relays.drain() {
+            self.swarm.remove_listener(listener);
         }
     }
 
@@ -286,11 +356,35 @@ impl EventLoop {
     fn on_swarm_event(&mut self, event: SwarmEvent<MeshBehaviourEvent>) {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
+                if is_relayed(&address) {
+                    // The relay client confirms it as external once the reservation holds.
+                    tracing::debug!(%address, "listening through a relay");
+                    return;
+                }
                 tracing::info!(%address, "listening");
-                if self.config.announce_listen_addrs && !is_unspecified(&address) {
+                if self.config.announce_listen_addrs && self.chosen_ip(&address) {
                     self.swarm.add_external_address(address.clone());
                 }
                 self.emit(NetworkEvent::Listening(address));
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                if let Some(relay) = self.relays.closed(listener_id, Instant::now()) {
+                    tracing::info!(%relay, "relay reservation ended: {reason:?}");
+                    self.reserve_relays();
+                }
+            }
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                tracing::info!(%address, "reachable at");
+                if !is_relayed(&address) {
+                    self.release_relays();
+                }
+            }
+            SwarmEvent::ExternalAddrExpired { address } => {
+                tracing::info!(%address, "no longer reachable at");
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
@@ -300,11 +394,19 @@ impl EventLoop {
             } => {
                 let path = if endpoint.is_relayed() {
                     Path::Relayed
+                } else if self
+                    .connections
+                    .values()
+                    .any(|c| c.peer == peer_id && c.path == Path::Relayed)
+                {
+                    // A direct connection next to a relayed one is DCUtR's; on the side whose
+                    // dial lost the race, no dcutr event says so.
+                    Path::HolePunched
                 } else {
                     Path::Direct
                 };
                 let remote = endpoint.get_remote_address().clone();
-                tracing::debug!(peer = %peer_id, %remote, path = path.as_str(), "connected");
+                tracing::info!(peer = %peer_id, %remote, path = path.as_str(), "connected");
                 if let ConnectedPoint::Dialer { address, .. } = &endpoint {
                     if !endpoint.is_relayed() && self.pending_dials.contains_key(&connection_id) {
                         // A bootstrap address: put it in the routing table right away.
@@ -347,6 +449,7 @@ impl EventLoop {
                 self.connections.remove(&connection_id);
                 if num_established == 0 {
                     self.peers.remove(&peer_id);
+                    self.relays.withdraw(&peer_id);
                     self.connected
                         .write()
                         .expect("never poisoned: no panics while held")
@@ -376,7 +479,21 @@ impl EventLoop {
 
     fn on_behaviour_event(&mut self, event: MeshBehaviourEvent) {
         match event {
-            MeshBehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+            MeshBehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                connection_id,
+            }) => {
+                let direct = self
+                    .connections
+                    .get(&connection_id)
+                    .is_some_and(|c| c.path != Path::Relayed);
+                if direct && info.protocols.contains(&relay::HOP_PROTOCOL_NAME) {
+                    self.relays.offer(peer_id, &info.listen_addrs);
+                    self.reserve_relays();
+                } else if direct {
+                    self.relays.withdraw(&peer_id);
+                }
                 if info.protocols.contains(&KAD) {
                     for addr in info.listen_addrs.iter().filter(|a| !is_unspecified(a)) {
                         self.swarm
@@ -417,15 +534,71 @@ impl EventLoop {
                     if let Some(c) = self.connections.get_mut(&connection_id) {
                         c.path = Path::HolePunched;
                     }
+                    self.swarm
+                        .behaviour_mut()
+                        .streams
+                        .hole_punched(remote_peer_id, connection_id);
                     self.emit(NetworkEvent::Connected {
                         peer: remote_peer_id,
                         path: Path::HolePunched,
                     });
                 }
                 Err(e) => {
-                    tracing::info!(peer = %remote_peer_id, "hole punch failed, staying relayed: {e}")
+                    tracing::info!(peer = %remote_peer_id, "hole punch failed, staying relayed: {e}");
+                    self.swarm
+                        .behaviour_mut()
+                        .streams
+                        .hole_punch_failed(remote_peer_id);
                 }
             },
+            MeshBehaviourEvent::RelayClient(event) => match event {
+                relay::client::Event::ReservationReqAccepted {
+                    relay_peer_id,
+                    renewal,
+                    limit,
+                } => {
+                    if self.relays.accepted(&relay_peer_id) {
+                        tracing::info!(relay = %relay_peer_id, ?limit, "relay reservation accepted: reachable through the relay");
+                        self.emit(NetworkEvent::Reserved {
+                            relay: relay_peer_id,
+                        });
+                    } else {
+                        tracing::debug!(relay = %relay_peer_id, renewal, "relay reservation renewed");
+                    }
+                }
+                relay::client::Event::OutboundCircuitEstablished {
+                    relay_peer_id,
+                    limit,
+                } => tracing::debug!(relay = %relay_peer_id, ?limit, "circuit to a peer opened"),
+                relay::client::Event::InboundCircuitEstablished { src_peer_id, limit } => {
+                    tracing::debug!(peer = %src_peer_id, ?limit, "circuit from a peer opened")
+                }
+            },
+            MeshBehaviourEvent::Relay(event) => match event {
+                relay::Event::ReservationReqAccepted { src_peer_id, .. } => {
+                    tracing::info!(peer = %src_peer_id, "relaying for a peer")
+                }
+                relay::Event::CircuitReqAccepted {
+                    src_peer_id,
+                    dst_peer_id,
+                } => tracing::debug!(from = %src_peer_id, to = %dst_peer_id, "relaying a circuit"),
+                relay::Event::CircuitClosed {
+                    src_peer_id,
+                    dst_peer_id,
+                    error,
+                } => {
+                    tracing::debug!(from = %src_peer_id, to = %dst_peer_id, ?error, "relayed circuit closed")
+                }
+                other => tracing::debug!("relay: {other:?}"),
+            },
+            MeshBehaviourEvent::Autonat(autonat::Event::StatusChanged { old, new }) => {
+                tracing::info!(?old, ?new, "AutoNAT");
+                self.nat_status = match new {
+                    autonat::NatStatus::Public(_) => Reachability::Public,
+                    autonat::NatStatus::Private => Reachability::Private,
+                    autonat::NatStatus::Unknown => Reachability::Unknown,
+                };
+            }
             MeshBehaviourEvent::Kad(event) => self.on_kad_event(event),
             _ => {}
         }
@@ -515,6 +688,25 @@ impl EventLoop {
         if let Some((found, reply)) = self.provider_queries.remove(&id) {
             let _ = reply.send(Ok(found.into_iter().collect()));
         }
+    }
+}
+
+impl EventLoop {
+    /// Whether `addr` comes from a listener the operator bound to a specific IP.
+    fn chosen_ip(&self, addr: &Multiaddr) -> bool {
+        let ip_of = |a: &Multiaddr| {
+            a.iter().find_map(|p| match p {
+                libp2p::multiaddr::Protocol::Ip4(ip) => Some(std::net::IpAddr::V4(ip)),
+                libp2p::multiaddr::Protocol::Ip6(ip) => Some(std::net::IpAddr::V6(ip)),
+                _ => None,
+            })
+        };
+        let Some(ip) = ip_of(addr) else { return false };
+        self.config
+            .listen
+            .iter()
+            .filter_map(ip_of)
+            .any(|chosen| chosen == ip && !chosen.is_unspecified())
     }
 }
 

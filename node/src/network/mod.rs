@@ -2,16 +2,19 @@
 //! sends it commands, each with a oneshot for the reply; [`NetworkEvent`]s come out on a
 //! broadcast channel.
 //!
-//! - [`behaviour`]: the composed behaviour (identify, ping, Kademlia, mDNS, relay client,
-//!   DCUtR, libp2p-stream, connection limits) and the swarm builder.
-//! - [`inbound`]: accepting inbound mesh streams into a bounded queue.
+//! - [`behaviour`]: the composed behaviour (identify, ping, Kademlia, mDNS, AutoNAT, relay
+//!   client and server, DCUtR, mesh streams, connection limits) and the swarm builder.
+//! - [`streams`]: accepting inbound mesh streams into a bounded queue, and opening outbound
+//!   ones on the best connection.
+//! - [`relays`]: choosing relays and keeping reservations while the node is not reachable.
 //! - [`event_loop`]: the task that owns the swarm.
 //! - [`client`]: the handle the rest of the node uses.
 
 pub mod behaviour;
 pub mod client;
 pub mod event_loop;
-pub mod inbound;
+pub mod relays;
+pub mod streams;
 
 use std::time::Duration;
 
@@ -30,10 +33,21 @@ pub struct NetworkConfig {
     pub listen: Vec<Multiaddr>,
     pub bootstrap: Vec<Multiaddr>,
     pub mdns: bool,
-    /// Answer DHT queries (a node others can reach) or only ask them (a short-lived client).
+    /// A member of the mesh (`mesh join`): a DHT server once reachable, AutoNAT, a relay for
+    /// others when reachable, relay reservations when not. False for a short-lived client,
+    /// which only asks.
     pub dht_server: bool,
-    /// Announce listen addresses as reachable (right on a LAN or loopback).
+    /// Announce listen addresses bound to a specific IP as reachable: the operator chose that
+    /// IP. Addresses of a wildcard listener (`0.0.0.0`) wait for AutoNAT to confirm them.
     pub announce_listen_addrs: bool,
+    /// Addresses others can reach this node at (a public IP, a forwarded port).
+    pub external: Vec<Multiaddr>,
+    /// Offer circuit relay v2 to others, with these limits, while reachable.
+    pub relay_server: Option<RelayLimits>,
+    /// Relay reservations to hold while this node is not reachable.
+    pub max_relays: usize,
+    /// How long a call to a peer reached only through a relay waits for a hole punch.
+    pub hole_punch_wait: Duration,
     pub max_connections: u32,
     pub max_connections_per_peer: u32,
     pub max_pending: u32,
@@ -58,6 +72,10 @@ impl Default for NetworkConfig {
             mdns: true,
             dht_server: true,
             announce_listen_addrs: true,
+            external: Vec::new(),
+            relay_server: Some(RelayLimits::default()),
+            max_relays: 2,
+            hole_punch_wait: Duration::from_secs(2),
             max_connections: 256,
             max_connections_per_peer: 4,
             max_pending: 64,
@@ -70,6 +88,74 @@ impl Default for NetworkConfig {
             inbound_queue: 1024,
         }
     }
+}
+
+/// What a mesh relay allows. libp2p's defaults (2 minutes and 128 KiB per circuit) would cut
+/// a model call short, so a mesh relay raises them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayLimits {
+    pub max_reservations: usize,
+    pub max_reservations_per_peer: usize,
+    pub reservation_duration: Duration,
+    pub max_circuits: usize,
+    pub max_circuits_per_peer: usize,
+    /// A circuit lasts at most this long; calls have a deadline of at most 10 minutes.
+    pub max_circuit_duration: Duration,
+    /// Bytes relayed per circuit, both directions together.
+    pub max_circuit_bytes: u64,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        RelayLimits {
+            max_reservations: 128,
+            max_reservations_per_peer: 4,
+            reservation_duration: Duration::from_secs(60 * 60),
+            max_circuits: 64,
+            max_circuits_per_peer: 8,
+            max_circuit_duration: Duration::from_secs(15 * 60),
+            max_circuit_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl RelayLimits {
+    pub(crate) fn to_relay_config(&self) -> libp2p::relay::Config {
+        libp2p::relay::Config {
+            max_reservations: self.max_reservations,
+            max_reservations_per_peer: self.max_reservations_per_peer,
+            reservation_duration: self.reservation_duration,
+            max_circuits: self.max_circuits,
+            max_circuits_per_peer: self.max_circuits_per_peer,
+            max_circuit_duration: self.max_circuit_duration,
+            max_circuit_bytes: self.max_circuit_bytes,
+            ..Default::default()
+        }
+    }
+}
+
+/// Whether others can dial this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reachability {
+    /// It has a confirmed external address (explicit, or confirmed by AutoNAT).
+    Public,
+    /// Not reachable directly: reachable through its relays, if it holds reservations.
+    Private,
+    /// Not known yet.
+    Unknown,
+}
+
+/// How the node sits in the network, for `/v1/mesh/status`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct NetworkStatus {
+    pub reachability: Reachability,
+    /// Confirmed external addresses, relayed ones included.
+    pub external_addrs: Vec<String>,
+    /// Relays this node holds an accepted reservation with.
+    pub relays: Vec<String>,
+    /// Whether this node relays for others now.
+    pub relaying: bool,
 }
 
 /// How a connection to a peer was made.
@@ -113,6 +199,15 @@ pub struct PeerSummary {
 #[derive(Debug, Clone)]
 pub enum NetworkEvent {
     Listening(Multiaddr),
-    Connected { peer: PeerId, path: Path },
-    Disconnected { peer: PeerId },
+    Connected {
+        peer: PeerId,
+        path: Path,
+    },
+    /// A relay accepted a reservation: others can reach this node through it.
+    Reserved {
+        relay: PeerId,
+    },
+    Disconnected {
+        peer: PeerId,
+    },
 }

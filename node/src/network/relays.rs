@@ -1,0 +1,225 @@
+//! Choosing relays while this node is not reachable.
+//!
+//! rust-libp2p has no automatic relay selection. A member node that has no confirmed external
+//! address picks relays among the peers it knows that offer circuit relay v2 (identify lists
+//! the hop protocol, which a mesh relay advertises only while it is itself reachable), listens
+//! on their `/p2p-circuit` address to reserve a slot, and replaces a relay that goes away or
+//! refuses. No relay is hard-coded. The swarm task acts on what [`Relays`] decides; this module
+//! holds only the bookkeeping, so it is tested without a network.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use libp2p::core::transport::ListenerId;
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+
+/// How long a relay that failed or went away is left alone.
+pub const RELAY_BACKOFF: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
+struct Reservation {
+    listener: ListenerId,
+    accepted: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct Relays {
+    max: usize,
+    /// Peers offering a relay, with an address others can reach them at.
+    candidates: HashMap<PeerId, Multiaddr>,
+    reservations: HashMap<PeerId, Reservation>,
+    backoff: HashMap<PeerId, Instant>,
+}
+
+impl Relays {
+    pub fn new(max: usize) -> Self {
+        Relays {
+            max,
+            ..Default::default()
+        }
+    }
+
+    /// `peer` offers a relay and can be reached at `addrs` (its confirmed addresses).
+    pub fn offer(&mut self, peer: PeerId, addrs: &[Multiaddr]) {
+        let usable = |a: &&Multiaddr| !a.iter().any(|p| matches!(p, Protocol::P2pCircuit));
+        // TCP first: every libp2p relay speaks it; QUIC otherwise.
+        let best = addrs
+            .iter()
+            .filter(usable)
+            .find(|a| a.iter().any(|p| matches!(p, Protocol::Tcp(_))))
+            .or_else(|| addrs.iter().find(usable));
+        if let Some(addr) = best {
+            self.candidates.insert(peer, strip_p2p(addr));
+        }
+    }
+
+    /// `peer` no longer offers a relay, or is gone.
+    pub fn withdraw(&mut self, peer: &PeerId) {
+        self.candidates.remove(peer);
+    }
+
+    /// The circuit addresses to listen on now, one per new relay, up to the maximum.
+    pub fn to_reserve(&self, now: Instant) -> Vec<(PeerId, Multiaddr)> {
+        let room = self.max.saturating_sub(self.reservations.len());
+        let mut picks: Vec<(&PeerId, &Multiaddr)> = self
+            .candidates
+            .iter()
+            .filter(|(peer, _)| !self.reservations.contains_key(peer))
+            .filter(|(peer, _)| self.backoff.get(peer).is_none_or(|until| *until <= now))
+            .collect();
+        picks.sort_by_key(|(peer, _)| peer.to_bytes());
+        picks
+            .into_iter()
+            .take(room)
+            .map(|(peer, addr)| (*peer, circuit_addr(addr, peer)))
+            .collect()
+    }
+
+    /// A reservation with `relay` was requested through `listener`.
+    pub fn requested(&mut self, relay: PeerId, listener: ListenerId) {
+        self.reservations.insert(
+            relay,
+            Reservation {
+                listener,
+                accepted: false,
+            },
+        );
+    }
+
+    /// `relay` accepted (or renewed) the reservation; true the first time.
+    pub fn accepted(&mut self, relay: &PeerId) -> bool {
+        match self.reservations.get_mut(relay) {
+            Some(r) if !r.accepted => {
+                r.accepted = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The listener of a reservation closed (refused, relay gone): returns the relay, which
+    /// is left alone for [`RELAY_BACKOFF`].
+    pub fn closed(&mut self, listener: ListenerId, now: Instant) -> Option<PeerId> {
+        let relay = *self
+            .reservations
+            .iter()
+            .find(|(_, r)| r.listener == listener)?
+            .0;
+        self.reservations.remove(&relay);
+        self.backoff.insert(relay, now + RELAY_BACKOFF);
+        Some(relay)
+    }
+
+    /// Every reservation's listener, to close them when the node becomes reachable.
+    pub fn drain(&mut self) -> Vec<ListenerId> {
+        self.reservations.drain().map(|(_, r)| r.listener).collect()
+    }
+
+    /// Relays holding an accepted reservation.
+    pub fn active(&self) -> Vec<PeerId> {
+        let mut out: Vec<PeerId> = self
+            .reservations
+            .iter()
+            .filter(|(_, r)| r.accepted)
+            .map(|(p, _)| *p)
+            .collect();
+        out.sort_by_key(|p| p.to_bytes());
+        out
+    }
+}
+
+fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
+    addr.iter()
+        .filter(|p| !matches!(p, Protocol::P2p(_)))
+        .collect()
+}
+
+/// `/…/p2p/RELAY/p2p-circuit`: listening on it reserves a slot on the relay.
+pub fn circuit_addr(relay_addr: &Multiaddr, relay: &PeerId) -> Multiaddr {
+    relay_addr
+        .clone()
+        .with(Protocol::P2p(*relay))
+        .with(Protocol::P2pCircuit)
+}
+
+pub fn is_relayed(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer() -> PeerId {
+        libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id()
+    }
+
+    fn addr(s: &str) -> Multiaddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn picks_up_to_the_maximum_and_prefers_tcp() {
+        let mut relays = Relays::new(2);
+        let (a, b, c) = (peer(), peer(), peer());
+        relays.offer(
+            a,
+            &[
+                addr("/ip4/198.51.100.10/udp/4001/quic-v1"),
+                addr("/ip4/198.51.100.10/tcp/4001"),
+            ],
+        );
+        relays.offer(b, &[addr("/ip4/198.51.100.11/udp/4001/quic-v1")]);
+        relays.offer(c, &[addr("/ip4/198.51.100.12/tcp/4001")]);
+        let picks = relays.to_reserve(Instant::now());
+        assert_eq!(picks.len(), 2);
+        let for_a = circuit_addr(&addr("/ip4/198.51.100.10/tcp/4001"), &a);
+        if let Some((_, circuit)) = picks.iter().find(|(p, _)| *p == a) {
+            assert_eq!(circuit, &for_a);
+        }
+        for (p, circuit) in &picks {
+            assert!(is_relayed(circuit));
+            assert!(circuit.to_string().contains(&p.to_string()));
+        }
+    }
+
+    #[test]
+    fn a_relay_that_closes_is_replaced_and_backed_off() {
+        let mut relays = Relays::new(1);
+        let (a, b) = (peer(), peer());
+        relays.offer(a, &[addr("/ip4/198.51.100.10/tcp/4001")]);
+        relays.offer(b, &[addr("/ip4/198.51.100.11/tcp/4001")]);
+        let now = Instant::now();
+        let (first, _) = relays.to_reserve(now)[0];
+        let listener = ListenerId::next();
+        relays.requested(first, listener);
+        assert!(relays.to_reserve(now).is_empty(), "one relay is enough");
+        assert!(relays.accepted(&first));
+        assert!(!relays.accepted(&first), "a renewal is not news");
+        assert_eq!(relays.active(), vec![first]);
+
+        assert_eq!(relays.closed(listener, now), Some(first));
+        let next = relays.to_reserve(now);
+        assert_eq!(next.len(), 1);
+        assert_ne!(next[0].0, first, "the relay that went away waits");
+        let later = now + RELAY_BACKOFF + Duration::from_secs(1);
+        relays.withdraw(&next[0].0);
+        assert_eq!(
+            relays.to_reserve(later)[0].0,
+            first,
+            "and comes back after the backoff"
+        );
+    }
+
+    #[test]
+    fn relayed_addresses_are_not_relays() {
+        let mut relays = Relays::new(2);
+        let a = peer();
+        let relayed = format!("/ip4/198.51.100.10/tcp/4001/p2p/{}/p2p-circuit", peer());
+        relays.offer(a, &[addr(&relayed)]);
+        assert!(relays.to_reserve(Instant::now()).is_empty());
+    }
+}

@@ -1,0 +1,724 @@
+# shellcheck shell=bash
+# mesh NAT lab: a small internet in network namespaces with real Linux NAT routers.
+# Sourced by testnet/testnet.sh (`testnet.sh nat`); it defines functions only, nat_main runs the lab.
+#
+#   ns inet    bridge br0, the "internet" 198.51.100.0/24
+#   ns relay   198.51.100.10        public node: bootstrap and relay
+#   ns r1      wan 198.51.100.21    lan 192.0.2.1/26     cone-like NAT (MASQUERADE)
+#   ns r2      wan 198.51.100.22    lan 192.0.2.65/26    cone-like NAT (MASQUERADE)
+#   ns r3      wan 198.51.100.23    lan 192.0.2.129/26   symmetric NAT (MASQUERADE --random-fully)
+#   ns a       192.0.2.2   behind r1
+#   ns b       192.0.2.66  behind r2
+#   ns c       192.0.2.130 behind r3
+#
+# Router rules (docs/architecture.md, "NAT traversal"): FORWARD drops new inbound, INPUT drops
+# NEW/INVALID on wan (without it a cone NAT picks a new port on collision and punching fails),
+# and conntrack is flushed in every router before each scenario.
+#
+# Environment knobs (all optional):
+#   MESH_BIN              use this mesh binary and skip `cargo build`
+#   NAT_READY_TIMEOUT     seconds to wait for a node's ready line            (30)
+#   NAT_JOIN_TIMEOUT      seconds for the first a->b call after b joins      (30)
+#   NAT_ATTEMPT_TIMEOUT   --timeout of one attempt in that retry loop        (10)
+#   NAT_CALL_TIMEOUT      --timeout of every other call                      (30)
+#   NAT_PUNCH_WAIT        seconds to wait for `mesh peers` to say hole-punched (15)
+#   NAT_RELAY_ARGS        extra arguments for the relay's `mesh join` (debugging only)
+#   RUST_LOG              node log filter (default info,mesh_node=debug,libp2p_dcutr=debug,libp2p_relay=debug)
+
+NAT_EXIT_CANNOT_RUN=77
+
+nat_usage() {
+  cat <<'EOF'
+usage: testnet/testnet.sh nat [--runs N] [--results FILE] [--keep]
+
+  Builds a small internet in network namespaces (needs root): a public bootstrap/relay node,
+  nodes a and b behind two cone-like NATs, node c behind a symmetric NAT. Runs calls a->b, b->a
+  (must end up hole-punched), a->c and c->a (relayed), prints a table per run and a summary.
+
+  --runs N        repeat the whole scenario N times on fresh namespaces and node homes (default 1)
+  --results FILE  write per-run results as JSON lines to FILE (kinds: call, pair, run)
+  --keep          keep the run directory (node homes, logs, call outputs) and print where it is
+
+  Exit status: 0 every call answered and every cone<->cone pair was hole-punched; 1 otherwise;
+  2 usage error; 77 the lab cannot run here (not root, a missing tool, no network namespaces).
+EOF
+}
+
+nat_say() { printf '%s\n' "$*"; }
+nat_warn() { printf 'testnet nat: %s\n' "$*" >&2; }
+nat_cannot_run() {
+  nat_warn "cannot run the NAT lab: $*"
+  exit "$NAT_EXIT_CANNOT_RUN"
+}
+nat_now_ms() { date +%s%3N; }
+
+# ---------------------------------------------------------------------------------------------
+# Prerequisites
+
+nat_check_prereqs() {
+  if [ "$(id -u)" -ne 0 ]; then
+    nat_cannot_run "it needs root to create network namespaces and NAT rules (run it with sudo; CI runs it as root)"
+  fi
+  local missing=() t
+  for t in ip iptables conntrack sysctl python3 date; do
+    command -v "$t" >/dev/null 2>&1 || missing+=("$t")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    nat_cannot_run "missing tool(s): ${missing[*]} (on Debian/Ubuntu: apt-get install -y iptables conntrack iproute2 procps python3)"
+  fi
+  nat_py=$(python3 -c 'import sys; print(sys.executable)') || nat_cannot_run "python3 does not run"
+  # Can we make a namespace, run in it, and set NAT rules there (nf_tables/xt modules)?
+  local probe="${nat_prefix}probe" err
+  if ! err=$(ip netns add "$probe" 2>&1); then
+    nat_cannot_run "\`ip netns add\` failed: $err"
+  fi
+  nat_ns_made+=("$probe")
+  if ! err=$(ip netns exec "$probe" true 2>&1); then
+    nat_cannot_run "\`ip netns exec\` failed: $err"
+  fi
+  if ! err=$(ip netns exec "$probe" iptables -t nat -A POSTROUTING -o lo -j MASQUERADE --random-fully 2>&1 &&
+    ip netns exec "$probe" iptables -A INPUT -i lo -m conntrack --ctstate NEW,INVALID -j DROP 2>&1); then
+    nat_cannot_run "iptables NAT/conntrack rules do not work in a namespace: $err"
+  fi
+  if ! err=$(ip netns exec "$probe" conntrack -F 2>&1); then
+    nat_cannot_run "\`conntrack -F\` failed in a namespace: $err"
+  fi
+  ip netns del "$probe"
+  nat_ns_made=()
+}
+
+# ---------------------------------------------------------------------------------------------
+# Topology
+
+nat_names=(inet relay r1 r2 r3 a b c)
+declare -A nat_ns=()
+for _n in "${nat_names[@]}"; do nat_ns[$_n]=""; done
+unset _n
+
+nat_topology_up() {
+  local n
+  for n in "${nat_names[@]}"; do
+    nat_ns[$n]="${nat_prefix}$n"
+    ip netns add "${nat_ns[$n]}"
+    nat_ns_made+=("${nat_ns[$n]}")
+    ip -n "${nat_ns[$n]}" link set lo up
+  done
+  local inet=${nat_ns[inet]}
+  ip -n "$inet" link add br0 type bridge
+  ip -n "$inet" link set br0 up
+
+  # The public side: the relay and the routers' wan ports on the bridge.
+  ip -n "${nat_ns[relay]}" link add eth0 type veth peer name p-relay netns "$inet"
+  ip -n "${nat_ns[relay]}" addr add 198.51.100.10/24 dev eth0
+  ip -n "${nat_ns[relay]}" link set eth0 up
+  ip -n "$inet" link set p-relay master br0 up
+
+  nat_router r1 198.51.100.21 cone
+  nat_router r2 198.51.100.22 cone
+  nat_router r3 198.51.100.23 symmetric
+  nat_host a r1 192.0.2.2 192.0.2.1
+  nat_host b r2 192.0.2.66 192.0.2.65
+  nat_host c r3 192.0.2.130 192.0.2.129
+}
+
+# nat_router NAME WAN_IP cone|symmetric (its lan side is added by nat_host)
+nat_router() {
+  local name=$1 wan=$2 kind=$3 ns=${nat_ns[$1]} inet=${nat_ns[inet]}
+  ip -n "$ns" link add wan type veth peer name "p-$name" netns "$inet"
+  ip -n "$inet" link set "p-$name" master br0 up
+  ip -n "$ns" addr add "$wan/24" dev wan
+  ip -n "$ns" link set wan up
+  ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward=1
+  local masq=(-t nat -A POSTROUTING -o wan -j MASQUERADE)
+  [ "$kind" = symmetric ] && masq+=(--random-fully)
+  ip netns exec "$ns" iptables "${masq[@]}"
+  ip netns exec "$ns" iptables -A FORWARD -i wan -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
+  ip netns exec "$ns" iptables -A FORWARD -i wan -j DROP
+  ip netns exec "$ns" iptables -A INPUT -i wan -m conntrack --ctstate NEW,INVALID -j DROP
+  nat_kind[$name]=$kind
+  nat_wan_of_router[$name]=$wan
+}
+
+# nat_host NAME ROUTER IP GW
+nat_host() {
+  local name=$1 router=$2 ip=$3 gw=$4 ns=${nat_ns[$1]} rns=${nat_ns[$2]}
+  ip -n "$rns" link add lan type veth peer name eth0 netns "$ns"
+  ip -n "$rns" addr add "$gw/26" dev lan
+  ip -n "$rns" link set lan up
+  ip -n "$ns" addr add "$ip/26" dev eth0
+  ip -n "$ns" link set eth0 up
+  ip -n "$ns" route add default via "$gw"
+  nat_router_of[$name]=$router
+  nat_ip[$name]=$ip
+}
+
+declare -A nat_kind=() nat_wan_of_router=() nat_router_of=() nat_ip=()
+
+nat_flush_conntrack() {
+  local r
+  for r in r1 r2 r3; do ip netns exec "${nat_ns[$r]}" conntrack -F >/dev/null 2>&1 || true; done
+}
+
+# Kills every process we started (nodes, calls, probes), then every process still inside one of
+# our namespaces (only ours: they were made by this run), then deletes the namespaces.
+nat_topology_down() {
+  local pid ns i
+  for pid in "${nat_pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for i in $(seq 1 30); do
+    local alive=0
+    for pid in "${nat_pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 0.1
+  done
+  for pid in "${nat_pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+  for ns in "${nat_ns_made[@]}"; do
+    for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
+  done
+  for pid in "${nat_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  nat_pids=()
+  # Also anything named with our prefix that the list above missed (e.g. interrupted mid-add).
+  local leftover
+  leftover=$(ip netns list 2>/dev/null | awk '{print $1}' | grep -F "$nat_prefix" || true)
+  for ns in "${nat_ns_made[@]}" $leftover; do
+    ip netns del "$ns" 2>/dev/null || true
+  done
+  nat_ns_made=()
+}
+
+# A cheap check that the lab is what it claims: every host reaches the relay through its NAT with
+# the router's wan address as source; r1/r2 keep one mapping for every destination (cone-like),
+# r3 picks a new one per destination (symmetric); no host reaches another host's private address;
+# the relay reaches no private address.
+nat_sanity_check() {
+  local out="$run_dir/sanity"
+  mkdir -p "$out"
+  ip netns exec "${nat_ns[relay]}" "$nat_py" - 198.51.100.10 "$out/server.ready" >"$out/server.log" 2>&1 <<'PY' &
+import socket, select, sys, time
+ip, ready = sys.argv[1], sys.argv[2]
+udp = []
+for port in (3478, 3479):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((ip, port)); udp.append(s)
+tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+tcp.bind((ip, 3478)); tcp.listen(8)
+open(ready, "w").close()
+end = time.time() + 20
+while time.time() < end:
+    r, _, _ = select.select(udp + [tcp], [], [], 0.5)
+    for s in r:
+        if s is tcp:
+            c, addr = tcp.accept()
+            c.sendall(f"{addr[0]}:{addr[1]}".encode()); c.close()
+        else:
+            data, addr = s.recvfrom(64)
+            if data == b"quit":
+                sys.exit(0)
+            s.sendto(f"{addr[0]}:{addr[1]}".encode(), addr)
+PY
+  local spid=$!
+  nat_pids+=("$spid")
+  local i
+  for i in $(seq 1 50); do [ -e "$out/server.ready" ] && break; sleep 0.1; done
+
+  local h others report fails=0
+  for h in a b c; do
+    others=()
+    for i in a b c; do [ "$i" != "$h" ] && others+=("${nat_ip[$i]}"); done
+    if ! report=$(ip netns exec "${nat_ns[$h]}" "$nat_py" - "$h" "${nat_wan_of_router[${nat_router_of[$h]}]}" \
+        "${nat_kind[${nat_router_of[$h]}]}" "${others[@]}" 2>&1 <<'PY'
+import errno, socket, sys
+name, wan, kind, others = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+relay = "198.51.100.10"
+seen, problems = {}, []
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 5000)); s.settimeout(1)
+for port in (3478, 3479):
+    for _ in range(3):
+        s.sendto(b"?", (relay, port))
+        try:
+            seen[port] = s.recvfrom(64)[0].decode(); break
+        except socket.timeout:
+            pass
+try:
+    t = socket.create_connection((relay, 3478), timeout=2)
+    seen["tcp"] = t.recv(64).decode(); t.close()
+except OSError as e:
+    problems.append(f"TCP to the relay failed: {e}")
+if len(seen) < 2 or 3478 not in seen or 3479 not in seen:
+    problems.append(f"UDP to the relay failed (answers: {seen})")
+else:
+    ips = {v.split(":")[0] for v in seen.values()}
+    if ips != {wan}:
+        problems.append(f"the relay saw source(s) {sorted(ips)}, not the NAT's {wan}")
+    p1, p2 = seen[3478].split(":")[1], seen[3479].split(":")[1]
+    mapping = "cone" if p1 == p2 else "symmetric"
+    if mapping != kind:
+        problems.append(f"expected a {kind} NAT, but port 5000 was mapped to {p1} and {p2} for two destinations")
+for ip in others:
+    try:
+        socket.create_connection((ip, 9), timeout=1).close()
+        problems.append(f"reached the private address {ip}")
+    except ConnectionRefusedError:
+        problems.append(f"reached the private address {ip} (refused)")
+    except OSError:
+        pass  # unreachable or timed out: as it should be
+udp = f"udp 5000 -> {seen.get(3478, '?')} / {seen.get(3479, '?')}"
+print(f"   {name}: {udp}, tcp -> {seen.get('tcp', '?')} ({kind}); private peers unreachable" if not problems
+      else f"   {name}: " + "; ".join(problems))
+sys.exit(1 if problems else 0)
+PY
+    ); then
+      fails=$((fails + 1))
+    fi
+    nat_say "$report"
+  done
+  # The relay must not reach any private address.
+  if ! report=$(ip netns exec "${nat_ns[relay]}" "$nat_py" - "${nat_ip[a]}" "${nat_ip[b]}" "${nat_ip[c]}" 2>&1 <<'PY'
+import socket, sys
+bad = []
+for ip in sys.argv[1:]:
+    try:
+        socket.create_connection((ip, 9), timeout=1).close(); bad.append(ip)
+    except ConnectionRefusedError:
+        bad.append(ip)
+    except OSError:
+        pass
+print("   relay: private addresses unreachable" if not bad else f"   relay: reached private address(es) {bad}")
+sys.exit(1 if bad else 0)
+PY
+  ); then
+    fails=$((fails + 1))
+  fi
+  nat_say "$report"
+  ip netns exec "${nat_ns[a]}" "$nat_py" -c 'import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"quit", ("198.51.100.10", 3478))' 2>/dev/null || true
+  wait "$spid" 2>/dev/null || true
+  [ "$fails" -eq 0 ]
+}
+
+# ---------------------------------------------------------------------------------------------
+# Nodes
+
+declare -A nat_pid_of=() nat_peer=()
+
+# nat_start_node NAME [extra join args...]: starts `mesh join` in namespace NAME, in the background.
+nat_start_node() {
+  local name=$1 ip=0.0.0.0
+  shift
+  [ "$name" = relay ] && ip=198.51.100.10
+  mkdir -p "$run_dir/$name"
+  RUST_LOG="$nat_rust_log" NO_COLOR=1 ip netns exec "${nat_ns[$name]}" "$mesh" join --json \
+    --home "$run_dir/$name" --listen "/ip4/$ip/tcp/4001" --listen "/ip4/$ip/udp/4001/quic-v1" \
+    --no-mdns --api 127.0.0.1:7440 "$@" >"$run_dir/$name.out" 2>"$run_dir/$name.log" &
+  nat_pid_of[$name]=$!
+  nat_pids+=("$!")
+  nat_started_ms[$name]=$(nat_now_ms)
+}
+declare -A nat_started_ms=() nat_ready_ms=()
+
+# nat_wait_ready NAME: waits for the ready line and records the node's peer id.
+nat_wait_ready() {
+  local name=$1 pid=${nat_pid_of[$1]} i
+  for i in $(seq 1 $((NAT_READY_TIMEOUT * 10))); do
+    if [ -s "$run_dir/$name.out" ] && head -1 "$run_dir/$name.out" | grep -q '"event":"ready"'; then
+      nat_peer[$name]=$(head -1 "$run_dir/$name.out" | "$nat_py" -c 'import json,sys; print(json.load(sys.stdin)["peer_id"])')
+      nat_ready_ms[$name]=$(nat_now_ms)
+      return 0
+    fi
+    if ! kill -0 "$pid" 2>/dev/null; then
+      nat_warn "node $name exited before it was ready; its log:"
+      tail -n 40 "$run_dir/$name.log" "$run_dir/$name.out" >&2
+      return 1
+    fi
+    sleep 0.1
+  done
+  nat_warn "node $name printed no ready line within ${NAT_READY_TIMEOUT} s; its log:"
+  tail -n 40 "$run_dir/$name.log" "$run_dir/$name.out" >&2
+  return 1
+}
+
+nat_show_logs() {
+  local name
+  if [ "$nat_keep" = 1 ]; then
+    nat_say "== log tails of run $nat_run_no (all logs are kept in $run_dir)"
+  else
+    nat_say "== log tails of run $nat_run_no (pass --keep to keep every log)"
+  fi
+  for name in relay a b c; do
+    [ -e "$run_dir/$name.log" ] || continue
+    nat_say "--- $name: stderr ($run_dir/$name.log)"
+    tail -n 25 "$run_dir/$name.log"
+    nat_say "--- $name: stdout ($run_dir/$name.out)"
+    tail -n 10 "$run_dir/$name.out"
+  done
+  # The last few failed calls (the a->b retry loop can fail many times while b is still joining).
+  for name in "${nat_failed_calls[@]: -4}"; do
+    nat_say "--- failed call $name"
+    tail -n 10 "$name" "${name%.json}.log"
+  done
+}
+
+# ---------------------------------------------------------------------------------------------
+# Calls
+
+# nat_call FROM TO LABEL TIMEOUT: one `mesh infer` from FROM's namespace through FROM's node.
+# LABEL goes into the record's "attempt": join (the a->b retry loop right after b joined; the
+# last one of them answered), first (a pair's first call), final (the call after the punch).
+# Sets c_ok (ok|fail) c_path c_ttfb c_total c_err, and appends a "call" record to the results.
+nat_call() {
+  local from=$1 to=$2 label=$3 secs=$4
+  nat_call_seq=$((nat_call_seq + 1))
+  local base="$run_dir/call$nat_call_seq-$from-$to"
+  local started rc=0
+  started=$(nat_now_ms)
+  ip netns exec "${nat_ns[$from]}" "$mesh" infer --json --no-mdns --home "$run_dir/$from" \
+    "${nat_peer[$to]}" echo --prompt "hello from $from" --timeout "$secs" >"$base.json" 2>"$base.log" &
+  nat_call_pid=$!
+  nat_pids+=("$nat_call_pid")
+  wait "$nat_call_pid" || rc=$?
+  c_ended_ms=$(nat_now_ms)
+  nat_call_pid=
+  local line
+  line=$("$nat_py" - "$base.json" "$base.log" "echo: hello from $from" "$nat_results" "$nat_run_no" \
+    "$from->$to" "$(nat_nats "$from" "$to")" "$label" "$rc" "$started" "$c_ended_ms" <<'PY'
+import json, sys
+out, log, expect, results, run, pair, nats, label, rc, started, ended = sys.argv[1:]
+events = []
+for l in open(out, errors="replace"):
+    l = l.strip()
+    if l:
+        try:
+            events.append(json.loads(l))
+        except ValueError:
+            pass
+done = next((e for e in events if e.get("event") == "done"), None)
+text = "".join(e.get("text", "") for e in events if e.get("event") == "delta").strip()
+err = None
+if done is None:
+    e = next((e for e in events if e.get("event") == "error"), None)
+    if e:
+        err = f"{e.get('code')}: {e.get('message')}"
+    else:
+        tail = [l.strip() for l in open(log, errors="replace") if l.strip()]
+        err = f"no answer (exit {rc})" + (f": {tail[-1]}" if tail else "")
+elif text != expect:
+    err = f"wrong answer {text!r}, expected {expect!r}"
+done = done or {}
+rec = {"kind": "call", "run": int(run), "pair": pair, "nats": nats, "attempt": label,
+       "ok": err is None, "path": done.get("path"),
+       "time_to_first_byte_ms": done.get("time_to_first_byte_ms"), "total_ms": done.get("total_ms"),
+       "connect_ms": done.get("connect_ms"), "exit": int(rc), "error": err,
+       "started_ms": int(started), "ended_ms": int(ended)}
+with open(results, "a") as f:
+    f.write(json.dumps(rec) + "\n")
+def s(v):
+    return "-" if v is None else str(v)
+print("\t".join(["ok" if err is None else "fail", s(rec["path"]), s(rec["time_to_first_byte_ms"]),
+                 s(rec["total_ms"]), (err or "").replace("\t", " ").replace("\n", " ")]))
+PY
+  )
+  IFS=$'\t' read -r c_ok c_path c_ttfb c_total c_err <<<"$line" || true
+  c_err=${c_err:-}
+  [ "$c_ok" = ok ] || nat_failed_calls+=("$base.json")
+}
+
+nat_nats() { echo "$(nat_kind_of "$1")->$(nat_kind_of "$2")"; }
+nat_kind_of() {
+  if [ -n "${nat_router_of[$1]:-}" ]; then echo "${nat_kind[${nat_router_of[$1]}]}"; else echo public; fi
+}
+
+# nat_wait_punched FROM TO SECS: polls FROM's `mesh peers --json` until TO's entry says hole-punched.
+nat_wait_punched() {
+  local from=$1 to=$2 secs=$3 end
+  end=$(($(nat_now_ms) + secs * 1000))
+  while [ "$(nat_now_ms)" -lt "$end" ]; do
+    if ip netns exec "${nat_ns[$from]}" "$mesh" peers --json --home "$run_dir/$from" 2>/dev/null |
+        grep -F "\"peer_id\":\"${nat_peer[$to]}\"" | grep -q '"path":"hole-punched"'; then
+      return 0
+    fi
+    sleep 0.25
+  done
+  return 1
+}
+
+# nat_record_pair FROM TO OK PATH FIRST_PATH TTFB TOTAL RESULT: a table row and a "pair" record
+# (c_ok tells whether the pair's last call answered).
+nat_record_pair() {
+  local from=$1 to=$2 ok=$3 path=$4 first=$5 ttfb=$6 total=$7 result=$8
+  nat_rows+=("$(printf '%-6s %-16s %-13s %8s %9s  %s' "$from->$to" "$(nat_nats "$from" "$to")" "$path" "$ttfb" "$total" "$result")")
+  "$nat_py" - "$nat_results" "$nat_run_no" "$from->$to" "$(nat_nats "$from" "$to")" "$ok" "$([ "$c_ok" = ok ] && echo 1 || echo 0)" "$path" "$first" \
+    "$ttfb" "$total" "$result" <<'PY'
+import json, sys
+results, run, pair, nats, ok, answered, path, first, ttfb, total, result = sys.argv[1:]
+num = lambda v: None if v in ("", "-") else int(v)
+rec = {"kind": "pair", "run": int(run), "pair": pair, "nats": nats, "ok": ok == "1",
+       "answered": answered == "1",
+       "path": None if path == "-" else path, "first_path": None if first == "-" else first,
+       "hole_punched": path == "hole-punched", "time_to_first_byte_ms": num(ttfb),
+       "total_ms": num(total), "result": result}
+with open(results, "a") as f:
+    f.write(json.dumps(rec) + "\n")
+PY
+  [ "$ok" = 1 ] || nat_run_failures=$((nat_run_failures + 1))
+}
+
+# A cone<->cone pair after its first call (c_* hold that call): it must end up hole-punched.
+nat_finish_cone_pair() {
+  local from=$1 to=$2
+  if [ "$c_ok" != ok ]; then
+    nat_record_pair "$from" "$to" 0 "$c_path" "$c_path" "$c_ttfb" "$c_total" "FAIL: $c_err"
+    return
+  fi
+  local first=$c_path
+  if [ "$first" = hole-punched ]; then
+    nat_record_pair "$from" "$to" 1 "$c_path" "$first" "$c_ttfb" "$c_total" "ok (1st call already hole-punched)"
+    return
+  fi
+  local t0 waited note
+  t0=$(nat_now_ms)
+  if nat_wait_punched "$from" "$to" "$NAT_PUNCH_WAIT"; then
+    waited=$(($(nat_now_ms) - t0))
+    note="punched ${waited} ms after the 1st call"
+  else
+    note="mesh peers never said hole-punched within ${NAT_PUNCH_WAIT} s"
+  fi
+  nat_call "$from" "$to" final "$NAT_CALL_TIMEOUT"
+  if [ "$c_ok" != ok ]; then
+    nat_record_pair "$from" "$to" 0 "$c_path" "$first" "$c_ttfb" "$c_total" "FAIL: 2nd call: $c_err"
+  elif [ "$c_path" != hole-punched ]; then
+    nat_record_pair "$from" "$to" 0 "$c_path" "$first" "$c_ttfb" "$c_total" "FAIL: not hole-punched (1st call $first; $note)"
+  else
+    nat_record_pair "$from" "$to" 1 "$c_path" "$first" "$c_ttfb" "$c_total" "ok (1st call $first, $note)"
+  fi
+}
+
+# A pair with the symmetric NAT: punching cannot work; the call must answer, over the relay.
+nat_symmetric_pair() {
+  local from=$1 to=$2
+  nat_call "$from" "$to" first "$NAT_CALL_TIMEOUT"
+  if [ "$c_ok" != ok ]; then
+    nat_record_pair "$from" "$to" 0 "$c_path" "$c_path" "$c_ttfb" "$c_total" "FAIL: $c_err"
+  elif [ "$c_path" != relayed ]; then
+    nat_record_pair "$from" "$to" 1 "$c_path" "$c_path" "$c_ttfb" "$c_total" "ok (but expected relayed)"
+  else
+    nat_record_pair "$from" "$to" 1 "$c_path" "$c_path" "$c_ttfb" "$c_total" "ok"
+  fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# One run of the scenario. Sets nat_run_rc: 0 passed, 1 failed, 2 the lab itself is broken.
+
+nat_run_record() { # OK JOIN_MS ATTEMPTS NOTE
+  "$nat_py" - "$nat_results" "$nat_run_no" "$@" "$run_started_ms" <<'PY'
+import json, sys
+results, run, ok, join_ms, attempts, note, started = sys.argv[1:]
+rec = {"kind": "run", "run": int(run), "ok": ok == "1",
+       "join_to_first_call_ms": None if join_ms == "-" else int(join_ms),
+       "join_call_attempts": int(attempts), "note": note or None, "started_ms": int(started)}
+with open(results, "a") as f:
+    f.write(json.dumps(rec) + "\n")
+PY
+}
+
+nat_run() {
+  nat_run_no=$1 nat_run_rc=0
+  run_dir="$nat_base/run$nat_run_no"
+  mkdir -p "$run_dir"
+  nat_rows=() nat_failed_calls=() nat_run_failures=0 nat_call_seq=0
+  nat_peer=() nat_pid_of=()
+  run_started_ms=$(nat_now_ms)
+  nat_say "== run $nat_run_no/$nat_runs: building the lab (namespaces ${nat_prefix}*)"
+  nat_topology_up
+  if ! nat_sanity_check; then
+    nat_warn "the lab topology is not what it should be (see above); giving up"
+    nat_run_record 0 - 0 "topology check failed"
+    nat_run_rc=2; return 0
+  fi
+  nat_flush_conntrack
+
+  nat_say "== run $nat_run_no: starting the relay, then a and c, then b"
+  # shellcheck disable=SC2086  # NAT_RELAY_ARGS is a word list on purpose
+  nat_start_node relay ${NAT_RELAY_ARGS:-}
+  if ! nat_wait_ready relay; then
+    nat_run_record 0 - 0 "relay not ready"; nat_show_logs; nat_run_rc=1; return 0
+  fi
+  local boot="/ip4/198.51.100.10/tcp/4001/p2p/${nat_peer[relay]}" n
+  for n in a c; do nat_start_node "$n" --model echo=builtin:echo --bootstrap "$boot"; done
+  for n in a c; do
+    if ! nat_wait_ready "$n"; then
+      nat_run_record 0 - 0 "node $n not ready"; nat_show_logs; nat_run_rc=1; return 0
+    fi
+  done
+  local t_join t_first="" attempts=0
+  t_join=$(nat_now_ms)
+  nat_start_node b --model echo=builtin:echo --bootstrap "$boot"
+  if ! nat_wait_ready b; then
+    nat_run_record 0 - 0 "node b not ready"; nat_show_logs; nat_run_rc=1; return 0
+  fi
+  for n in relay a b c; do
+    nat_say "   $n ${nat_peer[$n]} ready $((nat_ready_ms[$n] - nat_started_ms[$n])) ms after start"
+  done
+
+  nat_say "== run $nat_run_no: calls"
+  # a->b right after b joined, retried every 200 ms: the time from b's join to the first answer.
+  local deadline left per
+  deadline=$((t_join + NAT_JOIN_TIMEOUT * 1000))
+  while :; do
+    left=$(((deadline - $(nat_now_ms)) / 1000))
+    [ "$left" -ge 1 ] || break
+    per=$((left < NAT_ATTEMPT_TIMEOUT ? left : NAT_ATTEMPT_TIMEOUT))
+    attempts=$((attempts + 1))
+    nat_call a b join "$per"
+    if [ "$c_ok" = ok ]; then t_first=$c_ended_ms; break; fi
+    sleep 0.2
+  done
+  if [ "$attempts" -eq 0 ]; then c_ok=fail c_path=- c_ttfb=- c_total=- c_err="b took the whole join budget to start"; fi
+  if [ "$c_ok" != ok ]; then c_err="no answer within ${NAT_JOIN_TIMEOUT} s of b's join ($attempts attempts); last: $c_err"; fi
+  nat_finish_cone_pair a b
+  nat_call b a first "$NAT_CALL_TIMEOUT"
+  nat_finish_cone_pair b a
+  nat_symmetric_pair a c
+  nat_symmetric_pair c a
+
+  local join_ms=-
+  [ -n "$t_first" ] && join_ms=$((t_first - t_join))
+  nat_say ""
+  printf '%-6s %-16s %-13s %8s %9s  %s\n' PAIR NATS PATH TTFB_MS TOTAL_MS RESULT
+  printf '%s\n' "${nat_rows[@]}"
+  nat_say "   b's join to the first answered call from a: $([ "$join_ms" = - ] && echo "never" || echo "$join_ms ms") ($attempts attempt(s))"
+  nat_say ""
+  if [ "$nat_run_failures" -gt 0 ]; then
+    nat_run_record 0 "$join_ms" "$attempts" "$nat_run_failures pair(s) failed"
+    nat_show_logs
+    nat_run_rc=1; return 0
+  fi
+  nat_run_record 1 "$join_ms" "$attempts" ""
+}
+
+nat_summary() {
+  "$nat_py" - "$nat_results" "$nat_runs" <<'PY'
+import json, statistics, sys
+recs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+runs = int(sys.argv[2])
+pairs = [r for r in recs if r["kind"] == "pair"]
+calls = [r for r in recs if r["kind"] == "call" and r["ok"]]
+done_runs = [r for r in recs if r["kind"] == "run"]
+print(f"== summary over {len(done_runs)} run(s)")
+early = [r for r in done_runs if r["note"] and "pair(s) failed" not in r["note"]]
+if early:
+    print(f"   runs that failed before their calls: {len(early)} ("
+          + ", ".join(sorted({r['note'] for r in early})) + ")")
+cone = [p for p in pairs if p["nats"] == "cone->cone"]
+punched = sum(p["hole_punched"] for p in cone)
+rate = f"{100 * punched / len(cone):.0f}%" if cone else "-"
+print(f"   hole punching, cone<->cone pairs: {punched}/{len(cone)} ({rate})")
+order = ["a->b", "b->a", "a->c", "c->a"]
+answered = []
+for name in order:
+    ps = [p for p in pairs if p["pair"] == name]
+    answered.append(f"{name} {sum(p['answered'] for p in ps)}/{len(ps)}")
+print("   calls answered (final call of each pair): " + ", ".join(answered))
+joins = sorted(r["join_to_first_call_ms"] for r in done_runs if r["join_to_first_call_ms"] is not None)
+never = sum(r["join_to_first_call_ms"] is None for r in done_runs)
+if joins:
+    print(f"   b's join to the first answered call from a: p50 {statistics.median(joins):.0f} ms, "
+          f"max {max(joins)} ms over {len(joins)} run(s)" + (f"; {never} run(s) never answered" if never else ""))
+else:
+    print("   b's join to the first answered call from a: never answered")
+for path in ("direct", "hole-punched", "relayed"):
+    cs = [c for c in calls if c["path"] == path]
+    if cs:
+        tot = statistics.median(c["total_ms"] for c in cs)
+        ttfb = statistics.median(c["time_to_first_byte_ms"] for c in cs)
+        print(f"   median call latency, {path:<12}: total {tot:.0f} ms, first byte {ttfb:.0f} ms (n={len(cs)})")
+    elif path != "direct":
+        print(f"   median call latency, {path:<12}: no answered call took this path")
+PY
+}
+
+# ---------------------------------------------------------------------------------------------
+
+nat_cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM ERR
+  set +e
+  nat_topology_down
+  if [ -n "${nat_base:-}" ] && [ -d "$nat_base" ]; then
+    if [ "${nat_keep:-0}" = 1 ]; then
+      nat_say "== kept the run directory: $nat_base (node homes, logs, call outputs)"
+    else
+      rm -rf "$nat_base"
+    fi
+  fi
+  exit "$rc"
+}
+
+nat_main() {
+  nat_runs=1 nat_keep=0
+  local results=""
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --runs) nat_runs="${2:?--runs needs a number}"; shift 2 ;;
+      --results) results="${2:?--results needs a file}"; shift 2 ;;
+      --keep) nat_keep=1; shift ;;
+      -h|--help) nat_usage; exit 2 ;;
+      *) nat_warn "unknown argument $1"; nat_usage >&2; exit 2 ;;
+    esac
+  done
+  if ! [[ "$nat_runs" =~ ^[0-9]+$ ]] || [ "$nat_runs" -lt 1 ] || [ "$nat_runs" -gt 1000 ]; then
+    nat_warn "--runs must be 1..1000"; exit 2
+  fi
+  NAT_READY_TIMEOUT=${NAT_READY_TIMEOUT:-30}
+  NAT_JOIN_TIMEOUT=${NAT_JOIN_TIMEOUT:-30}
+  NAT_ATTEMPT_TIMEOUT=${NAT_ATTEMPT_TIMEOUT:-10}
+  NAT_CALL_TIMEOUT=${NAT_CALL_TIMEOUT:-30}
+  NAT_PUNCH_WAIT=${NAT_PUNCH_WAIT:-15}
+  nat_rust_log=${RUST_LOG:-info,mesh_node=debug,libp2p_dcutr=debug,libp2p_relay=debug}
+
+  nat_prefix="mnat$$-"
+  nat_pids=() nat_ns_made=() nat_call_pid=
+  trap nat_cleanup EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  nat_check_prereqs
+
+  if [ -n "${MESH_BIN:-}" ]; then
+    mesh=$MESH_BIN
+    case "$mesh" in /*) ;; *) mesh="${caller_pwd:-$PWD}/$mesh" ;; esac
+  else
+    echo "== building mesh (first build takes ~12 minutes on 2 cores)"
+    cargo build -q -p mesh-cli
+    mesh="$PWD/target/debug/mesh"
+  fi
+  [ -x "$mesh" ] || { nat_warn "no mesh binary at $mesh"; exit 1; }
+
+  nat_base=$(mktemp -d "${TMPDIR:-/tmp}/mesh-natlab.XXXXXX")
+  if [ -n "$results" ]; then
+    case "$results" in /*) ;; *) results="${caller_pwd:-$PWD}/$results" ;; esac
+    nat_results=$results
+  else
+    nat_results="$nat_base/results.jsonl"
+  fi
+  : >"$nat_results"
+  set -E
+  trap 'nat_warn "command failed (line $LINENO): $BASH_COMMAND"; exit 1' ERR
+
+  local i failed=0 rc
+  for i in $(seq 1 "$nat_runs"); do
+    nat_run "$i"  # not in a condition: errexit must stay on inside (a broken lab aborts)
+    rc=$nat_run_rc
+    nat_topology_down
+    if [ "$rc" -eq 2 ]; then failed=$((failed + 1)); break; fi
+    [ "$rc" -eq 0 ] || failed=$((failed + 1))
+  done
+  nat_summary
+  [ -n "$results" ] && nat_say "== per-run results (JSON lines): $nat_results"
+  if [ "$failed" -gt 0 ]; then
+    nat_say "== $failed of $nat_runs run(s) failed"
+    [ "$nat_keep" = 1 ] || nat_say "   (pass --keep to keep every node's home and log)"
+    exit 1
+  fi
+  nat_say "== every call answered and every cone<->cone pair was hole-punched"
+  exit 0
+}
