@@ -22,6 +22,7 @@
 #   NAT_ATTEMPT_TIMEOUT   --timeout of one attempt in that retry loop        (10)
 #   NAT_CALL_TIMEOUT      --timeout of every other call                      (30)
 #   NAT_PUNCH_WAIT        seconds to wait for `mesh peers` to say hole-punched (15)
+#   NAT_LATENCY_CALLS     small calls a->b and a->c timed after the pairs     (50)
 #   NAT_RELAY_ARGS        extra arguments for the relay's `mesh join` (debugging only)
 #   RUST_LOG              node log filter (default info,mesh_node=debug,libp2p_dcutr=debug,libp2p_relay=debug)
 
@@ -423,6 +424,41 @@ PY
   [ "$c_ok" = ok ] || nat_failed_calls+=("$base.json")
 }
 
+# Small-call latency from $1 to $2 over the connection the pair ended up with: NAT_LATENCY_CALLS
+# calls through the caller node's API (/v1/mesh/infer), one after another, timed in the caller's
+# namespace. Records a "latency" line; prints "PATH MEDIAN_US P90_US" (or "- - -").
+nat_latency() {
+  local from=$1 to=$2
+  ip netns exec "${nat_ns[$from]}" "$nat_py" - "${nat_peer[$to]}" "$NAT_LATENCY_CALLS" \
+    "$nat_results" "$nat_run_no" "$from->$to" "$(nat_nats "$from" "$to")" <<'PY'
+import json, statistics, sys, time, urllib.request
+peer, n, results, run, pair, nats = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
+body = json.dumps({"target": peer, "model": "echo", "prompts": ["ping"], "deadline_ms": 10000}).encode()
+times, paths = [], set()
+for _ in range(n):
+    req = urllib.request.Request("http://127.0.0.1:7440/v1/mesh/infer", data=body,
+                                 headers={"content-type": "application/json"})
+    t = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=15) as r:
+        lines = [json.loads(l) for l in r.read().splitlines() if l.strip()]
+    elapsed = time.perf_counter() - t
+    done = next((e for e in lines if e.get("event") == "done"), None)
+    if done is None:
+        continue
+    times.append(elapsed * 1e6)
+    paths.add(done.get("path"))
+if not times:
+    print("- - -"); sys.exit(0)
+times.sort()
+path = paths.pop() if len(paths) == 1 else "mixed"
+med, p90 = statistics.median(times), times[int(0.9 * (len(times) - 1))]
+with open(results, "a") as f:
+    f.write(json.dumps({"kind": "latency", "run": int(run), "pair": pair, "nats": nats, "path": path,
+                        "calls": len(times), "median_us": round(med), "p90_us": round(p90)}) + "\n")
+print(path, round(med), round(p90))
+PY
+}
+
 nat_nats() { echo "$(nat_kind_of "$1")->$(nat_kind_of "$2")"; }
 nat_kind_of() {
   if [ -n "${nat_router_of[$1]:-}" ]; then echo "${nat_kind[${nat_router_of[$1]}]}"; else echo public; fi
@@ -581,12 +617,18 @@ nat_run() {
   nat_symmetric_pair a c
   nat_symmetric_pair c a
 
+  local lat_b lat_c
+  lat_b=$(nat_latency a b || echo "- - -")
+  lat_c=$(nat_latency a c || echo "- - -")
+
   local join_ms=-
   [ -n "$t_first" ] && join_ms=$((t_first - t_join))
   nat_say ""
   printf '%-6s %-16s %-13s %8s %9s  %s\n' PAIR NATS PATH TTFB_MS TOTAL_MS RESULT
   printf '%s\n' "${nat_rows[@]}"
   nat_say "   b's join to the first answered call from a: $([ "$join_ms" = - ] && echo "never" || echo "$join_ms ms") ($attempts attempt(s))"
+  read -r p m q <<<"$lat_b"; nat_say "   small calls a->b through a's API, $NAT_LATENCY_CALLS in a row: $p, median $m us, p90 $q us"
+  read -r p m q <<<"$lat_c"; nat_say "   small calls a->c through a's API, $NAT_LATENCY_CALLS in a row: $p, median $m us, p90 $q us"
   nat_say ""
   if [ "$nat_run_failures" -gt 0 ]; then
     nat_run_record 0 "$join_ms" "$attempts" "$nat_run_failures pair(s) failed"
@@ -634,6 +676,16 @@ for path in ("direct", "hole-punched", "relayed"):
         print(f"   median call latency, {path:<12}: total {tot:.0f} ms, first byte {ttfb:.0f} ms (n={len(cs)})")
     elif path != "direct":
         print(f"   median call latency, {path:<12}: no answered call took this path")
+lat = [r for r in recs if r["kind"] == "latency"]
+for path in ("hole-punched", "relayed"):
+    ms = [r["median_us"] for r in lat if r["path"] == path]
+    if ms:
+        print(f"   small warm calls through the caller's API, {path:<12}: median of run medians "
+              f"{statistics.median(ms):.0f} us over {len(ms)} run(s)")
+h = [r["median_us"] for r in lat if r["path"] == "hole-punched"]
+r_ = [r["median_us"] for r in lat if r["path"] == "relayed"]
+if h and r_:
+    print(f"   relayed / hole-punched: {statistics.median(r_) / statistics.median(h):.2f}x")
 PY
 }
 
@@ -674,6 +726,7 @@ nat_main() {
   NAT_ATTEMPT_TIMEOUT=${NAT_ATTEMPT_TIMEOUT:-10}
   NAT_CALL_TIMEOUT=${NAT_CALL_TIMEOUT:-30}
   NAT_PUNCH_WAIT=${NAT_PUNCH_WAIT:-15}
+  NAT_LATENCY_CALLS=${NAT_LATENCY_CALLS:-50}
   nat_rust_log=${RUST_LOG:-info,mesh_node=debug,libp2p_dcutr=debug,libp2p_relay=debug}
 
   nat_prefix="mnat$$-"

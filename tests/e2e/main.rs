@@ -4,5 +4,6 @@ mod cli;
 mod gateway;
 mod identity;
 mod models;
+mod nat;
 mod network;
 mod openai;

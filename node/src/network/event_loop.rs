@@ -557,7 +557,16 @@ impl EventLoop {
                     renewal,
                     limit,
                 } => {
-                    if self.relays.accepted(&relay_peer_id) {
+                    let (duration, bytes) = limit
+                        .as_ref()
+                        .map_or((None, None), |l| (l.duration(), l.data_in_bytes()));
+                    if !super::relays::fits_calls(duration, bytes) {
+                        tracing::warn!(relay = %relay_peer_id, ?limit, "the relay's circuits are too short or too small for calls; not using it");
+                        if let Some(listener) = self.relays.reject(&relay_peer_id) {
+                            self.swarm.remove_listener(listener);
+                        }
+                        self.reserve_relays();
+                    } else if self.relays.accepted(&relay_peer_id) {
                         tracing::info!(relay = %relay_peer_id, ?limit, "relay reservation accepted: reachable through the relay");
                         self.emit(NetworkEvent::Reserved {
                             relay: relay_peer_id,

@@ -17,6 +17,18 @@ use libp2p::{Multiaddr, PeerId};
 /// How long a relay that failed or went away is left alone.
 pub const RELAY_BACKOFF: Duration = Duration::from_secs(30);
 
+/// The least a relay must allow per circuit for mesh to use it: the longest call deadline
+/// (10 minutes), and room for a long answer. libp2p's default relay (2 minutes, 128 KiB) would
+/// cut calls off midway, so such relays are not used.
+pub const MIN_CIRCUIT_DURATION: Duration = Duration::from_secs(600);
+pub const MIN_CIRCUIT_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Whether circuits limited to `duration` and `bytes` can carry mesh calls (`None`: no limit).
+pub fn fits_calls(duration: Option<Duration>, bytes: Option<u64>) -> bool {
+    duration.is_none_or(|d| d >= MIN_CIRCUIT_DURATION)
+        && bytes.is_none_or(|b| b >= MIN_CIRCUIT_BYTES)
+}
+
 #[derive(Debug)]
 struct Reservation {
     listener: ListenerId,
@@ -109,6 +121,12 @@ impl Relays {
         self.reservations.remove(&relay);
         self.backoff.insert(relay, now + RELAY_BACKOFF);
         Some(relay)
+    }
+
+    /// Drops `relay` for good (until it offers itself again): its limits do not fit calls.
+    pub fn reject(&mut self, relay: &PeerId) -> Option<ListenerId> {
+        self.candidates.remove(relay);
+        self.reservations.remove(relay).map(|r| r.listener)
     }
 
     /// Every reservation's listener, to close them when the node becomes reachable.
@@ -212,6 +230,34 @@ mod tests {
             first,
             "and comes back after the backoff"
         );
+    }
+
+    #[test]
+    fn relays_with_libp2p_default_limits_do_not_fit_calls() {
+        assert!(!fits_calls(
+            Some(Duration::from_secs(120)),
+            Some(128 * 1024)
+        ));
+        assert!(!fits_calls(None, Some(128 * 1024)));
+        assert!(!fits_calls(Some(Duration::from_secs(120)), None));
+        let mesh = crate::network::RelayLimits::default();
+        assert!(fits_calls(
+            Some(mesh.max_circuit_duration),
+            Some(mesh.max_circuit_bytes)
+        ));
+        assert!(fits_calls(None, None));
+    }
+
+    #[test]
+    fn a_rejected_relay_is_not_picked_again() {
+        let mut relays = Relays::new(2);
+        let a = peer();
+        relays.offer(a, &[addr("/ip4/198.51.100.10/tcp/4001")]);
+        let listener = ListenerId::next();
+        relays.requested(a, listener);
+        assert_eq!(relays.reject(&a), Some(listener));
+        assert!(relays.to_reserve(Instant::now()).is_empty());
+        assert!(relays.active().is_empty());
     }
 
     #[test]
