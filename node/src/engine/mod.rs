@@ -4,11 +4,13 @@
 //! - [`gguf`]: text generation from GGUF files (candle quantized models).
 //! - [`bert`]: sentence embeddings from BERT safetensors.
 //! - [`text`]: chat templates, incremental detokenization, stop sequences.
+//! - [`upstream`]: a model served by an OpenAI-compatible server, offered to the mesh.
 
 pub mod bert;
 pub mod builtin;
 pub mod gguf;
 pub mod text;
+pub mod upstream;
 
 use std::sync::Arc;
 
@@ -93,7 +95,8 @@ pub struct LoadError {
     pub reason: String,
 }
 
-/// Loads the engine a spec names. The source may be `builtin:KIND`, a GGUF file, a directory
+/// Loads the engine a spec names. The source may be `builtin:KIND`, an upstream server
+/// (`openai+http://…`, see [`upstream`]), a GGUF file, a directory
 /// with `config.json` + `tokenizer.json` + `model.safetensors` (BERT), or the name of a model
 /// fetched with `mesh model fetch` (looked up in `models_dir`).
 pub fn load(
@@ -106,6 +109,11 @@ pub fn load(
         source_spec: spec.source.clone(),
         reason,
     };
+    if upstream::is_upstream(&spec.source) {
+        return upstream::UpstreamEngine::load(&spec.name, &spec.source, max_concurrency)
+            .map(|e| Arc::new(e) as SharedEngine)
+            .map_err(fail);
+    }
     if let Some(kind) = spec.source.strip_prefix("builtin:") {
         return builtin::from_spec(&spec.name, kind, max_concurrency)
             .map(Arc::from)
