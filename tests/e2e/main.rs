@@ -7,3 +7,4 @@ mod models;
 mod nat;
 mod network;
 mod openai;
+mod upstream;

@@ -32,10 +32,29 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub struct UpstreamEngine {
     card: ModelCard,
+    upstream: Upstream,
+    runtime: tokio::runtime::Handle,
+}
+
+/// What a call needs to talk to the upstream; cloned into the task that does.
+#[derive(Clone)]
+struct Upstream {
+    name: String,
     base: String,
     remote_model: String,
     http: reqwest::Client,
-    runtime: tokio::runtime::Handle,
+}
+
+/// Output handed from the HTTP task to the engine's blocking thread.
+enum Piece {
+    Delta(String),
+    Vectors(Vec<Vec<f32>>),
+}
+
+type Pieces = tokio::sync::mpsc::Sender<Piece>;
+
+async fn emit(pieces: &Pieces, piece: Piece) -> Result<(), WireError> {
+    pieces.send(piece).await.map_err(|_| cancelled())
 }
 
 /// Whether `source` names an upstream server.
@@ -69,8 +88,9 @@ impl UpstreamEngine {
             .connect_timeout(CONNECT_TIMEOUT)
             .build()
             .map_err(|e| format!("cannot set up an HTTP client: {e}"))?;
-        let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|_| "an upstream model must be loaded inside the node's runtime".to_string())?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            "an upstream model must be loaded inside the node's runtime".to_string()
+        })?;
         let listed = {
             let (http, url) = (http.clone(), format!("{base}/models"));
             tokio::task::block_in_place(|| runtime.block_on(list_models(&http, &url)))?
@@ -103,14 +123,19 @@ impl UpstreamEngine {
             max_concurrency,
         };
         Ok(UpstreamEngine {
+            upstream: Upstream {
+                name: card.name.clone(),
+                base,
+                remote_model,
+                http,
+            },
             card,
-            base,
-            remote_model,
-            http,
             runtime,
         })
     }
+}
 
+impl Upstream {
     fn chat_body(&self, request: &InferRequest) -> Result<(String, Value), WireError> {
         let p = &request.params;
         let mut body = json!({
@@ -154,7 +179,7 @@ impl UpstreamEngine {
             }
             Input::Embed { .. } => Err(WireError::bad_request(format!(
                 "model {:?} generates text and cannot embed",
-                self.card.name
+                self.name
             ))),
         }
     }
@@ -162,7 +187,7 @@ impl UpstreamEngine {
     async fn generate(
         &self,
         request: &InferRequest,
-        sink: &mut Sink<'_>,
+        pieces: &Pieces,
         cancel: &CancellationToken,
     ) -> Result<Completion, WireError> {
         let (url, body) = self.chat_body(request)?;
@@ -190,7 +215,9 @@ impl UpstreamEngine {
             for &byte in chunk.iter() {
                 if byte != b'\n' {
                     if line.len() >= MAX_LINE {
-                        return Err(upstream_error(format!("event line exceeds {MAX_LINE} bytes")));
+                        return Err(upstream_error(format!(
+                            "event line exceeds {MAX_LINE} bytes"
+                        )));
                     }
                     line.push(byte);
                     continue;
@@ -222,7 +249,7 @@ impl UpstreamEngine {
                     .unwrap_or("");
                 if !text.is_empty() {
                     deltas += 1;
-                    sink(Output::Delta(text.to_string())).map_err(|_| cancelled())?;
+                    emit(pieces, Piece::Delta(text.to_string())).await?;
                 }
                 match choice["finish_reason"].as_str() {
                     Some("length") => finish = FinishReason::Length,
@@ -237,7 +264,7 @@ impl UpstreamEngine {
     async fn embed(
         &self,
         texts: &[String],
-        sink: &mut Sink<'_>,
+        pieces: &Pieces,
         cancel: &CancellationToken,
     ) -> Result<Completion, WireError> {
         let body = json!({ "model": self.remote_model, "input": texts });
@@ -260,7 +287,12 @@ impl UpstreamEngine {
             .map(|d| {
                 d["embedding"]
                     .as_array()
-                    .map(|v| v.iter().filter_map(Value::as_f64).map(|x| x as f32).collect())
+                    .map(|v| {
+                        v.iter()
+                            .filter_map(Value::as_f64)
+                            .map(|x| x as f32)
+                            .collect()
+                    })
                     .ok_or_else(|| upstream_error("an embedding is not a list of numbers".into()))
             })
             .collect::<Result<_, _>>()?;
@@ -272,7 +304,7 @@ impl UpstreamEngine {
             )));
         }
         let prompt_tokens = value["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as u32;
-        sink(Output::Embeddings(vectors)).map_err(|_| cancelled())?;
+        emit(pieces, Piece::Vectors(vectors)).await?;
         Ok(Completion {
             finish_reason: FinishReason::Complete,
             prompt_tokens,
@@ -292,19 +324,47 @@ impl Engine for UpstreamEngine {
         sink: &mut Sink<'_>,
         cancel: &CancellationToken,
     ) -> Result<Completion, WireError> {
-        // `run` is called on a blocking thread, so it may wait on the runtime.
-        match (&request.input, self.card.task) {
-            (Input::Embed { texts }, Task::Embed) => {
-                self.runtime.block_on(self.embed(texts, sink, cancel))
-            }
+        let embed = match (&request.input, self.card.task) {
+            (Input::Embed { texts }, Task::Embed) => Some(texts.clone()),
             (Input::Embed { .. }, Task::Generate) | (_, Task::Embed) => {
-                Err(WireError::bad_request(format!(
+                return Err(WireError::bad_request(format!(
                     "model {:?} is a {:?} model and cannot take this input",
                     self.card.name, self.card.task
                 )))
             }
-            _ => self.runtime.block_on(self.generate(request, sink, cancel)),
+            _ => None,
+        };
+        // The HTTP exchange runs on the runtime; this blocking thread hands its output to the
+        // sink (which blocks on the caller's flow control). Dropping the task's handle on any
+        // exit aborts it, which closes the upstream connection.
+        let (pieces, mut received) = tokio::sync::mpsc::channel(16);
+        let (upstream, request, cancel) = (self.upstream.clone(), request.clone(), cancel.clone());
+        let task = self.runtime.spawn(async move {
+            match embed {
+                Some(texts) => upstream.embed(&texts, &pieces, &cancel).await,
+                None => upstream.generate(&request, &pieces, &cancel).await,
+            }
+        });
+        let _abort = AbortOnDrop(task.abort_handle());
+        while let Some(piece) = received.blocking_recv() {
+            let output = match piece {
+                Piece::Delta(text) => Output::Delta(text),
+                Piece::Vectors(vectors) => Output::Embeddings(vectors),
+            };
+            sink(output).map_err(|_| cancelled())?;
         }
+        match self.runtime.block_on(task) {
+            Ok(result) => result,
+            Err(e) => Err(upstream_error(format!("the upstream task failed: {e}"))),
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -413,7 +473,10 @@ mod tests {
             let err = UpstreamEngine::load("m", "openai+http://127.0.0.1:9/v1#x", 1)
                 .err()
                 .unwrap();
-            assert!(err.contains("cannot reach http://127.0.0.1:9/v1/models"), "{err}");
+            assert!(
+                err.contains("cannot reach http://127.0.0.1:9/v1/models"),
+                "{err}"
+            );
         });
         assert!(is_upstream("openai+http://127.0.0.1:8000/v1"));
         assert!(is_upstream("openai-embed+http://127.0.0.1:8000/v1"));
