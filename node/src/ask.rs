@@ -411,6 +411,7 @@ async fn call_one(
             InferResponse::Done {
                 finish_reason,
                 usage,
+                ..
             } => {
                 let total = begin.elapsed();
                 // The path may have changed during the call (a hole punch upgrades a relay).

@@ -425,6 +425,7 @@ impl Server {
                 time_to_first_token_ms: first_output.unwrap_or(total).as_millis() as u64,
                 total_ms: total.as_millis() as u64,
             },
+            receipt: None,
         })?;
         out.send(wr).await.map_err(|_| CallEnd::CallerGone)
     }

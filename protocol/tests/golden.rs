@@ -86,6 +86,7 @@ fn response_frames() {
                 time_to_first_token_ms: 40,
                 total_ms: 200,
             },
+            receipt: None,
         },
         "68a164646f6e65a26d66696e6973685f726561736f6e6473746f70657573616765a46d70726f6d70745f746f6b656e73181e71636f6d706c6574696f6e5f746f6b656e73087674696d655f746f5f66697273745f746f6b656e5f6d73182868746f74616c5f6d7318c8",
     );
