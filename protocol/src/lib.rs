@@ -22,8 +22,8 @@ pub mod token;
 pub use card::{CatalogRequest, CatalogResponse, ModelCard, SignedModelCard, Task};
 pub use error::{ErrorCode, WireError};
 pub use frame::{decode_frame, encode_frame, FrameError, DEFAULT_MAX_FRAME_LEN};
-pub use receipt::{Receipt, SignedReceipt};
-pub use token::{SignedToken, TokenClaims};
 pub use infer::{
     ChatMessage, FinishReason, InferRequest, InferResponse, Input, Role, SamplingParams, Usage,
 };
+pub use receipt::{Receipt, SignedReceipt};
+pub use token::{SignedToken, TokenClaims};

@@ -149,7 +149,10 @@ impl SignedToken {
 
     /// `mtk1.` + base64url (no padding) of [`SignedToken::to_bytes`].
     pub fn to_text(&self) -> String {
-        format!("{TOKEN_TEXT_PREFIX}{}", URL_SAFE_NO_PAD.encode(self.to_bytes()))
+        format!(
+            "{TOKEN_TEXT_PREFIX}{}",
+            URL_SAFE_NO_PAD.encode(self.to_bytes())
+        )
     }
 
     /// Parses the text form; surrounding whitespace is ignored.
