@@ -235,7 +235,8 @@ mod tests {
 
     #[test]
     fn bad_claims_are_refused() {
-        let cases: Vec<(fn(&mut TokenClaims), &str)> = vec![
+        type Change = fn(&mut TokenClaims);
+        let cases: Vec<(Change, &str)> = vec![
             (|c| c.version = 2, "version"),
             (|c| c.id = vec![1; 15], "id"),
             (|c| c.subject.clear(), "subject"),

@@ -33,7 +33,7 @@ use watched::Watched;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     #[error("not on the allow list: peer {peer} may not call {model:?} on this node")]
-    NotAllowed { peer: PeerId, model: String },
+    NotAllowed { peer: String, model: String },
     #[error(
         "no token: model {model:?} on this node needs a capability token (mesh infer --token)"
     )]
@@ -43,9 +43,9 @@ pub enum Refusal {
     #[error("bad signature: the token's signature does not hold")]
     BadSignature,
     #[error("untrusted issuer: tokens signed by {0} are not accepted by this node")]
-    UntrustedIssuer(PeerId),
+    UntrustedIssuer(String),
     #[error("wrong subject: the token was issued to {subject}, not to {peer}")]
-    WrongSubject { subject: PeerId, peer: PeerId },
+    WrongSubject { subject: String, peer: String },
     #[error("model not covered: the token covers {covered:?}, not {model:?}")]
     ModelNotCovered { model: String, covered: Vec<String> },
     #[error("not yet valid: the token is valid from unix time {not_before} (now {now})")]
@@ -255,7 +255,7 @@ impl Authorizer {
         }
         if access == Access::Allow {
             return Err(Refusal::NotAllowed {
-                peer: *peer,
+                peer: peer.to_string(),
                 model: model.to_string(),
             });
         }
@@ -267,12 +267,12 @@ impl Authorizer {
         let opened = token::open_bytes(bytes)?;
         let claims = &opened.claims;
         if !self.trusted.contains(&opened.issuer) {
-            return Err(Refusal::UntrustedIssuer(opened.issuer));
+            return Err(Refusal::UntrustedIssuer(opened.issuer.to_string()));
         }
         if opened.subject != *peer {
             return Err(Refusal::WrongSubject {
-                subject: opened.subject,
-                peer: *peer,
+                subject: opened.subject.to_string(),
+                peer: peer.to_string(),
             });
         }
         if !claims.models.is_empty() && !claims.models.iter().any(|m| m == model) {

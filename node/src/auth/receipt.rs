@@ -15,9 +15,9 @@ pub enum ReceiptError {
     #[error("the receipt's server field is not a peer id")]
     BadServer,
     #[error("the receipt's signature is not by its server {0}")]
-    BadSignature(PeerId),
+    BadSignature(String),
     #[error("the receipt is signed by {signer}, but the call went to {called}")]
-    WrongServer { signer: PeerId, called: PeerId },
+    WrongServer { signer: String, called: String },
     #[error("the receipt is for another request (its request hash differs)")]
     WrongRequest,
     #[error("the receipt is for model {receipt:?}, but the call was to {called:?}")]
@@ -51,7 +51,7 @@ pub fn verify(signed: &SignedReceipt) -> Result<(Receipt, PeerId), ReceiptError>
         &SignedReceipt::signed_message(&signed.receipt),
         &signed.signature,
     ) {
-        return Err(ReceiptError::BadSignature(server));
+        return Err(ReceiptError::BadSignature(server.to_string()));
     }
     Ok((receipt, server))
 }
@@ -65,8 +65,8 @@ pub fn verify_for_call(
     let (receipt, signer) = verify(signed)?;
     if signer != *called {
         return Err(ReceiptError::WrongServer {
-            signer,
-            called: *called,
+            signer: signer.to_string(),
+            called: called.to_string(),
         });
     }
     if receipt.model != request.model {
