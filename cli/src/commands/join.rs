@@ -184,8 +184,19 @@ fn print_ready(node: &Node, listen: &[Multiaddr], json: bool) {
             card.name, card.task, card.architecture, card.quantization
         );
         if let Some(addr) = share {
+            let policy = node.server().policy();
+            let access = policy
+                .models
+                .get(&card.name)
+                .copied()
+                .unwrap_or(policy.default);
+            let token = if access == Access::Token {
+                " --token TOKEN"
+            } else {
+                ""
+            };
             println!(
-                "    call it: mesh infer {} {} --bootstrap {addr} --prompt \"Hello\"",
+                "    call it: mesh infer {} {} --bootstrap {addr}{token} --prompt \"Hello\"",
                 node.peer_id(),
                 card.name
             );
