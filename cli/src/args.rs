@@ -42,7 +42,11 @@ pub enum Command {
     /// Print this node's peer id (creating its key on first use)
     Id,
     /// Issue, inspect and revoke capability tokens
-    Token,
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Check signed receipts of calls
+    #[command(subcommand)]
+    Receipt(ReceiptCommand),
     /// Fetch and list the real models mesh knows how to get
     #[command(subcommand)]
     Model(ModelCommand),
@@ -58,6 +62,47 @@ pub enum ModelCommand {
     },
     /// The models mesh knows how to fetch, and whether they are here
     List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Sign a token with this node's key that lets one peer call its models
+    Issue {
+        /// The peer id that may use the token (the caller's `mesh id`)
+        #[arg(long, value_name = "PEER_ID")]
+        to: String,
+        /// A model the token covers (repeatable) [default: every model of the node]
+        #[arg(long = "model", value_name = "NAME")]
+        models: Vec<String>,
+        /// How long the token is valid, e.g. 30d, 12h, 90m, 45s
+        #[arg(long, value_name = "DURATION", default_value = "30d")]
+        expires: String,
+        /// Valid only after this much time from now, e.g. 1h [default: valid at once]
+        #[arg(long, value_name = "DURATION")]
+        not_before: Option<String>,
+        /// Most calls the token pays for on one node
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        max_requests: Option<u64>,
+    },
+    /// Show a token's claims and whether its signature holds (exit 1 if it does not)
+    Inspect {
+        /// The token text (mtk1.…), or `-` to read it from stdin
+        token: String,
+    },
+    /// Revoke a token on the node using this home (takes effect at once if it runs)
+    Revoke {
+        /// The token id (32 hex digits, see `mesh token inspect`) or the token text
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReceiptCommand {
+    /// Check a receipt offline: its signature and who signed it (exit 1 if it fails)
+    Verify {
+        /// A file holding a receipt (mrc1.…) or the JSON `done` line of `mesh infer --json`; `-` for stdin
+        file: String,
+    },
 }
 
 /// How a short-lived command reaches the mesh.
@@ -135,6 +180,26 @@ pub struct JoinArgs {
     /// Calls that may wait per model while all its slots are busy
     #[arg(long, value_name = "N", default_value_t = 16)]
     pub queue: usize,
+
+    /// Serve this peer (repeatable); without --require-token, serve only listed peers
+    #[arg(long, value_name = "PEER_ID")]
+    pub allow: Vec<String>,
+
+    /// A file of allowed peer ids, one per line (`#` comments), re-read when it changes
+    #[arg(long, value_name = "PATH")]
+    pub allow_file: Option<PathBuf>,
+
+    /// Serve only allowed peers and callers presenting a valid capability token
+    #[arg(long)]
+    pub require_token: bool,
+
+    /// Also accept tokens signed by this key (repeatable; this node's own key always counts)
+    #[arg(long, value_name = "PEER_ID")]
+    pub trust_issuer: Vec<String>,
+
+    /// The access policy of one model, NAME=open|allow|token (repeatable; overrides the default)
+    #[arg(long, value_name = "NAME=POLICY")]
+    pub model_policy: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -176,6 +241,20 @@ pub struct InferArgs {
     /// Stop when this text is generated (repeatable)
     #[arg(long)]
     pub stop: Vec<String>,
+
+    /// A capability token (mtk1.…) for a node that requires one
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        conflicts_with = "token_file",
+        env = "MESH_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+
+    /// Read the capability token from this file
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
 
     /// Give up if the whole command (finding the node, connecting, answering) takes longer than this many seconds
     #[arg(long, value_name = "SECS", default_value_t = 120)]

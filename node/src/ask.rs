@@ -47,6 +47,9 @@ pub struct Ask {
     pub params: SamplingParams,
     /// Milliseconds for the whole call.
     pub deadline_ms: u64,
+    /// A capability token in its text form (`mtk1.…`), for nodes whose policy asks for one.
+    #[serde(default)]
+    pub token: Option<String>,
 }
 
 /// One step of a call, as `mesh infer --json` prints it.
@@ -75,6 +78,15 @@ pub enum AskEvent {
         connect_ms: u64,
         time_to_first_byte_ms: u64,
         total_ms: u64,
+        /// The serving node's signed receipt, in its text form (`mrc1.…`).
+        #[serde(default)]
+        receipt: Option<String>,
+        /// True when the receipt's signature is by the node called and it covers this request.
+        #[serde(default)]
+        receipt_verified: bool,
+        /// Why the receipt did not verify (or that there was none).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        receipt_error: Option<String>,
     },
     Error {
         code: ErrorCode,
@@ -274,12 +286,20 @@ pub fn build_request(ask: &Ask, card: &ModelCard) -> Result<InferRequest, WireEr
             Input::Chat { messages }
         }
     };
+    let token = match &ask.token {
+        Some(text) => Some(
+            mesh_protocol::SignedToken::from_text(text)
+                .map_err(|e| WireError::bad_request(format!("--token: {e}")))?
+                .to_bytes(),
+        ),
+        None => None,
+    };
     let request = InferRequest {
         model: ask.model.clone(),
         input,
         params: ask.params.clone(),
         deadline_ms: Some(ask.deadline_ms),
-        token: None,
+        token,
     };
     request.validate()?;
     Ok(request)
@@ -405,7 +425,18 @@ async fn call_one(
             InferResponse::Done {
                 finish_reason,
                 usage,
+                receipt,
             } => {
+                let (receipt_verified, receipt_error) = match &receipt {
+                    Some(r) => match crate::auth::receipt::verify_for_call(r, &peer, request) {
+                        Ok(_) => (true, None),
+                        Err(e) => {
+                            tracing::warn!(%peer, "the node's receipt does not verify: {e}");
+                            (false, Some(e.to_string()))
+                        }
+                    },
+                    None => (false, Some("the node sent no receipt".to_string())),
+                };
                 let total = begin.elapsed();
                 return Ok(AskEvent::Done {
                     peer: peer.to_string(),
@@ -415,6 +446,9 @@ async fn call_one(
                     connect_ms,
                     time_to_first_byte_ms: first_byte.unwrap_or(total).as_millis() as u64,
                     total_ms: total.as_millis() as u64,
+                    receipt: receipt.map(|r| r.to_text()),
+                    receipt_verified,
+                    receipt_error,
                 });
             }
             InferResponse::Error(e) => return Err((CallError::Remote(e), first_byte.is_some())),

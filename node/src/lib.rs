@@ -2,6 +2,7 @@
 //!
 //! - [`home`]: the data directory and its layout.
 //! - [`identity`]: the node's ed25519 key, its PeerId, signatures.
+//! - [`auth`]: access policies, capability tokens and signed receipts.
 //! - [`wire`]: protocol frames over async streams.
 //! - [`engine`]: loaded models behind one trait.
 //! - [`models`]: real model files mesh knows how to fetch.
@@ -15,6 +16,7 @@
 
 pub mod api;
 pub mod ask;
+pub mod auth;
 pub mod call;
 pub mod engine;
 pub mod home;

@@ -227,6 +227,8 @@ fn chat_ask(req: &ChatRequest) -> Result<Ask, OpenAiError> {
         expect: Some(Task::Generate),
         params,
         deadline_ms: GATEWAY_DEADLINE.as_millis() as u64,
+        // Gateway calls use this node's identity; its tokens are not passed through (yet).
+        token: None,
     })
 }
 
@@ -469,6 +471,7 @@ pub(crate) async fn embeddings(
         expect: Some(Task::Embed),
         params: SamplingParams::default(),
         deadline_ms: GATEWAY_DEADLINE.as_millis() as u64,
+        token: None,
     };
     match collect(start(&state, ask)).await {
         Ok(answer) => {

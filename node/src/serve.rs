@@ -4,6 +4,10 @@
 //! is answered `overloaded` at once. Compute runs on a blocking thread; its output flows
 //! through a small bounded channel to the stream. The call is cancelled when the caller goes
 //! away or the deadline passes, and the engine stops at its next step.
+//!
+//! Before any of that, the caller's Noise-authenticated peer id and token are checked against
+//! the access policy ([`crate::auth`]); a refused call gets `unauthorized` and computes
+//! nothing. Every answered call ends with a `done` frame carrying a receipt signed by the node.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -13,6 +17,7 @@ use std::time::{Duration, Instant};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::PeerId;
 use mesh_protocol::frame::{encode_body, encode_frame, DEFAULT_MAX_FRAME_LEN};
+use mesh_protocol::receipt::{Receipt, RECEIPT_VERSION};
 use mesh_protocol::{
     CatalogRequest, CatalogResponse, ErrorCode, InferRequest, InferResponse, Input, ModelCard,
     SignedModelCard, Task, Usage, WireError,
@@ -20,6 +25,7 @@ use mesh_protocol::{
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{unix_now, AccessConfig, AccessSetupError, Authorizer, Grant, PolicySummary};
 use crate::engine::{Gone, Output, SharedEngine};
 use crate::identity::NodeIdentity;
 use crate::wire::{read_frame, write_frame, WireIoError};
@@ -35,6 +41,8 @@ pub struct ServeConfig {
     /// Requests that may wait per model while all its slots are busy.
     pub max_queue: usize,
     pub max_frame_len: usize,
+    /// Who may call which model.
+    pub access: AccessConfig,
 }
 
 impl Default for ServeConfig {
@@ -45,6 +53,7 @@ impl Default for ServeConfig {
             max_deadline: Duration::from_secs(600),
             max_queue: 16,
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
+            access: AccessConfig::default(),
         }
     }
 }
@@ -57,6 +66,8 @@ pub enum ServeSetupError {
     BadName(String, String),
     #[error("model {0:?} has max_concurrency 0")]
     NoConcurrency(String),
+    #[error(transparent)]
+    Access(#[from] AccessSetupError),
 }
 
 /// One hosted model with its admission control.
@@ -106,6 +117,8 @@ impl HostedModel {
 pub struct Server {
     models: BTreeMap<String, Arc<HostedModel>>,
     config: ServeConfig,
+    identity: NodeIdentity,
+    auth: Authorizer,
 }
 
 impl Server {
@@ -142,7 +155,19 @@ impl Server {
                 return Err(ServeSetupError::DuplicateName(card.name));
             }
         }
-        Ok(Server { models, config })
+        let names: Vec<String> = models.keys().cloned().collect();
+        let auth = Authorizer::new(identity.peer_id(), &config.access, &names)?;
+        Ok(Server {
+            models,
+            config,
+            identity: identity.clone(),
+            auth,
+        })
+    }
+
+    /// The access policy in effect.
+    pub fn policy(&self) -> PolicySummary {
+        self.auth.summary()
     }
 
     pub fn cards(&self) -> impl Iterator<Item = &ModelCard> {
@@ -246,7 +271,28 @@ impl Server {
         };
         let model = request.model.clone();
         let started = Instant::now();
-        match self.run_call(request, &mut rd, &mut wr).await {
+        let received_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        // Authorization comes first: a refused caller learns nothing and costs no compute.
+        let grant = match self
+            .auth
+            .authorize(&peer, &model, request.token.as_deref(), unix_now())
+        {
+            Ok(grant) => grant,
+            Err(refusal) => {
+                tracing::info!(%peer, %model, reason = refusal.reason(), "call refused: {refusal}");
+                self.send_error(&mut wr, refusal.into()).await;
+                let _ = tokio::time::timeout(WRITE_TIMEOUT, wr.close()).await;
+                return;
+            }
+        };
+        let call = CallInfo {
+            peer,
+            grant,
+            received_unix_ms,
+        };
+        match self.run_call(request, call, &mut rd, &mut wr).await {
             Ok(()) => {
                 tracing::info!(%peer, %model, ms = started.elapsed().as_millis() as u64, "call served")
             }
@@ -305,6 +351,7 @@ impl Server {
     async fn run_call<R, W>(
         &self,
         request: InferRequest,
+        call: CallInfo,
         rd: &mut R,
         wr: &mut W,
     ) -> Result<(), CallEnd>
@@ -338,11 +385,15 @@ impl Server {
             .await
             .map_err(|_| deadline_exceeded(deadline_len))?
             .expect("the slot semaphore is never closed");
+        // A token's quota is counted now, when compute is about to start.
+        self.auth.commit(&call.grant, unix_now())?;
+        let request_sha256 = crate::auth::receipt::request_sha256(&request);
+        let queue_ms = queued.elapsed().as_millis() as u64;
         let mut out = FrameBuffer::new(self.config.max_frame_len, deadline);
         // Held back briefly: it usually leaves in one packet with the first output.
         out.push(&InferResponse::Started {
             model: request.model.clone(),
-            queue_ms: queued.elapsed().as_millis() as u64,
+            queue_ms,
         })?;
 
         let cancel = CancellationToken::new();
@@ -417,14 +468,32 @@ impl Server {
             }
         };
         let total = compute_start.elapsed();
+        let usage = Usage {
+            prompt_tokens: completion.prompt_tokens,
+            completion_tokens: completion.completion_tokens,
+            time_to_first_token_ms: first_output.unwrap_or(total).as_millis() as u64,
+            total_ms: total.as_millis() as u64,
+        };
+        let receipt = Receipt {
+            version: RECEIPT_VERSION,
+            request_sha256: request_sha256.to_vec(),
+            model: hosted.card().name.clone(),
+            weights_sha256: hosted.card().sha256.clone(),
+            server: self.identity.peer_id().to_bytes(),
+            client: call.peer.to_bytes(),
+            token_id: call.grant.token_id.map(|id| id.to_vec()),
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            finish_reason: completion.finish_reason,
+            received_unix_ms: call.received_unix_ms,
+            queue_ms,
+            time_to_first_token_ms: usage.time_to_first_token_ms,
+            compute_ms: usage.total_ms,
+        };
         out.push(&InferResponse::Done {
             finish_reason: completion.finish_reason,
-            usage: Usage {
-                prompt_tokens: completion.prompt_tokens,
-                completion_tokens: completion.completion_tokens,
-                time_to_first_token_ms: first_output.unwrap_or(total).as_millis() as u64,
-                total_ms: total.as_millis() as u64,
-            },
+            usage,
+            receipt: Some(crate::auth::receipt::sign(&self.identity, &receipt)),
         })?;
         out.send(wr).await.map_err(|_| CallEnd::CallerGone)
     }
@@ -520,11 +589,24 @@ fn deadline_exceeded(after: Duration) -> WireError {
     )
 }
 
+/// Who is calling, and what let them in.
+struct CallInfo {
+    peer: PeerId,
+    grant: Grant,
+    received_unix_ms: u64,
+}
+
 enum CallEnd {
     /// Answered with an error frame.
     Refused(WireError),
     /// The caller closed or reset the stream; nothing more can be sent.
     CallerGone,
+}
+
+impl From<crate::auth::Refusal> for CallEnd {
+    fn from(r: crate::auth::Refusal) -> Self {
+        CallEnd::Refused(r.into())
+    }
 }
 
 impl From<WireError> for CallEnd {

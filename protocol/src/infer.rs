@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::WireError;
+use crate::receipt::SignedReceipt;
 
 /// Most chat messages or embedding inputs one request may carry.
 pub const MAX_INPUTS: usize = 256;
@@ -173,6 +174,10 @@ pub enum InferResponse {
     Done {
         finish_reason: FinishReason,
         usage: Usage,
+        /// The serving node's signed receipt for this call. Absent from nodes that predate
+        /// receipts (and then not encoded at all, so their frames are unchanged).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        receipt: Option<SignedReceipt>,
     },
     /// The call failed; no more frames follow.
     Error(WireError),

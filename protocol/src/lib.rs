@@ -5,6 +5,8 @@
 //! - [`infer`]: request and response frames of `/mesh/infer/1`.
 //! - [`card`]: the model card a node advertises, and the catalog exchange.
 //! - [`error`]: typed error codes a client can act on.
+//! - [`token`]: capability tokens a node owner signs for a caller.
+//! - [`receipt`]: the receipt a serving node signs into the `done` frame.
 //!
 //! This crate has no async runtime, no networking and no model code, so another
 //! implementation (or a fuzzer) can use it alone. `docs/protocol.md` specifies every frame.
@@ -14,6 +16,8 @@ pub mod error;
 pub mod frame;
 pub mod ids;
 pub mod infer;
+pub mod receipt;
+pub mod token;
 
 pub use card::{CatalogRequest, CatalogResponse, ModelCard, SignedModelCard, Task};
 pub use error::{ErrorCode, WireError};
@@ -21,3 +25,5 @@ pub use frame::{decode_frame, encode_frame, FrameError, DEFAULT_MAX_FRAME_LEN};
 pub use infer::{
     ChatMessage, FinishReason, InferRequest, InferResponse, Input, Role, SamplingParams, Usage,
 };
+pub use receipt::{Receipt, SignedReceipt};
+pub use token::{SignedToken, TokenClaims};

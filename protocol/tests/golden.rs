@@ -86,6 +86,7 @@ fn response_frames() {
                 time_to_first_token_ms: 40,
                 total_ms: 200,
             },
+            receipt: None,
         },
         "68a164646f6e65a26d66696e6973685f726561736f6e6473746f70657573616765a46d70726f6d70745f746f6b656e73181e71636f6d706c6574696f6e5f746f6b656e73087674696d655f746f5f66697273745f746f6b656e5f6d73182868746f74616c5f6d7318c8",
     );
@@ -136,4 +137,64 @@ fn unknown_error_codes_from_newer_peers_decode_as_unknown() {
         resp,
         InferResponse::Error(WireError::new(ErrorCode::Unknown, ""))
     );
+}
+
+/// The peer ids of the ed25519 secrets [1; 32] and [2; 32], as bytes (identity multihash).
+const PEER_1: &str = "0024080112208a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c";
+const PEER_2: &str = "0024080112208139770ea87d175f56a35466c34c7ecccb8d8a91b4ee37a25df60f5b8fc9b394";
+
+#[test]
+fn done_with_receipt() {
+    // Cross-checked with Python cbor2; the signature is a placeholder (signing is pinned by the
+    // token test vector in node/src/auth/token.rs, which uses the same scheme).
+    let receipt = Receipt {
+        version: 1,
+        request_sha256: vec![0x11; 32],
+        model: "smol".into(),
+        weights_sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53".into(),
+        server: hex::decode(PEER_1).unwrap(),
+        client: hex::decode(PEER_2).unwrap(),
+        token_id: Some((0u8..16).collect()),
+        prompt_tokens: 30,
+        completion_tokens: 8,
+        finish_reason: FinishReason::Stop,
+        received_unix_ms: 1_700_000_000_000,
+        queue_ms: 3,
+        time_to_first_token_ms: 40,
+        compute_ms: 200,
+    };
+    let done = InferResponse::Done {
+        finish_reason: FinishReason::Stop,
+        usage: Usage {
+            prompt_tokens: 30,
+            completion_tokens: 8,
+            time_to_first_token_ms: 40,
+            total_ms: 200,
+        },
+        receipt: Some(SignedReceipt {
+            receipt: encode_body(&receipt).unwrap(),
+            signature: vec![0xAB; 64],
+        }),
+    };
+    check(&done, "d704a164646f6e65a36d66696e6973685f726561736f6e6473746f70657573616765a46d70726f6d70745f746f6b656e73181e71636f6d706c6574696f6e5f746f6b656e73087674696d655f746f5f66697273745f746f6b656e5f6d73182868746f74616c5f6d7318c86772656365697074a2677265636569707459018fae6776657273696f6e016e726571756573745f73686132353658201111111111111111111111111111111111111111111111111111111111111111656d6f64656c64736d6f6c6e776569676874735f7368613235367840623137396339353233643065366130663938613333306337353632623638323735306136663863386331356535626337306561333733373238313130646235336673657276657258260024080112208a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c66636c69656e7458260024080112208139770ea87d175f56a35466c34c7ecccb8d8a91b4ee37a25df60f5b8fc9b39468746f6b656e5f696450000102030405060708090a0b0c0d0e0f6d70726f6d70745f746f6b656e73181e71636f6d706c6574696f6e5f746f6b656e73086d66696e6973685f726561736f6e6473746f707072656365697665645f756e69785f6d731b0000018bcfe568006871756575655f6d73037674696d655f746f5f66697273745f746f6b656e5f6d7318286a636f6d707574655f6d7318c8697369676e61747572655840abababababababababababababababababababababababababababababababababababababababababababababababababababababababababababababababab");
+}
+
+#[test]
+fn capability_token_claims() {
+    // The claims of the token test vector in docs/protocol.md (cross-checked with cbor2).
+    let claims = TokenClaims {
+        version: 1,
+        id: (0u8..16).collect(),
+        issuer: hex::decode(PEER_1).unwrap(),
+        subject: hex::decode(PEER_2).unwrap(),
+        models: vec!["smol".into()],
+        not_before: 1_700_000_000,
+        expires: 1_700_086_400,
+        max_requests: Some(100),
+    };
+    assert_eq!(hex::encode(encode_body(&claims).unwrap()), "a86776657273696f6e0162696450000102030405060708090a0b0c0d0e0f6669737375657258260024080112208a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c677375626a65637458260024080112208139770ea87d175f56a35466c34c7ecccb8d8a91b4ee37a25df60f5b8fc9b394666d6f64656c738164736d6f6c6a6e6f745f6265666f72651a6553f10067657870697265731a655542806c6d61785f72657175657374731864");
+    let text = "mtk1.omZjbGFpbXNYtqhndmVyc2lvbgFiaWRQAAECAwQFBgcICQoLDA0OD2Zpc3N1ZXJYJgAkCAESIIqI4910CfGV_VLbLTy6XXLKZwm_HZQSG_N0iAG0D29cZ3N1YmplY3RYJgAkCAESIIE5dw6ofRdfVqNUZsNMfszLjYqRtO43ol32D1uPybOUZm1vZGVsc4Fkc21vbGpub3RfYmVmb3JlGmVT8QBnZXhwaXJlcxplVUKAbG1heF9yZXF1ZXN0cxhkaXNpZ25hdHVyZVhAIr5Daz8yS1rPrDW9o7wE1wGN4IbnrNhpPevjU6CtRaNtnqH8aRdoxrpwlzy9ExAADoviQ3ub7PMpiUQvlhZHCQ";
+    let token = SignedToken::from_text(text).unwrap();
+    assert_eq!(token.decode_claims().unwrap(), claims);
+    assert_eq!(token.to_text(), text);
 }

@@ -98,10 +98,19 @@ fn response() -> impl Strategy<Value = InferResponse> {
         text().prop_map(|text| InferResponse::Delta { text }),
         proptest::collection::vec(proptest::collection::vec(any::<f32>(), 0..8), 0..4)
             .prop_map(|vectors| InferResponse::Embeddings { vectors }),
-        (finish, usage).prop_map(|(finish_reason, usage)| InferResponse::Done {
-            finish_reason,
-            usage
-        }),
+        (
+            finish,
+            usage,
+            proptest::option::of((
+                proptest::collection::vec(any::<u8>(), 0..64),
+                proptest::collection::vec(any::<u8>(), 0..64)
+            ))
+        )
+            .prop_map(|(finish_reason, usage, receipt)| InferResponse::Done {
+                finish_reason,
+                usage,
+                receipt: receipt.map(|(receipt, signature)| SignedReceipt { receipt, signature }),
+            }),
         (error_code(), text())
             .prop_map(|(code, message)| InferResponse::Error(WireError { code, message })),
     ]

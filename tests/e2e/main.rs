@@ -1,5 +1,6 @@
 //! The end-to-end test binary: real `mesh` processes and real libp2p swarms.
 
+mod auth;
 mod cli;
 mod gateway;
 mod identity;

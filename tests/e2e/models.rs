@@ -123,6 +123,7 @@ async fn greedy_generation_through_the_mesh_matches_in_process_and_names_paris()
         InferResponse::Done {
             usage,
             finish_reason,
+            ..
         } => {
             assert_eq!(usage.completion_tokens, local.completion_tokens);
             assert_eq!(usage.prompt_tokens, local.prompt_tokens);

@@ -101,6 +101,7 @@ async fn c_finds_a_through_b_and_streams_an_answer() {
         InferResponse::Done {
             finish_reason,
             usage,
+            ..
         } => {
             assert_eq!(finish_reason, FinishReason::Stop);
             assert_eq!(usage.completion_tokens, 4);

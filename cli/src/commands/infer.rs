@@ -76,16 +76,30 @@ pub async fn run(home: Home, args: &InferArgs, json: bool) -> anyhow::Result<Exi
                 usage,
                 total_ms,
                 time_to_first_byte_ms,
+                receipt,
+                receipt_verified,
+                receipt_error,
                 ..
             } => {
                 if !json {
                     println!();
                     eprintln!(
-                        "mesh: {} prompt + {} completion tokens from {peer} ({}), first byte {time_to_first_byte_ms} ms, total {total_ms} ms",
+                        "mesh: {} prompt + {} completion tokens from {peer} ({}), first byte {time_to_first_byte_ms} ms, total {total_ms} ms, receipt {}",
                         usage.prompt_tokens,
                         usage.completion_tokens,
-                        path.as_str()
+                        path.as_str(),
+                        if receipt_verified { "verified" } else { "NOT verified" }
                     );
+                }
+                let why = receipt_error.unwrap_or_default();
+                if receipt.is_some() && !receipt_verified {
+                    // The node signed something that is not a receipt for this call.
+                    outcome = Err(failed(
+                        Exit::Failure,
+                        format!("the answer came with a receipt that does not verify: {why}"),
+                    ));
+                } else if !receipt_verified {
+                    eprintln!("mesh: warning: {why} (an older node?); the answer is unreceipted");
                 }
                 break;
             }
@@ -158,7 +172,27 @@ fn build_ask(args: &InferArgs) -> anyhow::Result<Ask> {
             "--timeout must be at least 1 second",
         ));
     }
+    let token = match (&args.token, &args.token_file) {
+        (Some(t), _) => Some(t.trim().to_string()),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| {
+                    failed(
+                        Exit::BadRequest,
+                        format!("--token-file {}: {e}", path.display()),
+                    )
+                })?
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    if let Some(t) = &token {
+        mesh_protocol::SignedToken::from_text(t)
+            .map_err(|e| failed(Exit::BadRequest, format!("--token: {e}")))?;
+    }
     Ok(Ask {
+        token,
         target: args.peer.clone(),
         model: args.model.clone(),
         prompts,

@@ -2,6 +2,10 @@
 
 use std::process::ExitCode;
 
+use mesh_node::auth::policy::{parse_peers, ConfigFile};
+use mesh_node::auth::quota::USAGE_FILE;
+use mesh_node::auth::revocation::REVOKED_FILE;
+use mesh_node::auth::{Access, AccessConfig};
 use mesh_node::engine::{self, SharedEngine};
 use mesh_node::home::RuntimeInfo;
 use mesh_node::network::{Multiaddr, NetworkEvent, RelayLimits};
@@ -40,6 +44,7 @@ pub async fn run(home: Home, args: &JoinArgs, json: bool) -> anyhow::Result<Exit
         ..RelayLimits::default()
     });
     config.serve.max_queue = args.queue;
+    config.serve.access = access_config(&home, args)?;
     config.api = Some(args.api);
     config.api_key = args.api_key.clone().filter(|k| !k.is_empty());
     if !args.api.ip().is_loopback() {
@@ -96,6 +101,53 @@ pub async fn run(home: Home, args: &JoinArgs, json: bool) -> anyhow::Result<Exit
     Ok(ExitCode::SUCCESS)
 }
 
+/// The access policy: `<home>/config.json`, then the flags on top.
+///
+/// With no policy anywhere, a node is open. `--require-token` makes the default `token`;
+/// otherwise `--allow`/`--allow-file` make it `allow`. Allow entries and trusted issuers from
+/// the file and the flags add up; `--allow-file` replaces the file's; `--model-policy`
+/// overrides the file's entry for that model.
+fn access_config(home: &Home, args: &JoinArgs) -> anyhow::Result<AccessConfig> {
+    let bad = |e: String| failed(Exit::BadRequest, e);
+    let file = ConfigFile::load(home.root()).map_err(bad)?.access;
+    let mut access = AccessConfig {
+        default: file.default.unwrap_or_default(),
+        models: file.models,
+        allow: parse_peers("allow in config.json", &file.allow).map_err(bad)?,
+        allow_file: file.allow_file,
+        trusted_issuers: parse_peers("trust_issuers in config.json", &file.trust_issuers)
+            .map_err(bad)?,
+        revocation_file: Some(home.root().join(REVOKED_FILE)),
+        quota_file: Some(home.root().join(USAGE_FILE)),
+    };
+    access
+        .allow
+        .extend(parse_peers("--allow", &args.allow).map_err(bad)?);
+    access
+        .trusted_issuers
+        .extend(parse_peers("--trust-issuer", &args.trust_issuer).map_err(bad)?);
+    if let Some(f) = &args.allow_file {
+        access.allow_file = Some(f.clone());
+    }
+    if args.require_token {
+        access.default = Access::Token;
+    } else if !args.allow.is_empty() || args.allow_file.is_some() {
+        access.default = Access::Allow;
+    }
+    for entry in &args.model_policy {
+        let (name, policy) = entry.split_once('=').ok_or_else(|| {
+            bad(format!(
+                "--model-policy {entry:?}: expected NAME=open|allow|token"
+            ))
+        })?;
+        let policy: Access = policy
+            .parse()
+            .map_err(|e| bad(format!("--model-policy {entry:?}: {e}")))?;
+        access.models.insert(name.to_string(), policy);
+    }
+    Ok(access)
+}
+
 fn load_models(home: &Home, args: &JoinArgs) -> anyhow::Result<Vec<SharedEngine>> {
     args.models
         .iter()
@@ -116,6 +168,7 @@ fn print_ready(node: &Node, listen: &[Multiaddr], json: bool) {
             "listen_addrs": listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "models": cards.iter().map(|c| &c.name).collect::<Vec<_>>(),
             "api": node.api_addr().map(|a| format!("http://{a}")),
+            "access": node.server().policy(),
         }));
         return;
     }
@@ -140,14 +193,71 @@ fn print_ready(node: &Node, listen: &[Multiaddr], json: bool) {
             card.name, card.task, card.architecture, card.quantization
         );
         if let Some(addr) = share {
+            let policy = node.server().policy();
+            let access = policy
+                .models
+                .get(&card.name)
+                .copied()
+                .unwrap_or(policy.default);
+            let token = if access == Access::Token {
+                " --token TOKEN"
+            } else {
+                ""
+            };
             println!(
-                "    call it: mesh infer {} {} --bootstrap {addr} --prompt \"Hello\"",
+                "    call it: mesh infer {} {} --bootstrap {addr}{token} --prompt \"Hello\"",
                 node.peer_id(),
                 card.name
             );
         }
     }
+    print_policy(node);
     println!("Press Ctrl-C to stop.");
+}
+
+fn print_policy(node: &Node) {
+    let policy = node.server().policy();
+    let describe = |a: Access| match a {
+        Access::Open => "open: any peer that can reach this node may call",
+        Access::Allow => "allow: only peers on the allow list may call",
+        Access::Token => "token: peers on the allow list, or with a valid capability token",
+    };
+    println!("  access: {}", describe(policy.default));
+    for (model, access) in &policy.models {
+        println!("    {model}: {}", describe(*access));
+    }
+    if policy.allow > 0 || policy.allow_file.is_some() {
+        println!(
+            "    allow list: {} peer(s) from flags/config{}",
+            policy.allow,
+            policy
+                .allow_file
+                .as_ref()
+                .map(|f| format!(", plus {f} (re-read on change)"))
+                .unwrap_or_default()
+        );
+    }
+    for issuer in &policy.trusted_issuers {
+        println!("    also trusting tokens issued by {issuer}");
+    }
+    let open_models = node
+        .cards()
+        .iter()
+        .filter(|c| {
+            policy
+                .models
+                .get(&c.name)
+                .copied()
+                .unwrap_or(policy.default)
+                == Access::Open
+        })
+        .count();
+    if open_models > 0 {
+        println!(
+            "  WARNING: {open_models} model(s) are open to anyone who can reach this node; \
+             restrict with --allow, --allow-file or --require-token"
+        );
+    }
 }
 
 fn print_event(event: &NetworkEvent) {

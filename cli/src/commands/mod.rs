@@ -6,6 +6,8 @@ mod model;
 mod models;
 mod peers;
 mod reach;
+mod receipt;
+mod token;
 
 use std::process::ExitCode;
 
@@ -25,7 +27,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Models(args) => models::run(home()?, args, json).await,
         Command::Peers => peers::run(home()?, json).await,
         Command::Model(action) => model::run(&home()?, action, json),
-        Command::Token => anyhow::bail!("`mesh token` is not implemented yet"),
+        Command::Token(action) => token::run(&home()?, action, json),
+        Command::Receipt(action) => receipt::run(action, json),
     }
 }
 

@@ -1,0 +1,157 @@
+//! Signing receipts on the serving node, and checking them on the client or offline.
+
+use libp2p::PeerId;
+use mesh_protocol::frame::encode_body;
+use mesh_protocol::receipt::{Receipt, ReceiptFormatError, SignedReceipt};
+use mesh_protocol::InferRequest;
+use sha2::{Digest, Sha256};
+
+use crate::identity::{verify_by_peer, NodeIdentity};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiptError {
+    #[error(transparent)]
+    Format(#[from] ReceiptFormatError),
+    #[error("the receipt's server field is not a peer id")]
+    BadServer,
+    #[error("the receipt's signature is not by its server {0}")]
+    BadSignature(String),
+    #[error("the receipt is signed by {signer}, but the call went to {called}")]
+    WrongServer { signer: String, called: String },
+    #[error("the receipt is for another request (its request hash differs)")]
+    WrongRequest,
+    #[error("the receipt is for model {receipt:?}, but the call was to {called:?}")]
+    WrongModel { receipt: String, called: String },
+}
+
+/// sha256 of the request frame's body: the canonical CBOR encoding of `request`.
+pub fn request_sha256(request: &InferRequest) -> [u8; 32] {
+    let body = encode_body(request).expect("a decoded request always encodes");
+    Sha256::digest(body).into()
+}
+
+/// Signs `receipt` with the node key.
+pub fn sign(identity: &NodeIdentity, receipt: &Receipt) -> SignedReceipt {
+    let bytes = encode_body(receipt).expect("a receipt always encodes");
+    let signature = identity
+        .sign(&SignedReceipt::signed_message(&bytes))
+        .to_vec();
+    SignedReceipt {
+        receipt: bytes,
+        signature,
+    }
+}
+
+/// Checks a receipt on its own: decodes it and checks the signature by the server it names.
+pub fn verify(signed: &SignedReceipt) -> Result<(Receipt, PeerId), ReceiptError> {
+    let receipt = signed.decode_receipt()?;
+    let server = PeerId::from_bytes(&receipt.server).map_err(|_| ReceiptError::BadServer)?;
+    if !verify_by_peer(
+        &server,
+        &SignedReceipt::signed_message(&signed.receipt),
+        &signed.signature,
+    ) {
+        return Err(ReceiptError::BadSignature(server.to_string()));
+    }
+    Ok((receipt, server))
+}
+
+/// Checks the receipt a client got for `request` sent to `called`.
+pub fn verify_for_call(
+    signed: &SignedReceipt,
+    called: &PeerId,
+    request: &InferRequest,
+) -> Result<Receipt, ReceiptError> {
+    let (receipt, signer) = verify(signed)?;
+    if signer != *called {
+        return Err(ReceiptError::WrongServer {
+            signer: signer.to_string(),
+            called: called.to_string(),
+        });
+    }
+    if receipt.model != request.model {
+        return Err(ReceiptError::WrongModel {
+            receipt: receipt.model,
+            called: request.model.clone(),
+        });
+    }
+    if receipt.request_sha256 != request_sha256(request) {
+        return Err(ReceiptError::WrongRequest);
+    }
+    Ok(receipt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_protocol::{FinishReason, Input};
+
+    fn request() -> InferRequest {
+        InferRequest {
+            model: "echo".into(),
+            input: Input::Completion {
+                prompt: "hi".into(),
+            },
+            params: Default::default(),
+            deadline_ms: None,
+            token: None,
+        }
+    }
+
+    fn receipt(server: &NodeIdentity, req: &InferRequest) -> Receipt {
+        Receipt {
+            version: 1,
+            request_sha256: request_sha256(req).to_vec(),
+            model: req.model.clone(),
+            weights_sha256: "ab".repeat(32),
+            server: server.peer_id().to_bytes(),
+            client: NodeIdentity::generate().peer_id().to_bytes(),
+            token_id: None,
+            prompt_tokens: 1,
+            completion_tokens: 2,
+            finish_reason: FinishReason::Stop,
+            received_unix_ms: 5,
+            queue_ms: 0,
+            time_to_first_token_ms: 1,
+            compute_ms: 3,
+        }
+    }
+
+    #[test]
+    fn a_signed_receipt_verifies_and_any_change_breaks_it() {
+        let server = NodeIdentity::generate();
+        let req = request();
+        let signed = sign(&server, &receipt(&server, &req));
+        assert!(verify_for_call(&signed, &server.peer_id(), &req).is_ok());
+
+        // Tampered contents: more tokens than were served.
+        let mut inflated = receipt(&server, &req);
+        inflated.completion_tokens = 2000;
+        let tampered = SignedReceipt {
+            receipt: encode_body(&inflated).unwrap(),
+            signature: signed.signature.clone(),
+        };
+        assert!(matches!(
+            verify(&tampered),
+            Err(ReceiptError::BadSignature(_))
+        ));
+
+        // Another node signing a receipt naming itself is not the node called.
+        let other = NodeIdentity::generate();
+        let foreign = sign(&other, &receipt(&other, &req));
+        assert!(matches!(
+            verify_for_call(&foreign, &server.peer_id(), &req),
+            Err(ReceiptError::WrongServer { .. })
+        ));
+
+        // A genuine receipt for a different request does not vouch for this one.
+        let mut other_req = request();
+        other_req.input = Input::Completion {
+            prompt: "bye".into(),
+        };
+        assert!(matches!(
+            verify_for_call(&signed, &server.peer_id(), &other_req),
+            Err(ReceiptError::WrongRequest)
+        ));
+    }
+}
