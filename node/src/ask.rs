@@ -13,6 +13,7 @@ use mesh_protocol::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio_util::compat::TokioAsyncReadCompatExt;
@@ -139,6 +140,30 @@ type Candidates = Vec<(PeerId, ModelCard, u32)>;
 #[derive(Default)]
 pub struct ProviderCache {
     entries: std::sync::Mutex<std::collections::HashMap<String, (Instant, Candidates)>>,
+    /// Calls this node has running on each provider now, added to the load it advertised.
+    in_flight: std::sync::Mutex<std::collections::HashMap<PeerId, u32>>,
+}
+
+/// Counts a call on `peer` in its provider's in-flight total while it lives.
+struct InFlight<'a> {
+    cache: &'a ProviderCache,
+    peer: PeerId,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut counts = self
+            .cache
+            .in_flight
+            .lock()
+            .expect("never poisoned: no panics while held");
+        if let Some(n) = counts.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.peer);
+            }
+        }
+    }
 }
 
 impl ProviderCache {
@@ -164,6 +189,47 @@ impl ProviderCache {
         if entries.len() < PROVIDER_CACHE_MODELS {
             entries.insert(model.to_string(), (Instant::now(), candidates.clone()));
         }
+    }
+
+    fn start_call(&self, peer: PeerId) -> InFlight<'_> {
+        *self
+            .in_flight
+            .lock()
+            .expect("never poisoned: no panics while held")
+            .entry(peer)
+            .or_default() += 1;
+        InFlight { cache: self, peer }
+    }
+
+    #[cfg(test)]
+    fn in_flight(&self) -> std::collections::HashMap<PeerId, u32> {
+        self.in_flight
+            .lock()
+            .expect("never poisoned: no panics while held")
+            .clone()
+    }
+
+    /// Orders `candidates` with [`route`] and counts a call on the first, in one step, so
+    /// concurrent calls spread over the providers instead of all picking the same one.
+    fn route_and_claim(
+        &self,
+        candidates: Candidates,
+        me: PeerId,
+        rtt_ms: &std::collections::HashMap<PeerId, f64>,
+    ) -> (Candidates, Option<InFlight<'_>>) {
+        let mut counts = self
+            .in_flight
+            .lock()
+            .expect("never poisoned: no panics while held");
+        let ordered = route(candidates, me, rtt_ms, &counts);
+        let claim = ordered.first().map(|(peer, _, _)| {
+            *counts.entry(*peer).or_default() += 1;
+            InFlight {
+                cache: self,
+                peer: *peer,
+            }
+        });
+        (ordered, claim)
     }
 
     fn forget(&self, model: &str) {
@@ -325,12 +391,35 @@ pub async fn run(mesh: &Mesh, ask: &Ask, events: &mpsc::Sender<AskEvent>) -> Ask
             Err(e) => return AskEvent::from_call_error(&e),
         },
     };
+    let (candidates, mut claimed) = if candidates.len() > 1 {
+        let rtts = mesh
+            .client
+            .peers()
+            .await
+            .map(|peers| {
+                peers
+                    .into_iter()
+                    .filter_map(|p| Some((p.peer_id.parse().ok()?, p.rtt_ms?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let me = mesh.client.local_peer_id();
+        match cache {
+            Some(cache) => cache.route_and_claim(candidates, me, &rtts),
+            None => (route(candidates, me, &rtts, &HashMap::new()), None),
+        }
+    } else {
+        let claim = cache.and_then(|c| candidates.first().map(|(p, _, _)| c.start_call(*p)));
+        (candidates, claim)
+    };
     let mut last = AskEvent::Error {
         code: ErrorCode::UnknownModel,
         message: format!("no node answered for model {:?}", ask.model),
         network: true,
     };
     for (peer, card, _) in candidates {
+        // The first candidate was counted when it was chosen; a failover counts here.
+        let _counted = claimed.take().or_else(|| cache.map(|c| c.start_call(peer)));
         let request = match build_request(ask, &card) {
             Ok(r) => r,
             Err(e) => return AskEvent::from_call_error(&CallError::Remote(e)),
@@ -360,6 +449,32 @@ pub async fn run(mesh: &Mesh, ask: &Ask, events: &mpsc::Sender<AskEvent>) -> Ask
         }
     }
     last
+}
+
+/// Orders providers best first: least busy (the load a provider advertised in its catalog plus
+/// the calls this node has running on it), then the shortest measured round trip (libp2p ping;
+/// this node itself counts as 0, a peer not yet measured as 1 s).
+fn route(
+    mut candidates: Candidates,
+    me: PeerId,
+    rtt_ms: &std::collections::HashMap<PeerId, f64>,
+    in_flight: &std::collections::HashMap<PeerId, u32>,
+) -> Candidates {
+    let rtt = |peer: &PeerId| {
+        if *peer == me {
+            0.0
+        } else {
+            rtt_ms.get(peer).copied().unwrap_or(1000.0)
+        }
+    };
+    candidates.sort_by(|(a, _, load_a), (b, _, load_b)| {
+        let busy_a = load_a + in_flight.get(a).copied().unwrap_or(0);
+        let busy_b = load_b + in_flight.get(b).copied().unwrap_or(0);
+        busy_a
+            .cmp(&busy_b)
+            .then(rtt(a).total_cmp(&rtt(b)))
+    });
+    candidates
 }
 
 async fn call_one(
@@ -454,5 +569,69 @@ async fn call_one(
             InferResponse::Error(e) => return Err((CallError::Remote(e), first_byte.is_some())),
         };
         events.send(event).await.map_err(|_| gone())?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer() -> PeerId {
+        libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id()
+    }
+
+    fn card() -> ModelCard {
+        ModelCard {
+            name: "m".into(),
+            task: Task::Generate,
+            architecture: "test".into(),
+            parameters: 0,
+            quantization: "none".into(),
+            context_length: 64,
+            embedding_dims: None,
+            sha256: String::new(),
+            license: None,
+            max_concurrency: 1,
+        }
+    }
+
+    #[test]
+    fn routing_prefers_the_least_busy_then_the_nearest() {
+        let (near, far, busy, unmeasured) = (peer(), peer(), peer(), peer());
+        let rtts = [(near, 0.4), (far, 40.0), (busy, 0.1)].into_iter().collect();
+        let candidates = vec![
+            (unmeasured, card(), 0),
+            (busy, card(), 3),
+            (far, card(), 0),
+            (near, card(), 0),
+        ];
+        let order: Vec<PeerId> = route(candidates.clone(), peer(), &rtts, &HashMap::new())
+            .into_iter()
+            .map(|(p, _, _)| p)
+            .collect();
+        assert_eq!(order, vec![near, far, unmeasured, busy]);
+
+        // Calls this node already runs on `near` count against it.
+        let in_flight = [(near, 1)].into_iter().collect();
+        let order: Vec<PeerId> = route(candidates, peer(), &rtts, &in_flight)
+            .into_iter()
+            .map(|(p, _, _)| p)
+            .collect();
+        assert_eq!(order, vec![far, unmeasured, near, busy]);
+    }
+
+    #[test]
+    fn in_flight_counts_end_with_the_call() {
+        let cache = ProviderCache::default();
+        let p = peer();
+        let first = cache.start_call(p);
+        let second = cache.start_call(p);
+        assert_eq!(cache.in_flight().get(&p), Some(&2));
+        drop(first);
+        assert_eq!(cache.in_flight().get(&p), Some(&1));
+        drop(second);
+        assert!(cache.in_flight().is_empty());
     }
 }

@@ -170,3 +170,46 @@ async fn an_api_key_guards_the_gateway() {
     assert_eq!(resp.status().as_u16(), 200);
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_spread_over_the_providers_of_a_model() {
+    let b = node_with_api(&[], vec![], 16).await;
+    let boot = vec![tcp_addr(&b).await];
+    // Each call takes about 0.5 s (5 words at 100 ms), so the four below overlap.
+    let a1 = node_with_api(&[("slow", "echo?delay_ms=100")], boot.clone(), 16).await;
+    let a2 = node_with_api(&[("slow", "echo?delay_ms=100")], boot.clone(), 16).await;
+    let mut found = Vec::new();
+    for _ in 0..50 {
+        found = b.client().find_providers("slow").await.unwrap();
+        if found.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(found.len(), 2, "both providers are in the DHT");
+    let c = node_with_api(&[], boot, 16).await;
+    let http = reqwest::Client::new();
+    let (status, body) = chat(&http, &c, "slow", "warm up").await;
+    assert_eq!(status, 200, "{body}");
+
+    let before = (a1.server().runs("slow"), a2.server().runs("slow"));
+    let api = c.api_addr().unwrap();
+    let calls: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(status_of_chat(http.clone(), api, "slow", "a b c d")))
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap(), 200);
+    }
+    let served = (
+        a1.server().runs("slow") - before.0,
+        a2.server().runs("slow") - before.1,
+    );
+    assert_eq!(
+        served,
+        (2, 2),
+        "four overlapping calls through one gateway go two to each provider"
+    );
+    for n in [c, a1, a2, b] {
+        n.shutdown().await;
+    }
+}
