@@ -23,6 +23,15 @@ if ! "$llama_venv/bin/python" -c 'import llama_cpp.server' 2>/dev/null; then
   "$llama_venv/bin/pip" install -q --disable-pip-version-check "llama-cpp-python[server]==0.3.36"
 fi
 export MESH_LLAMA_PYTHON="$llama_venv/bin/python"
+# The official OpenAI JavaScript client, to test the gateway from Node.js too.
+if command -v npm >/dev/null 2>&1 && command -v node >/dev/null 2>&1; then
+  node_dir="$PWD/target/test-node"
+  if [ ! -d "$node_dir/node_modules/openai" ]; then
+    mkdir -p "$node_dir"
+    npm install --prefix "$node_dir" --silent --no-audit --no-fund "openai@7.57.0"
+  fi
+  export MESH_TEST_NODE_MODULES="$node_dir/node_modules"
+fi
 cargo build -p mesh-cli
 target/debug/mesh model fetch all
 cargo test --workspace --all-targets "$@"

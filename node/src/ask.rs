@@ -470,9 +470,7 @@ fn route(
     candidates.sort_by(|(a, _, load_a), (b, _, load_b)| {
         let busy_a = load_a + in_flight.get(a).copied().unwrap_or(0);
         let busy_b = load_b + in_flight.get(b).copied().unwrap_or(0);
-        busy_a
-            .cmp(&busy_b)
-            .then(rtt(a).total_cmp(&rtt(b)))
+        busy_a.cmp(&busy_b).then(rtt(a).total_cmp(&rtt(b)))
     });
     candidates
 }
@@ -600,7 +598,9 @@ mod tests {
     #[test]
     fn routing_prefers_the_least_busy_then_the_nearest() {
         let (near, far, busy, unmeasured) = (peer(), peer(), peer(), peer());
-        let rtts = [(near, 0.4), (far, 40.0), (busy, 0.1)].into_iter().collect();
+        let rtts = [(near, 0.4), (far, 40.0), (busy, 0.1)]
+            .into_iter()
+            .collect();
         let candidates = vec![
             (unmeasured, card(), 0),
             (busy, card(), 3),

@@ -213,3 +213,75 @@ async fn concurrent_requests_spread_over_the_providers_of_a_model() {
         n.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_and_deadlines_get_their_openai_statuses() {
+    use mesh_node::auth::{Access, AccessConfig};
+    // A provider that serves only allow-listed peers (none), and one whose calls may last 1 s.
+    let mut closed = loopback_config(vec![]);
+    closed.serve.access = AccessConfig {
+        default: Access::Allow,
+        ..Default::default()
+    };
+    let locked = Node::start(
+        NodeIdentity::generate(),
+        builtin_engines(&[("locked", "echo")]),
+        closed,
+    )
+    .await
+    .expect("node starts");
+    let boot = vec![tcp_addr(&locked).await];
+    let mut hasty = loopback_config(boot.clone());
+    hasty.serve.max_deadline = Duration::from_secs(1);
+    let hasty = Node::start(
+        NodeIdentity::generate(),
+        builtin_engines(&[("slow", "echo?delay_ms=400")]),
+        hasty,
+    )
+    .await
+    .expect("node starts");
+    let c = node_with_api(&[], boot, 16).await;
+    let http = reqwest::Client::new();
+
+    let mut last = (0, Value::Null);
+    for _ in 0..50 {
+        last = chat(&http, &c, "locked", "hi").await;
+        if last.0 != 404 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, body) = last;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"]["type"], "permission_error", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("allow list"),
+        "{body}"
+    );
+    assert_eq!(locked.server().runs("locked"), 0, "nothing computed");
+
+    let mut last = (0, Value::Null);
+    for _ in 0..50 {
+        // 7 tokens at 400 ms each: longer than the provider's 1 s limit.
+        last = chat(&http, &c, "slow", "a b c d e f").await;
+        if last.0 != 404 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, body) = last;
+    assert_eq!(status, 504, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("deadline"),
+        "{body}"
+    );
+    for n in [c, hasty, locked] {
+        n.shutdown().await;
+    }
+}

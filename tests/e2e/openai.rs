@@ -1,5 +1,5 @@
-//! The OpenAI-compatible gateway of node C, driven by the official OpenAI Python client, for
-//! models hosted on node A.
+//! The OpenAI-compatible gateway of node C, driven by the official OpenAI clients for Python
+//! and JavaScript, for models hosted on node A.
 
 use mesh_tests::JoinedNode;
 
@@ -71,5 +71,77 @@ fn the_official_openai_client_works_against_the_gateway() {
     ] {
         assert_eq!(errors[bad]["status"], 400, "{bad}: {}", errors[bad]);
         assert_eq!(errors[bad]["type"], "invalid_request_error", "{bad}");
+    }
+}
+
+/// `node` and the directory holding the `openai` npm package that scripts/test.sh installs
+/// (`$MESH_TEST_NODE_MODULES`).
+fn node_modules() -> Option<String> {
+    std::env::var("MESH_TEST_NODE_MODULES").ok()
+}
+
+#[test]
+fn the_official_javascript_client_works_against_the_gateway() {
+    let Some(modules) = node_modules() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run the JavaScript client check, but MESH_TEST_NODE_MODULES is not set"
+        );
+        eprintln!("SKIPPED: MESH_TEST_NODE_MODULES is not set (scripts/test.sh sets it when node and npm exist)");
+        return;
+    };
+    let models = mesh_tests::models_dir();
+    let a = JoinedNode::start_with_env(
+        &[
+            "--model",
+            "smol=smollm2-135m-instruct",
+            "--model",
+            "minilm=all-minilm-l6-v2",
+        ],
+        &[("MESH_MODELS", models.to_str().unwrap())],
+    );
+    let c = JoinedNode::start(&["--bootstrap", &a.addr()]);
+    let api = c.ready["api"]
+        .as_str()
+        .expect("C serves an API")
+        .to_string();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../testnet/reference/openai_client_check.cjs"
+    );
+    let out = std::process::Command::new("node")
+        .args([script, &format!("{api}/v1"), "smol", "minilm"])
+        .env("NODE_PATH", &modules)
+        .output()
+        .expect("run node");
+    assert!(
+        out.status.success(),
+        "{}\nA: {}\nC: {}",
+        String::from_utf8_lossy(&out.stderr),
+        a.stderr(),
+        c.stderr()
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen["models"], serde_json::json!(["minilm", "smol"]));
+    for kind in ["chat", "stream"] {
+        let text = seen[kind]["text"].as_str().unwrap();
+        assert!(text.contains("Paris"), "{kind}: {text:?}");
+        assert_eq!(seen[kind]["finish"], "stop", "{kind}");
+        assert_eq!(seen[kind]["usage"]["completion_tokens"], 7, "{kind}");
+    }
+    assert_eq!(seen["chat"]["text"], seen["stream"]["text"]);
+    assert_eq!(seen["embeddings"]["batch"], 2);
+    assert_eq!(seen["embeddings"]["dims"], 384);
+    let cosine = seen["embeddings"]["cosine"].as_f64().unwrap();
+    assert!((cosine - 0.755).abs() < 0.01, "{cosine}");
+    let errors = &seen["errors"];
+    assert_eq!(errors["unknown_model"]["status"], 404, "{errors}");
+    assert_eq!(
+        errors["unknown_model"]["class"], "NotFoundError",
+        "{errors}"
+    );
+    for bad in ["bad_temperature", "embed_with_chat_model"] {
+        assert_eq!(errors[bad]["status"], 400, "{bad}: {}", errors[bad]);
+        assert_eq!(errors[bad]["class"], "BadRequestError", "{bad}");
     }
 }
