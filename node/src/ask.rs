@@ -355,7 +355,7 @@ pub fn build_request(ask: &Ask, card: &ModelCard) -> Result<InferRequest, WireEr
     let token = match &ask.token {
         Some(text) => Some(
             mesh_protocol::SignedToken::from_text(text)
-                .map_err(|e| WireError::bad_request(format!("--token: {e}")))?
+                .map_err(|e| WireError::bad_request(format!("capability token: {e}")))?
                 .to_bytes(),
         ),
         None => None,

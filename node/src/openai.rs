@@ -227,9 +227,20 @@ fn chat_ask(req: &ChatRequest) -> Result<Ask, OpenAiError> {
         expect: Some(Task::Generate),
         params,
         deadline_ms: GATEWAY_DEADLINE.as_millis() as u64,
-        // Gateway calls use this node's identity; its tokens are not passed through (yet).
         token: None,
     })
+}
+
+/// The capability token a client sends in `X-Mesh-Token` (`mtk1.…`), presented on its behalf.
+/// Gateway calls run with this node's identity, so the token must name this node's peer id.
+fn mesh_token(headers: &axum::http::HeaderMap) -> Result<Option<String>, OpenAiError> {
+    match headers.get("x-mesh-token") {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .map(|t| Some(t.trim().to_string()))
+            .map_err(|_| OpenAiError::bad_request("X-Mesh-Token must be text (mtk1.…)")),
+    }
 }
 
 fn unix_now() -> u64 {
@@ -263,13 +274,19 @@ fn start(state: &ApiState, ask: Ask) -> mpsc::Receiver<AskEvent> {
 
 pub(crate) async fn chat_completions(
     State(state): State<ApiState>,
+    headers: axum::http::HeaderMap,
     body: Result<Json<ChatRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Json(req) = match body {
         Ok(b) => b,
         Err(e) => return OpenAiError::bad_request(e.body_text()).into_response(),
     };
-    let ask = match chat_ask(&req) {
+    let ask = match chat_ask(&req).and_then(|ask| {
+        Ok(Ask {
+            token: mesh_token(&headers)?,
+            ..ask
+        })
+    }) {
         Ok(a) => a,
         Err(e) => return e.into_response(),
     };
@@ -442,11 +459,16 @@ pub struct EmbeddingsRequest {
 
 pub(crate) async fn embeddings(
     State(state): State<ApiState>,
+    headers: axum::http::HeaderMap,
     body: Result<Json<EmbeddingsRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let Json(req) = match body {
         Ok(b) => b,
         Err(e) => return OpenAiError::bad_request(e.body_text()).into_response(),
+    };
+    let token = match mesh_token(&headers) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
     };
     let as_base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
@@ -471,7 +493,7 @@ pub(crate) async fn embeddings(
         expect: Some(Task::Embed),
         params: SamplingParams::default(),
         deadline_ms: GATEWAY_DEADLINE.as_millis() as u64,
-        token: None,
+        token,
     };
     match collect(start(&state, ask)).await {
         Ok(answer) => {

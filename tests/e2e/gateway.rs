@@ -285,3 +285,76 @@ async fn refusals_and_deadlines_get_their_openai_statuses() {
         n.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capability_token_sent_in_x_mesh_token_opens_a_closed_model() {
+    use mesh_node::auth::token::{issue, TokenRequest};
+    use mesh_node::auth::{unix_now, Access, AccessConfig};
+    let owner = NodeIdentity::generate();
+    let mut config = loopback_config(vec![]);
+    config.serve.access = AccessConfig {
+        default: Access::Token,
+        ..Default::default()
+    };
+    let a = Node::start(owner.clone(), builtin_engines(&[("paid", "echo")]), config)
+        .await
+        .expect("node starts");
+    let c = node_with_api(&[], vec![tcp_addr(&a).await], 16).await;
+    let now = unix_now();
+    // The token names the gateway node: gateway calls run with its identity.
+    let token = issue(
+        &owner,
+        &TokenRequest {
+            subject: c.peer_id(),
+            models: vec!["paid".into()],
+            not_before: now - 60,
+            expires: now + 600,
+            max_requests: None,
+        },
+    )
+    .unwrap()
+    .to_text();
+    let url = format!("http://{}/v1/chat/completions", c.api_addr().unwrap());
+    let body = json!({ "model": "paid", "messages": [{ "role": "user", "content": "hi" }] });
+    let http = reqwest::Client::new();
+    let send = |token: Option<&str>| {
+        let mut req = http.post(&url).json(&body);
+        if let Some(t) = token {
+            req = req.header("X-Mesh-Token", t);
+        }
+        async move {
+            let resp = req.send().await.unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        }
+    };
+    let mut last = (0, Value::Null);
+    for _ in 0..50 {
+        last = send(None).await;
+        if last.0 != 404 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(last.0, 403, "{}", last.1);
+    assert!(
+        last.1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no token"),
+        "{}",
+        last.1
+    );
+    let (status, answer) = send(Some(&token)).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["choices"][0]["message"]["content"], "echo: hi");
+    let (status, _) = send(Some("mtk1.not-a-token")).await;
+    assert_eq!(status, 400, "a malformed token is the client's error");
+    assert_eq!(
+        a.server().runs("paid"),
+        1,
+        "only the call with the token ran"
+    );
+    for n in [c, a] {
+        n.shutdown().await;
+    }
+}

@@ -10,8 +10,8 @@ fn python() -> String {
     })
 }
 
-#[test]
-fn the_official_openai_client_works_against_the_gateway() {
+/// Node A hosting SmolLM2 (`smol`) and MiniLM (`minilm`), and node C, whose gateway is used.
+fn smol_and_minilm_behind_a_gateway() -> (JoinedNode, JoinedNode) {
     let models = mesh_tests::models_dir();
     let a = JoinedNode::start_with_env(
         &[
@@ -23,6 +23,12 @@ fn the_official_openai_client_works_against_the_gateway() {
         &[("MESH_MODELS", models.to_str().unwrap())],
     );
     let c = JoinedNode::start(&["--bootstrap", &a.addr()]);
+    (a, c)
+}
+
+#[test]
+fn the_official_openai_client_works_against_the_gateway() {
+    let (a, c) = smol_and_minilm_behind_a_gateway();
     let api = c.ready["api"]
         .as_str()
         .expect("C serves an API")
@@ -90,17 +96,7 @@ fn the_official_javascript_client_works_against_the_gateway() {
         eprintln!("SKIPPED: MESH_TEST_NODE_MODULES is not set (scripts/test.sh sets it when node and npm exist)");
         return;
     };
-    let models = mesh_tests::models_dir();
-    let a = JoinedNode::start_with_env(
-        &[
-            "--model",
-            "smol=smollm2-135m-instruct",
-            "--model",
-            "minilm=all-minilm-l6-v2",
-        ],
-        &[("MESH_MODELS", models.to_str().unwrap())],
-    );
-    let c = JoinedNode::start(&["--bootstrap", &a.addr()]);
+    let (a, c) = smol_and_minilm_behind_a_gateway();
     let api = c.ready["api"]
         .as_str()
         .expect("C serves an API")

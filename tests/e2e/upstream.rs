@@ -65,6 +65,22 @@ impl Drop for LlamaServer {
     }
 }
 
+/// `mesh infer --json` through node `via` to `smol-up` on `host`.
+fn infer_through(via: &JoinedNode, host: &JoinedNode, prompt: &str) -> std::process::Output {
+    mesh(&[
+        "infer",
+        "--json",
+        "--home",
+        &via.home_dir(),
+        &host.peer_id(),
+        "smol-up",
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        "24",
+    ])
+}
+
 fn llama_python() -> Option<String> {
     let python = std::env::var("MESH_LLAMA_PYTHON").ok()?;
     let works = Command::new(&python)
@@ -94,18 +110,7 @@ async fn a_model_on_a_local_openai_server_is_served_across_the_mesh() {
     let c = JoinedNode::start(&["--bootstrap", &a.addr()]);
 
     // 1. `mesh infer` on C's node to A's upstream model: streamed in several deltas.
-    let out = mesh(&[
-        "infer",
-        "--json",
-        "--home",
-        &c.home_dir(),
-        &a.peer_id(),
-        "smol-up",
-        "--prompt",
-        "Name the capital of France.",
-        "--max-tokens",
-        "24",
-    ]);
+    let out = infer_through(&c, &a, "Name the capital of France.");
     let text = stdout(&out);
     assert!(out.status.success(), "{text}\n{}", a.stderr());
     let events: Vec<Value> = text
@@ -167,16 +172,7 @@ async fn a_model_on_a_local_openai_server_is_served_across_the_mesh() {
 
     // 3. The upstream goes away: a clear error, and A keeps serving (its status answers).
     drop(server);
-    let out = mesh(&[
-        "infer",
-        "--json",
-        "--home",
-        &c.home_dir(),
-        &a.peer_id(),
-        "smol-up",
-        "--prompt",
-        "Hello",
-    ]);
+    let out = infer_through(&c, &a, "Hello");
     assert!(!out.status.success());
     assert!(stdout(&out).contains("upstream"), "{}", stdout(&out));
     let a_api = a.ready["api"].as_str().unwrap();
