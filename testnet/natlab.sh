@@ -23,6 +23,8 @@
 #   NAT_CALL_TIMEOUT      --timeout of every other call                      (30)
 #   NAT_PUNCH_WAIT        seconds to wait for `mesh peers` to say hole-punched (15)
 #   NAT_LATENCY_CALLS     small calls a->b and a->c timed after the pairs     (50)
+#   NAT_TRANSPORT         what the NATed nodes listen on and bootstrap over:
+#                         tcp, quic or both                                   (both)
 #   NAT_RELAY_ARGS        extra arguments for the relay's `mesh join` (debugging only)
 #   RUST_LOG              node log filter (default info,mesh_node=debug,libp2p_dcutr=debug,libp2p_relay=debug)
 
@@ -309,8 +311,11 @@ nat_start_node() {
   shift
   [ "$name" = relay ] && ip=198.51.100.10
   mkdir -p "$run_dir/$name"
+  local listen=()
+  if [ "$name" = relay ] || [ "$NAT_TRANSPORT" != quic ]; then listen+=(--listen "/ip4/$ip/tcp/4001"); fi
+  if [ "$name" = relay ] || [ "$NAT_TRANSPORT" != tcp ]; then listen+=(--listen "/ip4/$ip/udp/4001/quic-v1"); fi
   RUST_LOG="$nat_rust_log" NO_COLOR=1 ip netns exec "${nat_ns[$name]}" "$mesh" join --json \
-    --home "$run_dir/$name" --listen "/ip4/$ip/tcp/4001" --listen "/ip4/$ip/udp/4001/quic-v1" \
+    --home "$run_dir/$name" "${listen[@]}" \
     --no-mdns --api 127.0.0.1:7440 "$@" >"$run_dir/$name.out" 2>"$run_dir/$name.log" &
   nat_pid_of[$name]=$!
   nat_pids+=("$!")
@@ -580,6 +585,7 @@ nat_run() {
     nat_run_record 0 - 0 "relay not ready"; nat_show_logs; nat_run_rc=1; return 0
   fi
   local boot="/ip4/198.51.100.10/tcp/4001/p2p/${nat_peer[relay]}" n
+  [ "$NAT_TRANSPORT" = quic ] && boot="/ip4/198.51.100.10/udp/4001/quic-v1/p2p/${nat_peer[relay]}"
   for n in a c; do nat_start_node "$n" --model echo=builtin:echo --bootstrap "$boot"; done
   for n in a c; do
     if ! nat_wait_ready "$n"; then
@@ -727,6 +733,8 @@ nat_main() {
   NAT_CALL_TIMEOUT=${NAT_CALL_TIMEOUT:-30}
   NAT_PUNCH_WAIT=${NAT_PUNCH_WAIT:-15}
   NAT_LATENCY_CALLS=${NAT_LATENCY_CALLS:-50}
+  NAT_TRANSPORT=${NAT_TRANSPORT:-both}
+  case "$NAT_TRANSPORT" in tcp|quic|both) ;; *) nat_warn "NAT_TRANSPORT must be tcp, quic or both"; exit 2 ;; esac
   nat_rust_log=${RUST_LOG:-info,mesh_node=debug,libp2p_dcutr=debug,libp2p_relay=debug}
 
   nat_prefix="mnat$$-"

@@ -97,6 +97,8 @@ pub struct EventLoop {
     relays: Relays,
     /// What AutoNAT concluded last.
     nat_status: Reachability,
+    /// When to tell connected peers our new addresses and protocols (see `push_identify_soon`).
+    identify_push: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl EventLoop {
@@ -129,6 +131,7 @@ impl EventLoop {
                 0
             }),
             nat_status: Reachability::Unknown,
+            identify_push: None,
             config,
         }
     }
@@ -144,6 +147,14 @@ impl EventLoop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 _ = relay_check.tick() => self.reserve_relays(),
+                _ = async { self.identify_push.as_mut().expect("guarded").await },
+                    if self.identify_push.is_some() =>
+                {
+                    self.identify_push = None;
+                    let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+                    tracing::debug!(peers = peers.len(), "pushing our addresses and protocols");
+                    self.swarm.behaviour_mut().identify.push(peers);
+                }
                 command = self.commands.recv() => match command {
                     Some(command) => self.on_command(command),
                     None => break,
@@ -269,6 +280,17 @@ impl EventLoop {
         }
     }
 
+    /// Tells connected peers, shortly, this node's addresses and protocols again. A new
+    /// external address also turns Kademlia to server mode; identify pushes such a change by
+    /// itself only on connections whose first identify exchange has finished, so a node that
+    /// got its relay reservation in its first milliseconds would stay unknown to the DHT. The
+    /// short delay lets the protocol change reach every connection before the push.
+    fn push_identify_soon(&mut self) {
+        if self.identify_push.is_none() {
+            self.identify_push = Some(Box::pin(tokio::time::sleep(Duration::from_millis(300))));
+        }
+    }
+
     /// Reachable directly now: the relays are no longer needed.
     fn release_relays(&mut self) {
         for listener in self.relays.drain() {
@@ -382,9 +404,11 @@ impl EventLoop {
                 if !is_relayed(&address) {
                     self.release_relays();
                 }
+                self.push_identify_soon();
             }
             SwarmEvent::ExternalAddrExpired { address } => {
                 tracing::info!(%address, "no longer reachable at");
+                self.push_identify_soon();
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
@@ -484,6 +508,12 @@ impl EventLoop {
                 info,
                 connection_id,
             }) => {
+                tracing::debug!(
+                    peer = %peer_id,
+                    dht_server = info.protocols.contains(&KAD),
+                    addrs = ?info.listen_addrs,
+                    "identified"
+                );
                 let direct = self
                     .connections
                     .get(&connection_id)
@@ -585,7 +615,23 @@ impl EventLoop {
             },
             MeshBehaviourEvent::Relay(event) => match event {
                 relay::Event::ReservationReqAccepted { src_peer_id, .. } => {
-                    tracing::info!(peer = %src_peer_id, "relaying for a peer")
+                    tracing::info!(peer = %src_peer_id, "relaying for a peer");
+                    // The peer is reachable through this relay from now on: put it in the
+                    // routing table at its circuit addresses, so DHT lookups find it at once,
+                    // without waiting for its identify push to announce them.
+                    let me = *self.swarm.local_peer_id();
+                    let circuits: Vec<Multiaddr> = self
+                        .swarm
+                        .external_addresses()
+                        .filter(|a| !is_relayed(a))
+                        .map(|a| super::relays::circuit_addr(&strip_p2p(a), &me))
+                        .collect();
+                    for addr in circuits {
+                        self.swarm
+                            .behaviour_mut()
+                            .kad
+                            .add_address(&src_peer_id, addr);
+                    }
                 }
                 relay::Event::CircuitReqAccepted {
                     src_peer_id,
@@ -717,6 +763,12 @@ impl EventLoop {
             .filter_map(ip_of)
             .any(|chosen| chosen == ip && !chosen.is_unspecified())
     }
+}
+
+fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
+    addr.iter()
+        .filter(|p| !matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
+        .collect()
 }
 
 fn is_unspecified(addr: &Multiaddr) -> bool {
