@@ -74,6 +74,7 @@ pub async fn serve(
     let app = Router::new()
         .route("/v1/mesh/status", get(status))
         .route("/v1/mesh/peers", get(peers))
+        .route("/v1/mesh/models", get(models))
         .route("/v1/mesh/infer", axum::routing::post(infer))
         .merge(gateway)
         .with_state(ApiState {
@@ -124,6 +125,11 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Status>, ApiError>
                 .map_err(|e| ApiError(e.to_string()))?,
         ),
     }))
+}
+
+/// `GET /v1/mesh/models`: every model this node can see, with its host, load and card.
+async fn models(State(state): State<ApiState>) -> Json<Vec<crate::directory::Listing>> {
+    Json(crate::directory::list(&state.client, Some(&state.server)).await)
 }
 
 async fn peers(State(state): State<ApiState>) -> Result<Json<Vec<PeerSummary>>, ApiError> {

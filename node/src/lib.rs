@@ -13,11 +13,13 @@
 //! - [`api`]: the HTTP API on loopback.
 //! - [`openai`]: the OpenAI-compatible gateway on the API.
 //! - [`ask`]: choosing a node for a model and running a call end to end.
+//! - [`directory`]: the models this node can see on the mesh, and who hosts them.
 
 pub mod api;
 pub mod ask;
 pub mod auth;
 pub mod call;
+pub mod directory;
 pub mod engine;
 pub mod home;
 pub mod identity;

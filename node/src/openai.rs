@@ -2,7 +2,7 @@
 //! `/v1/chat/completions` (plain and server-sent events) and `/v1/embeddings`, for any model
 //! on the mesh. docs/openai-compat.md lists the fields supported.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -530,42 +530,10 @@ fn encode_base64(v: &[f32]) -> String {
 
 /// `GET /v1/models`: this node's models and those in the catalogs of the peers it knows.
 pub(crate) async fn models(State(state): State<ApiState>) -> Response {
-    let started = Instant::now();
-    let mut data: Vec<Value> = state
-        .server
-        .cards()
-        .map(|c| json!({ "id": c.name, "object": "model", "created": 0, "owned_by": state.client.local_peer_id().to_string() }))
+    let data: Vec<Value> = crate::directory::list(&state.client, Some(&state.server))
+        .await
+        .into_iter()
+        .map(|l| json!({ "id": l.model, "object": "model", "created": 0, "owned_by": l.peer_id }))
         .collect();
-    let mut peers = state.client.known_peers().await.unwrap_or_default();
-    if let Ok(connected) = state.client.peers().await {
-        peers.extend(
-            connected
-                .iter()
-                .filter_map(|p| p.peer_id.parse::<libp2p::PeerId>().ok()),
-        );
-    }
-    peers.sort();
-    peers.dedup();
-    let lookups = peers.iter().map(|peer| {
-        let client = state.client.clone();
-        async move {
-            (
-                *peer,
-                tokio::time::timeout(Duration::from_secs(5), client.catalog(*peer)).await,
-            )
-        }
-    });
-    for (peer, result) in futures::future::join_all(lookups).await {
-        if let Ok(Ok((cards, _))) = result {
-            for card in cards {
-                data.push(json!({ "id": card.name, "object": "model", "created": 0, "owned_by": peer.to_string() }));
-            }
-        }
-    }
-    tracing::debug!(
-        ms = started.elapsed().as_millis() as u64,
-        models = data.len(),
-        "listed models"
-    );
     Json(json!({ "object": "list", "data": data })).into_response()
 }

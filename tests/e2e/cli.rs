@@ -74,15 +74,15 @@ fn three_processes_find_and_call_a_model_through_the_dht() {
     assert_eq!(row["model"], "echo");
     assert_eq!(row["peer_id"], a.peer_id().as_str());
 
-    // With no --bootstrap, `mesh models` joins through the node running with that home
-    // (using a key of its own, since that node holds the home's key).
-    let out = mesh(&["models", "--home", &b.home_dir(), "--no-mdns", "--json"]);
+    // With no --bootstrap, `mesh models` asks the node running with that home, through its
+    // API (GET /v1/mesh/models), which lists its own models too.
+    let out = mesh(&["models", "--home", &a.home_dir(), "--no-mdns", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(
-        stdout(&out).contains(r#""model":"echo""#),
-        "{}",
-        stdout(&out)
-    );
+    let row: serde_json::Value =
+        serde_json::from_str(stdout(&out).lines().next().unwrap()).unwrap();
+    assert_eq!(row["model"], "echo", "{}", stdout(&out));
+    assert_eq!(row["peer_id"], a.peer_id().as_str());
+    assert_eq!(row["card"]["architecture"], "builtin-echo");
 
     // `mesh peers` asks the running node through its API.
     let out = mesh(&["peers", "--home", &a.home_dir(), "--json"]);

@@ -1,61 +1,60 @@
-//! `mesh models`: the models on the mesh and who hosts them, from the peers' signed catalogs.
+//! `mesh models`: the models on the mesh and who hosts them, from the peers' signed catalogs:
+//! through the node running here (its API) when there is one, else through a short-lived node.
 
 use std::process::ExitCode;
 
+use anyhow::Context;
+use mesh_node::directory::{self, Listing};
 use mesh_node::Home;
 
 use crate::args::FindArgs;
 use crate::output;
 
 pub async fn run(home: Home, find: &FindArgs, json: bool) -> anyhow::Result<ExitCode> {
-    let identity = super::load_identity(&home)?;
-    let node = super::reach::client_node(&home, identity, find).await?;
-    let client = node.client();
-    if let Err(e) = client.bootstrap().await {
-        tracing::debug!("DHT walk: {e}");
-    }
-    let mut peers = client.known_peers().await?;
-    for p in client.peers().await? {
-        if let Ok(id) = p.peer_id.parse() {
-            peers.push(id);
+    let rows = match super::reach::local_node(&home).await {
+        // The node running here already knows the mesh: ask it (GET /v1/mesh/models).
+        Some((info, _)) if find.bootstrap.is_empty() => {
+            let api = info.api.context("the running node serves no API")?;
+            reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(30))
+                .build()?
+                .get(format!("http://{api}/v1/mesh/models"))
+                .send()
+                .await
+                .and_then(|r| r.error_for_status())
+                .with_context(|| format!("asking the node running here ({api})"))?
+                .json::<Vec<Listing>>()
+                .await
+                .context("the node's model list")?
         }
-    }
-    peers.sort();
-    peers.dedup();
-    let lookups = peers.iter().map(|peer| {
-        let client = client.clone();
-        async move { (*peer, client.catalog(*peer).await) }
-    });
-    let mut rows = Vec::new();
-    for (peer, result) in futures::future::join_all(lookups).await {
-        match result {
-            Ok((cards, load)) => {
-                for card in cards {
-                    rows.push((card, peer, load));
-                }
+        _ => {
+            let identity = super::load_identity(&home)?;
+            let node = super::reach::client_node(&home, identity, find).await?;
+            if let Err(e) = node.client().bootstrap().await {
+                tracing::debug!("DHT walk: {e}");
             }
-            Err(e) => tracing::debug!(%peer, "no catalog: {e}"),
+            let rows = directory::list(&node.client(), None).await;
+            node.shutdown().await;
+            rows
         }
-    }
-    rows.sort_by(|a, b| (&a.0.name, a.1).cmp(&(&b.0.name, b.1)));
-    node.shutdown().await;
+    };
 
     if json {
-        for (card, peer, load) in &rows {
+        for row in &rows {
             output::json_line(&serde_json::json!({
-                "model": card.name, "peer_id": peer.to_string(), "load": load, "card": card,
+                "model": row.model, "peer_id": row.peer_id, "load": row.load, "card": row.card,
             }));
         }
     } else if rows.is_empty() {
-        println!("no models found on the mesh ({} peers asked)", peers.len());
+        println!("no models found on the mesh");
     } else {
         println!(
             "{:<28} {:<9} {:<14} {:<8} PEER",
             "MODEL", "TASK", "ARCH", "QUANT"
         );
-        for (card, peer, _) in &rows {
+        for Listing { card, peer_id, .. } in &rows {
             println!(
-                "{:<28} {:<9} {:<14} {:<8} {peer}",
+                "{:<28} {:<9} {:<14} {:<8} {peer_id}",
                 card.name,
                 format!("{:?}", card.task).to_lowercase(),
                 card.architecture,

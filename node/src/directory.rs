@@ -1,0 +1,74 @@
+//! What the mesh hosts, as this node can see it: its own models and the signed catalogs of
+//! every peer it knows (routing table and open connections). Used by `GET /v1/models`,
+//! `GET /v1/mesh/models` and `mesh models`.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use libp2p::PeerId;
+use mesh_protocol::ModelCard;
+use serde::{Deserialize, Serialize};
+
+use crate::network::Client;
+use crate::serve::Server;
+
+/// How long one peer may take to hand over its catalog.
+const CATALOG_WAIT: Duration = Duration::from_secs(5);
+
+/// One model on one node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Listing {
+    pub model: String,
+    pub peer_id: String,
+    /// Calls running or waiting on that node when it answered.
+    pub load: u32,
+    pub card: ModelCard,
+}
+
+/// Every model this node can see, sorted by model name then peer id. Peers whose catalog does
+/// not arrive in time, or does not verify, are left out.
+pub async fn list(client: &Client, local: Option<&Server>) -> Vec<Listing> {
+    let me = client.local_peer_id();
+    let mut out: Vec<Listing> = local
+        .map(|server| {
+            server
+                .cards()
+                .map(|card| Listing {
+                    model: card.name.clone(),
+                    peer_id: me.to_string(),
+                    load: server.load(),
+                    card: card.clone(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut peers: Vec<PeerId> = client.known_peers().await.unwrap_or_default();
+    if let Ok(connected) = client.peers().await {
+        peers.extend(
+            connected
+                .iter()
+                .filter_map(|p| p.peer_id.parse::<PeerId>().ok()),
+        );
+    }
+    peers.sort();
+    peers.dedup();
+    peers.retain(|p| *p != me);
+    let lookups = peers.iter().map(|peer| async move {
+        let catalog = tokio::time::timeout(CATALOG_WAIT, client.catalog(*peer)).await;
+        (*peer, catalog)
+    });
+    for (peer, result) in join_all(lookups).await {
+        match result {
+            Ok(Ok((cards, load))) => out.extend(cards.into_iter().map(|card| Listing {
+                model: card.name.clone(),
+                peer_id: peer.to_string(),
+                load,
+                card,
+            })),
+            Ok(Err(e)) => tracing::debug!(%peer, "no catalog: {e}"),
+            Err(_) => tracing::debug!(%peer, "no catalog within {CATALOG_WAIT:?}"),
+        }
+    }
+    out.sort_by(|a, b| (&a.model, &a.peer_id).cmp(&(&b.model, &b.peer_id)));
+    out
+}
