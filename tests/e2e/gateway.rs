@@ -358,3 +358,44 @@ async fn a_capability_token_sent_in_x_mesh_token_opens_a_closed_model() {
         n.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_hanging_up_a_stream_cancels_the_remote_generation() {
+    use futures::StreamExt;
+    // 21 tokens at 200 ms each: about 4 s if nobody stops it.
+    let a = node_with_api(&[("slow", "echo?delay_ms=200")], vec![], 16).await;
+    let c = node_with_api(&[], vec![tcp_addr(&a).await], 16).await;
+    let words = "w ".repeat(20);
+    let url = format!("http://{}/v1/chat/completions", c.api_addr().unwrap());
+    let body = json!({ "model": "slow", "stream": true,
+                       "messages": [{ "role": "user", "content": words }] });
+    let http = reqwest::Client::new();
+    let mut response = None;
+    for _ in 0..50 {
+        let r = http.post(&url).json(&body).send().await.unwrap();
+        if r.status() == 200 {
+            response = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut chunks = response
+        .expect("the gateway reached the model")
+        .bytes_stream();
+    let first = chunks.next().await.expect("a first chunk").unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("data: "));
+    assert_eq!(a.server().load(), 1, "the generation runs on A");
+    let hung_up = std::time::Instant::now();
+    drop(chunks);
+    while a.server().load() > 0 {
+        assert!(
+            hung_up.elapsed() < Duration::from_secs(2),
+            "A still generates {:?} after the client hung up",
+            hung_up.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for n in [c, a] {
+        n.shutdown().await;
+    }
+}
