@@ -464,6 +464,26 @@ print(path, round(med), round(p90))
 PY
 }
 
+# nat_status NAME: what node NAME says of its reachability (GET /v1/mesh/status), checked against
+# what the lab built: the relay public and relaying; a NATed node not public, reachable through
+# the relay, and not relaying. Prints one line; returns 1 when the node is wrong about itself.
+nat_status() {
+  local name=$1
+  ip netns exec "${nat_ns[$name]}" "$nat_py" - "$name" "${nat_peer[relay]}" <<'PY'
+import json, sys, urllib.request
+name, relay = sys.argv[1], sys.argv[2]
+with urllib.request.urlopen("http://127.0.0.1:7440/v1/mesh/status", timeout=10) as r:
+    net = json.load(r)["network"]
+reach, relays, relaying = net["reachability"], net["relays"], net["relaying"]
+print(f"   {name}: reachability {reach}, relays {len(relays)}, relaying {str(relaying).lower()}")
+if name == "relay":
+    ok = reach == "public" and relaying
+else:
+    ok = reach != "public" and relay in relays and not relaying
+sys.exit(0 if ok else 1)
+PY
+}
+
 nat_nats() { echo "$(nat_kind_of "$1")->$(nat_kind_of "$2")"; }
 nat_kind_of() {
   if [ -n "${nat_router_of[$1]:-}" ]; then echo "${nat_kind[${nat_router_of[$1]}]}"; else echo public; fi
@@ -623,6 +643,13 @@ nat_run() {
   nat_symmetric_pair a c
   nat_symmetric_pair c a
 
+  local status_lines="" n_status
+  for n_status in relay a b c; do
+    if ! status_lines+="$(nat_status "$n_status")"$'\n'; then
+      status_lines+="   $n_status: WRONG about its own reachability"$'\n'
+      nat_run_failures=$((nat_run_failures + 1))
+    fi
+  done
   local lat_b lat_c
   lat_b=$(nat_latency a b || echo "- - -")
   lat_c=$(nat_latency a c || echo "- - -")
@@ -633,6 +660,7 @@ nat_run() {
   printf '%-6s %-16s %-13s %8s %9s  %s\n' PAIR NATS PATH TTFB_MS TOTAL_MS RESULT
   printf '%s\n' "${nat_rows[@]}"
   nat_say "   b's join to the first answered call from a: $([ "$join_ms" = - ] && echo "never" || echo "$join_ms ms") ($attempts attempt(s))"
+  printf '%s' "$status_lines"
   read -r p m q <<<"$lat_b"; nat_say "   small calls a->b through a's API, $NAT_LATENCY_CALLS in a row: $p, median $m us, p90 $q us"
   read -r p m q <<<"$lat_c"; nat_say "   small calls a->c through a's API, $NAT_LATENCY_CALLS in a row: $p, median $m us, p90 $q us"
   nat_say ""

@@ -28,7 +28,7 @@ pub struct MeshBehaviour {
     pub mdns: Toggle<mdns::tokio::Behaviour>,
     pub autonat: Toggle<autonat::Behaviour>,
     pub relay_client: relay::client::Behaviour,
-    pub relay: Toggle<relay::Behaviour>,
+    pub relay: Toggle<super::relay_server::RelayServer>,
     pub dcutr: dcutr::Behaviour,
     pub streams: streams::Behaviour,
 }
@@ -157,12 +157,12 @@ fn build_behaviour(
             },
         )
     });
-    // The relay advertises itself only while this node has a confirmed external address.
+    // The relay advertises itself only while this node has a direct confirmed external address.
     let relay = config
         .relay_server
         .as_ref()
         .filter(|_| config.dht_server)
-        .map(|limits| relay::Behaviour::new(peer_id, limits.to_relay_config()));
+        .map(|limits| super::relay_server::RelayServer::new(peer_id, limits.to_relay_config()));
 
     Ok(MeshBehaviour {
         limits: connection_limits::Behaviour::new(limits),

@@ -7,12 +7,14 @@
 //! - [`streams`]: accepting inbound mesh streams into a bounded queue, and opening outbound
 //!   ones on the best connection.
 //! - [`relays`]: choosing relays and keeping reservations while the node is not reachable.
+//! - [`relay_server`]: the relay server, offered only while the node is directly reachable.
 //! - [`event_loop`]: the task that owns the swarm.
 //! - [`client`]: the handle the rest of the node uses.
 
 pub mod behaviour;
 pub mod client;
 pub mod event_loop;
+pub mod relay_server;
 pub mod relays;
 pub mod streams;
 
