@@ -93,7 +93,7 @@ nat_check_prereqs() {
 # ---------------------------------------------------------------------------------------------
 # Topology
 
-nat_names=(inet relay r1 r2 r3 a b c)
+nat_names=(inet relay relay2 r1 r2 r3 a b c)
 declare -A nat_ns=()
 for _n in "${nat_names[@]}"; do nat_ns[$_n]=""; done
 unset _n
@@ -115,6 +115,12 @@ nat_topology_up() {
   ip -n "${nat_ns[relay]}" addr add 198.51.100.10/24 dev eth0
   ip -n "${nat_ns[relay]}" link set eth0 up
   ip -n "$inet" link set p-relay master br0 up
+  # A second public node: a relay the NATed nodes find through the DHT, and fall back to when
+  # the first relay goes away.
+  ip -n "${nat_ns[relay2]}" link add eth0 type veth peer name p-relay2 netns "$inet"
+  ip -n "${nat_ns[relay2]}" addr add 198.51.100.11/24 dev eth0
+  ip -n "${nat_ns[relay2]}" link set eth0 up
+  ip -n "$inet" link set p-relay2 master br0 up
 
   nat_router r1 198.51.100.21 cone
   nat_router r2 198.51.100.22 cone
@@ -310,10 +316,11 @@ nat_start_node() {
   local name=$1 ip=0.0.0.0
   shift
   [ "$name" = relay ] && ip=198.51.100.10
+  [ "$name" = relay2 ] && ip=198.51.100.11
   mkdir -p "$run_dir/$name"
   local listen=()
-  if [ "$name" = relay ] || [ "$NAT_TRANSPORT" != quic ]; then listen+=(--listen "/ip4/$ip/tcp/4001"); fi
-  if [ "$name" = relay ] || [ "$NAT_TRANSPORT" != tcp ]; then listen+=(--listen "/ip4/$ip/udp/4001/quic-v1"); fi
+  if [ "${name#relay}" != "$name" ] || [ "$NAT_TRANSPORT" != quic ]; then listen+=(--listen "/ip4/$ip/tcp/4001"); fi
+  if [ "${name#relay}" != "$name" ] || [ "$NAT_TRANSPORT" != tcp ]; then listen+=(--listen "/ip4/$ip/udp/4001/quic-v1"); fi
   RUST_LOG="$nat_rust_log" NO_COLOR=1 ip netns exec "${nat_ns[$name]}" "$mesh" join --json \
     --home "$run_dir/$name" "${listen[@]}" \
     --no-mdns --api 127.0.0.1:7440 "$@" >"$run_dir/$name.out" 2>"$run_dir/$name.log" &
@@ -351,7 +358,7 @@ nat_show_logs() {
   else
     nat_say "== log tails of run $nat_run_no (pass --keep to keep every log)"
   fi
-  for name in relay a b c; do
+  for name in relay relay2 a b c; do
     [ -e "$run_dir/$name.log" ] || continue
     nat_say "--- $name: stderr ($run_dir/$name.log)"
     tail -n 25 "$run_dir/$name.log"
@@ -476,12 +483,53 @@ with urllib.request.urlopen("http://127.0.0.1:7440/v1/mesh/status", timeout=10) 
     net = json.load(r)["network"]
 reach, relays, relaying = net["reachability"], net["relays"], net["relaying"]
 print(f"   {name}: reachability {reach}, relays {len(relays)}, relaying {str(relaying).lower()}")
-if name == "relay":
+if name.startswith("relay"):
     ok = reach == "public" and relaying
 else:
     ok = reach != "public" and relay in relays and not relaying
 sys.exit(0 if ok else 1)
 PY
+}
+
+# nat_failover: stops the first relay and checks the NATed nodes carry on through the second:
+# each must end up holding a reservation with relay2 only, and a->c (symmetric NAT, so relayed)
+# must still answer. Sets failover_line; returns 1 on failure.
+nat_failover() {
+  local pid=${nat_pid_of[relay]} n i
+  kill -TERM "$pid" 2>/dev/null || true
+  for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+  local t0 waited
+  t0=$(nat_now_ms)
+  for n in a b c; do
+    if ! ip netns exec "${nat_ns[$n]}" "$nat_py" - "${nat_peer[relay2]}" 15 <<'PY'
+import json, sys, time, urllib.request
+want, secs = sys.argv[1], float(sys.argv[2])
+end = time.time() + secs
+while time.time() < end:
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:7440/v1/mesh/status", timeout=5) as r:
+            if json.load(r)["network"]["relays"] == [want]:
+                sys.exit(0)
+    except OSError:
+        pass
+    time.sleep(0.1)
+sys.exit(1)
+PY
+    then
+      failover_line="   relay 1 stopped: $n holds no reservation with relay 2 alone after 15 s"
+      return 1
+    fi
+  done
+  waited=$(($(nat_now_ms) - t0))
+  nat_call a c failover "$NAT_CALL_TIMEOUT"
+  if [ "$c_ok" != ok ]; then
+    failover_line="   relay 1 stopped: a, b, c on relay 2 after $waited ms, but a->c failed: $c_err"
+    return 1
+  fi
+  failover_line="   relay 1 stopped: a, b, c on relay 2 alone after $waited ms; a->c answered, $c_path, in $c_total ms"
+  printf '{"kind": "failover", "run": %s, "relays_replaced_ms": %s, "call_ok": true, "path": "%s", "total_ms": %s}\n' \
+    "$nat_run_no" "$waited" "$c_path" "$c_total" >>"$nat_results"
 }
 
 nat_nats() { echo "$(nat_kind_of "$1")->$(nat_kind_of "$2")"; }
@@ -606,6 +654,10 @@ nat_run() {
   fi
   local boot="/ip4/198.51.100.10/tcp/4001/p2p/${nat_peer[relay]}" n
   [ "$NAT_TRANSPORT" = quic ] && boot="/ip4/198.51.100.10/udp/4001/quic-v1/p2p/${nat_peer[relay]}"
+  nat_start_node relay2 --bootstrap "/ip4/198.51.100.10/tcp/4001/p2p/${nat_peer[relay]}"
+  if ! nat_wait_ready relay2; then
+    nat_run_record 0 - 0 "relay2 not ready"; nat_show_logs; nat_run_rc=1; return 0
+  fi
   for n in a c; do nat_start_node "$n" --model echo=builtin:echo --bootstrap "$boot"; done
   for n in a c; do
     if ! nat_wait_ready "$n"; then
@@ -618,7 +670,7 @@ nat_run() {
   if ! nat_wait_ready b; then
     nat_run_record 0 - 0 "node b not ready"; nat_show_logs; nat_run_rc=1; return 0
   fi
-  for n in relay a b c; do
+  for n in relay relay2 a b c; do
     nat_say "   $n ${nat_peer[$n]} ready $((nat_ready_ms[$n] - nat_started_ms[$n])) ms after start"
   done
 
@@ -644,7 +696,7 @@ nat_run() {
   nat_symmetric_pair c a
 
   local status_lines="" n_status
-  for n_status in relay a b c; do
+  for n_status in relay relay2 a b c; do
     if ! status_lines+="$(nat_status "$n_status")"$'\n'; then
       status_lines+="   $n_status: WRONG about its own reachability"$'\n'
       nat_run_failures=$((nat_run_failures + 1))
@@ -654,6 +706,9 @@ nat_run() {
   lat_b=$(nat_latency a b || echo "- - -")
   lat_c=$(nat_latency a c || echo "- - -")
 
+  local failover_line=""
+  if ! nat_failover; then nat_run_failures=$((nat_run_failures + 1)); fi
+
   local join_ms=-
   [ -n "$t_first" ] && join_ms=$((t_first - t_join))
   nat_say ""
@@ -661,6 +716,7 @@ nat_run() {
   printf '%s\n' "${nat_rows[@]}"
   nat_say "   b's join to the first answered call from a: $([ "$join_ms" = - ] && echo "never" || echo "$join_ms ms") ($attempts attempt(s))"
   printf '%s' "$status_lines"
+  nat_say "$failover_line"
   read -r p m q <<<"$lat_b"; nat_say "   small calls a->b through a's API, $NAT_LATENCY_CALLS in a row: $p, median $m us, p90 $q us"
   read -r p m q <<<"$lat_c"; nat_say "   small calls a->c through a's API, $NAT_LATENCY_CALLS in a row: $p, median $m us, p90 $q us"
   nat_say ""

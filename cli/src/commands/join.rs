@@ -2,6 +2,8 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context;
+
 use mesh_node::auth::policy::{parse_peers, ConfigFile};
 use mesh_node::auth::quota::USAGE_FILE;
 use mesh_node::auth::revocation::REVOKED_FILE;
@@ -77,11 +79,12 @@ pub async fn run(home: Home, args: &JoinArgs, json: bool) -> anyhow::Result<Exit
         listen_addrs: listen.iter().map(|a| a.to_string()).collect(),
         pid: std::process::id(),
     })?;
+    // The handlers go in before `ready` is printed: whoever reads `ready` may stop us at once.
+    let stop = shutdown_signal()?;
+    tokio::pin!(stop);
     print_ready(&node, &listen, json);
 
     let mut events = node.client().events();
-    let stop = shutdown_signal();
-    tokio::pin!(stop);
     loop {
         tokio::select! {
             _ = &mut stop => break,
@@ -279,16 +282,14 @@ fn print_event(event: &NetworkEvent) {
 }
 
 /// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    })
 }

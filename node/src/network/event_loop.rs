@@ -91,6 +91,8 @@ pub struct EventLoop {
     last_announce: Option<Instant>,
     pending_dials: HashMap<ConnectionId, Reply<PeerId>>,
     pending_connects: HashMap<PeerId, Vec<Reply<()>>>,
+    /// Peers being connected to whose DHT lookup already ran: a second failure is final.
+    looked_up: HashSet<PeerId>,
     peer_lookups: HashMap<kad::QueryId, PeerId>,
     provider_queries: HashMap<kad::QueryId, (HashSet<PeerId>, Reply<Vec<PeerId>>)>,
     bootstrap_queries: HashMap<kad::QueryId, Reply<()>>,
@@ -122,6 +124,7 @@ impl EventLoop {
             last_announce: None,
             pending_dials: HashMap::new(),
             pending_connects: HashMap::new(),
+            looked_up: HashSet::new(),
             peer_lookups: HashMap::new(),
             provider_queries: HashMap::new(),
             bootstrap_queries: HashMap::new(),
@@ -315,14 +318,20 @@ impl EventLoop {
             Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {}
             Err(DialError::NoAddresses) => {
                 tracing::debug!(%peer, "no known address; looking the peer up in the DHT");
-                let id = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
-                self.peer_lookups.insert(id, peer);
+                self.look_up(peer);
             }
             Err(e) => self.fail_connects(&peer, format!("cannot dial {peer}: {e}")),
         }
     }
 
+    fn look_up(&mut self, peer: PeerId) {
+        self.looked_up.insert(peer);
+        let id = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+        self.peer_lookups.insert(id, peer);
+    }
+
     fn fail_connects(&mut self, peer: &PeerId, reason: String) {
+        self.looked_up.remove(peer);
         for reply in self.pending_connects.remove(peer).unwrap_or_default() {
             let _ = reply.send(Err(reason.clone()));
         }
@@ -446,6 +455,7 @@ impl EventLoop {
                 for reply in self.pending_connects.remove(&peer_id).unwrap_or_default() {
                     let _ = reply.send(Ok(()));
                 }
+                self.looked_up.remove(&peer_id);
                 self.connections.insert(
                     connection_id,
                     ConnectionInfo {
@@ -491,7 +501,14 @@ impl EventLoop {
                     let _ = reply.send(Err(error.to_string()));
                 }
                 if let Some(peer) = peer_id {
-                    if !self.swarm.is_connected(&peer) {
+                    let waiting = self.pending_connects.contains_key(&peer);
+                    if waiting && !self.swarm.is_connected(&peer) && !self.looked_up.contains(&peer)
+                    {
+                        // The addresses we held are stale (a relay went away, the peer moved):
+                        // ask the DHT where the peer is now before giving up.
+                        tracing::debug!(%peer, "known addresses failed; looking the peer up in the DHT");
+                        self.look_up(peer);
+                    } else if !self.swarm.is_connected(&peer) {
                         self.fail_connects(&peer, format!("cannot reach {peer}: {error}"));
                     }
                 }
