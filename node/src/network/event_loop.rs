@@ -93,6 +93,9 @@ pub struct EventLoop {
     pending_connects: HashMap<PeerId, Vec<Reply<()>>>,
     /// Peers being connected to whose DHT lookup already ran: a second failure is final.
     looked_up: HashSet<PeerId>,
+    /// Every dial in flight (ours and other behaviours'), to know when a connect has run out
+    /// of attempts.
+    dialing: HashMap<ConnectionId, PeerId>,
     peer_lookups: HashMap<kad::QueryId, PeerId>,
     provider_queries: HashMap<kad::QueryId, (HashSet<PeerId>, Reply<Vec<PeerId>>)>,
     bootstrap_queries: HashMap<kad::QueryId, Reply<()>>,
@@ -125,6 +128,7 @@ impl EventLoop {
             pending_dials: HashMap::new(),
             pending_connects: HashMap::new(),
             looked_up: HashSet::new(),
+            dialing: HashMap::new(),
             peer_lookups: HashMap::new(),
             provider_queries: HashMap::new(),
             bootstrap_queries: HashMap::new(),
@@ -315,6 +319,8 @@ impl EventLoop {
             .condition(PeerCondition::DisconnectedAndNotDialing)
             .build();
         match self.swarm.dial(opts) {
+            // If every address held fails (stale: the peer's relay went away), the DHT is
+            // asked once before the connect fails (see OutgoingConnectionError).
             Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {}
             Err(DialError::NoAddresses) => {
                 tracing::debug!(%peer, "no known address; looking the peer up in the DHT");
@@ -322,6 +328,11 @@ impl EventLoop {
             }
             Err(e) => self.fail_connects(&peer, format!("cannot dial {peer}: {e}")),
         }
+    }
+
+    /// Whether a dial or a DHT lookup for `peer` may still connect it.
+    fn still_trying(&self, peer: &PeerId) -> bool {
+        self.dialing.values().any(|p| p == peer) || self.peer_lookups.values().any(|p| p == peer)
     }
 
     fn look_up(&mut self, peer: PeerId) {
@@ -419,12 +430,19 @@ impl EventLoop {
                 tracing::info!(%address, "no longer reachable at");
                 self.push_identify_soon();
             }
+            SwarmEvent::Dialing {
+                peer_id: Some(peer),
+                connection_id,
+            } => {
+                self.dialing.insert(connection_id, peer);
+            }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 connection_id,
                 endpoint,
                 ..
             } => {
+                self.dialing.remove(&connection_id);
                 let path = if endpoint.is_relayed() {
                     Path::Relayed
                 } else if self
@@ -497,18 +515,21 @@ impl EventLoop {
                 error,
             } => {
                 tracing::debug!(?peer_id, "dial failed: {error}");
+                self.dialing.remove(&connection_id);
                 if let Some(reply) = self.pending_dials.remove(&connection_id) {
                     let _ = reply.send(Err(error.to_string()));
                 }
                 if let Some(peer) = peer_id {
-                    let waiting = self.pending_connects.contains_key(&peer);
-                    if waiting && !self.swarm.is_connected(&peer) && !self.looked_up.contains(&peer)
-                    {
+                    let waiting = self.pending_connects.contains_key(&peer)
+                        && !self.swarm.is_connected(&peer);
+                    if !waiting || self.still_trying(&peer) {
+                        // Another dial or the DHT lookup may still connect it.
+                    } else if !self.looked_up.contains(&peer) {
                         // The addresses we held are stale (a relay went away, the peer moved):
                         // ask the DHT where the peer is now before giving up.
                         tracing::debug!(%peer, "known addresses failed; looking the peer up in the DHT");
                         self.look_up(peer);
-                    } else if !self.swarm.is_connected(&peer) {
+                    } else {
                         self.fail_connects(&peer, format!("cannot reach {peer}: {error}"));
                     }
                 }
@@ -723,17 +744,29 @@ impl EventLoop {
                         Ok(ok) => ok.peers,
                         Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
                     };
-                    match peers.into_iter().find(|p| p.peer_id == target) {
+                    if !self.pending_connects.contains_key(&target)
+                        || self.swarm.is_connected(&target)
+                    {
+                        return;
+                    }
+                    let failure = match peers.into_iter().find(|p| p.peer_id == target) {
                         Some(found) if !found.addrs.is_empty() => {
-                            let opts = DialOpts::peer_id(target).addresses(found.addrs).build();
-                            if let Err(e) = self.swarm.dial(opts) {
-                                self.fail_connects(&target, format!("cannot dial {target}: {e}"));
+                            // Even while another dial for it is in flight.
+                            let opts = DialOpts::peer_id(target)
+                                .addresses(found.addrs)
+                                .condition(PeerCondition::Disconnected)
+                                .build();
+                            match self.swarm.dial(opts) {
+                                Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => None,
+                                Err(e) => Some(format!("cannot dial {target}: {e}")),
                             }
                         }
-                        _ => self.fail_connects(
-                            &target,
-                            format!("peer {target} was not found on the mesh"),
-                        ),
+                        _ => Some(format!("peer {target} was not found on the mesh")),
+                    };
+                    if let Some(reason) = failure {
+                        if !self.still_trying(&target) {
+                            self.fail_connects(&target, reason);
+                        }
                     }
                 }
                 kad::QueryResult::Bootstrap(result) => {
