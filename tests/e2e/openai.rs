@@ -26,6 +26,32 @@ fn smol_and_minilm_behind_a_gateway() -> (JoinedNode, JoinedNode) {
     (a, c)
 }
 
+/// Runs a client check script and checks what every client must have seen: both models, and
+/// greedy chat and streamed chat answering "Paris" in 7 tokens. Returns the rest of its report.
+fn what_the_client_saw(
+    mut client: std::process::Command,
+    a: &JoinedNode,
+    c: &JoinedNode,
+) -> serde_json::Value {
+    let out = client.output().expect("run the client");
+    assert!(
+        out.status.success(),
+        "{}\nA: {}\nC: {}",
+        String::from_utf8_lossy(&out.stderr),
+        a.stderr(),
+        c.stderr()
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen["models"], serde_json::json!(["minilm", "smol"]));
+    for kind in ["chat", "stream"] {
+        let text = seen[kind]["text"].as_str().unwrap();
+        assert!(text.contains("Paris"), "{kind}: {text:?}");
+        assert_eq!(seen[kind]["finish"], "stop", "{kind}");
+        assert_eq!(seen[kind]["usage"]["completion_tokens"], 7, "{kind}");
+    }
+    seen
+}
+
 #[test]
 fn the_official_openai_client_works_against_the_gateway() {
     let (a, c) = smol_and_minilm_behind_a_gateway();
@@ -37,26 +63,9 @@ fn the_official_openai_client_works_against_the_gateway() {
         env!("CARGO_MANIFEST_DIR"),
         "/../testnet/reference/openai_client_check.py"
     );
-    let out = std::process::Command::new(python())
-        .args([script, &format!("{api}/v1"), "smol", "minilm"])
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "{}\nA: {}\nC: {}",
-        String::from_utf8_lossy(&out.stderr),
-        a.stderr(),
-        c.stderr()
-    );
-    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-
-    assert_eq!(seen["models"], serde_json::json!(["minilm", "smol"]));
-    for kind in ["chat", "stream"] {
-        let text = seen[kind]["text"].as_str().unwrap();
-        assert!(text.contains("Paris"), "{kind}: {text:?}");
-        assert_eq!(seen[kind]["finish"], "stop");
-        assert_eq!(seen[kind]["usage"]["completion_tokens"], 7, "{kind}");
-    }
+    let mut client = std::process::Command::new(python());
+    client.args([script, &format!("{api}/v1"), "smol", "minilm"]);
+    let seen = what_the_client_saw(client, &a, &c);
     assert_eq!(
         seen["chat"]["text"], seen["stream"]["text"],
         "streamed = not streamed (greedy)"
@@ -105,26 +114,11 @@ fn the_official_javascript_client_works_against_the_gateway() {
         env!("CARGO_MANIFEST_DIR"),
         "/../testnet/reference/openai_client_check.cjs"
     );
-    let out = std::process::Command::new("node")
+    let mut client = std::process::Command::new("node");
+    client
         .args([script, &format!("{api}/v1"), "smol", "minilm"])
-        .env("NODE_PATH", &modules)
-        .output()
-        .expect("run node");
-    assert!(
-        out.status.success(),
-        "{}\nA: {}\nC: {}",
-        String::from_utf8_lossy(&out.stderr),
-        a.stderr(),
-        c.stderr()
-    );
-    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(seen["models"], serde_json::json!(["minilm", "smol"]));
-    for kind in ["chat", "stream"] {
-        let text = seen[kind]["text"].as_str().unwrap();
-        assert!(text.contains("Paris"), "{kind}: {text:?}");
-        assert_eq!(seen[kind]["finish"], "stop", "{kind}");
-        assert_eq!(seen[kind]["usage"]["completion_tokens"], 7, "{kind}");
-    }
+        .env("NODE_PATH", &modules);
+    let seen = what_the_client_saw(client, &a, &c);
     assert_eq!(seen["chat"]["text"], seen["stream"]["text"]);
     assert_eq!(seen["embeddings"]["batch"], 2);
     assert_eq!(seen["embeddings"]["dims"], 384);
