@@ -16,7 +16,7 @@ use mesh_protocol::{
     SignedReceipt, SignedToken,
 };
 use mesh_testnet::inprocess::{builtin_engines, loopback_config, tcp_addr};
-use mesh_tests::{mesh, stderr, stdout, JoinedNode};
+use mesh_tests::{infer_via as infer, mesh, stderr, stdout, JoinedNode};
 
 const IDLE: Duration = Duration::from_secs(10);
 
@@ -271,20 +271,6 @@ async fn every_answer_carries_a_receipt_that_verifies_and_tampering_breaks_it() 
     assert!(receipt::verify_for_call(&signed, &a.peer_id(), &embed).is_ok());
     c.shutdown().await;
     a.shutdown().await;
-}
-
-/// `mesh infer` from a fresh home `home` through `bootstrap`.
-fn infer(home: &std::path::Path, bootstrap: &str, extra: &[&str]) -> std::process::Output {
-    let mut args = vec![
-        "infer",
-        "--home",
-        home.to_str().unwrap(),
-        "--bootstrap",
-        bootstrap,
-        "--no-mdns",
-    ];
-    args.extend_from_slice(extra);
-    mesh(&args)
 }
 
 fn id_of(home: &std::path::Path) -> String {

@@ -5,17 +5,7 @@ use mesh_tests::{mesh, stderr, stdout, JoinedNode};
 /// Runs `mesh infer` from a fresh home against the mesh reached through `bootstrap`.
 fn infer(bootstrap: &str, extra: &[&str]) -> std::process::Output {
     let home = tempfile::tempdir().unwrap();
-    let home = home.path().join("c");
-    let mut args = vec![
-        "infer",
-        "--home",
-        home.to_str().unwrap(),
-        "--bootstrap",
-        bootstrap,
-        "--no-mdns",
-    ];
-    args.extend_from_slice(extra);
-    mesh(&args)
+    mesh_tests::infer_via(&home.path().join("c"), bootstrap, extra)
 }
 
 #[test]

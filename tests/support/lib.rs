@@ -34,6 +34,20 @@ pub fn mesh(args: &[&str]) -> Output {
         .expect("run mesh")
 }
 
+/// Runs `mesh infer` with its own `home`, reaching the mesh through `bootstrap` (no mDNS).
+pub fn infer_via(home: &std::path::Path, bootstrap: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "infer",
+        "--home",
+        home.to_str().expect("a UTF-8 path"),
+        "--bootstrap",
+        bootstrap,
+        "--no-mdns",
+    ];
+    args.extend_from_slice(extra);
+    mesh(&args)
+}
+
 /// Stdout as text, trimmed.
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
