@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::ask::{Ask, AskEvent};
+use crate::dispatch::{InferSpec, CallEvent};
 use crate::network::{Client, PeerSummary};
 use crate::serve::Server;
 use tokio::sync::mpsc;
@@ -23,13 +23,13 @@ use tokio::sync::mpsc;
 pub(crate) struct ApiState {
     pub(crate) client: Client,
     pub(crate) server: Arc<Server>,
-    pub(crate) providers: Arc<crate::ask::ProviderCache>,
+    pub(crate) providers: Arc<crate::dispatch::ProviderCache>,
 }
 
 impl ApiState {
     /// What a call made through the API can reach: the mesh, this node's models, the cache.
-    pub(crate) fn mesh(&self) -> crate::ask::Mesh {
-        crate::ask::Mesh {
+    pub(crate) fn mesh(&self) -> crate::dispatch::Mesh {
+        crate::dispatch::Mesh {
             client: self.client.clone(),
             local: Some(self.server.clone()),
             cache: Some(self.providers.clone()),
@@ -141,23 +141,18 @@ async fn peers(State(state): State<ApiState>) -> Result<Json<Vec<PeerSummary>>, 
         .map_err(|e| ApiError(e.to_string()))
 }
 
-/// `POST /v1/mesh/infer` with an [`Ask`]: streams [`AskEvent`]s as JSON lines, the last
+/// `POST /v1/mesh/infer` with an [`InferSpec`]: streams [`CallEvent`]s as JSON lines, the last
 /// being `done` or `error`. Closing the response cancels the call on the serving node.
-async fn infer(State(state): State<ApiState>, Json(ask): Json<Ask>) -> Response {
-    let (tx, rx) = mpsc::channel::<AskEvent>(64);
-    tokio::spawn(async move {
-        let last = crate::ask::run(&state.mesh(), &ask, &tx).await;
-        let _ = tx.send(last).await;
-    });
-    let lines = tokio_stream_lines(rx);
+async fn infer(State(state): State<ApiState>, Json(ask): Json<InferSpec>) -> Response {
+    let lines = ndjson_lines(state.dispatcher().dispatch(ask));
     Response::builder()
         .header("content-type", "application/x-ndjson")
         .body(axum::body::Body::from_stream(lines))
         .expect("static headers are valid")
 }
 
-fn tokio_stream_lines(
-    rx: mpsc::Receiver<AskEvent>,
+fn ndjson_lines(
+    rx: mpsc::Receiver<CallEvent>,
 ) -> impl futures::Stream<Item = Result<String, std::convert::Infallible>> {
     futures::stream::unfold(rx, |mut rx| async move {
         let event = rx.recv().await?;

@@ -14,6 +14,11 @@ use mesh_protocol::{
 use crate::identity::verify_by_peer;
 use crate::wire::{read_frame, write_frame, WireIoError};
 
+/// A call's byte stream: a libp2p stream, or an in-memory pipe to this node's own server.
+pub trait CallStream: futures::AsyncRead + futures::AsyncWrite + Unpin + Send {}
+impl<T: futures::AsyncRead + futures::AsyncWrite + Unpin + Send> CallStream for T {}
+pub type BoxedStream = Box<dyn CallStream>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
     /// The serving node answered with an error frame.
@@ -95,12 +100,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Call<S> {
     }
 
     /// The same call over a boxed stream, so calls over different transports share a type.
-    pub fn boxed(self) -> Call<Box<dyn crate::ask::CallStream>>
+    pub fn boxed(self) -> Call<BoxedStream>
     where
         S: Send + 'static,
     {
         let stream = self.rd.reunite(self._wr).expect("halves of one stream");
-        let (rd, wr) = (Box::new(stream) as Box<dyn crate::ask::CallStream>).split();
+        let (rd, wr) = (Box::new(stream) as BoxedStream).split();
         Call {
             rd,
             _wr: wr,

@@ -12,11 +12,11 @@
 //! - [`node`]: a running node, tying the above together.
 //! - [`api`]: the HTTP API on loopback.
 //! - [`openai`]: the OpenAI-compatible gateway on the API.
-//! - [`ask`]: choosing a node for a model and running a call end to end.
+//! - [`dispatch`]: choosing a node for a model and running a call end to end, with failover.
 //! - [`directory`]: the models this node can see on the mesh, and who hosts them.
 
 pub mod api;
-pub mod ask;
+pub mod dispatch;
 pub mod auth;
 pub mod call;
 pub mod directory;

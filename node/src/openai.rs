@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::api::ApiState;
-use crate::ask::{self, Ask, AskEvent};
+use crate::dispatch::{CallEvent, CallFailure, FailureClass, InferSpec};
 
 /// Deadline of a gateway call (the OpenAI API has no per-request deadline field).
 const GATEWAY_DEADLINE: Duration = Duration::from_secs(300);
@@ -39,37 +39,39 @@ impl OpenAiError {
     }
 
     /// Maps a mesh failure to an HTTP status and OpenAI error type.
-    fn from_mesh(code: ErrorCode, message: String, network: bool) -> Self {
-        let (status, kind, code) = match code {
-            ErrorCode::UnknownModel => (
+    fn from_mesh(failure: CallFailure) -> Self {
+        let (status, kind, code) = match failure.class() {
+            FailureClass::NotFound => (
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
                 "model_not_found",
             ),
-            ErrorCode::BadRequest => (
+            FailureClass::BadRequest => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 "bad_request",
             ),
-            ErrorCode::Unauthorized => (StatusCode::FORBIDDEN, "permission_error", "unauthorized"),
-            ErrorCode::Overloaded => (
+            FailureClass::Unauthorized => {
+                (StatusCode::FORBIDDEN, "permission_error", "unauthorized")
+            }
+            FailureClass::Overloaded => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",
                 "overloaded",
             ),
-            ErrorCode::DeadlineExceeded => (
+            FailureClass::DeadlineExceeded => (
                 StatusCode::GATEWAY_TIMEOUT,
                 "timeout_error",
                 "deadline_exceeded",
             ),
-            _ if network => (StatusCode::BAD_GATEWAY, "api_error", "mesh_unreachable"),
-            _ => (StatusCode::INTERNAL_SERVER_ERROR, "api_error", "internal"),
+            FailureClass::Network => (StatusCode::BAD_GATEWAY, "api_error", "mesh_unreachable"),
+            FailureClass::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "api_error", "internal"),
         };
         OpenAiError {
             status,
             kind,
             code,
-            message,
+            message: failure.message,
         }
     }
 
@@ -187,7 +189,7 @@ fn message(m: &OpenAiMessage) -> Result<ChatMessage, OpenAiError> {
     Ok(ChatMessage { role, content })
 }
 
-fn chat_ask(req: &ChatRequest) -> Result<Ask, OpenAiError> {
+fn chat_ask(req: &ChatRequest) -> Result<InferSpec, OpenAiError> {
     if req.n.unwrap_or(1) != 1 {
         return Err(OpenAiError::bad_request("only n = 1 is supported"));
     }
@@ -218,7 +220,7 @@ fn chat_ask(req: &ChatRequest) -> Result<Ask, OpenAiError> {
     params
         .validate()
         .map_err(|e| OpenAiError::bad_request(e.message))?;
-    Ok(Ask {
+    Ok(InferSpec {
         target: "any".into(),
         model: req.model.clone(),
         prompts: Vec::new(),
@@ -262,16 +264,9 @@ fn usage_json(u: &Usage) -> Value {
 }
 
 /// Starts `ask` on the mesh; events arrive on the receiver, the last being `done` or `error`.
-fn start(state: &ApiState, ask: Ask) -> mpsc::Receiver<AskEvent> {
-    let (tx, rx) = mpsc::channel(64);
-    let mesh = state.mesh();
-    tokio::spawn(async move {
-        let last = ask::run(&mesh, &ask, &tx).await;
-        let _ = tx.send(last).await;
-    });
-    rx
+fn start(state: &ApiState, ask: InferSpec) -> mpsc::Receiver<CallEvent> {
+    state.dispatcher().dispatch(ask)
 }
-
 pub(crate) async fn chat_completions(
     State(state): State<ApiState>,
     headers: axum::http::HeaderMap,
@@ -282,7 +277,7 @@ pub(crate) async fn chat_completions(
         Err(e) => return OpenAiError::bad_request(e.body_text()).into_response(),
     };
     let ask = match chat_ask(&req).and_then(|ask| {
-        Ok(Ask {
+        Ok(InferSpec {
             token: mesh_token(&headers)?,
             ..ask
         })
@@ -317,13 +312,13 @@ struct Answer {
 }
 
 /// Reads a call's events to the end.
-async fn collect(mut events: mpsc::Receiver<AskEvent>) -> Result<Answer, OpenAiError> {
+async fn collect(mut events: mpsc::Receiver<CallEvent>) -> Result<Answer, OpenAiError> {
     let (mut text, mut vectors) = (String::new(), Vec::new());
     while let Some(event) = events.recv().await {
         match event {
-            AskEvent::Delta { text: t } => text.push_str(&t),
-            AskEvent::Embeddings { vectors: v } => vectors = v,
-            AskEvent::Done {
+            CallEvent::Delta { text: t } => text.push_str(&t),
+            CallEvent::Embeddings { vectors: v } => vectors = v,
+            CallEvent::Done {
                 finish_reason,
                 usage,
                 ..
@@ -335,12 +330,8 @@ async fn collect(mut events: mpsc::Receiver<AskEvent>) -> Result<Answer, OpenAiE
                     usage,
                 })
             }
-            AskEvent::Error {
-                code,
-                message,
-                network,
-            } => return Err(OpenAiError::from_mesh(code, message, network)),
-            AskEvent::Connected { .. } | AskEvent::Started { .. } => {}
+            CallEvent::Error(failure) => return Err(OpenAiError::from_mesh(failure)),
+            CallEvent::Connected { .. } | CallEvent::Started { .. } => {}
         }
     }
     Err(OpenAiError::from_mesh(
@@ -355,18 +346,16 @@ async fn collect(mut events: mpsc::Receiver<AskEvent>) -> Result<Answer, OpenAiE
 async fn stream_chat(
     id: String,
     model: String,
-    mut events: mpsc::Receiver<AskEvent>,
+    mut events: mpsc::Receiver<CallEvent>,
     include_usage: bool,
 ) -> Response {
     // Wait for the call to start, so refusals get their status code.
     let first = loop {
         match events.recv().await {
-            Some(AskEvent::Connected { .. }) => continue,
-            Some(AskEvent::Error {
-                code,
-                message,
-                network,
-            }) => return OpenAiError::from_mesh(code, message, network).into_response(),
+            Some(CallEvent::Connected { .. }) => continue,
+            Some(CallEvent::Error(failure)) => {
+                return OpenAiError::from_mesh(failure).into_response()
+            }
             Some(other) => break other,
             None => {
                 return OpenAiError::from_mesh(ErrorCode::Internal, "no answer".into(), true)
@@ -398,8 +387,8 @@ async fn stream_chat(
                 },
             };
             let out = match event {
-                AskEvent::Delta { text } => send(chunk(json!({ "content": text }), None)),
-                AskEvent::Done {
+                CallEvent::Delta { text } => send(chunk(json!({ "content": text }), None)),
+                CallEvent::Done {
                     finish_reason: f,
                     usage,
                     ..
@@ -416,15 +405,9 @@ async fn stream_chat(
                     }
                     break;
                 }
-                AskEvent::Error {
-                    code,
-                    message,
-                    network,
-                } => {
+                CallEvent::Error(failure) => {
                     let _ = tx
-                        .send(Ok(send(
-                            OpenAiError::from_mesh(code, message, network).body(),
-                        )))
+                        .send(Ok(send(OpenAiError::from_mesh(failure).body())))
                         .await;
                     break;
                 }
@@ -484,7 +467,7 @@ pub(crate) async fn embeddings(
         EmbeddingInput::One(s) => vec![s],
         EmbeddingInput::Many(v) => v,
     };
-    let ask = Ask {
+    let ask = InferSpec {
         target: "any".into(),
         model: req.model.clone(),
         prompts: texts,

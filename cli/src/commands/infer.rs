@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use futures::StreamExt;
-use mesh_node::ask::{self, Ask, AskEvent};
+use mesh_node::dispatch::{self, CallEvent, CallFailure, FailureClass, InferSpec};
 use mesh_node::Home;
 use mesh_protocol::{ErrorCode, SamplingParams};
 use tokio::sync::mpsc;
@@ -17,7 +17,7 @@ pub async fn run(home: Home, args: &InferArgs, json: bool) -> anyhow::Result<Exi
     // --timeout bounds the whole command: joining, finding the node, connecting, the answer.
     let give_up = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
     let ask = build_ask(args)?;
-    let (tx, mut rx) = mpsc::channel::<AskEvent>(64);
+    let (tx, mut rx) = mpsc::channel::<CallEvent>(64);
 
     // Through the node running here (it calls with its own key), else a short-lived node.
     let local = if args.find.bootstrap.is_empty() {
@@ -31,15 +31,19 @@ pub async fn run(home: Home, args: &InferArgs, json: bool) -> anyhow::Result<Exi
         None => {
             let identity = super::load_identity(&home)?;
             let node = super::reach::client_node(&home, identity, &args.find).await?;
-            let mesh = ask::Mesh {
+            let dispatcher = dispatch::Dispatcher {
                 client: node.client(),
                 local: None,
                 cache: None,
             };
             client_node = Some(node);
+            let mut events = dispatcher.dispatch(ask);
             tokio::spawn(async move {
-                let last = ask::run(&mesh, &ask, &tx).await;
-                let _ = tx.send(last).await;
+                while let Some(event) = events.recv().await {
+                    if tx.send(event).await.is_err() {
+                        return;
+                    }
+                }
             })
         }
     };
@@ -61,16 +65,16 @@ pub async fn run(home: Home, args: &InferArgs, json: bool) -> anyhow::Result<Exi
             output::json_line(&serde_json::to_value(&event)?);
         }
         match event {
-            AskEvent::Delta { text } if !json => {
+            CallEvent::Delta { text } if !json => {
                 print!("{text}");
                 std::io::stdout().flush()?;
             }
-            AskEvent::Embeddings { vectors } if !json => {
+            CallEvent::Embeddings { vectors } if !json => {
                 for v in vectors {
                     println!("{}", serde_json::to_string(&v)?);
                 }
             }
-            AskEvent::Done {
+            CallEvent::Done {
                 peer,
                 path,
                 usage,
@@ -103,13 +107,8 @@ pub async fn run(home: Home, args: &InferArgs, json: bool) -> anyhow::Result<Exi
                 }
                 break;
             }
-            AskEvent::Error {
-                code,
-                message,
-                network,
-            } => {
-                let exit = exit_for(code, network);
-                outcome = Err(failed(exit, format!("{code}: {message}")));
+            CallEvent::Error(failure) => {
+                outcome = Err(failed(exit_for(failure.class()), failure.to_string()));
                 break;
             }
             _ => {}
@@ -122,19 +121,19 @@ pub async fn run(home: Home, args: &InferArgs, json: bool) -> anyhow::Result<Exi
     outcome
 }
 
-fn exit_for(code: ErrorCode, network: bool) -> Exit {
-    match code {
-        ErrorCode::UnknownModel => Exit::NotFound,
-        ErrorCode::Unauthorized => Exit::Unauthorized,
-        ErrorCode::Overloaded => Exit::Overloaded,
-        ErrorCode::BadRequest => Exit::BadRequest,
-        ErrorCode::DeadlineExceeded => Exit::DeadlineExceeded,
-        _ if network => Exit::Network,
-        ErrorCode::Internal | ErrorCode::Unknown => Exit::Failure,
+fn exit_for(class: FailureClass) -> Exit {
+    match class {
+        FailureClass::NotFound => Exit::NotFound,
+        FailureClass::Unauthorized => Exit::Unauthorized,
+        FailureClass::Overloaded => Exit::Overloaded,
+        FailureClass::BadRequest => Exit::BadRequest,
+        FailureClass::DeadlineExceeded => Exit::DeadlineExceeded,
+        FailureClass::Network => Exit::Network,
+        FailureClass::Internal => Exit::Failure,
     }
 }
 
-fn build_ask(args: &InferArgs) -> anyhow::Result<Ask> {
+fn build_ask(args: &InferArgs) -> anyhow::Result<InferSpec> {
     if args.peer != "any" {
         super::reach::parse_peer(&args.peer)?;
     }
@@ -191,7 +190,7 @@ fn build_ask(args: &InferArgs) -> anyhow::Result<Ask> {
         mesh_protocol::SignedToken::from_text(t)
             .map_err(|e| failed(Exit::BadRequest, format!("--token: {e}")))?;
     }
-    Ok(Ask {
+    Ok(InferSpec {
         token,
         target: args.peer.clone(),
         model: args.model.clone(),
@@ -205,12 +204,9 @@ fn build_ask(args: &InferArgs) -> anyhow::Result<Ask> {
 }
 
 /// Runs the call through the local node's API, forwarding its events.
-async fn via_api(api: std::net::SocketAddr, ask: Ask, tx: mpsc::Sender<AskEvent>) {
-    let network_error = |message: String| AskEvent::Error {
-        code: ErrorCode::Internal,
-        message,
-        network: true,
-    };
+async fn via_api(api: std::net::SocketAddr, ask: InferSpec, tx: mpsc::Sender<CallEvent>) {
+    let network_error =
+        |message: String| CallEvent::Error(CallFailure::network(ErrorCode::Internal, message));
     let client = match reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .build()
@@ -248,7 +244,7 @@ async fn via_api(api: std::net::SocketAddr, ask: Ask, tx: mpsc::Sender<AskEvent>
         buf.extend_from_slice(&chunk);
         while let Some(end) = buf.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = buf.drain(..=end).collect();
-            match serde_json::from_slice::<AskEvent>(&line) {
+            match serde_json::from_slice::<CallEvent>(&line) {
                 Ok(event) => {
                     if tx.send(event).await.is_err() {
                         return;

@@ -1,7 +1,9 @@
-//! Asking the mesh: pick the node (a given peer, or any provider of the model), build the
-//! request to fit the model's task, call it, and report every step as an [`AskEvent`].
+//! Dispatching a call on the mesh: pick the node (a given peer, or any provider of the model),
+//! build the request to fit the model's task, call it, fail over, and report every step as a
+//! [`CallEvent`].
 //!
-//! `mesh infer` and the HTTP API both use this, so they behave the same.
+//! `mesh infer`, the node's `/v1/mesh/infer` and the OpenAI gateway all go through
+//! [`Dispatcher::dispatch`], so they behave the same.
 
 use std::time::{Duration, Instant};
 
@@ -18,18 +20,17 @@ use std::sync::Arc;
 
 use tokio_util::compat::TokioAsyncReadCompatExt;
 
-use crate::call::{Call, CallError};
+mod failure;
+
+pub use failure::{CallFailure, FailureClass, Origin};
+
+use crate::call::{BoxedStream, Call, CallError};
 use crate::network::{Client, Path};
 use crate::serve::Server;
 
-/// A call's byte stream: a libp2p stream, or an in-memory pipe to this node's own server.
-pub trait CallStream: futures::AsyncRead + futures::AsyncWrite + Unpin + Send {}
-impl<T: futures::AsyncRead + futures::AsyncWrite + Unpin + Send> CallStream for T {}
-type BoxedStream = Box<dyn CallStream>;
-
 /// What to ask, before knowing which node will answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Ask {
+pub struct InferSpec {
     /// A peer id, or `any`.
     pub target: String,
     pub model: String,
@@ -56,7 +57,7 @@ pub struct Ask {
 /// One step of a call, as `mesh infer --json` prints it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
-pub enum AskEvent {
+pub enum CallEvent {
     Connected {
         peer: String,
         path: Path,
@@ -89,39 +90,19 @@ pub enum AskEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         receipt_error: Option<String>,
     },
-    Error {
-        code: ErrorCode,
-        message: String,
-        /// True when the failure was on the network, not an answer from a node.
-        network: bool,
-    },
+    /// The call failed; always the last event.
+    Error(CallFailure),
 }
 
-impl AskEvent {
-    pub fn from_call_error(e: &CallError) -> AskEvent {
-        match e {
-            CallError::Remote(w) => AskEvent::Error {
-                code: w.code,
-                message: w.message.clone(),
-                network: false,
-            },
-            CallError::Timeout(_) => AskEvent::Error {
-                code: ErrorCode::DeadlineExceeded,
-                message: e.to_string(),
-                network: true,
-            },
-            other => AskEvent::Error {
-                code: ErrorCode::Internal,
-                message: other.to_string(),
-                network: true,
-            },
-        }
+impl CallEvent {
+    pub fn from_call_error(e: &CallError) -> CallEvent {
+        CallEvent::Error(CallFailure::from(e))
     }
 }
 
 /// What a node can reach: the mesh through its client, and its own models.
 #[derive(Clone)]
-pub struct Mesh {
+pub struct Dispatcher {
     pub client: Client,
     pub local: Option<Arc<Server>>,
     /// Recently found providers, shared by the calls of one node (the API's).
@@ -240,7 +221,22 @@ impl ProviderCache {
     }
 }
 
-impl Mesh {
+/// Events a dispatched call queues for its consumer before it waits for them.
+const EVENT_QUEUE: usize = 64;
+
+impl Dispatcher {
+    /// Starts `spec` on the mesh: every step arrives on the receiver, the last being `done` or
+    /// `error`. Dropping the receiver cancels the call, on the serving node too.
+    pub fn dispatch(&self, spec: InferSpec) -> mpsc::Receiver<CallEvent> {
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        let dispatcher = self.clone();
+        tokio::spawn(async move {
+            let last = run(&dispatcher, &spec, &tx).await;
+            let _ = tx.send(last).await;
+        });
+        rx
+    }
+
     fn local_card(&self, model: &str) -> Option<(ModelCard, u32)> {
         let server = self.local.as_ref()?;
         let card = server.cards().find(|c| c.name == model)?.clone();
@@ -250,7 +246,7 @@ impl Mesh {
 
 /// Nodes that can answer `model`, with its card, best first (this node itself first).
 pub async fn candidates(
-    mesh: &Mesh,
+    mesh: &Dispatcher,
     target: &str,
     model: &str,
 ) -> Result<Vec<(PeerId, ModelCard, u32)>, CallError> {
@@ -311,7 +307,7 @@ pub async fn candidates(
 }
 
 /// Builds the request that fits the model's task.
-pub fn build_request(ask: &Ask, card: &ModelCard) -> Result<InferRequest, WireError> {
+pub fn build_request(ask: &InferSpec, card: &ModelCard) -> Result<InferRequest, WireError> {
     if let Some(expected) = ask.expect {
         if expected != card.task {
             let (is, use_) = match card.task {
@@ -375,7 +371,7 @@ pub fn build_request(ask: &Ask, card: &ModelCard) -> Result<InferRequest, WireEr
 /// (`done` or `error`). Tries the next provider when one fails before its first output.
 /// If `events` is closed (the asker went away), the call is dropped, which cancels it on
 /// the serving node.
-pub async fn run(mesh: &Mesh, ask: &Ask, events: &mpsc::Sender<AskEvent>) -> AskEvent {
+async fn run(mesh: &Dispatcher, ask: &InferSpec, events: &mpsc::Sender<CallEvent>) -> CallEvent {
     let begin = Instant::now();
     let cache = mesh.cache.as_ref().filter(|_| ask.target == "any");
     let cached = cache.and_then(|c| c.get(&ask.model));
@@ -388,7 +384,7 @@ pub async fn run(mesh: &Mesh, ask: &Ask, events: &mpsc::Sender<AskEvent>) -> Ask
                 }
                 c
             }
-            Err(e) => return AskEvent::from_call_error(&e),
+            Err(e) => return CallEvent::from_call_error(&e),
         },
     };
     let (candidates, mut claimed) = if candidates.len() > 1 {
@@ -412,22 +408,22 @@ pub async fn run(mesh: &Mesh, ask: &Ask, events: &mpsc::Sender<AskEvent>) -> Ask
         let claim = cache.and_then(|c| candidates.first().map(|(p, _, _)| c.start_call(*p)));
         (candidates, claim)
     };
-    let mut last = AskEvent::Error {
+    let mut last = CallEvent::Error(CallFailure {
         code: ErrorCode::UnknownModel,
         message: format!("no node answered for model {:?}", ask.model),
-        network: true,
-    };
+        origin: Origin::Network,
+    });
     for (peer, card, _) in candidates {
         // The first candidate was counted when it was chosen; a failover counts here.
         let _counted = claimed.take().or_else(|| cache.map(|c| c.start_call(peer)));
         let request = match build_request(ask, &card) {
             Ok(r) => r,
-            Err(e) => return AskEvent::from_call_error(&CallError::Remote(e)),
+            Err(e) => return CallEvent::from_call_error(&CallError::Remote(e)),
         };
         match call_one(mesh, peer, &request, begin, events).await {
             Ok(done) => return done,
             Err((e, produced_output)) => {
-                last = AskEvent::from_call_error(&e);
+                last = CallEvent::from_call_error(&e);
                 let retryable = !produced_output
                     && matches!(
                         &e,
@@ -476,12 +472,12 @@ fn route(
 }
 
 async fn call_one(
-    mesh: &Mesh,
+    mesh: &Dispatcher,
     peer: PeerId,
     request: &InferRequest,
     begin: Instant,
-    events: &mpsc::Sender<AskEvent>,
-) -> Result<AskEvent, (CallError, bool)> {
+    events: &mpsc::Sender<CallEvent>,
+) -> Result<CallEvent, (CallError, bool)> {
     let gone = || {
         (
             CallError::Remote(WireError::new(ErrorCode::Internal, "the asker went away")),
@@ -511,7 +507,7 @@ async fn call_one(
         };
     let connect_ms = begin.elapsed().as_millis() as u64;
     events
-        .send(AskEvent::Connected {
+        .send(CallEvent::Connected {
             peer: peer.to_string(),
             path,
             connect_ms,
@@ -526,14 +522,14 @@ async fn call_one(
             Err(e) => return Err((e, first_byte.is_some())),
         };
         let event = match frame {
-            InferResponse::Started { queue_ms, .. } => AskEvent::Started { queue_ms },
+            InferResponse::Started { queue_ms, .. } => CallEvent::Started { queue_ms },
             InferResponse::Delta { text } => {
                 first_byte.get_or_insert_with(|| begin.elapsed());
-                AskEvent::Delta { text }
+                CallEvent::Delta { text }
             }
             InferResponse::Embeddings { vectors } => {
                 first_byte.get_or_insert_with(|| begin.elapsed());
-                AskEvent::Embeddings { vectors }
+                CallEvent::Embeddings { vectors }
             }
             InferResponse::Done {
                 finish_reason,
@@ -551,7 +547,7 @@ async fn call_one(
                     None => (false, Some("the node sent no receipt".to_string())),
                 };
                 let total = begin.elapsed();
-                return Ok(AskEvent::Done {
+                return Ok(CallEvent::Done {
                     peer: peer.to_string(),
                     path,
                     finish_reason,
