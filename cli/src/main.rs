@@ -1,9 +1,10 @@
 //! `mesh`: the command-line face of a mesh node. Parsing and printing live here; everything a
 //! node does lives in the mesh-node crate.
 
+#[macro_use]
+mod output;
 mod args;
 mod commands;
-mod output;
 
 use clap::Parser;
 
@@ -19,6 +20,7 @@ fn main() -> std::process::ExitCode {
     };
     match runtime.block_on(commands::run(cli)) {
         Ok(code) => code,
+        Err(e) if output::is_broken_pipe(&e) => std::process::ExitCode::SUCCESS,
         Err(e) => output::fail(&e),
     }
 }

@@ -14,9 +14,42 @@ pub fn init_logging() {
         .init();
 }
 
+/// `println!` that hands a failed write back to the caller (as `?` would) instead of
+/// panicking, so `mesh infer … | head` ends quietly when the pipe closes.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            return Err(anyhow::Error::from(e));
+        }
+    }};
+}
+
+/// `print!` and a flush, with [`outln!`]'s handling of a closed pipe.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut stdout = std::io::stdout().lock();
+        if let Err(e) = write!(stdout, $($arg)*).and_then(|()| stdout.flush()) {
+            return Err(anyhow::Error::from(e));
+        }
+    }};
+}
+
 /// Prints one JSON object as a line on stdout.
-pub fn json_line(value: &serde_json::Value) {
-    println!("{value}");
+pub fn json_line(value: &serde_json::Value) -> anyhow::Result<()> {
+    outln!("{value}");
+    Ok(())
+}
+
+/// True when `err` is a write to a pipe whose reader went away: the reader has what it
+/// wanted, so the command ends quietly (as ripgrep does).
+pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// Exit codes, one per kind of failure a script may want to act on.

@@ -3,6 +3,8 @@
 //!
 //! Bound to loopback by default: it answers anyone who can open a local socket.
 
+pub mod client;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -14,7 +16,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::{InferSpec, CallEvent};
+use crate::dispatch::{CallEvent, InferSpec};
 use crate::network::{Client, PeerSummary};
 use crate::serve::Server;
 use tokio::sync::mpsc;
@@ -28,8 +30,8 @@ pub(crate) struct ApiState {
 
 impl ApiState {
     /// What a call made through the API can reach: the mesh, this node's models, the cache.
-    pub(crate) fn mesh(&self) -> crate::dispatch::Mesh {
-        crate::dispatch::Mesh {
+    pub(crate) fn dispatcher(&self) -> crate::dispatch::Dispatcher {
+        crate::dispatch::Dispatcher {
             client: self.client.clone(),
             local: Some(self.server.clone()),
             cache: Some(self.providers.clone()),

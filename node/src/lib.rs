@@ -10,16 +10,18 @@
 //! - [`call`]: the calling side of those streams.
 //! - [`network`]: the libp2p swarm task and its client handle.
 //! - [`node`]: a running node, tying the above together.
-//! - [`api`]: the HTTP API on loopback.
+//! - [`api`]: the HTTP API on loopback, and ([`api::client`]) the typed client the CLI uses.
+//! - [`client_node`]: a short-lived node for one command.
 //! - [`openai`]: the OpenAI-compatible gateway on the API.
 //! - [`dispatch`]: choosing a node for a model and running a call end to end, with failover.
 //! - [`directory`]: the models this node can see on the mesh, and who hosts them.
 
 pub mod api;
-pub mod dispatch;
 pub mod auth;
 pub mod call;
+pub mod client_node;
 pub mod directory;
+pub mod dispatch;
 pub mod engine;
 pub mod home;
 pub mod identity;

@@ -334,11 +334,10 @@ async fn collect(mut events: mpsc::Receiver<CallEvent>) -> Result<Answer, OpenAi
             CallEvent::Connected { .. } | CallEvent::Started { .. } => {}
         }
     }
-    Err(OpenAiError::from_mesh(
+    Err(OpenAiError::from_mesh(CallFailure::network(
         ErrorCode::Internal,
-        "the call ended without an answer".into(),
-        true,
-    ))
+        "the call ended without an answer",
+    )))
 }
 
 /// Streams chunks as server-sent events. Errors before the first token are plain HTTP errors;
@@ -358,8 +357,11 @@ async fn stream_chat(
             }
             Some(other) => break other,
             None => {
-                return OpenAiError::from_mesh(ErrorCode::Internal, "no answer".into(), true)
-                    .into_response()
+                return OpenAiError::from_mesh(CallFailure::network(
+                    ErrorCode::Internal,
+                    "no answer",
+                ))
+                .into_response()
             }
         }
     };

@@ -1,14 +1,13 @@
 //! `mesh infer`: call a model on the mesh and stream the answer to stdout.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use futures::StreamExt;
-use mesh_node::dispatch::{self, CallEvent, CallFailure, FailureClass, InferSpec};
+use mesh_node::api::client::LocalApi;
+use mesh_node::dispatch::{self, CallEvent, FailureClass, InferSpec};
 use mesh_node::Home;
-use mesh_protocol::{ErrorCode, SamplingParams};
-use tokio::sync::mpsc;
+use mesh_protocol::SamplingParams;
 
 use crate::args::InferArgs;
 use crate::output::{self, failed, Exit};
@@ -17,17 +16,16 @@ pub async fn run(home: Home, args: &InferArgs, json: bool) -> anyhow::Result<Exi
     // --timeout bounds the whole command: joining, finding the node, connecting, the answer.
     let give_up = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
     let ask = build_ask(args)?;
-    let (tx, mut rx) = mpsc::channel::<CallEvent>(64);
 
     // Through the node running here (it calls with its own key), else a short-lived node.
     let local = if args.find.bootstrap.is_empty() {
-        super::reach::local_node(&home).await
+        LocalApi::find(&home).await
     } else {
         None
     };
     let mut client_node = None;
-    let worker = match local.and_then(|(info, _)| info.api) {
-        Some(api) => tokio::spawn(via_api(api, ask, tx)),
+    let mut rx = match local {
+        Some(node) => node.infer(ask),
         None => {
             let identity = super::load_identity(&home)?;
             let node = super::reach::client_node(&home, identity, &args.find).await?;
@@ -37,14 +35,7 @@ pub async fn run(home: Home, args: &InferArgs, json: bool) -> anyhow::Result<Exi
                 cache: None,
             };
             client_node = Some(node);
-            let mut events = dispatcher.dispatch(ask);
-            tokio::spawn(async move {
-                while let Some(event) = events.recv().await {
-                    if tx.send(event).await.is_err() {
-                        return;
-                    }
-                }
-            })
+            dispatcher.dispatch(ask)
         }
     };
 
@@ -62,16 +53,15 @@ pub async fn run(home: Home, args: &InferArgs, json: bool) -> anyhow::Result<Exi
             }
         };
         if json {
-            output::json_line(&serde_json::to_value(&event)?);
+            output::json_line(&serde_json::to_value(&event)?)?;
         }
         match event {
             CallEvent::Delta { text } if !json => {
-                print!("{text}");
-                std::io::stdout().flush()?;
+                out!("{text}");
             }
             CallEvent::Embeddings { vectors } if !json => {
                 for v in vectors {
-                    println!("{}", serde_json::to_string(&v)?);
+                    outln!("{}", serde_json::to_string(&v)?);
                 }
             }
             CallEvent::Done {
@@ -86,7 +76,7 @@ pub async fn run(home: Home, args: &InferArgs, json: bool) -> anyhow::Result<Exi
                 ..
             } => {
                 if !json {
-                    println!();
+                    outln!();
                     eprintln!(
                         "mesh: {} prompt + {} completion tokens from {peer} ({}), first byte {time_to_first_byte_ms} ms, total {total_ms} ms, receipt {}",
                         usage.prompt_tokens,
@@ -114,7 +104,8 @@ pub async fn run(home: Home, args: &InferArgs, json: bool) -> anyhow::Result<Exi
             _ => {}
         }
     }
-    worker.abort();
+    // Hanging up cancels the call wherever it runs.
+    drop(rx);
     if let Some(node) = client_node {
         node.shutdown().await;
     }
@@ -201,67 +192,4 @@ fn build_ask(args: &InferArgs) -> anyhow::Result<InferSpec> {
         params,
         deadline_ms: args.timeout.saturating_mul(1000),
     })
-}
-
-/// Runs the call through the local node's API, forwarding its events.
-async fn via_api(api: std::net::SocketAddr, ask: InferSpec, tx: mpsc::Sender<CallEvent>) {
-    let network_error =
-        |message: String| CallEvent::Error(CallFailure::network(ErrorCode::Internal, message));
-    let client = match reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .build()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = tx.send(network_error(e.to_string())).await;
-            return;
-        }
-    };
-    let response = match client
-        .post(format!("http://{api}/v1/mesh/infer"))
-        .json(&ask)
-        .send()
-        .await
-    {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = tx
-                .send(network_error(format!("the local node's API failed: {e}")))
-                .await;
-            return;
-        }
-    };
-    let mut body = response.bytes_stream();
-    let mut buf = Vec::new();
-    while let Some(chunk) = body.next().await {
-        let chunk = match chunk {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = tx.send(network_error(e.to_string())).await;
-                return;
-            }
-        };
-        buf.extend_from_slice(&chunk);
-        while let Some(end) = buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=end).collect();
-            match serde_json::from_slice::<CallEvent>(&line) {
-                Ok(event) => {
-                    if tx.send(event).await.is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    let _ = tx
-                        .send(network_error(format!("bad line from the local node: {e}")))
-                        .await;
-                    return;
-                }
-            }
-        }
-    }
-    let _ = tx
-        .send(network_error(
-            "the local node ended the answer early".into(),
-        ))
-        .await;
 }

@@ -4,9 +4,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
-use mesh_node::auth::policy::{parse_peers, ConfigFile};
-use mesh_node::auth::quota::USAGE_FILE;
-use mesh_node::auth::revocation::REVOKED_FILE;
+use mesh_node::api::client::LocalApi;
+use mesh_node::auth::policy::AccessFlags;
 use mesh_node::auth::{Access, AccessConfig};
 use mesh_node::engine::{self, SharedEngine};
 use mesh_node::home::RuntimeInfo;
@@ -17,12 +16,12 @@ use crate::args::JoinArgs;
 use crate::output::{self, failed, Exit};
 
 pub async fn run(home: Home, args: &JoinArgs, json: bool) -> anyhow::Result<ExitCode> {
-    if let Some((info, _)) = super::reach::local_node(&home).await {
+    if let Some(running) = LocalApi::find(&home).await {
         return Err(failed(
             Exit::Failure,
             format!(
                 "a node (pid {}) is already running with home {}; give this one its own --home",
-                info.pid,
+                running.info().pid,
                 home.root().display()
             ),
         ));
@@ -82,14 +81,14 @@ pub async fn run(home: Home, args: &JoinArgs, json: bool) -> anyhow::Result<Exit
     // The handlers go in before `ready` is printed: whoever reads `ready` may stop us at once.
     let stop = shutdown_signal()?;
     tokio::pin!(stop);
-    print_ready(&node, &listen, json);
+    print_ready(&node, &listen, json)?;
 
     let mut events = node.client().events();
     loop {
         tokio::select! {
             _ = &mut stop => break,
             event = events.recv() => match event {
-                Ok(event) if json => print_event(&event),
+                Ok(event) if json => print_event(&event)?,
                 Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
             },
@@ -99,56 +98,21 @@ pub async fn run(home: Home, args: &JoinArgs, json: bool) -> anyhow::Result<Exit
     node.shutdown().await;
     home.remove_runtime();
     if json {
-        output::json_line(&serde_json::json!({ "event": "stopped" }));
+        output::json_line(&serde_json::json!({ "event": "stopped" }))?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// The access policy: `<home>/config.json`, then the flags on top.
-///
-/// With no policy anywhere, a node is open. `--require-token` makes the default `token`;
-/// otherwise `--allow`/`--allow-file` make it `allow`. Allow entries and trusted issuers from
-/// the file and the flags add up; `--allow-file` replaces the file's; `--model-policy`
-/// overrides the file's entry for that model.
 fn access_config(home: &Home, args: &JoinArgs) -> anyhow::Result<AccessConfig> {
-    let bad = |e: String| failed(Exit::BadRequest, e);
-    let file = ConfigFile::load(home.root()).map_err(bad)?.access;
-    let mut access = AccessConfig {
-        default: file.default.unwrap_or_default(),
-        models: file.models,
-        allow: parse_peers("allow in config.json", &file.allow).map_err(bad)?,
-        allow_file: file.allow_file,
-        trusted_issuers: parse_peers("trust_issuers in config.json", &file.trust_issuers)
-            .map_err(bad)?,
-        revocation_file: Some(home.root().join(REVOKED_FILE)),
-        quota_file: Some(home.root().join(USAGE_FILE)),
+    let flags = AccessFlags {
+        allow: args.allow.clone(),
+        allow_file: args.allow_file.clone(),
+        require_token: args.require_token,
+        trust_issuer: args.trust_issuer.clone(),
+        model_policy: args.model_policy.clone(),
     };
-    access
-        .allow
-        .extend(parse_peers("--allow", &args.allow).map_err(bad)?);
-    access
-        .trusted_issuers
-        .extend(parse_peers("--trust-issuer", &args.trust_issuer).map_err(bad)?);
-    if let Some(f) = &args.allow_file {
-        access.allow_file = Some(f.clone());
-    }
-    if args.require_token {
-        access.default = Access::Token;
-    } else if !args.allow.is_empty() || args.allow_file.is_some() {
-        access.default = Access::Allow;
-    }
-    for entry in &args.model_policy {
-        let (name, policy) = entry.split_once('=').ok_or_else(|| {
-            bad(format!(
-                "--model-policy {entry:?}: expected NAME=open|allow|token"
-            ))
-        })?;
-        let policy: Access = policy
-            .parse()
-            .map_err(|e| bad(format!("--model-policy {entry:?}: {e}")))?;
-        access.models.insert(name.to_string(), policy);
-    }
-    Ok(access)
+    AccessConfig::from_file_and_flags(home.root(), &flags).map_err(|e| failed(Exit::BadRequest, e))
 }
 
 fn load_models(home: &Home, args: &JoinArgs) -> anyhow::Result<Vec<SharedEngine>> {
@@ -162,7 +126,7 @@ fn load_models(home: &Home, args: &JoinArgs) -> anyhow::Result<Vec<SharedEngine>
         .collect()
 }
 
-fn print_ready(node: &Node, listen: &[Multiaddr], json: bool) {
+fn print_ready(node: &Node, listen: &[Multiaddr], json: bool) -> anyhow::Result<()> {
     let cards = node.cards();
     if json {
         output::json_line(&serde_json::json!({
@@ -172,15 +136,15 @@ fn print_ready(node: &Node, listen: &[Multiaddr], json: bool) {
             "models": cards.iter().map(|c| &c.name).collect::<Vec<_>>(),
             "api": node.api_addr().map(|a| format!("http://{a}")),
             "access": node.server().policy(),
-        }));
-        return;
+        }))?;
+        return Ok(());
     }
-    println!("mesh node {} is up", node.peer_id());
+    outln!("mesh node {} is up", node.peer_id());
     for addr in listen {
-        println!("  listening on {addr}");
+        outln!("  listening on {addr}");
     }
     if let Some(api) = node.api_addr() {
-        println!("  API on http://{api} (loopback only)");
+        outln!("  API on http://{api} (loopback only)");
     }
     // The address another machine is most likely to reach: not loopback, TCP first.
     let share = listen
@@ -188,12 +152,15 @@ fn print_ready(node: &Node, listen: &[Multiaddr], json: bool) {
         .find(|a| !a.to_string().starts_with("/ip4/127.") && a.to_string().contains("/tcp/"))
         .or_else(|| listen.first());
     if cards.is_empty() {
-        println!("  hosting no models (a DHT peer others can join through)");
+        outln!("  hosting no models (a DHT peer others can join through)");
     }
     for card in &cards {
-        println!(
+        outln!(
             "  hosting {} ({:?}, {}, {})",
-            card.name, card.task, card.architecture, card.quantization
+            card.name,
+            card.task,
+            card.architecture,
+            card.quantization
         );
         if let Some(addr) = share {
             let policy = node.server().policy();
@@ -207,30 +174,31 @@ fn print_ready(node: &Node, listen: &[Multiaddr], json: bool) {
             } else {
                 ""
             };
-            println!(
+            outln!(
                 "    call it: mesh infer {} {} --bootstrap {addr}{token} --prompt \"Hello\"",
                 node.peer_id(),
                 card.name
             );
         }
     }
-    print_policy(node);
-    println!("Press Ctrl-C to stop.");
+    print_policy(node)?;
+    outln!("Press Ctrl-C to stop.");
+    Ok(())
 }
 
-fn print_policy(node: &Node) {
+fn print_policy(node: &Node) -> anyhow::Result<()> {
     let policy = node.server().policy();
     let describe = |a: Access| match a {
         Access::Open => "open: any peer that can reach this node may call",
         Access::Allow => "allow: only peers on the allow list may call",
         Access::Token => "token: peers on the allow list, or with a valid capability token",
     };
-    println!("  access: {}", describe(policy.default));
+    outln!("  access: {}", describe(policy.default));
     for (model, access) in &policy.models {
-        println!("    {model}: {}", describe(*access));
+        outln!("    {model}: {}", describe(*access));
     }
     if policy.allow > 0 || policy.allow_file.is_some() {
-        println!(
+        outln!(
             "    allow list: {} peer(s) from flags/config{}",
             policy.allow,
             policy
@@ -241,7 +209,7 @@ fn print_policy(node: &Node) {
         );
     }
     for issuer in &policy.trusted_issuers {
-        println!("    also trusting tokens issued by {issuer}");
+        outln!("    also trusting tokens issued by {issuer}");
     }
     let open_models = node
         .cards()
@@ -256,14 +224,15 @@ fn print_policy(node: &Node) {
         })
         .count();
     if open_models > 0 {
-        println!(
+        outln!(
             "  WARNING: {open_models} model(s) are open to anyone who can reach this node; \
              restrict with --allow, --allow-file or --require-token"
         );
     }
+    Ok(())
 }
 
-fn print_event(event: &NetworkEvent) {
+fn print_event(event: &NetworkEvent) -> anyhow::Result<()> {
     let line = match event {
         NetworkEvent::Listening(addr) => {
             serde_json::json!({ "event": "listening", "addr": addr.to_string() })
@@ -278,7 +247,7 @@ fn print_event(event: &NetworkEvent) {
             serde_json::json!({ "event": "relay_reserved", "relay": relay.to_string() })
         }
     };
-    output::json_line(&line);
+    output::json_line(&line)
 }
 
 /// Ctrl-C or SIGTERM.

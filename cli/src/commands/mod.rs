@@ -40,9 +40,9 @@ pub fn load_identity(home: &Home) -> anyhow::Result<NodeIdentity> {
 fn id(home: &Home, json: bool) -> anyhow::Result<ExitCode> {
     let identity = load_identity(home)?;
     if json {
-        output::json_line(&serde_json::json!({ "peer_id": identity.peer_id().to_string() }));
+        output::json_line(&serde_json::json!({ "peer_id": identity.peer_id().to_string() }))?;
     } else {
-        println!("{}", identity.peer_id());
+        outln!("{}", identity.peer_id());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -19,12 +19,12 @@ pub fn run(home: &Home, action: &ModelCommand, json: bool) -> anyhow::Result<Exi
                     output::json_line(&serde_json::json!({
                         "model": m.name, "description": m.description, "package": m.package,
                         "license": m.license, "fetched": here, "path": path,
-                    }));
+                    }))?;
                 } else {
                     let state = if here { "fetched" } else { "not fetched" };
-                    println!("{:<24} {:<12} {}", m.name, state, m.description);
+                    outln!("{:<24} {:<12} {}", m.name, state, m.description);
                     if here {
-                        println!("{:<24} --model {}={}", "", m.name, path.display());
+                        outln!("{:<24} --model {}={}", "", m.name, path.display());
                     }
                 }
             }
@@ -43,9 +43,9 @@ pub fn run(home: &Home, action: &ModelCommand, json: bool) -> anyhow::Result<Exi
                         _ => failed(Exit::Failure, e.to_string()),
                     })?;
                 if json {
-                    output::json_line(&serde_json::json!({ "model": name, "path": path }));
+                    output::json_line(&serde_json::json!({ "model": name, "path": path }))?;
                 } else {
-                    println!("{name}: --model {name}={}", path.display());
+                    outln!("{name}: --model {name}={}", path.display());
                 }
             }
         }

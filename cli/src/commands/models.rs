@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
+use mesh_node::api::client::LocalApi;
 use mesh_node::directory::{self, Listing};
 use mesh_node::Home;
 
@@ -11,22 +12,16 @@ use crate::args::FindArgs;
 use crate::output;
 
 pub async fn run(home: Home, find: &FindArgs, json: bool) -> anyhow::Result<ExitCode> {
-    let rows = match super::reach::local_node(&home).await {
+    let local = match find.bootstrap.is_empty() {
+        true => LocalApi::find(&home).await,
+        false => None,
+    };
+    let rows = match local {
         // The node running here already knows the mesh: ask it (GET /v1/mesh/models).
-        Some((info, _)) if find.bootstrap.is_empty() => {
-            let api = info.api.context("the running node serves no API")?;
-            reqwest::Client::builder()
-                .timeout(std::time::Duration::from_secs(30))
-                .build()?
-                .get(format!("http://{api}/v1/mesh/models"))
-                .send()
-                .await
-                .and_then(|r| r.error_for_status())
-                .with_context(|| format!("asking the node running here ({api})"))?
-                .json::<Vec<Listing>>()
-                .await
-                .context("the node's model list")?
-        }
+        Some(node) => node
+            .models()
+            .await
+            .context("asking the node running here")?,
         _ => {
             let identity = super::load_identity(&home)?;
             let node = super::reach::client_node(&home, identity, find).await?;
@@ -43,17 +38,20 @@ pub async fn run(home: Home, find: &FindArgs, json: bool) -> anyhow::Result<Exit
         for row in &rows {
             output::json_line(&serde_json::json!({
                 "model": row.model, "peer_id": row.peer_id, "load": row.load, "card": row.card,
-            }));
+            }))?;
         }
     } else if rows.is_empty() {
-        println!("no models found on the mesh");
+        outln!("no models found on the mesh");
     } else {
-        println!(
+        outln!(
             "{:<28} {:<9} {:<14} {:<8} PEER",
-            "MODEL", "TASK", "ARCH", "QUANT"
+            "MODEL",
+            "TASK",
+            "ARCH",
+            "QUANT"
         );
         for Listing { card, peer_id, .. } in &rows {
-            println!(
+            outln!(
                 "{:<28} {:<9} {:<14} {:<8} {peer_id}",
                 card.name,
                 format!("{:?}", card.task).to_lowercase(),

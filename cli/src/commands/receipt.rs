@@ -60,15 +60,15 @@ pub fn run(command: &ReceiptCommand, json: bool) -> anyhow::Result<ExitCode> {
         "compute_ms": r.compute_ms,
     });
     if json {
-        output::json_line(&summary);
+        output::json_line(&summary)?;
     } else {
-        println!("receipt verified: signed by {server}");
+        outln!("receipt verified: signed by {server}");
         if let Some(map) = summary.as_object() {
             for (k, v) in map
                 .iter()
                 .filter(|(k, _)| *k != "verified" && *k != "server")
             {
-                println!("  {k}: {v}");
+                outln!("  {k}: {v}");
             }
         }
     }

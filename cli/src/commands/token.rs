@@ -72,9 +72,9 @@ fn issue(
     if json {
         let mut v = claims_json(&claims);
         v["token"] = token.to_text().into();
-        output::json_line(&v);
+        output::json_line(&v)?;
     } else {
-        println!("{}", token.to_text());
+        outln!("{}", token.to_text());
         eprintln!(
             "mesh: token {} for {subject}, {}, valid until unix time {}{}",
             claims.id_hex(),
@@ -109,23 +109,23 @@ fn inspect(text: &str, json: bool) -> anyhow::Result<ExitCode> {
         let mut v = claims_json(&claims);
         v["signature_valid"] = opened.is_ok().into();
         v["time"] = time.into();
-        output::json_line(&v);
+        output::json_line(&v)?;
     } else {
         let peer =
             |b: &[u8]| PeerId::from_bytes(b).map_or("(not a peer id)".into(), |p| p.to_string());
-        println!("id:           {}", claims.id_hex());
-        println!("issuer:       {}", peer(&claims.issuer));
-        println!("subject:      {}", peer(&claims.subject));
-        println!("models:       {}", models_text(&claims));
-        println!("not before:   {} (unix)", claims.not_before);
-        println!("expires:      {} (unix), {time}", claims.expires);
+        outln!("id:           {}", claims.id_hex());
+        outln!("issuer:       {}", peer(&claims.issuer));
+        outln!("subject:      {}", peer(&claims.subject));
+        outln!("models:       {}", models_text(&claims));
+        outln!("not before:   {} (unix)", claims.not_before);
+        outln!("expires:      {} (unix), {time}", claims.expires);
         match claims.max_requests {
-            Some(n) => println!("max requests: {n}"),
-            None => println!("max requests: unlimited"),
+            Some(n) => outln!("max requests: {n}"),
+            None => outln!("max requests: unlimited"),
         }
         match &opened {
-            Ok(_) => println!("signature:    valid (signed by the issuer)"),
-            Err(e) => println!("signature:    INVALID ({e})"),
+            Ok(_) => outln!("signature:    valid (signed by the issuer)"),
+            Err(e) => outln!("signature:    INVALID ({e})"),
         }
     }
     match opened {
@@ -161,9 +161,9 @@ fn revoke(home: &Home, id: &str, json: bool) -> anyhow::Result<ExitCode> {
     if json {
         output::json_line(
             &serde_json::json!({ "revoked": id, "file": path.display().to_string() }),
-        );
+        )?;
     } else {
-        println!("revoked {id} (in {})", path.display());
+        outln!("revoked {id} (in {})", path.display());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -141,9 +141,146 @@ pub fn parse_peers(what: &str, texts: &[String]) -> Result<Vec<PeerId>, String> 
         .collect()
 }
 
+/// The access flags of `mesh join`, as given.
+#[derive(Debug, Clone, Default)]
+pub struct AccessFlags {
+    /// `--allow PEER_ID`.
+    pub allow: Vec<String>,
+    /// `--allow-file PATH`.
+    pub allow_file: Option<PathBuf>,
+    /// `--require-token`.
+    pub require_token: bool,
+    /// `--trust-issuer PEER_ID`.
+    pub trust_issuer: Vec<String>,
+    /// `--model-policy NAME=POLICY`.
+    pub model_policy: Vec<String>,
+}
+
+impl AccessConfig {
+    /// The access policy of a node with home `home`: `<home>/config.json`, then the flags on
+    /// top.
+    ///
+    /// With no policy anywhere, a node is open. `--require-token` makes the default `token`;
+    /// otherwise `--allow`/`--allow-file` make it `allow`. Allow entries and trusted issuers
+    /// from the file and the flags add up; `--allow-file` replaces the file's;
+    /// `--model-policy` overrides the file's entry for that model. The revocation list and
+    /// the quota counts live in the home.
+    pub fn from_file_and_flags(home: &Path, flags: &AccessFlags) -> Result<AccessConfig, String> {
+        let file = ConfigFile::load(home)?.access;
+        let mut access = AccessConfig {
+            default: file.default.unwrap_or_default(),
+            models: file.models,
+            allow: parse_peers("allow in config.json", &file.allow)?,
+            allow_file: file.allow_file,
+            trusted_issuers: parse_peers("trust_issuers in config.json", &file.trust_issuers)?,
+            revocation_file: Some(home.join(super::revocation::REVOKED_FILE)),
+            quota_file: Some(home.join(super::quota::USAGE_FILE)),
+        };
+        access.allow.extend(parse_peers("--allow", &flags.allow)?);
+        access
+            .trusted_issuers
+            .extend(parse_peers("--trust-issuer", &flags.trust_issuer)?);
+        if let Some(f) = &flags.allow_file {
+            access.allow_file = Some(f.clone());
+        }
+        if flags.require_token {
+            access.default = Access::Token;
+        } else if !flags.allow.is_empty() || flags.allow_file.is_some() {
+            access.default = Access::Allow;
+        }
+        for entry in &flags.model_policy {
+            let (name, policy) = entry.split_once('=').ok_or_else(|| {
+                format!("--model-policy {entry:?}: expected NAME=open|allow|token")
+            })?;
+            let policy: Access = policy
+                .parse()
+                .map_err(|e| format!("--model-policy {entry:?}: {e}"))?;
+            access.models.insert(name.to_string(), policy);
+        }
+        Ok(access)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn peer() -> PeerId {
+        libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id()
+    }
+
+    #[test]
+    fn flags_go_on_top_of_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let home = tmp.path();
+        // Nothing anywhere: open.
+        let open = AccessConfig::from_file_and_flags(home, &AccessFlags::default()).unwrap();
+        assert_eq!(open.default, Access::Open);
+        assert_eq!(open.revocation_file, Some(home.join("revoked-tokens")));
+
+        let (in_file, on_flag, issuer) = (peer(), peer(), peer());
+        std::fs::write(
+            home.join(CONFIG_FILE),
+            format!(
+                r#"{{"access": {{"models": {{"echo": "open", "smol": "token"}}, "allow": ["{in_file}"], "allow_file": "friends"}}}}"#
+            ),
+        )
+        .unwrap();
+        // The file alone.
+        let file_only = AccessConfig::from_file_and_flags(home, &AccessFlags::default()).unwrap();
+        assert_eq!(file_only.default, Access::Open);
+        assert_eq!(file_only.allow, vec![in_file]);
+        assert_eq!(file_only.allow_file, Some(home.join("friends")));
+
+        // --allow adds up and makes the default allow; --model-policy overrides one model.
+        let flags = AccessFlags {
+            allow: vec![on_flag.to_string()],
+            trust_issuer: vec![issuer.to_string()],
+            model_policy: vec!["echo=allow".into()],
+            ..AccessFlags::default()
+        };
+        let merged = AccessConfig::from_file_and_flags(home, &flags).unwrap();
+        assert_eq!(merged.default, Access::Allow);
+        assert_eq!(merged.allow, vec![in_file, on_flag]);
+        assert_eq!(merged.trusted_issuers, vec![issuer]);
+        assert_eq!(merged.access_for("echo"), Access::Allow);
+        assert_eq!(merged.access_for("smol"), Access::Token);
+
+        // --require-token wins over --allow; --allow-file replaces the file's.
+        let flags = AccessFlags {
+            allow: vec![on_flag.to_string()],
+            allow_file: Some("/elsewhere".into()),
+            require_token: true,
+            ..AccessFlags::default()
+        };
+        let token = AccessConfig::from_file_and_flags(home, &flags).unwrap();
+        assert_eq!(token.default, Access::Token);
+        assert_eq!(token.allow_file, Some(PathBuf::from("/elsewhere")));
+    }
+
+    #[test]
+    fn bad_flags_are_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let with =
+            |flags: AccessFlags| AccessConfig::from_file_and_flags(tmp.path(), &flags).unwrap_err();
+        let err = with(AccessFlags {
+            allow: vec!["12D3nope".into()],
+            ..AccessFlags::default()
+        });
+        assert!(err.contains("--allow") && err.contains("12D3nope"), "{err}");
+        let err = with(AccessFlags {
+            model_policy: vec!["echo".into()],
+            ..AccessFlags::default()
+        });
+        assert!(err.contains("expected NAME=open|allow|token"), "{err}");
+        let err = with(AccessFlags {
+            model_policy: vec!["echo=closed".into()],
+            ..AccessFlags::default()
+        });
+        assert!(err.contains("open, allow or token"), "{err}");
+    }
 
     #[test]
     fn config_file_reads_and_rejects_typos() {

@@ -186,7 +186,7 @@ impl Path {
 }
 
 /// A peer this node is connected to.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct PeerSummary {
     pub peer_id: String,
     /// The best path among the open connections.

@@ -1,0 +1,241 @@
+//! A typed client of a running node's HTTP API, for the short-lived commands (`mesh infer`,
+//! `mesh peers`, `mesh models`, and `mesh join`'s check for a node already running).
+//!
+//! The node is found through its `node.json` in the data directory and confirmed by
+//! `GET /v1/mesh/status` (a stale file may name a port another node now uses). Every request's
+//! timeout and the NDJSON decoding of `/v1/mesh/infer` live here, in one place.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use mesh_protocol::ErrorCode;
+use tokio::sync::mpsc;
+
+use crate::api::Status;
+use crate::directory::Listing;
+use crate::dispatch::{CallEvent, CallFailure, InferSpec};
+use crate::home::{Home, RuntimeInfo};
+use crate::network::PeerSummary;
+
+/// Connecting to the node's API on loopback.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The status probe that decides whether the node runs at all.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(3);
+/// The peer list: one round trip through the node's swarm task.
+const PEERS_TIMEOUT: Duration = Duration::from_secs(5);
+/// The model list: the node asks every peer it knows for its catalog (5 s each, in parallel).
+const MODELS_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest NDJSON line accepted from `/v1/mesh/infer` (a batch of embeddings is the
+/// largest event: 32 vectors of 1,024 floats is under 1 MiB of JSON).
+pub const MAX_EVENT_LINE: usize = 16 * 1024 * 1024;
+/// Events decoded ahead of the consumer.
+const EVENT_QUEUE: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiClientError {
+    #[error("the node's API at {api} did not answer: {source}")]
+    Unreachable {
+        api: std::net::SocketAddr,
+        source: reqwest::Error,
+    },
+    #[error("the node's API at {api} answered {status}")]
+    Status {
+        api: std::net::SocketAddr,
+        status: reqwest::StatusCode,
+    },
+    #[error("the node's API at {api} sent a body that does not decode: {source}")]
+    Body {
+        api: std::net::SocketAddr,
+        source: reqwest::Error,
+    },
+}
+
+/// The node running with a home, reached through its API.
+#[derive(Debug, Clone)]
+pub struct LocalApi {
+    api: std::net::SocketAddr,
+    http: reqwest::Client,
+    info: RuntimeInfo,
+    status: Status,
+}
+
+impl LocalApi {
+    /// The node running with `home`, if its API answers and is that node.
+    pub async fn find(home: &Home) -> Option<LocalApi> {
+        let info = home.read_runtime()?;
+        let api = info.api?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+            .ok()?;
+        let status: Status = http
+            .get(format!("http://{api}/v1/mesh/status"))
+            .timeout(STATUS_TIMEOUT)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (status.peer_id == info.peer_id).then_some(LocalApi {
+            api,
+            http,
+            info,
+            status,
+        })
+    }
+
+    /// What the node wrote to `node.json`.
+    pub fn info(&self) -> &RuntimeInfo {
+        &self.info
+    }
+
+    /// The node's status when it was found.
+    pub fn status(&self) -> &Status {
+        &self.status
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.api
+    }
+
+    /// `GET /v1/mesh/peers`.
+    pub async fn peers(&self) -> Result<Vec<PeerSummary>, ApiClientError> {
+        self.get_json("/v1/mesh/peers", PEERS_TIMEOUT).await
+    }
+
+    /// `GET /v1/mesh/models`.
+    pub async fn models(&self) -> Result<Vec<Listing>, ApiClientError> {
+        self.get_json("/v1/mesh/models", MODELS_TIMEOUT).await
+    }
+
+    /// `POST /v1/mesh/infer`: the call's events, the last being `done` or `error` (a failure
+    /// of the API itself arrives as a network error event). Dropping the receiver hangs up,
+    /// which cancels the call on the serving node.
+    pub fn infer(&self, spec: InferSpec) -> mpsc::Receiver<CallEvent> {
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(message) = this.stream_infer(&spec, &tx).await {
+                let failure = CallFailure::network(ErrorCode::Internal, message);
+                let _ = tx.send(CallEvent::Error(failure)).await;
+            }
+        });
+        rx
+    }
+
+    async fn stream_infer(
+        &self,
+        spec: &InferSpec,
+        tx: &mpsc::Sender<CallEvent>,
+    ) -> Result<(), String> {
+        let response = self
+            .http
+            .post(format!("http://{}/v1/mesh/infer", self.api))
+            .json(spec)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| format!("the local node's API failed: {e}"))?;
+        let mut body = response.bytes_stream();
+        let mut lines = NdjsonLines::default();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| format!("the local node's answer broke off: {e}"))?;
+            for line in lines.push(&chunk)? {
+                let event = serde_json::from_slice::<CallEvent>(&line)
+                    .map_err(|e| format!("bad line from the local node: {e}"))?;
+                let last = matches!(event, CallEvent::Done { .. } | CallEvent::Error(_));
+                if tx.send(event).await.is_err() || last {
+                    return Ok(());
+                }
+            }
+        }
+        Err("the local node ended the answer early".into())
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<T, ApiClientError> {
+        let api = self.api;
+        let response = self
+            .http
+            .get(format!("http://{api}{path}"))
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|source| ApiClientError::Unreachable { api, source })?;
+        if !response.status().is_success() {
+            return Err(ApiClientError::Status {
+                api,
+                status: response.status(),
+            });
+        }
+        response
+            .json()
+            .await
+            .map_err(|source| ApiClientError::Body { api, source })
+    }
+}
+
+/// Splits a byte stream into newline-terminated lines, none longer than [`MAX_EVENT_LINE`].
+#[derive(Default)]
+struct NdjsonLines {
+    buf: Vec<u8>,
+}
+
+impl NdjsonLines {
+    /// Takes the next chunk; returns the lines it completed.
+    fn push(&mut self, chunk: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+        self.buf.extend_from_slice(chunk);
+        let mut lines = Vec::new();
+        while let Some(end) = self.buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.buf.drain(..=end).collect();
+            if line.len() > 1 {
+                lines.push(line);
+            }
+        }
+        if self.buf.len() > MAX_EVENT_LINE {
+            return Err(format!(
+                "a line from the local node is over {MAX_EVENT_LINE} bytes"
+            ));
+        }
+        Ok(lines)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_split_across_chunks_come_out_whole() {
+        let mut lines = NdjsonLines::default();
+        assert!(lines.push(b"{\"event\":\"sta").unwrap().is_empty());
+        let out = lines
+            .push(b"rted\",\"queue_ms\":0}\n\n{\"event\":\"delta\",\"text\":\"a\"}\n{")
+            .unwrap();
+        assert_eq!(
+            out,
+            vec![
+                b"{\"event\":\"started\",\"queue_ms\":0}\n".to_vec(),
+                b"{\"event\":\"delta\",\"text\":\"a\"}\n".to_vec(),
+            ]
+        );
+        let event: CallEvent = serde_json::from_slice(&out[1]).unwrap();
+        assert_eq!(event, CallEvent::Delta { text: "a".into() });
+        assert_eq!(lines.buf, b"{");
+    }
+
+    #[test]
+    fn an_endless_line_is_refused() {
+        let mut lines = NdjsonLines::default();
+        let chunk = vec![b'x'; 1024 * 1024];
+        for _ in 0..16 {
+            lines.push(&chunk).unwrap();
+        }
+        let err = lines.push(b"x").unwrap_err();
+        assert!(err.contains("over"), "{err}");
+    }
+}
