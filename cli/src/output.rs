@@ -99,3 +99,26 @@ pub fn fail(err: &anyhow::Error) -> ExitCode {
     eprintln!("mesh: error: {text}");
     ExitCode::from(code as u8)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_to(mut w: impl std::io::Write) -> anyhow::Result<()> {
+        writeln!(w, "x")?;
+        Ok(())
+    }
+
+    #[test]
+    fn a_closed_pipe_is_told_apart_from_other_failures() {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let err = write_to(writer).unwrap_err();
+        assert!(is_broken_pipe(&err), "{err:#}");
+        let wrapped = err.context("printing the answer");
+        assert!(is_broken_pipe(&wrapped));
+        assert!(!is_broken_pipe(&failed(Exit::Network, "unreachable")));
+        let other = anyhow::Error::from(std::io::Error::other("disk full"));
+        assert!(!is_broken_pipe(&other));
+    }
+}

@@ -187,3 +187,32 @@ fn join_refuses_bad_models_and_stops_cleanly_on_sigterm() {
     assert!(a.stop(), "clean exit on SIGTERM: {}", a.stderr());
     assert!(!runtime.exists(), "node.json removed on shutdown");
 }
+
+#[test]
+fn infer_into_a_closed_pipe_ends_quietly() {
+    let a = JoinedNode::start(&["--model", "echo=builtin:echo"]);
+    let home = tempfile::tempdir().unwrap();
+    // The reader of stdout is gone before the first delta is written, as with `| head -c 0`.
+    let mut child = std::process::Command::new(mesh_tests::mesh_bin())
+        .args([
+            "infer",
+            "--home",
+            home.path().join("c").to_str().unwrap(),
+            "--bootstrap",
+            &a.addr(),
+            "--no-mdns",
+            &a.peer_id(),
+            "echo",
+            "--prompt",
+            "words nobody reads",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run mesh");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "exit {:?}: {}", out.status, stderr(&out));
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+}
