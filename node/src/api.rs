@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::{InferSpec, CallEvent};
+use crate::dispatch::{CallEvent, InferSpec};
 use crate::network::{Client, PeerSummary};
 use crate::serve::Server;
 use tokio::sync::mpsc;
@@ -28,8 +28,8 @@ pub(crate) struct ApiState {
 
 impl ApiState {
     /// What a call made through the API can reach: the mesh, this node's models, the cache.
-    pub(crate) fn mesh(&self) -> crate::dispatch::Mesh {
-        crate::dispatch::Mesh {
+    pub(crate) fn dispatcher(&self) -> crate::dispatch::Dispatcher {
+        crate::dispatch::Dispatcher {
             client: self.client.clone(),
             local: Some(self.server.clone()),
             cache: Some(self.providers.clone()),

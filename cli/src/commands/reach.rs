@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
 use mesh_node::api::Status;
 use mesh_node::home::RuntimeInfo;
 use mesh_node::network::Multiaddr;
@@ -81,10 +80,4 @@ fn local_addrs(status: &Status) -> Vec<Multiaddr> {
     });
     addrs.truncate(1);
     addrs
-}
-
-pub fn parse_peer(text: &str) -> anyhow::Result<mesh_node::network::PeerId> {
-    text.parse()
-        .with_context(|| format!("{text:?} is not a peer id (they start with 12D3KooW)"))
-        .map_err(|e| failed(Exit::BadRequest, format!("{e:#}")))
 }
