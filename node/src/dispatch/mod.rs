@@ -5,11 +5,11 @@
 //! `mesh infer`, the node's `/v1/mesh/infer` and the OpenAI gateway all go through
 //! [`Dispatcher::dispatch`], so they behave the same.
 //!
-//! - [`spec`](InferSpec): what is asked ([`InferSpec`], [`Target`]), what is heard
-//!   ([`CallEvent`]) and the request built for a model ([`build_request`]).
-//! - [`candidates()`] and [`route`]: who can answer, in which order.
-//! - [`ProviderCache`]: recent providers and the calls running on each.
-//! - [`CallFailure`]: why a call failed, and what a front end makes of it.
+//! - `spec`: what is asked ([`InferSpec`], [`Target`]), what is heard ([`CallEvent`]) and
+//!   the request built for a model ([`build_request`]).
+//! - `candidates`: who can answer ([`candidates()`]), in which order ([`route`]).
+//! - `provider_cache`: recent providers and the calls running on each ([`ProviderCache`]).
+//! - `failure`: why a call failed, and what a front end makes of it ([`CallFailure`]).
 //! - `relay`: the frames of one call as events, its receipt checked.
 //! - This module: the failover loop. The transport of a call (in-memory to this node's own
 //!   server, or a libp2p stream) is [`crate::call`]'s.
