@@ -145,8 +145,27 @@ async fn peers(State(state): State<ApiState>) -> Result<Json<Vec<PeerSummary>>, 
 
 /// `POST /v1/mesh/infer` with an [`InferSpec`]: streams [`CallEvent`]s as JSON lines, the last
 /// being `done` or `error`. Closing the response cancels the call on the serving node.
-async fn infer(State(state): State<ApiState>, Json(ask): Json<InferSpec>) -> Response {
-    let lines = ndjson_lines(state.dispatcher().dispatch(ask));
+///
+/// A body that is JSON but not a valid spec (a bad target or token) is answered like any
+/// other bad request, as a `bad_request` error event; a body that is not JSON at all gets
+/// axum's rejection.
+async fn infer(
+    State(state): State<ApiState>,
+    spec: Result<Json<InferSpec>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let events = match spec {
+        Ok(Json(spec)) => state.dispatcher().dispatch(spec),
+        Err(axum::extract::rejection::JsonRejection::JsonDataError(e)) => {
+            let (tx, rx) = mpsc::channel(1);
+            let failure = crate::dispatch::CallFailure::remote(
+                mesh_protocol::WireError::bad_request(e.body_text()),
+            );
+            let _ = tx.try_send(CallEvent::Error(failure));
+            rx
+        }
+        Err(rejection) => return rejection.into_response(),
+    };
+    let lines = ndjson_lines(events);
     Response::builder()
         .header("content-type", "application/x-ndjson")
         .body(axum::body::Body::from_stream(lines))

@@ -1,18 +1,38 @@
-//! The calling side of `/mesh/infer/1` and `/mesh/catalog/1`, over an already open stream.
+//! The calling side of `/mesh/infer/1` and `/mesh/catalog/1`: one call over one stream.
+//!
+//! - [`Call`]: the frames of one inference call over any byte stream ([`CallStream`]).
+//! - The transport of a call: [`Call::local`] (an in-memory pipe to this node's own
+//!   [`Server`]), [`Calls::call_with_path`] (a libp2p stream, retried while the node drops it
+//!   unread), and [`Call::open`], which picks one of the two for a peer.
+//! - [`Calls::catalog`] and [`fetch_catalog`]: a node's verified model cards.
+//!
+//! The network layer only opens streams; what goes over them lives here.
 
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::io::{ReadHalf, WriteHalf};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use libp2p::PeerId;
+use libp2p::{PeerId, Stream};
 use mesh_protocol::frame::DEFAULT_MAX_FRAME_LEN;
 use mesh_protocol::{
     CatalogRequest, CatalogResponse, InferRequest, InferResponse, ModelCard, SignedModelCard,
     WireError,
 };
+use tokio_util::compat::TokioAsyncReadCompatExt;
 
 use crate::identity::verify_by_peer;
+use crate::network::client::{CATALOG, INFER};
+use crate::network::{Client, Path};
+use crate::serve::Server;
 use crate::wire::{read_frame, write_frame, WireIoError};
+
+/// Attempts at a call whose stream the node dropped unread.
+const CALL_ATTEMPTS: u32 = 8;
+
+/// Bytes the in-memory pipe of a local call buffers each way.
+const LOCAL_PIPE_BYTES: usize = 64 * 1024;
 
 /// A call's byte stream: a libp2p stream, or an in-memory pipe to this node's own server.
 pub trait CallStream: futures::AsyncRead + futures::AsyncWrite + Unpin + Send {}
@@ -62,13 +82,14 @@ pub struct Call<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> Call<S> {
     /// Sends `request` on `stream` and returns the call, ready to read frames.
     ///
+    /// The request goes as it is: the caller checks it once when it builds it
+    /// ([`crate::dispatch::build_request`]), and the serving node checks it again.
     /// `idle_timeout` bounds the wait for each frame (the node's own deadline bounds the call).
     pub async fn start(
         stream: S,
         request: &InferRequest,
         idle_timeout: Duration,
     ) -> Result<Call<S>, CallError> {
-        request.validate().map_err(CallError::Remote)?;
         let (rd, mut wr) = stream.split();
         write_frame(&mut wr, request, DEFAULT_MAX_FRAME_LEN).await?;
         Ok(Call {
@@ -146,6 +167,131 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Call<S> {
     }
 }
 
+impl Call<BoxedStream> {
+    /// Starts `request` on this node's own `server`, through an in-memory pipe: the server
+    /// answers it as it answers a stream from `caller` (this node's own peer id), policy and
+    /// receipt included, without the network.
+    pub async fn local(
+        server: &Arc<Server>,
+        caller: PeerId,
+        request: &InferRequest,
+        idle_timeout: Duration,
+    ) -> Result<Call<BoxedStream>, CallError> {
+        let (near, far) = tokio::io::duplex(LOCAL_PIPE_BYTES);
+        let server = server.clone();
+        tokio::spawn(async move { server.serve_infer(caller, far.compat()).await });
+        Call::start(
+            Box::new(near.compat()) as BoxedStream,
+            request,
+            idle_timeout,
+        )
+        .await
+    }
+
+    /// Starts `request` on `peer`: on `local` when `peer` is this node and it serves models
+    /// here, else over a libp2p stream ([`Calls::call_with_path`]). Returns the path it took.
+    pub async fn open(
+        client: &Client,
+        local: Option<&Arc<Server>>,
+        peer: PeerId,
+        request: &InferRequest,
+        idle_timeout: Duration,
+    ) -> Result<(Call<BoxedStream>, Path), CallError> {
+        match local {
+            Some(server) if peer == client.local_peer_id() => {
+                let call = Call::local(server, peer, request, idle_timeout).await?;
+                Ok((call, Path::Local))
+            }
+            _ => {
+                let (call, path) = client.call_with_path(peer, request, idle_timeout).await?;
+                Ok((call.boxed(), path))
+            }
+        }
+    }
+}
+
+/// Calls and catalog requests over the network client's streams.
+///
+/// An extension of [`Client`], which only opens streams: `use mesh_node::call::Calls;` to
+/// write `client.call(peer, &request, idle)`.
+pub trait Calls {
+    /// Starts an inference call on `peer`: returns once the node has answered its first frame.
+    ///
+    /// A stream that ends before any frame was never processed by the node (its inbound queue
+    /// was full, or it is shutting down), so the call is retried a few times, backing off.
+    fn call(
+        &self,
+        peer: PeerId,
+        request: &InferRequest,
+        idle_timeout: Duration,
+    ) -> impl Future<Output = Result<Call<Stream>, CallError>> + Send;
+
+    /// [`Calls::call`], also returning the path the call runs on.
+    fn call_with_path(
+        &self,
+        peer: PeerId,
+        request: &InferRequest,
+        idle_timeout: Duration,
+    ) -> impl Future<Output = Result<(Call<Stream>, Path), CallError>> + Send;
+
+    /// The verified model cards `peer` hosts, and its current load.
+    fn catalog(
+        &self,
+        peer: PeerId,
+    ) -> impl Future<Output = Result<(Vec<ModelCard>, u32), CallError>> + Send;
+}
+
+impl Calls for Client {
+    async fn call(
+        &self,
+        peer: PeerId,
+        request: &InferRequest,
+        idle_timeout: Duration,
+    ) -> Result<Call<Stream>, CallError> {
+        Ok(self.call_with_path(peer, request, idle_timeout).await?.0)
+    }
+
+    async fn call_with_path(
+        &self,
+        peer: PeerId,
+        request: &InferRequest,
+        idle_timeout: Duration,
+    ) -> Result<(Call<Stream>, Path), CallError> {
+        let mut backoff = Duration::from_millis(1);
+        let mut attempt = 1;
+        loop {
+            let (stream, path) = self
+                .open_stream_with_path(peer, INFER)
+                .await
+                .map_err(|e| CallError::Network(e.to_string()))?;
+            match Call::start_confirmed(stream, request, idle_timeout).await {
+                Ok(call) => return Ok((call, path)),
+                Err(CallError::NotAccepted) if attempt < CALL_ATTEMPTS => {
+                    tracing::debug!(%peer, attempt, "stream not accepted; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(100));
+                    attempt += 1;
+                }
+                Err(CallError::NotAccepted) => {
+                    return Err(CallError::Network(format!(
+                        "{peer} closed the stream without answering, {CALL_ATTEMPTS} times \
+                         (overloaded, shutting down, or not a mesh node)"
+                    )))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn catalog(&self, peer: PeerId) -> Result<(Vec<ModelCard>, u32), CallError> {
+        let stream = self
+            .open_stream(peer, CATALOG)
+            .await
+            .map_err(|e| CallError::Network(e.to_string()))?;
+        fetch_catalog(stream, &peer, self.connect_timeout).await
+    }
+}
+
 /// Asks a node for its catalog and keeps only cards whose signature is by `peer`'s key.
 pub async fn fetch_catalog<S>(
     stream: S,
@@ -187,4 +333,109 @@ pub fn verify_card(peer: &PeerId, signed: &SignedModelCard) -> Result<ModelCard,
     signed
         .decode_card()
         .map_err(|e| format!("it does not decode: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::builtin::Echo;
+    use crate::serve::ServeConfig;
+    use crate::NodeIdentity;
+    use mesh_protocol::{ChatMessage, Input, Role};
+
+    const IDLE: Duration = Duration::from_secs(10);
+
+    fn server(identity: &NodeIdentity) -> Arc<Server> {
+        let echo = Arc::new(Echo::new("echo", Duration::ZERO, 1));
+        Arc::new(Server::new(identity, vec![echo], ServeConfig::default()).unwrap())
+    }
+
+    fn hello() -> InferRequest {
+        InferRequest {
+            model: "echo".into(),
+            input: Input::Chat {
+                messages: vec![ChatMessage {
+                    role: Role::User,
+                    content: "hello".into(),
+                }],
+            },
+            params: Default::default(),
+            deadline_ms: Some(5_000),
+            token: None,
+        }
+    }
+
+    /// Serves one catalog stream of `server` and fetches it as a caller who believes the node
+    /// is `peer`.
+    async fn catalog_of(server: Arc<Server>, peer: PeerId) -> (Vec<ModelCard>, u32) {
+        let (near, far) = tokio::io::duplex(LOCAL_PIPE_BYTES);
+        tokio::spawn(async move { server.serve_catalog(far.compat()).await });
+        fetch_catalog(near.compat(), &peer, IDLE).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_catalog_keeps_only_cards_signed_by_the_node_called() {
+        let identity = NodeIdentity::generate();
+        let (cards, load) = catalog_of(server(&identity), identity.peer_id()).await;
+        assert_eq!(cards.len(), 1);
+        assert_eq!(cards[0].name, "echo");
+        assert_eq!(load, 0);
+
+        let impostor = NodeIdentity::generate().peer_id();
+        let (cards, _) = catalog_of(server(&identity), impostor).await;
+        assert!(cards.is_empty(), "cards signed by another key are dropped");
+    }
+
+    #[tokio::test]
+    async fn a_local_call_is_answered_by_this_node_s_server() {
+        let identity = NodeIdentity::generate();
+        let mut call = Call::local(&server(&identity), identity.peer_id(), &hello(), IDLE)
+            .await
+            .unwrap();
+        let mut text = String::new();
+        let mut last = None;
+        while let Some(frame) = call.next().await.unwrap() {
+            if let InferResponse::Delta { text: t } = &frame {
+                text.push_str(t);
+            }
+            last = Some(frame);
+        }
+        assert_eq!(text, "echo: hello");
+        assert!(matches!(last, Some(InferResponse::Done { .. })));
+        assert!(call.next().await.unwrap().is_none(), "nothing after done");
+    }
+
+    #[tokio::test]
+    async fn a_stream_closed_before_any_frame_is_not_accepted_and_an_error_frame_is_remote() {
+        // The node takes the bytes but closes before any frame, as a full accept queue does.
+        let (near, far) = tokio::io::duplex(LOCAL_PIPE_BYTES);
+        let node = tokio::spawn(async move {
+            let (mut rd, _wr) = far.compat().split();
+            let _: Option<InferRequest> = read_frame(&mut rd, DEFAULT_MAX_FRAME_LEN).await.unwrap();
+        });
+        let result = Call::start_confirmed(near.compat(), &hello(), IDLE).await;
+        assert!(
+            matches!(result, Err(CallError::NotAccepted)),
+            "retrying is safe"
+        );
+        node.await.unwrap();
+
+        let (near, far) = tokio::io::duplex(LOCAL_PIPE_BYTES);
+        let node = tokio::spawn(async move {
+            let (mut rd, mut wr) = far.compat().split();
+            let _: Option<InferRequest> = read_frame(&mut rd, DEFAULT_MAX_FRAME_LEN).await.unwrap();
+            // The node read the request and refuses it: its answer, not "not accepted".
+            let busy =
+                InferResponse::Error(WireError::new(mesh_protocol::ErrorCode::Overloaded, "busy"));
+            write_frame(&mut wr, &busy, DEFAULT_MAX_FRAME_LEN)
+                .await
+                .unwrap();
+        });
+        match Call::start_confirmed(near.compat(), &hello(), IDLE).await {
+            Err(CallError::Remote(e)) => assert_eq!(e.code, mesh_protocol::ErrorCode::Overloaded),
+            Err(e) => panic!("expected the node's refusal, got {e:?}"),
+            Ok(_) => panic!("expected the node's refusal, got a call"),
+        }
+        node.await.unwrap();
+    }
 }

@@ -9,6 +9,7 @@ use libp2p::PeerId;
 use mesh_protocol::ModelCard;
 use serde::{Deserialize, Serialize};
 
+use crate::call::Calls;
 use crate::network::Client;
 use crate::serve::Server;
 

@@ -9,13 +9,15 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use mesh_protocol::{ChatMessage, ErrorCode, FinishReason, Role, SamplingParams, Task, Usage};
+use mesh_protocol::{
+    ChatMessage, ErrorCode, FinishReason, Role, SamplingParams, SignedToken, Task, Usage,
+};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::api::ApiState;
-use crate::dispatch::{CallEvent, CallFailure, FailureClass, InferSpec};
+use crate::dispatch::{CallEvent, CallFailure, FailureClass, InferSpec, Target};
 
 /// Deadline of a gateway call (the OpenAI API has no per-request deadline field).
 const GATEWAY_DEADLINE: Duration = Duration::from_secs(300);
@@ -221,7 +223,7 @@ fn chat_ask(req: &ChatRequest) -> Result<InferSpec, OpenAiError> {
         .validate()
         .map_err(|e| OpenAiError::bad_request(e.message))?;
     Ok(InferSpec {
-        target: "any".into(),
+        target: Target::Any,
         model: req.model.clone(),
         prompts: Vec::new(),
         system: None,
@@ -235,14 +237,16 @@ fn chat_ask(req: &ChatRequest) -> Result<InferSpec, OpenAiError> {
 
 /// The capability token a client sends in `X-Mesh-Token` (`mtk1.…`), presented on its behalf.
 /// Gateway calls run with this node's identity, so the token must name this node's peer id.
-fn mesh_token(headers: &axum::http::HeaderMap) -> Result<Option<String>, OpenAiError> {
-    match headers.get("x-mesh-token") {
-        None => Ok(None),
-        Some(v) => v
-            .to_str()
-            .map(|t| Some(t.trim().to_string()))
-            .map_err(|_| OpenAiError::bad_request("X-Mesh-Token must be text (mtk1.…)")),
-    }
+fn mesh_token(headers: &axum::http::HeaderMap) -> Result<Option<SignedToken>, OpenAiError> {
+    let Some(value) = headers.get("x-mesh-token") else {
+        return Ok(None);
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| OpenAiError::bad_request("X-Mesh-Token must be text (mtk1.…)"))?;
+    SignedToken::from_text(text)
+        .map(Some)
+        .map_err(|e| OpenAiError::bad_request(format!("capability token: {e}")))
 }
 
 fn unix_now() -> u64 {
@@ -470,7 +474,7 @@ pub(crate) async fn embeddings(
         EmbeddingInput::Many(v) => v,
     };
     let ask = InferSpec {
-        target: "any".into(),
+        target: Target::Any,
         model: req.model.clone(),
         prompts: texts,
         system: None,

@@ -8,7 +8,7 @@ use mesh_node::auth::receipt::{self, ReceiptError};
 use mesh_node::auth::revocation;
 use mesh_node::auth::token::{issue, TokenRequest};
 use mesh_node::auth::{unix_now, Access, AccessConfig};
-use mesh_node::call::CallError;
+use mesh_node::call::{CallError, Calls};
 use mesh_node::{Node, NodeIdentity};
 use mesh_protocol::frame::encode_body;
 use mesh_protocol::{

@@ -3,7 +3,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use mesh_node::call::CallError;
+use mesh_node::call::{CallError, Calls};
 use mesh_node::engine::{self, ModelSpec, SharedEngine};
 use mesh_node::Node;
 use mesh_protocol::{

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use futures::{AsyncReadExt, AsyncWriteExt};
-use mesh_node::call::CallError;
+use mesh_node::call::{CallError, Calls};
 use mesh_node::network::client::INFER;
 use mesh_node::Node;
 use mesh_protocol::{

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use mesh_node::api::client::LocalApi;
-use mesh_node::dispatch::{self, CallEvent, FailureClass, InferSpec};
+use mesh_node::dispatch::{self, CallEvent, FailureClass, InferSpec, Target};
 use mesh_node::Home;
 use mesh_protocol::SamplingParams;
 
@@ -125,9 +125,10 @@ fn exit_for(class: FailureClass) -> Exit {
 }
 
 fn build_ask(args: &InferArgs) -> anyhow::Result<InferSpec> {
-    if args.peer != "any" {
-        super::reach::parse_peer(&args.peer)?;
-    }
+    let target: Target = args
+        .peer
+        .parse()
+        .map_err(|e: dispatch::BadTarget| failed(Exit::BadRequest, e.to_string()))?;
     mesh_protocol::ids::validate_model_name(&args.model)
         .map_err(|e| failed(Exit::BadRequest, e))?;
     let prompts = if args.prompt.is_empty() {
@@ -177,13 +178,13 @@ fn build_ask(args: &InferArgs) -> anyhow::Result<InferSpec> {
         ),
         (None, None) => None,
     };
-    if let Some(t) = &token {
-        mesh_protocol::SignedToken::from_text(t)
-            .map_err(|e| failed(Exit::BadRequest, format!("--token: {e}")))?;
-    }
+    let token = token
+        .map(|t| mesh_protocol::SignedToken::from_text(&t))
+        .transpose()
+        .map_err(|e| failed(Exit::BadRequest, format!("--token: {e}")))?;
     Ok(InferSpec {
         token,
-        target: args.peer.clone(),
+        target,
         model: args.model.clone(),
         prompts,
         system: args.system.clone(),

@@ -1,7 +1,6 @@
 //! How short-lived commands (`infer`, `models`, `peers`) reach the mesh: the flags they take,
 //! turned into what mesh-node's [`client_node`](mesh_node::client_node) needs.
 
-use anyhow::Context;
 use mesh_node::client_node::{self, ClientNodeError, Reach};
 use mesh_node::{Home, Node, NodeIdentity};
 
@@ -21,10 +20,4 @@ pub async fn client_node(
     client_node::start(home, identity, &reach)
         .await
         .map_err(|e: ClientNodeError| failed(Exit::Network, e.to_string()))
-}
-
-pub fn parse_peer(text: &str) -> anyhow::Result<mesh_node::network::PeerId> {
-    text.parse()
-        .with_context(|| format!("{text:?} is not a peer id (they start with 12D3KooW)"))
-        .map_err(|e| failed(Exit::BadRequest, format!("{e:#}")))
 }

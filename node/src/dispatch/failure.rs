@@ -1,9 +1,11 @@
-//! Why a call failed, as a type: the error code, whether a node answered it or the network
-//! (or this side) failed, and the one classification every front end maps from
+//! Why a call failed, as a type: the error code, where it came from ([`Origin`]: a node's
+//! answer, the network, or this side), and the one classification every front end maps from
 //! ([`FailureClass`]: the CLI to exit codes, the OpenAI gateway to HTTP statuses).
 //!
 //! On the JSON of `/v1/mesh/infer` and `mesh infer --json` a failure is
-//! `{"event":"error","code":…,"message":…,"network":bool}`, as it always was.
+//! `{"event":"error","code":…,"message":…,"network":bool}`, as it always was: `network` is
+//! true for [`Origin::Network`] only, so a refusal made on this side reads back as
+//! [`Origin::Node`] (its class, which comes from its code, is the same).
 
 use mesh_protocol::{ErrorCode, WireError};
 use serde::{Deserialize, Serialize};
@@ -15,9 +17,11 @@ use crate::call::CallError;
 pub enum Origin {
     /// A node answered the call with an error frame.
     Node,
-    /// The call never got a node's answer: unreachable, dropped, timed out on the way, or
-    /// refused on this side before anything was sent.
+    /// The call never got a node's answer: unreachable, dropped, or timed out on the way.
     Network,
+    /// This side refused or gave up before a node answered: no node hosts the model, the
+    /// request does not fit the model, or the asker went away.
+    Local,
 }
 
 /// A failed call.
@@ -60,6 +64,15 @@ impl CallFailure {
             code,
             message: message.into(),
             origin: Origin::Network,
+        }
+    }
+
+    /// A refusal made on this side, before any node answered.
+    pub fn local(code: ErrorCode, message: impl Into<String>) -> CallFailure {
+        CallFailure {
+            code,
+            message: message.into(),
+            origin: Origin::Local,
         }
     }
 
@@ -173,5 +186,45 @@ mod tests {
         assert_eq!(node(ErrorCode::Unknown), FailureClass::Internal);
         let timeout = CallFailure::from(&CallError::Timeout(std::time::Duration::from_secs(1)));
         assert_eq!(timeout.class(), FailureClass::DeadlineExceeded);
+        let local = |code| CallFailure::local(code, "x").class();
+        assert_eq!(local(ErrorCode::UnknownModel), FailureClass::NotFound);
+        assert_eq!(local(ErrorCode::BadRequest), FailureClass::BadRequest);
+        assert_eq!(local(ErrorCode::Internal), FailureClass::Internal);
+    }
+
+    #[test]
+    fn a_local_refusal_is_not_a_network_failure_on_the_json() {
+        let refusal = CallFailure::local(ErrorCode::UnknownModel, "no node announces it");
+        let json = serde_json::to_value(CallEvent::Error(refusal.clone())).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"event":"error","code":"unknown_model","message":"no node announces it","network":false})
+        );
+        let CallEvent::Error(back) = serde_json::from_value(json).unwrap() else {
+            panic!("an error event")
+        };
+        assert_eq!(back.origin, Origin::Node, "the JSON has no third origin");
+        assert_eq!(back.class(), refusal.class());
+        assert_eq!(back.to_string(), refusal.to_string());
+    }
+
+    #[test]
+    fn call_errors_map_to_their_origin() {
+        let remote = CallFailure::from(&CallError::Remote(WireError::new(
+            ErrorCode::Overloaded,
+            "busy",
+        )));
+        assert_eq!(
+            remote,
+            CallFailure::remote(WireError::new(ErrorCode::Overloaded, "busy"))
+        );
+        let network = CallFailure::from(&CallError::Network("no route".into()));
+        assert_eq!(network.origin, Origin::Network);
+        assert_eq!(network.code, ErrorCode::Internal);
+        assert_eq!(network.message, "network failure: no route");
+        assert_eq!(
+            CallFailure::from(&CallError::Closed).class(),
+            FailureClass::Network
+        );
     }
 }

@@ -4,19 +4,14 @@ use std::time::Duration;
 
 use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol};
 use mesh_protocol::ids::{CATALOG_PROTOCOL, INFER_PROTOCOL};
-use mesh_protocol::{InferRequest, ModelCard};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::event_loop::Command;
 use super::streams::{OpenError, Opener};
 use super::{ConnectedPeers, NetworkEvent, NetworkStatus, Path, PeerSummary};
-use crate::call::{fetch_catalog, Call, CallError};
 
 pub const INFER: StreamProtocol = StreamProtocol::new(INFER_PROTOCOL);
 pub const CATALOG: StreamProtocol = StreamProtocol::new(CATALOG_PROTOCOL);
-
-/// Attempts at a call whose stream the node dropped unread.
-const CALL_ATTEMPTS: u32 = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
@@ -183,61 +178,5 @@ impl Client {
             Ok(Err(OpenError::Stopped)) => Err(NetworkError::Stopped),
             Ok(Err(e)) => Err(NetworkError::Failed(e.to_string())),
         }
-    }
-
-    /// Starts an inference call on `peer`: returns once the node has answered its first frame.
-    ///
-    /// A stream that ends before any frame was never processed by the node (its inbound queue
-    /// was full, or it is shutting down), so the call is retried a few times, backing off.
-    pub async fn call(
-        &self,
-        peer: PeerId,
-        request: &InferRequest,
-        idle_timeout: Duration,
-    ) -> Result<Call<Stream>, CallError> {
-        Ok(self.call_with_path(peer, request, idle_timeout).await?.0)
-    }
-
-    /// [`Client::call`], also returning the path the call runs on.
-    pub async fn call_with_path(
-        &self,
-        peer: PeerId,
-        request: &InferRequest,
-        idle_timeout: Duration,
-    ) -> Result<(Call<Stream>, Path), CallError> {
-        let mut backoff = Duration::from_millis(1);
-        for attempt in 1.. {
-            let (stream, path) = self
-                .open_stream_with_path(peer, INFER)
-                .await
-                .map_err(|e| CallError::Network(e.to_string()))?;
-            match Call::start_confirmed(stream, request, idle_timeout)
-                .await
-                .map(|call| (call, path))
-            {
-                Err(CallError::NotAccepted) if attempt < CALL_ATTEMPTS => {
-                    tracing::debug!(%peer, attempt, "stream not accepted; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(100));
-                }
-                Err(CallError::NotAccepted) => {
-                    return Err(CallError::Network(format!(
-                        "{peer} closed the stream without answering, {CALL_ATTEMPTS} times \
-                         (overloaded, shutting down, or not a mesh node)"
-                    )))
-                }
-                other => return other,
-            }
-        }
-        unreachable!("the loop returns")
-    }
-
-    /// The verified model cards `peer` hosts, and its current load.
-    pub async fn catalog(&self, peer: PeerId) -> Result<(Vec<ModelCard>, u32), CallError> {
-        let stream = self
-            .open_stream(peer, CATALOG)
-            .await
-            .map_err(|e| CallError::Network(e.to_string()))?;
-        fetch_catalog(stream, &peer, self.connect_timeout).await
     }
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
+use mesh_node::call::Calls;
 use mesh_node::engine::builtin::Echo;
 use mesh_node::engine::{Output, SharedEngine};
 use mesh_node::{Node, NodeIdentity};
