@@ -116,9 +116,15 @@ impl LocalApi {
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
         let this = self.clone();
         tokio::spawn(async move {
-            if let Err(message) = this.stream_infer(&spec, &tx).await {
-                let failure = CallFailure::network(ErrorCode::Internal, message);
-                let _ = tx.send(CallEvent::Error(failure)).await;
+            tokio::select! {
+                result = this.stream_infer(&spec, &tx) => {
+                    if let Err(message) = result {
+                        let failure = CallFailure::network(ErrorCode::Internal, message);
+                        let _ = tx.send(CallEvent::Error(failure)).await;
+                    }
+                }
+                // Hanging up drops the HTTP response, which cancels the call in the node.
+                () = tx.closed() => {}
             }
         });
         rx

@@ -57,8 +57,15 @@ impl Dispatcher {
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
         let dispatcher = self.clone();
         tokio::spawn(async move {
-            if let Ok(last) = run(&dispatcher, &spec, &tx).await {
-                let _ = tx.send(last).await;
+            // A consumer that hangs up ends the call at once, even while it waits for a
+            // node's next frame (dropping the call resets its stream: the node cancels).
+            tokio::select! {
+                last = run(&dispatcher, &spec, &tx) => {
+                    if let Ok(last) = last {
+                        let _ = tx.send(last).await;
+                    }
+                }
+                () = tx.closed() => {}
             }
         });
         rx
