@@ -56,7 +56,9 @@ async fn streams_go_to_the_handler_their_protocol_names() {
     assert_eq!(text(&infer.rest().await), "echo: routed");
 
     let mut catalog = router.open(CATALOG_PROTOCOL).await;
-    write_frame(&mut catalog.wr, &CatalogRequest {}, 1024).await.unwrap();
+    write_frame(&mut catalog.wr, &CatalogRequest {}, 1024)
+        .await
+        .unwrap();
     let response: CatalogResponse = catalog.next().await.expect("a catalog");
     let [SignedModelCard { card, signature }] = &response.cards[..] else {
         panic!("one card: {response:?}");
@@ -80,14 +82,21 @@ async fn streams_past_the_limit_get_overloaded_and_catalogs_are_dropped() {
     let router = Router::start(&server, 1);
     let mut running = router.open(INFER_PROTOCOL).await;
     running.send(&chat("slow", &words(1000))).await;
-    assert!(matches!(running.frame().await, Some(InferResponse::Started { .. })));
+    assert!(matches!(
+        running.frame().await,
+        Some(InferResponse::Started { .. })
+    ));
 
     // The model has free slots; the node has no free stream.
     let mut refused = router.open(INFER_PROTOCOL).await;
     match refused.frame().await {
         Some(InferResponse::Error(e)) => {
             assert_eq!(e.code, ErrorCode::Overloaded);
-            assert!(e.message.contains("maximum number of streams"), "{}", e.message);
+            assert!(
+                e.message.contains("maximum number of streams"),
+                "{}",
+                e.message
+            );
         }
         other => panic!("expected overloaded, got {other:?}"),
     }
@@ -106,7 +115,10 @@ async fn shutdown_ends_the_loop_and_the_streams_it_serves() {
     let router = Router::start(&server, 8);
     let mut running = router.open(INFER_PROTOCOL).await;
     running.send(&chat("slow", &words(1000))).await;
-    assert!(matches!(running.frame().await, Some(InferResponse::Started { .. })));
+    assert!(matches!(
+        running.frame().await,
+        Some(InferResponse::Started { .. })
+    ));
 
     router.shutdown.cancel();
     tokio::time::timeout(WAIT, router.task)

@@ -37,12 +37,17 @@ const PIPE_BYTES: usize = 64 * 1024;
 
 /// A server hosting built-in `models` as `(name, spec, max_concurrency)`, e.g.
 /// `("slow", "echo?delay_ms=20", 1)`, and its identity.
-pub(super) fn server(models: &[(&str, &str, u32)], config: ServeConfig) -> (Arc<Server>, NodeIdentity) {
+pub(super) fn server(
+    models: &[(&str, &str, u32)],
+    config: ServeConfig,
+) -> (Arc<Server>, NodeIdentity) {
     let identity = NodeIdentity::generate();
     let engines: Vec<SharedEngine> = models
         .iter()
         .map(|(name, spec, slots)| {
-            SharedEngine::from(builtin::from_spec(name, spec, *slots).expect("a valid builtin spec"))
+            SharedEngine::from(
+                builtin::from_spec(name, spec, *slots).expect("a valid builtin spec"),
+            )
         })
         .collect();
     let server = Server::new(&identity, engines, config).expect("the server builds");
@@ -168,8 +173,11 @@ impl Caller {
 
     /// The next frame, or `None` once the server ended the stream.
     pub(super) async fn next<T: serde::de::DeserializeOwned>(&mut self) -> Option<T> {
-        match tokio::time::timeout(WAIT, read_frame::<T, _>(&mut self.rd, DEFAULT_MAX_FRAME_LEN))
-            .await
+        match tokio::time::timeout(
+            WAIT,
+            read_frame::<T, _>(&mut self.rd, DEFAULT_MAX_FRAME_LEN),
+        )
+        .await
         {
             Ok(Ok(frame)) => frame,
             Ok(Err(crate::wire::WireIoError::Io(_))) => None,
@@ -193,7 +201,11 @@ impl Caller {
     }
 
     /// Sends `request` and returns every frame of the answer.
-    pub(super) async fn call(server: &Arc<Server>, peer: PeerId, request: &InferRequest) -> Vec<InferResponse> {
+    pub(super) async fn call(
+        server: &Arc<Server>,
+        peer: PeerId,
+        request: &InferRequest,
+    ) -> Vec<InferResponse> {
         let mut caller = Caller::infer(server, peer);
         caller.send(request).await;
         let frames = caller.rest().await;
@@ -268,17 +280,30 @@ struct Recorded<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Recorded<S> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
     }
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Recorded<S> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         let written = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = written {
-            this.packets.0.lock().unwrap().unflushed.extend_from_slice(&buf[..n]);
+            this.packets
+                .0
+                .lock()
+                .unwrap()
+                .unflushed
+                .extend_from_slice(&buf[..n]);
         }
         written
     }

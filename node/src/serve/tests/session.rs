@@ -44,10 +44,7 @@ async fn a_call_ends_with_done_carrying_usage_and_a_receipt_that_verifies() {
     assert_eq!((usage.prompt_tokens, usage.completion_tokens), (2, 3));
     let receipt = verify_for_call(signed, &identity.peer_id(), &request).expect("it verifies");
     assert_eq!(receipt.client, caller.to_bytes());
-    assert_eq!(
-        (receipt.prompt_tokens, receipt.completion_tokens),
-        (2, 3)
-    );
+    assert_eq!((receipt.prompt_tokens, receipt.completion_tokens), (2, 3));
     assert_eq!(receipt.finish_reason, FinishReason::Stop);
     assert_eq!(receipt.compute_ms, usage.total_ms);
     // Not a receipt for some other request.
@@ -154,8 +151,14 @@ async fn a_caller_hanging_up_frees_the_slot_and_stops_compute() {
     let (server, _) = server(&[("slow", "echo?delay_ms=20", 1)], ServeConfig::default());
     let mut caller = Caller::infer(&server, stranger());
     caller.send(&chat("slow", &words(1000))).await;
-    assert!(matches!(caller.frame().await, Some(InferResponse::Started { .. })));
-    assert!(matches!(caller.frame().await, Some(InferResponse::Delta { .. })));
+    assert!(matches!(
+        caller.frame().await,
+        Some(InferResponse::Started { .. })
+    ));
+    assert!(matches!(
+        caller.frame().await,
+        Some(InferResponse::Delta { .. })
+    ));
     assert_eq!(server.load(), 1);
 
     let serving = caller.hang_up();
@@ -180,11 +183,16 @@ async fn a_call_past_its_deadline_gets_deadline_exceeded_and_stops_compute() {
     let start = Instant::now();
     let frames = Caller::call(&server, stranger(), &request).await;
     assert!(start.elapsed() >= Duration::from_millis(100));
-    assert!(matches!(frames[0], InferResponse::Started { .. }), "{frames:?}");
+    assert!(
+        matches!(frames[0], InferResponse::Started { .. }),
+        "{frames:?}"
+    );
     let (code, message) = error_of(&frames);
     assert_eq!(code, ErrorCode::DeadlineExceeded);
     assert!(message.contains("100ms"), "{message}");
-    assert!(!frames.iter().any(|f| matches!(f, InferResponse::Done { .. })));
+    assert!(!frames
+        .iter()
+        .any(|f| matches!(f, InferResponse::Done { .. })));
     compute_stopped(&server, "slow").await;
 }
 
@@ -198,7 +206,10 @@ async fn a_full_model_answers_overloaded_at_once() {
     let (server, _) = server(&[("slow", "echo?delay_ms=20", 1)], config);
     let mut running = Caller::infer(&server, stranger());
     running.send(&chat("slow", &words(1000))).await;
-    assert!(matches!(running.frame().await, Some(InferResponse::Started { .. })));
+    assert!(matches!(
+        running.frame().await,
+        Some(InferResponse::Started { .. })
+    ));
     let mut queued = Caller::infer(&server, stranger());
     queued.send(&chat("slow", "queued")).await;
     wait_until("the second call is queued", || server.load() == 2).await;
@@ -214,7 +225,10 @@ async fn a_full_model_answers_overloaded_at_once() {
 
     // When the running call goes, the queued one gets the slot and runs to the end.
     drop(running.hang_up());
-    assert!(matches!(queued.frame().await, Some(InferResponse::Started { .. })));
+    assert!(matches!(
+        queued.frame().await,
+        Some(InferResponse::Started { .. })
+    ));
     let rest = queued.rest().await;
     assert_eq!(text(&rest), "echo: queued");
     assert!(matches!(rest.last(), Some(InferResponse::Done { .. })));
@@ -226,7 +240,10 @@ async fn a_queued_call_gets_deadline_exceeded_if_no_slot_frees_in_time() {
     let (server, _) = server(&[("slow", "echo?delay_ms=20", 1)], ServeConfig::default());
     let mut running = Caller::infer(&server, stranger());
     running.send(&chat("slow", &words(1000))).await;
-    assert!(matches!(running.frame().await, Some(InferResponse::Started { .. })));
+    assert!(matches!(
+        running.frame().await,
+        Some(InferResponse::Started { .. })
+    ));
 
     let mut request = chat("slow", "late");
     request.deadline_ms = Some(50);
@@ -264,8 +281,14 @@ async fn started_is_held_briefly_then_sent_alone_when_output_is_slow() {
     let (mut caller, packets) = Caller::infer_recorded(&server, stranger());
     let sent_at = Instant::now();
     caller.send(&chat("slow", "a")).await;
-    assert!(matches!(caller.frame().await, Some(InferResponse::Started { .. })));
-    assert!(matches!(caller.frame().await, Some(InferResponse::Delta { .. })));
+    assert!(matches!(
+        caller.frame().await,
+        Some(InferResponse::Started { .. })
+    ));
+    assert!(matches!(
+        caller.frame().await,
+        Some(InferResponse::Delta { .. })
+    ));
     drop(caller.hang_up());
 
     let packets = packets.frames();
