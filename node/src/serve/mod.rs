@@ -13,7 +13,7 @@
 //!
 //! - this module: [`Server`] (the hosted models, their signed cards, load), [`ServeConfig`],
 //!   and the two entry points [`Server::serve_infer`] and [`Server::serve_catalog`].
-//! - [`accept`](mod@accept): inbound streams to their handler, with the node-wide stream bound.
+//! - `accept`: [`accept()`], inbound streams to their handler, with the node-wide stream bound.
 //! - `hosted`: [`HostedModel`] and its lock-free admission count.
 //! - `session`: `InferSession`, one inference stream, phase by phase.
 //! - `frames`: frame coalescing, write bounds, error frames.
