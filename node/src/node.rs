@@ -1,12 +1,11 @@
-//! A running node: the swarm task, the accept loops that serve streams, and shutdown.
+//! A running node: the swarm task, inbound streams handed to [`crate::serve::accept`], and
+//! shutdown.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::AsyncWriteExt;
 use libp2p::{Multiaddr, PeerId};
-use mesh_protocol::frame::DEFAULT_MAX_FRAME_LEN;
-use mesh_protocol::{ErrorCode, InferResponse, ModelCard, WireError};
+use mesh_protocol::ModelCard;
 use tokio::sync::{broadcast, mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -14,12 +13,9 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::SharedEngine;
 use crate::identity::NodeIdentity;
 use crate::network::behaviour::build_swarm;
-use crate::network::client::INFER;
 use crate::network::event_loop::EventLoop;
-use crate::network::streams::Inbound;
 use crate::network::{Client, NetworkConfig};
-use crate::serve::{ServeConfig, ServeSetupError, Server};
-use crate::wire::write_frame;
+use crate::serve::{accept, ServeConfig, ServeSetupError, Server};
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -220,56 +216,4 @@ impl Node {
             self.tasks.abort_all();
         }
     }
-}
-
-/// Serves inbound streams, each on its own task, at most `limit` at once; beyond that an
-/// inference stream is answered `overloaded` and a catalog stream is closed.
-async fn accept(
-    mut incoming: mpsc::Receiver<Inbound>,
-    server: Arc<Server>,
-    limit: Arc<Semaphore>,
-    shutdown: CancellationToken,
-) {
-    let mut calls = JoinSet::new();
-    // Served streams plus at most this many refusals in flight.
-    let refusal_cap = limit.available_permits() + 64;
-    loop {
-        tokio::select! {
-            next = incoming.recv() => {
-                let Some((peer, protocol, mut stream)) = next else { break };
-                let is_infer = protocol == INFER;
-                let server = server.clone();
-                match limit.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        calls.spawn(async move {
-                            if is_infer {
-                                server.serve_infer(peer, stream).await;
-                            } else {
-                                server.serve_catalog(stream).await;
-                            }
-                            drop(permit);
-                        });
-                    }
-                    // Refusals are bounded too; past that bound the stream is dropped (reset).
-                    Err(_) if is_infer && calls.len() < refusal_cap => {
-                        calls.spawn(async move {
-                            let busy = InferResponse::Error(WireError::new(
-                                ErrorCode::Overloaded,
-                                "this node is serving its maximum number of streams",
-                            ));
-                            let refuse = async {
-                                let _ = write_frame(&mut stream, &busy, DEFAULT_MAX_FRAME_LEN).await;
-                                let _ = stream.close().await;
-                            };
-                            let _ = tokio::time::timeout(Duration::from_secs(5), refuse).await;
-                        });
-                    }
-                    Err(_) => {}
-                }
-            }
-            Some(_) = calls.join_next(), if !calls.is_empty() => {}
-            _ = shutdown.cancelled() => break,
-        }
-    }
-    calls.abort_all();
 }

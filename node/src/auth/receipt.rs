@@ -1,9 +1,13 @@
 //! Signing receipts on the serving node, and checking them on the client or offline.
+//!
+//! The serving side describes a finished call as a [`ServedCall`] and turns it into a signed
+//! receipt with [`for_call`]; the caller checks it with [`verify_for_call`].
 
 use libp2p::PeerId;
 use mesh_protocol::frame::encode_body;
-use mesh_protocol::receipt::{Receipt, ReceiptFormatError, SignedReceipt};
-use mesh_protocol::InferRequest;
+use mesh_protocol::receipt::{Receipt, ReceiptFormatError, SignedReceipt, RECEIPT_VERSION};
+use mesh_protocol::token::TOKEN_ID_LEN;
+use mesh_protocol::{FinishReason, InferRequest, ModelCard, Usage};
 use sha2::{Digest, Sha256};
 
 use crate::identity::{verify_by_peer, NodeIdentity};
@@ -40,6 +44,55 @@ pub fn sign(identity: &NodeIdentity, receipt: &Receipt) -> SignedReceipt {
         receipt: bytes,
         signature,
     }
+}
+
+/// What the serving node knows about a call it answered to the end: the facts its receipt
+/// vouches for.
+#[derive(Debug, Clone)]
+pub struct ServedCall<'a> {
+    /// [`request_sha256`] of the request as the caller sent it.
+    pub request_sha256: [u8; 32],
+    /// The card of the model that computed the answer.
+    pub card: &'a ModelCard,
+    /// The caller's Noise-authenticated peer id.
+    pub client: PeerId,
+    /// The capability token that authorized the call, if one did.
+    pub token_id: Option<[u8; TOKEN_ID_LEN]>,
+    pub finish_reason: FinishReason,
+    /// The usage reported in the `done` frame; the receipt repeats it.
+    pub usage: &'a Usage,
+    /// When the request frame arrived, in unix milliseconds.
+    pub received_unix_ms: u64,
+    /// Time from the request's check to its slot (and quota) being granted.
+    pub queue_ms: u64,
+}
+
+/// The signed receipt of `call`, served by the node `identity`.
+pub fn for_call(identity: &NodeIdentity, call: &ServedCall<'_>) -> SignedReceipt {
+    let receipt = Receipt {
+        version: RECEIPT_VERSION,
+        request_sha256: call.request_sha256.to_vec(),
+        model: call.card.name.clone(),
+        weights_sha256: call.card.sha256.clone(),
+        server: identity.peer_id().to_bytes(),
+        client: call.client.to_bytes(),
+        token_id: call.token_id.map(|id| id.to_vec()),
+        prompt_tokens: call.usage.prompt_tokens,
+        completion_tokens: call.usage.completion_tokens,
+        finish_reason: call.finish_reason,
+        received_unix_ms: call.received_unix_ms,
+        queue_ms: call.queue_ms,
+        time_to_first_token_ms: call.usage.time_to_first_token_ms,
+        compute_ms: call.usage.total_ms,
+    };
+    sign(identity, &receipt)
+}
+
+/// Unix milliseconds now: the clock a receipt's `received_unix_ms` is read from.
+pub fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Checks a receipt on its own: decodes it and checks the signature by the server it names.

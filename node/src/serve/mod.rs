@@ -1,0 +1,256 @@
+//! The serving side: answers `/mesh/infer/1` and `/mesh/catalog/1` streams.
+//!
+//! Each hosted model has a bounded admission count (running + waiting). A request beyond it
+//! is answered `overloaded` at once. Compute runs on a blocking thread; its output flows
+//! through a small bounded channel to the stream. The call is cancelled when the caller goes
+//! away or the deadline passes, and the engine stops at its next step.
+//!
+//! Before any of that, the caller's Noise-authenticated peer id and token are checked against
+//! the access policy ([`crate::auth`]); a refused call gets `unauthorized` and computes
+//! nothing. Every answered call ends with a `done` frame carrying a receipt signed by the node.
+//!
+//! Layout:
+//!
+//! - this module: [`Server`] (the hosted models, their signed cards, load), [`ServeConfig`],
+//!   and the two entry points [`Server::serve_infer`] and [`Server::serve_catalog`].
+//! - `accept`: [`accept()`], inbound streams to their handler, with the node-wide stream bound.
+//! - `hosted`: [`HostedModel`] and its lock-free admission count.
+//! - `session`: `InferSession`, one inference stream, phase by phase.
+//! - `frames`: frame coalescing, write bounds, error frames.
+//! - `compute`: the engine on a blocking thread, and the channel back to the stream.
+
+mod accept;
+mod compute;
+mod frames;
+mod hosted;
+mod session;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite};
+use libp2p::PeerId;
+use mesh_protocol::frame::{encode_body, DEFAULT_MAX_FRAME_LEN};
+use mesh_protocol::{
+    CatalogRequest, CatalogResponse, ErrorCode, InferRequest, Input, ModelCard, SignedModelCard,
+    Task, WireError,
+};
+
+use crate::auth::{AccessConfig, AccessSetupError, Authorizer, PolicySummary};
+use crate::engine::SharedEngine;
+use crate::identity::NodeIdentity;
+use crate::wire::{read_frame, write_frame};
+
+pub use accept::{accept, Protocol, REFUSAL_HEADROOM, REFUSAL_TIMEOUT};
+pub use hosted::HostedModel;
+
+use frames::WRITE_TIMEOUT;
+use session::InferSession;
+
+/// How long a caller has to send its request frame, by default.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Deadline of a call that names none, by default.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Longest deadline a caller may ask for, by default.
+pub const DEFAULT_MAX_DEADLINE: Duration = Duration::from_secs(600);
+
+/// Requests that may wait per model while all its slots are busy, by default.
+pub const DEFAULT_MAX_QUEUE: usize = 16;
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// How long a caller has to send its request frame after opening a stream.
+    pub request_timeout: Duration,
+    /// Deadline of a call that names none.
+    pub default_deadline: Duration,
+    /// Longest deadline a caller may ask for.
+    pub max_deadline: Duration,
+    /// Requests that may wait per model while all its slots are busy.
+    pub max_queue: usize,
+    /// Longest frame read or written, in bytes.
+    pub max_frame_len: usize,
+    /// Who may call which model.
+    pub access: AccessConfig,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            default_deadline: DEFAULT_DEADLINE,
+            max_deadline: DEFAULT_MAX_DEADLINE,
+            max_queue: DEFAULT_MAX_QUEUE,
+            max_frame_len: DEFAULT_MAX_FRAME_LEN,
+            access: AccessConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeSetupError {
+    #[error("two models are named {0:?}")]
+    DuplicateName(String),
+    #[error("model name {0:?}: {1}")]
+    BadName(String, String),
+    #[error("model {0:?} has max_concurrency 0")]
+    NoConcurrency(String),
+    #[error(transparent)]
+    Access(#[from] AccessSetupError),
+}
+
+/// Everything a node serves.
+pub struct Server {
+    models: BTreeMap<String, Arc<HostedModel>>,
+    config: ServeConfig,
+    identity: NodeIdentity,
+    auth: Authorizer,
+}
+
+impl Server {
+    pub fn new(
+        identity: &NodeIdentity,
+        engines: Vec<SharedEngine>,
+        config: ServeConfig,
+    ) -> Result<Server, ServeSetupError> {
+        let mut models = BTreeMap::new();
+        for engine in engines {
+            let card = engine.card().clone();
+            mesh_protocol::ids::validate_model_name(&card.name)
+                .map_err(|e| ServeSetupError::BadName(card.name.clone(), e))?;
+            if card.max_concurrency == 0 {
+                return Err(ServeSetupError::NoConcurrency(card.name));
+            }
+            let hosted = HostedModel::new(engine, sign_card(identity, &card), config.max_queue);
+            if models.insert(card.name.clone(), Arc::new(hosted)).is_some() {
+                return Err(ServeSetupError::DuplicateName(card.name));
+            }
+        }
+        let names: Vec<String> = models.keys().cloned().collect();
+        let auth = Authorizer::new(identity.peer_id(), &config.access, &names)?;
+        Ok(Server {
+            models,
+            config,
+            identity: identity.clone(),
+            auth,
+        })
+    }
+
+    /// The access policy in effect.
+    pub fn policy(&self) -> PolicySummary {
+        self.auth.summary()
+    }
+
+    pub fn cards(&self) -> impl Iterator<Item = &ModelCard> {
+        self.models.values().map(|m| m.card())
+    }
+
+    pub fn model_names(&self) -> Vec<String> {
+        self.models.keys().cloned().collect()
+    }
+
+    /// Requests running or waiting, over all models.
+    pub fn load(&self) -> u32 {
+        self.models.values().map(|m| m.admitted() as u32).sum()
+    }
+
+    /// How many times `model`'s engine was started (refused calls never start it).
+    pub fn runs(&self, model: &str) -> u64 {
+        self.models.get(model).map_or(0, |m| m.runs())
+    }
+
+    pub fn config(&self) -> &ServeConfig {
+        &self.config
+    }
+
+    /// Answers one catalog stream.
+    pub async fn serve_catalog<S>(&self, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let (mut rd, mut wr) = stream.split();
+        let max = self.config.max_frame_len;
+        match tokio::time::timeout(
+            self.config.request_timeout,
+            read_frame::<CatalogRequest, _>(&mut rd, max),
+        )
+        .await
+        {
+            Ok(Ok(Some(_))) => {
+                let response = CatalogResponse {
+                    cards: self
+                        .models
+                        .values()
+                        .map(|m| m.signed_card.clone())
+                        .collect(),
+                    load: self.load(),
+                };
+                match tokio::time::timeout(WRITE_TIMEOUT, write_frame(&mut wr, &response, max))
+                    .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!("catalog reply failed: {e}"),
+                    Err(_) => tracing::debug!("catalog reply timed out"),
+                }
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => tracing::debug!("bad catalog request: {e}"),
+            Err(_) => tracing::debug!("catalog request timed out"),
+        }
+        frames::close(&mut wr).await;
+    }
+
+    /// Answers one inference stream from `peer`, start to end. Never panics on bad input:
+    /// every failure becomes an `error` frame if the stream still works.
+    pub async fn serve_infer<S>(&self, peer: PeerId, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let (rd, wr) = stream.split();
+        InferSession::new(self, peer, rd, wr).run().await
+    }
+
+    /// The hosted model `request` names, if it takes the request's kind of input.
+    fn hosted_for(&self, request: &InferRequest) -> Result<Arc<HostedModel>, WireError> {
+        request.validate()?;
+        let hosted = self.models.get(&request.model).ok_or_else(|| {
+            WireError::new(
+                ErrorCode::UnknownModel,
+                format!(
+                    "this node does not host {:?}; it hosts: {}",
+                    request.model,
+                    self.model_names().join(", ")
+                ),
+            )
+        })?;
+        let wants = match request.input {
+            Input::Embed { .. } => Task::Embed,
+            Input::Chat { .. } | Input::Completion { .. } => Task::Generate,
+        };
+        if hosted.card().task != wants {
+            return Err(WireError::bad_request(format!(
+                "model {:?} is a {:?} model and cannot take {:?} input",
+                request.model,
+                hosted.card().task,
+                wants
+            )));
+        }
+        Ok(hosted.clone())
+    }
+}
+
+/// `card` as sent in catalogs: its canonical encoding, signed by the node.
+fn sign_card(identity: &NodeIdentity, card: &ModelCard) -> SignedModelCard {
+    let bytes = encode_body(card).expect("a model card always encodes");
+    let signature = identity
+        .sign(&SignedModelCard::signed_message(&bytes))
+        .to_vec();
+    SignedModelCard {
+        card: bytes,
+        signature,
+    }
+}
