@@ -399,7 +399,7 @@ pub async fn run(mesh: &Mesh, ask: &Ask, events: &mpsc::Sender<AskEvent>) -> Ask
             .map(|peers| {
                 peers
                     .into_iter()
-                    .filter_map(|p| Some((p.peer_id.parse().ok()?, p.rtt_ms?)))
+                    .filter_map(|p| Some((p.peer_id, p.rtt_ms?)))
                     .collect()
             })
             .unwrap_or_default();
