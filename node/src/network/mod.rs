@@ -17,15 +17,15 @@
 //! - [`event_loop`]: the task that owns the swarm, dispatching into the parts above.
 //! - [`client`]: the handle the rest of the node uses; [`NetworkError`] what it can fail with.
 
-pub mod addr;
+mod addr;
 pub mod behaviour;
 pub mod client;
-pub mod connect;
-pub mod discovery;
-pub mod error;
+mod connect;
+mod discovery;
+mod error;
 pub mod event_loop;
-pub mod peer_table;
-pub mod reachability;
+mod peer_table;
+mod reachability;
 pub mod relay_server;
 pub mod relays;
 pub mod streams;
