@@ -45,11 +45,7 @@ pub async fn list(client: &Client, local: Option<&Server>) -> Vec<Listing> {
         .unwrap_or_default();
     let mut peers: Vec<PeerId> = client.known_peers().await.unwrap_or_default();
     if let Ok(connected) = client.peers().await {
-        peers.extend(
-            connected
-                .iter()
-                .filter_map(|p| p.peer_id.parse::<PeerId>().ok()),
-        );
+        peers.extend(connected.iter().map(|p| p.peer_id));
     }
     peers.sort();
     peers.dedup();

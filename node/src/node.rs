@@ -6,14 +6,12 @@ use std::time::Duration;
 
 use libp2p::{Multiaddr, PeerId};
 use mesh_protocol::ModelCard;
-use tokio::sync::{broadcast, mpsc, Semaphore};
+use tokio::sync::{broadcast, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::SharedEngine;
 use crate::identity::NodeIdentity;
-use crate::network::behaviour::build_swarm;
-use crate::network::event_loop::EventLoop;
 use crate::network::{Client, NetworkConfig};
 use crate::serve::{accept, ServeConfig, ServeSetupError, Server};
 
@@ -44,7 +42,7 @@ impl Default for NodeConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error(transparent)]
-    Build(#[from] crate::network::behaviour::BuildError),
+    Build(#[from] crate::network::BuildError),
     #[error(transparent)]
     Models(#[from] ServeSetupError),
     #[error("cannot listen on {addr}: {reason}")]
@@ -76,35 +74,10 @@ impl Node {
             Some(addr) => Some(crate::api::bind(addr).await.map_err(NodeError::Api)?),
             None => None,
         };
-        let (mut swarm, inbound_streams, opener) = build_swarm(&identity, &config.network)?;
-        for addr in &config.network.listen {
-            swarm
-                .listen_on(addr.clone())
-                .map_err(|e| NodeError::Listen {
-                    addr: addr.clone(),
-                    reason: e.to_string(),
-                })?;
-        }
-
         let shutdown = CancellationToken::new();
-        let (command_tx, command_rx) = mpsc::channel(config.network.command_queue);
-        let (event_tx, mut listening) = broadcast::channel(1024);
-        let connected = crate::network::ConnectedPeers::default();
-        let client = Client::new(
-            command_tx,
-            opener,
-            event_tx.clone(),
-            identity.peer_id(),
-            connected.clone(),
-        );
-        let event_loop = EventLoop::new(
-            swarm,
-            command_rx,
-            event_tx,
-            config.network.clone(),
-            shutdown.clone(),
-            connected,
-        );
+        let (client, inbound_streams, event_loop) =
+            crate::network::new(&identity, &config.network, shutdown.clone())?;
+        let mut listening = client.events();
 
         let mut tasks = JoinSet::new();
         tasks.spawn(event_loop.run());

@@ -202,7 +202,7 @@ async fn round_trips(client: &Client) -> HashMap<PeerId, f64> {
     };
     peers
         .into_iter()
-        .filter_map(|p| Some((p.peer_id.parse().ok()?, p.rtt_ms?)))
+        .filter_map(|p| Some((p.peer_id, p.rtt_ms?)))
         .collect()
 }
 

@@ -8,13 +8,12 @@ use libp2p::{
     autonat, connection_limits, dcutr, identify, kad, mdns, noise, ping, relay, tcp, yamux,
     StreamProtocol, Swarm, SwarmBuilder,
 };
-use mesh_protocol::ids::{
-    CATALOG_PROTOCOL, IDENTIFY_PROTOCOL_VERSION, INFER_PROTOCOL, KAD_PROTOCOL,
-};
+use mesh_protocol::ids::{IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL};
 use tokio::sync::mpsc;
 
+use super::peer_table::SharedPeerTable;
 use super::streams::{self, Inbound, Opener};
-use super::NetworkConfig;
+use super::{NetworkConfig, CATALOG, INFER};
 use crate::identity::NodeIdentity;
 
 pub const KAD: StreamProtocol = StreamProtocol::new(KAD_PROTOCOL);
@@ -39,23 +38,27 @@ pub enum BuildError {
     Transport(String),
     #[error("cannot set up the network behaviour: {0}")]
     Behaviour(String),
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen {
+        addr: libp2p::Multiaddr,
+        reason: String,
+    },
 }
 
-/// Builds the swarm; inbound mesh streams arrive on the returned receiver, and the
-/// [`Opener`] opens outbound ones.
+/// Builds the swarm, its stream behaviour keeping `table`; inbound mesh streams arrive on
+/// the returned receiver, and the [`Opener`] opens outbound ones.
 pub fn build_swarm(
     identity: &NodeIdentity,
     config: &NetworkConfig,
+    table: SharedPeerTable,
 ) -> Result<(Swarm<MeshBehaviour>, mpsc::Receiver<Inbound>, Opener), BuildError> {
-    let (streams, inbound, opener) = streams::Behaviour::new(streams::Config {
-        inbound_protocols: vec![
-            StreamProtocol::new(INFER_PROTOCOL),
-            StreamProtocol::new(CATALOG_PROTOCOL),
-        ],
+    let streams_config = streams::Config {
+        inbound_protocols: vec![INFER, CATALOG],
         inbound_queue: config.inbound_queue,
         open_queue: config.command_queue,
         hole_punch_wait: config.hole_punch_wait,
-    });
+    };
+    let (streams, inbound, opener) = streams::Behaviour::new(streams_config, table);
     let mut streams = Some(streams);
     let transport = |e: &dyn std::fmt::Display| BuildError::Transport(e.to_string());
     let swarm = SwarmBuilder::with_existing_identity(identity.keypair().clone())

@@ -3,27 +3,18 @@
 use std::time::Duration;
 
 use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol};
-use mesh_protocol::ids::{CATALOG_PROTOCOL, INFER_PROTOCOL};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use super::event_loop::Command;
-use super::streams::{OpenError, Opener};
-use super::{ConnectedPeers, NetworkEvent, NetworkStatus, Path, PeerSummary};
+use super::event_loop::{Command, Reply};
+use super::peer_table::SharedPeerTable;
+use super::streams::Opener;
+use super::{NetworkEvent, NetworkStatus, Path, PeerSummary};
 
-pub const INFER: StreamProtocol = StreamProtocol::new(INFER_PROTOCOL);
-pub const CATALOG: StreamProtocol = StreamProtocol::new(CATALOG_PROTOCOL);
+pub use super::error::NetworkError;
+pub use super::{CATALOG, INFER};
 
-#[derive(Debug, thiserror::Error)]
-pub enum NetworkError {
-    #[error("the node's network task has stopped")]
-    Stopped,
-    #[error("{0}")]
-    Failed(String),
-    #[error("timed out after {0:?} waiting for {1}")]
-    Timeout(Duration, &'static str),
-    #[error("peer {peer} does not speak {protocol}: is it a mesh node?")]
-    Unsupported { peer: PeerId, protocol: String },
-}
+/// How long a request to the swarm task, a dial or a stream open may take by default.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Clone)]
 pub struct Client {
@@ -31,7 +22,7 @@ pub struct Client {
     opener: Opener,
     events: broadcast::Sender<NetworkEvent>,
     local_peer_id: PeerId,
-    connected: ConnectedPeers,
+    table: SharedPeerTable,
     /// Bound on dialling and on opening a stream.
     pub connect_timeout: Duration,
 }
@@ -42,15 +33,15 @@ impl Client {
         opener: Opener,
         events: broadcast::Sender<NetworkEvent>,
         local_peer_id: PeerId,
-        connected: ConnectedPeers,
+        table: SharedPeerTable,
     ) -> Client {
         Client {
             commands,
             opener,
             events,
             local_peer_id,
-            connected,
-            connect_timeout: Duration::from_secs(20),
+            table,
+            connect_timeout: CONNECT_TIMEOUT,
         }
     }
 
@@ -62,10 +53,11 @@ impl Client {
         self.events.subscribe()
     }
 
-    async fn ask<T>(
+    /// Sends a command to the swarm task and waits (bounded) for its reply.
+    async fn request<T>(
         &self,
         what: &'static str,
-        make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Command,
+        make: impl FnOnce(Reply<T>) -> Command,
     ) -> Result<T, NetworkError> {
         let (tx, rx) = oneshot::channel();
         self.commands
@@ -75,13 +67,13 @@ impl Client {
         match tokio::time::timeout(self.connect_timeout, rx).await {
             Err(_) => Err(NetworkError::Timeout(self.connect_timeout, what)),
             Ok(Err(_)) => Err(NetworkError::Stopped),
-            Ok(Ok(result)) => result.map_err(NetworkError::Failed),
+            Ok(Ok(result)) => result,
         }
     }
 
     /// Dials `addr` and returns the peer that answered.
     pub async fn dial(&self, addr: Multiaddr) -> Result<PeerId, NetworkError> {
-        self.ask("a dial", |reply| Command::Dial { addr, reply })
+        self.request("a dial", |reply| Command::Dial { addr, reply })
             .await
     }
 
@@ -90,23 +82,20 @@ impl Client {
         if self.is_connected(&peer) {
             return Ok(());
         }
-        self.ask("a connection", |reply| Command::Connect { peer, reply })
+        self.request("a connection", |reply| Command::Connect { peer, reply })
             .await
     }
 
+    /// Whether at least one connection to `peer` is open (no round trip to the swarm task).
     pub fn is_connected(&self, peer: &PeerId) -> bool {
-        self.connected
-            .read()
-            .expect("never poisoned: no panics while held")
-            .contains(peer)
+        self.table.read().is_connected(peer)
     }
 
+    /// Announces on the DHT that this node hosts `model`, for as long as it runs.
     pub async fn provide(&self, model: &str) -> Result<(), NetworkError> {
+        let model = model.to_string();
         self.commands
-            .send(Command::Provide {
-                model: model.to_string(),
-                on: true,
-            })
+            .send(Command::Provide { model })
             .await
             .map_err(|_| NetworkError::Stopped)
     }
@@ -114,41 +103,37 @@ impl Client {
     /// Peers that announce `model` in the DHT (never this node).
     pub async fn find_providers(&self, model: &str) -> Result<Vec<PeerId>, NetworkError> {
         let model = model.to_string();
-        self.ask("the DHT", |reply| Command::FindProviders { model, reply })
+        self.request("the DHT", |reply| Command::FindProviders { model, reply })
             .await
     }
 
     /// Walks the DHT from the known peers, filling the routing table.
     pub async fn bootstrap(&self) -> Result<(), NetworkError> {
-        self.ask("the DHT walk", |reply| Command::Bootstrap { reply })
+        self.request("the DHT walk", |reply| Command::Bootstrap { reply })
             .await
     }
 
     pub async fn known_peers(&self) -> Result<Vec<PeerId>, NetworkError> {
-        self.ask("the routing table", |reply| Command::KnownPeers { reply })
+        self.request("the routing table", |reply| Command::KnownPeers { reply })
             .await
     }
 
+    /// Every connected peer, with the path a stream to it would take now. Read from the
+    /// peer table the stream behaviour keeps, without a round trip to the swarm task.
     pub async fn peers(&self) -> Result<Vec<PeerSummary>, NetworkError> {
-        self.ask("the peer list", |reply| Command::Peers { reply })
-            .await
+        Ok(self.table.read().summaries())
     }
 
     pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetworkError> {
-        self.ask("the listen addresses", |reply| Command::ListenAddrs {
+        self.request("the listen addresses", |reply| Command::ListenAddrs {
             reply,
         })
         .await
     }
 
-    pub async fn path_to(&self, peer: PeerId) -> Result<Option<Path>, NetworkError> {
-        self.ask("the path", |reply| Command::PathTo { peer, reply })
-            .await
-    }
-
     /// Reachability, external addresses and relays.
     pub async fn status(&self) -> Result<NetworkStatus, NetworkError> {
-        self.ask("the network status", |reply| Command::Status { reply })
+        self.request("the network status", |reply| Command::Status { reply })
             .await
     }
 
@@ -171,12 +156,7 @@ impl Client {
         // Bounded by the hole-punch wait plus the negotiation timeout, but bound it anyway.
         match tokio::time::timeout(self.connect_timeout, self.opener.open(peer, protocol)).await {
             Err(_) => Err(NetworkError::Timeout(self.connect_timeout, "a stream")),
-            Ok(Ok(opened)) => Ok(opened),
-            Ok(Err(OpenError::Unsupported { peer, protocol })) => {
-                Err(NetworkError::Unsupported { peer, protocol })
-            }
-            Ok(Err(OpenError::Stopped)) => Err(NetworkError::Stopped),
-            Ok(Err(e)) => Err(NetworkError::Failed(e.to_string())),
+            Ok(result) => result.map_err(NetworkError::from),
         }
     }
 }

@@ -1,34 +1,89 @@
 //! Networking: one task owns the libp2p `Swarm` ([`event_loop`]); a cloneable [`Client`]
 //! sends it commands, each with a oneshot for the reply; [`NetworkEvent`]s come out on a
-//! broadcast channel.
+//! broadcast channel. [`new`] builds the pair.
 //!
 //! - [`behaviour`]: the composed behaviour (identify, ping, Kademlia, mDNS, AutoNAT, relay
 //!   client and server, DCUtR, mesh streams, connection limits) and the swarm builder.
 //! - [`streams`]: accepting inbound mesh streams into a bounded queue, and opening outbound
 //!   ones on the best connection.
+//! - [`peer_table`]: the one record of open connections and their paths, shared by the
+//!   stream behaviour, the swarm task and the client.
+//! - [`connect`]: connecting to a peer by id (dial, DHT lookup, give up).
+//! - [`discovery`]: DHT announcements, provider queries and walks.
+//! - [`reachability`]: AutoNAT, relay reservations, identify pushes, the network status.
 //! - [`relays`]: choosing relays and keeping reservations while the node is not reachable.
 //! - [`relay_server`]: the relay server, offered only while the node is directly reachable.
-//! - [`event_loop`]: the task that owns the swarm.
-//! - [`client`]: the handle the rest of the node uses.
+//! - [`addr`]: multiaddr helpers.
+//! - [`event_loop`]: the task that owns the swarm, dispatching into the parts above.
+//! - [`client`]: the handle the rest of the node uses; [`NetworkError`] what it can fail with.
 
+mod addr;
 pub mod behaviour;
 pub mod client;
+mod connect;
+mod discovery;
+mod error;
 pub mod event_loop;
+mod peer_table;
+mod reachability;
 pub mod relay_server;
 pub mod relays;
 pub mod streams;
 
 use std::time::Duration;
 
+use libp2p::StreamProtocol;
+use mesh_protocol::ids::{CATALOG_PROTOCOL, INFER_PROTOCOL};
 use serde::Serialize;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
 
-pub use client::{Client, NetworkError};
-
-/// Peers with at least one open connection, kept by the swarm task and read by clients so a
-/// call to a connected peer needs no round trip through the swarm task.
-pub(crate) type ConnectedPeers =
-    std::sync::Arc<std::sync::RwLock<std::collections::HashSet<libp2p::PeerId>>>;
+pub use behaviour::BuildError;
+pub use client::Client;
+pub use error::NetworkError;
+pub use event_loop::EventLoop;
 pub use libp2p::{Multiaddr, PeerId};
+pub use streams::Inbound;
+
+/// The inference protocol, `/mesh/infer/1`.
+pub const INFER: StreamProtocol = StreamProtocol::new(INFER_PROTOCOL);
+/// The catalog protocol, `/mesh/catalog/1`.
+pub const CATALOG: StreamProtocol = StreamProtocol::new(CATALOG_PROTOCOL);
+
+/// [`NetworkEvent`]s a slow subscriber may fall behind by before it misses some.
+const EVENT_QUEUE: usize = 1024;
+
+/// Builds the network of the node `identity`: the swarm, listening on `config.listen`; the
+/// [`Client`] handle; the receiver of accepted inbound streams; and the [`EventLoop`], which
+/// the caller spawns (`tokio::spawn(event_loop.run())`) and which stops when `shutdown` is
+/// cancelled. Subscribe to [`Client::events`] before spawning it to see every event.
+pub fn new(
+    identity: &crate::identity::NodeIdentity,
+    config: &NetworkConfig,
+    shutdown: CancellationToken,
+) -> Result<(Client, mpsc::Receiver<Inbound>, EventLoop), BuildError> {
+    let table = peer_table::SharedPeerTable::default();
+    let (mut swarm, inbound, opener) = behaviour::build_swarm(identity, config, table.clone())?;
+    for addr in &config.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| BuildError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+    }
+    let (command_tx, command_rx) = mpsc::channel(config.command_queue);
+    let (event_tx, _) = broadcast::channel(EVENT_QUEUE);
+    let client = Client::new(
+        command_tx,
+        opener,
+        event_tx.clone(),
+        identity.peer_id(),
+        table.clone(),
+    );
+    let event_loop = EventLoop::new(swarm, command_rx, event_tx, config.clone(), shutdown, table);
+    Ok((client, inbound, event_loop))
+}
 
 #[derive(Debug, Clone)]
 pub struct NetworkConfig {
@@ -188,7 +243,12 @@ impl Path {
 /// A peer this node is connected to.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct PeerSummary {
-    pub peer_id: String,
+    /// Serialized as its text form (`12D3KooW…`).
+    #[serde(
+        serialize_with = "serialize_display",
+        deserialize_with = "deserialize_from_str"
+    )]
+    pub peer_id: PeerId,
     /// The best path among the open connections.
     pub path: Path,
     pub addresses: Vec<String>,
@@ -212,4 +272,21 @@ pub enum NetworkEvent {
     Disconnected {
         peer: PeerId,
     },
+}
+
+fn serialize_display<S: serde::Serializer>(
+    value: &impl std::fmt::Display,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(value)
+}
+
+fn deserialize_from_str<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    let text = <std::borrow::Cow<'de, str> as serde::Deserialize>::deserialize(deserializer)?;
+    text.parse().map_err(serde::de::Error::custom)
 }

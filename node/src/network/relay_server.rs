@@ -17,7 +17,7 @@ use libp2p::swarm::{
 };
 use libp2p::{Multiaddr, PeerId};
 
-use super::relays::is_relayed;
+use super::addr::is_relayed;
 
 pub struct RelayServer(relay::Behaviour);
 

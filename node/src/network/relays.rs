@@ -14,6 +14,8 @@ use libp2p::core::transport::ListenerId;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 
+use super::addr::{circuit_addr, is_relayed, strip_p2p};
+
 /// How long a relay that failed or went away is left alone.
 pub const RELAY_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -54,7 +56,7 @@ impl Relays {
 
     /// `peer` offers a relay and can be reached at `addrs` (its confirmed addresses).
     pub fn offer(&mut self, peer: PeerId, addrs: &[Multiaddr]) {
-        let usable = |a: &&Multiaddr| !a.iter().any(|p| matches!(p, Protocol::P2pCircuit));
+        let usable = |a: &&Multiaddr| !is_relayed(a);
         // TCP first: every libp2p relay speaks it; QUIC otherwise.
         let best = addrs
             .iter()
@@ -145,24 +147,6 @@ impl Relays {
         out.sort_by_key(|p| p.to_bytes());
         out
     }
-}
-
-fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
-    addr.iter()
-        .filter(|p| !matches!(p, Protocol::P2p(_)))
-        .collect()
-}
-
-/// `/…/p2p/RELAY/p2p-circuit`: listening on it reserves a slot on the relay.
-pub fn circuit_addr(relay_addr: &Multiaddr, relay: &PeerId) -> Multiaddr {
-    relay_addr
-        .clone()
-        .with(Protocol::P2p(*relay))
-        .with(Protocol::P2pCircuit)
-}
-
-pub fn is_relayed(addr: &Multiaddr) -> bool {
-    addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
 }
 
 #[cfg(test)]

@@ -1,0 +1,218 @@
+//! The connect state machine: being connected to a peer by its id.
+//!
+//! A connect dials the addresses the swarm knows for the peer. When there are none, or every
+//! dial fails (stale addresses: the peer's relay went away, the peer moved), it asks the DHT
+//! once where the peer is now and dials what that finds. It fails only when no dial and no
+//! lookup for the peer remains: several dials may be in flight at once (ours, mDNS's, a
+//! provider query's), and any of them connecting is enough. [`Connects::decide`] is the one
+//! place that chooses between waiting, looking up and failing.
+//!
+//! Plain bookkeeping with no swarm, like [`super::relays`]: the swarm task performs the
+//! [`Step`]s it returns and reports what happened. It is generic over the DHT query id so it
+//! is tested without Kademlia.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
+
+use libp2p::swarm::ConnectionId;
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::oneshot;
+
+use super::NetworkError;
+
+/// Where a connect's result goes.
+pub type Reply<T> = oneshot::Sender<Result<T, NetworkError>>;
+
+/// What the swarm task must do next for a connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Dial the peer at the addresses the swarm knows, unless connected or being dialled;
+    /// report the outcome with [`Connects::dial_started`].
+    Dial(PeerId),
+    /// Ask the DHT for the peer; report the query with [`Connects::lookup_started`].
+    LookUp(PeerId),
+    /// Dial the peer at these addresses (from the DHT), even while another dial is in flight;
+    /// report the outcome with [`Connects::dial_started`].
+    DialAt(PeerId, Vec<Multiaddr>),
+}
+
+/// How starting a dial went (`Swarm::dial`'s answer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DialStart {
+    /// Started, or not needed: already connected or being dialled.
+    Started,
+    /// The swarm knows no address for the peer.
+    NoAddresses,
+    /// Refused at once (a connection limit, for example): looking up would not help.
+    Refused(String),
+}
+
+/// Why an attempt to reach a peer ended without a connection.
+enum Failure {
+    NoAddresses,
+    Refused(String),
+    /// A dial failed; the text is libp2p's.
+    Unreachable(String),
+    /// The DHT did not find the peer (or found it without addresses).
+    NotFound,
+}
+
+#[derive(Debug)]
+pub struct Connects<Q = libp2p::kad::QueryId> {
+    local: PeerId,
+    /// `Command::Dial` replies, by the connection the dial will make.
+    addr_dials: HashMap<ConnectionId, (Multiaddr, Reply<PeerId>)>,
+    /// Connect replies waiting for a connection to their peer.
+    waiting: HashMap<PeerId, Vec<Reply<()>>>,
+    /// Peers being connected to whose DHT lookup already ran: the next failure is final.
+    looked_up: HashSet<PeerId>,
+    /// Every dial in flight (ours and other behaviours'), to know when a connect has run out
+    /// of attempts.
+    dialing: HashMap<ConnectionId, PeerId>,
+    lookups: HashMap<Q, PeerId>,
+}
+
+impl<Q: Hash + Eq> Connects<Q> {
+    /// The state machine of the node whose own peer id is `local`.
+    pub fn new(local: PeerId) -> Self {
+        Connects {
+            local,
+            addr_dials: HashMap::new(),
+            waiting: HashMap::new(),
+            looked_up: HashSet::new(),
+            dialing: HashMap::new(),
+            lookups: HashMap::new(),
+        }
+    }
+
+    /// A dial of `addr` (peer unknown) that will make connection `id`; `reply` gets the peer.
+    pub fn dial_addr(&mut self, id: ConnectionId, addr: Multiaddr, reply: Reply<PeerId>) {
+        self.addr_dials.insert(id, (addr, reply));
+    }
+
+    /// Asks to be connected to `peer` (`connected`: already is).
+    pub fn connect(&mut self, peer: PeerId, connected: bool, reply: Reply<()>) -> Option<Step> {
+        if connected {
+            let _ = reply.send(Ok(()));
+            return None;
+        }
+        if peer == self.local {
+            let _ = reply.send(Err(NetworkError::SelfDial));
+            return None;
+        }
+        self.waiting.entry(peer).or_default().push(reply);
+        Some(Step::Dial(peer))
+    }
+
+    /// How a [`Step::Dial`] or [`Step::DialAt`] for `peer` started.
+    pub fn dial_started(&mut self, peer: PeerId, start: DialStart) -> Option<Step> {
+        match start {
+            DialStart::Started => None,
+            DialStart::NoAddresses => self.decide(peer, false, Failure::NoAddresses),
+            DialStart::Refused(reason) => self.decide(peer, false, Failure::Refused(reason)),
+        }
+    }
+
+    /// The DHT query `id` looks for `peer` (after a [`Step::LookUp`]).
+    pub fn lookup_started(&mut self, id: Q, peer: PeerId) {
+        self.lookups.insert(id, peer);
+    }
+
+    /// A dial to `peer` is in flight as connection `id` (whoever started it).
+    pub fn on_dialing(&mut self, id: ConnectionId, peer: PeerId) {
+        self.dialing.insert(id, peer);
+    }
+
+    /// Connection `id` to `peer` is up: every connect waiting for the peer succeeds. True when
+    /// it answers a [`Connects::dial_addr`] (the caller puts such an address in the DHT).
+    pub fn on_established(&mut self, id: ConnectionId, peer: PeerId) -> bool {
+        self.dialing.remove(&id);
+        let addr_dial = self.addr_dials.remove(&id);
+        let was_addr_dial = addr_dial.is_some();
+        if let Some((_, reply)) = addr_dial {
+            let _ = reply.send(Ok(peer));
+        }
+        for reply in self.waiting.remove(&peer).unwrap_or_default() {
+            let _ = reply.send(Ok(()));
+        }
+        self.looked_up.remove(&peer);
+        was_addr_dial
+    }
+
+    /// Dial `id` (to `peer`, if known) failed with `error`; `connected`: the peer is
+    /// connected anyway (another connection).
+    pub fn on_dial_failed(
+        &mut self,
+        id: ConnectionId,
+        peer: Option<PeerId>,
+        connected: bool,
+        error: &str,
+    ) -> Option<Step> {
+        self.dialing.remove(&id);
+        if let Some((addr, reply)) = self.addr_dials.remove(&id) {
+            let _ = reply.send(Err(NetworkError::DialAddr {
+                addr,
+                reason: error.to_string(),
+            }));
+        }
+        self.decide(peer?, connected, Failure::Unreachable(error.to_string()))
+    }
+
+    /// The DHT query `id` ended; `found`: the addresses it found for the peer it looked for,
+    /// if it found that peer. `connected`: the peer got connected meanwhile.
+    pub fn on_lookup_done(
+        &mut self,
+        id: &Q,
+        found: Option<Vec<Multiaddr>>,
+        connected: bool,
+    ) -> Option<Step> {
+        let peer = self.lookups.remove(id)?;
+        match found {
+            Some(addrs) if !addrs.is_empty() && !connected && self.waiting.contains_key(&peer) => {
+                Some(Step::DialAt(peer, addrs))
+            }
+            _ => self.decide(peer, connected, Failure::NotFound),
+        }
+    }
+
+    /// The peer DHT query `id` looks for, if it is one of the connect lookups.
+    pub fn lookup_target(&self, id: &Q) -> Option<PeerId> {
+        self.lookups.get(id).copied()
+    }
+
+    /// After an attempt for `peer` ended without a connection: wait for another attempt still
+    /// in flight, look the peer up (once), or fail every connect waiting for it.
+    fn decide(&mut self, peer: PeerId, connected: bool, failure: Failure) -> Option<Step> {
+        if connected || !self.waiting.contains_key(&peer) || self.still_trying(&peer) {
+            return None;
+        }
+        let lookup_may_help = matches!(failure, Failure::NoAddresses | Failure::Unreachable(_));
+        if lookup_may_help && self.looked_up.insert(peer) {
+            return Some(Step::LookUp(peer));
+        }
+        self.looked_up.remove(&peer);
+        for reply in self.waiting.remove(&peer).unwrap_or_default() {
+            let error = match &failure {
+                Failure::NoAddresses | Failure::NotFound => NetworkError::NotFound { peer },
+                Failure::Refused(reason) => NetworkError::DialFailed {
+                    peer,
+                    reason: reason.clone(),
+                },
+                Failure::Unreachable(reason) => NetworkError::Unreachable {
+                    peer,
+                    reason: reason.clone(),
+                },
+            };
+            let _ = reply.send(Err(error));
+        }
+        None
+    }
+
+    /// Whether a dial or a DHT lookup for `peer` may still connect it.
+    fn still_trying(&self, peer: &PeerId) -> bool {
+        self.dialing.values().any(|p| p == peer) || self.lookups.values().any(|p| p == peer)
+    }
+}
+
+#[cfg(test)]
+mod tests;

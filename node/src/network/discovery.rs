@@ -1,0 +1,197 @@
+//! Finding models on the DHT: announcing the ones this node hosts, asking who hosts one, and
+//! walking the DHT to fill the routing table.
+//!
+//! Plain bookkeeping with no swarm, like [`super::relays`]: the swarm task starts the Kademlia
+//! queries, hands the results here, and does what the methods return. Generic over the query
+//! id so it is tested without Kademlia.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
+use std::time::{Duration, Instant};
+
+use libp2p::kad::RecordKey;
+use libp2p::PeerId;
+use mesh_protocol::ids::model_provider_key;
+
+use super::connect::Reply;
+use super::NetworkError;
+
+/// Announcements go out again when a new neighbour appears, at most this often.
+pub const REANNOUNCE_AFTER: Duration = Duration::from_secs(2);
+
+/// The DHT key under which hosts of `model` announce themselves.
+pub fn provider_key(model: &str) -> RecordKey {
+    RecordKey::new(&model_provider_key(model))
+}
+
+#[derive(Debug)]
+pub struct Discovery<Q = libp2p::kad::QueryId> {
+    local: PeerId,
+    provided: HashSet<String>,
+    last_announce: Option<Instant>,
+    provider_queries: HashMap<Q, (HashSet<PeerId>, Reply<Vec<PeerId>>)>,
+    bootstrap_queries: HashMap<Q, Reply<()>>,
+}
+
+impl<Q: Hash + Eq> Discovery<Q> {
+    pub fn new(local: PeerId) -> Self {
+        Discovery {
+            local,
+            provided: HashSet::new(),
+            last_announce: None,
+            provider_queries: HashMap::new(),
+            bootstrap_queries: HashMap::new(),
+        }
+    }
+
+    /// This node hosts `model`: the models to announce now (every one, as a new model is a
+    /// good moment to refresh them all).
+    pub fn provide(&mut self, model: String, now: Instant) -> Vec<String> {
+        self.provided.insert(model);
+        self.announce_all(now)
+    }
+
+    /// A new peer entered the routing table; it may be one of the closest to our keys. The
+    /// models to announce again, unless they went out less than [`REANNOUNCE_AFTER`] ago.
+    pub fn on_new_neighbour(&mut self, now: Instant) -> Vec<String> {
+        let stale = self
+            .last_announce
+            .is_none_or(|t| now.duration_since(t) > REANNOUNCE_AFTER);
+        if self.provided.is_empty() || !stale {
+            return Vec::new();
+        }
+        self.announce_all(now)
+    }
+
+    fn announce_all(&mut self, now: Instant) -> Vec<String> {
+        self.last_announce = Some(now);
+        let mut models: Vec<String> = self.provided.iter().cloned().collect();
+        models.sort();
+        models
+    }
+
+    /// The models to stop announcing, on shutdown.
+    pub fn stop_all(&mut self) -> Vec<String> {
+        self.provided.drain().collect()
+    }
+
+    /// Query `id` looks for hosts of a model; `reply` gets them when the walk ends.
+    pub fn providers_started(&mut self, id: Q, reply: Reply<Vec<PeerId>>) {
+        self.provider_queries.insert(id, (HashSet::new(), reply));
+    }
+
+    /// Query `id` found `providers`: those that are not this node, which the caller dials at
+    /// once (their addresses live only as long as the query).
+    pub fn on_providers(
+        &mut self,
+        id: &Q,
+        providers: impl IntoIterator<Item = PeerId>,
+    ) -> Vec<PeerId> {
+        let local = self.local;
+        let providers: Vec<PeerId> = providers.into_iter().filter(|p| *p != local).collect();
+        if let Some((found, _)) = self.provider_queries.get_mut(id) {
+            found.extend(providers.iter().copied());
+        }
+        providers
+    }
+
+    /// Provider query `id` ended: it answers with every host found. The reply waits for the
+    /// whole walk, so a model hosted by several nodes gets all of them (for failover); the
+    /// query timeout (15 s) stays below the client's wait (20 s), so a slow walk still
+    /// answers with what it found.
+    pub fn providers_done(&mut self, id: &Q) {
+        if let Some((found, reply)) = self.provider_queries.remove(id) {
+            let mut found: Vec<PeerId> = found.into_iter().collect();
+            found.sort();
+            let _ = reply.send(Ok(found));
+        }
+    }
+
+    /// A DHT walk `id` started; `reply` gets its end.
+    pub fn bootstrap_started(&mut self, id: Q, reply: Reply<()>) {
+        self.bootstrap_queries.insert(id, reply);
+    }
+
+    /// A step of walk `id`: `remaining` buckets still to walk (`Err`: the step failed), and
+    /// whether it is the query's last step. The reply goes out when the walk is over.
+    pub fn on_bootstrap_step(
+        &mut self,
+        id: &Q,
+        result: Result<u32, libp2p::kad::BootstrapError>,
+        last: bool,
+    ) {
+        let done = result.as_ref().map_or(true, |remaining| *remaining == 0);
+        if done || last {
+            if let Some(reply) = self.bootstrap_queries.remove(id) {
+                let _ = reply.send(result.map(|_| ()).map_err(NetworkError::Bootstrap));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::oneshot;
+
+    fn peer() -> PeerId {
+        libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id()
+    }
+
+    #[test]
+    fn providing_announces_every_model_and_new_neighbours_are_throttled() {
+        let mut d = Discovery::<u32>::new(peer());
+        let t = Instant::now();
+        assert!(d.on_new_neighbour(t).is_empty(), "nothing to announce yet");
+        assert_eq!(d.provide("echo".into(), t), vec!["echo"]);
+        assert_eq!(d.provide("tiny".into(), t), vec!["echo", "tiny"]);
+        assert!(d.on_new_neighbour(t + Duration::from_secs(1)).is_empty());
+        assert_eq!(d.on_new_neighbour(t + Duration::from_secs(3)).len(), 2);
+        assert!(
+            d.on_new_neighbour(t + Duration::from_secs(4)).is_empty(),
+            "the re-announce counts too"
+        );
+        assert_eq!(d.stop_all().len(), 2);
+        assert!(d.on_new_neighbour(t + Duration::from_secs(60)).is_empty());
+    }
+
+    #[test]
+    fn a_provider_query_answers_every_host_but_this_node_once_done() {
+        let me = peer();
+        let (a, b) = (peer(), peer());
+        let mut d = Discovery::<u32>::new(me);
+        let (tx, mut rx) = oneshot::channel();
+        d.providers_started(1, tx);
+        assert_eq!(d.on_providers(&1, [a, me]), vec![a]);
+        assert_eq!(d.on_providers(&1, [a, b]), vec![a, b]);
+        assert!(rx.try_recv().is_err(), "waits for the whole walk");
+        d.providers_done(&1);
+        let mut expected = vec![a, b];
+        expected.sort();
+        assert_eq!(rx.try_recv().unwrap().unwrap(), expected);
+        d.providers_done(&1);
+        assert_eq!(
+            d.on_providers(&2, [a]),
+            vec![a],
+            "not ours: still worth a dial"
+        );
+    }
+
+    #[test]
+    fn a_walk_answers_when_no_bucket_remains() {
+        let mut d = Discovery::<u32>::new(peer());
+        let (tx, mut rx) = oneshot::channel();
+        d.bootstrap_started(1, tx);
+        d.on_bootstrap_step(&1, Ok(3), false);
+        assert!(rx.try_recv().is_err());
+        d.on_bootstrap_step(&1, Ok(0), false);
+        assert!(rx.try_recv().unwrap().is_ok());
+
+        let (tx, mut rx) = oneshot::channel();
+        d.bootstrap_started(2, tx);
+        d.on_bootstrap_step(&2, Ok(2), true);
+        assert!(rx.try_recv().unwrap().is_ok(), "the last step ends it too");
+    }
+}

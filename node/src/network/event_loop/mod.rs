@@ -1,0 +1,340 @@
+//! The task that owns the swarm: it runs commands from [`super::Client`] and reacts to swarm
+//! events. Nothing here blocks or computes: inference runs elsewhere.
+//!
+//! This is a shell. What to do is decided by plain structs, each tested without a network:
+//! [`Connects`] (connecting to a peer by id), [`Discovery`] (DHT announcements and queries),
+//! [`Reach`] (reachability, relays, identify pushes) and the [`PeerTable`] (kept by the stream
+//! behaviour). The shell passes events in and performs the actions they return.
+//!
+//! [`PeerTable`]: super::peer_table::PeerTable
+
+mod behaviour_events;
+mod command;
+
+pub use command::{Command, Reply};
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::core::ConnectedPoint;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{DialError, SwarmEvent};
+use libp2p::{kad, Multiaddr, PeerId, Swarm};
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::addr::{chosen_ip, is_relayed};
+use super::behaviour::{MeshBehaviour, MeshBehaviourEvent};
+use super::connect::{Connects, DialStart, Step};
+use super::discovery::{provider_key, Discovery};
+use super::peer_table::SharedPeerTable;
+use super::reachability::{directly_reachable, Reach};
+use super::{NetworkConfig, NetworkError, NetworkEvent, Path};
+
+/// How often relay reservations that failed or were waiting out a backoff are retried.
+const RELAY_CHECK: Duration = Duration::from_secs(5);
+
+pub struct EventLoop {
+    swarm: Swarm<MeshBehaviour>,
+    commands: mpsc::Receiver<Command>,
+    events: broadcast::Sender<NetworkEvent>,
+    config: NetworkConfig,
+    shutdown: CancellationToken,
+    /// Written by the stream behaviour; the swarm task adds agents and round-trip times.
+    table: SharedPeerTable,
+    connects: Connects,
+    discovery: Discovery,
+    reach: Reach,
+}
+
+impl EventLoop {
+    pub(crate) fn new(
+        swarm: Swarm<MeshBehaviour>,
+        commands: mpsc::Receiver<Command>,
+        events: broadcast::Sender<NetworkEvent>,
+        config: NetworkConfig,
+        shutdown: CancellationToken,
+        table: SharedPeerTable,
+    ) -> Self {
+        let me = *swarm.local_peer_id();
+        let max_relays = if config.dht_server {
+            config.max_relays
+        } else {
+            0
+        };
+        EventLoop {
+            swarm,
+            commands,
+            events,
+            config,
+            shutdown,
+            table,
+            connects: Connects::new(me),
+            discovery: Discovery::new(me),
+            reach: Reach::new(max_relays),
+        }
+    }
+
+    pub async fn run(mut self) {
+        for addr in self.config.external.clone() {
+            tracing::info!(%addr, "external address (given)");
+            self.swarm.add_external_address(addr);
+        }
+        let mut relay_check = tokio::time::interval(RELAY_CHECK);
+        loop {
+            let push_at = self.reach.push_due();
+            let push_deadline = push_at.map_or_else(tokio::time::Instant::now, Into::into);
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                _ = relay_check.tick() => self.reserve_relays(),
+                _ = tokio::time::sleep_until(push_deadline), if push_at.is_some() => {
+                    self.reach.pushed();
+                    let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+                    tracing::debug!(peers = peers.len(), "pushing our addresses and protocols");
+                    self.swarm.behaviour_mut().identify.push(peers);
+                }
+                command = self.commands.recv() => match command {
+                    Some(command) => self.on_command(command),
+                    None => break,
+                },
+                _ = self.shutdown.cancelled() => break,
+            }
+        }
+        for model in self.discovery.stop_all() {
+            let key = provider_key(&model);
+            self.swarm.behaviour_mut().kad.stop_providing(&key);
+        }
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        for peer in peers {
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        tracing::debug!("network task stopped");
+    }
+
+    fn emit(&self, event: NetworkEvent) {
+        // Nobody listening is fine.
+        let _ = self.events.send(event);
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Dial { addr, reply } => {
+                let opts = DialOpts::unknown_peer_id().address(addr.clone()).build();
+                let id = opts.connection_id();
+                match self.swarm.dial(opts) {
+                    Ok(()) => self.connects.dial_addr(id, addr, reply),
+                    Err(e) => {
+                        let reason = format!("cannot dial {addr}: {e}");
+                        let _ = reply.send(Err(NetworkError::DialAddr { addr, reason }));
+                    }
+                }
+            }
+            Command::Connect { peer, reply } => {
+                let connected = self.swarm.is_connected(&peer);
+                let step = self.connects.connect(peer, connected, reply);
+                self.perform(step);
+            }
+            Command::Provide { model } => {
+                let models = self.discovery.provide(model, Instant::now());
+                self.announce(models);
+            }
+            Command::FindProviders { model, reply } => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_providers(provider_key(&model));
+                self.discovery.providers_started(id, reply);
+            }
+            Command::Bootstrap { reply } => match self.swarm.behaviour_mut().kad.bootstrap() {
+                Ok(id) => self.discovery.bootstrap_started(id, reply),
+                Err(kad::NoKnownPeers()) => {
+                    let _ = reply.send(Err(NetworkError::NoKnownPeers));
+                }
+            },
+            Command::KnownPeers { reply } => {
+                let mut peers = Vec::new();
+                for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
+                    for entry in bucket.iter() {
+                        peers.push(*entry.node.key.preimage());
+                    }
+                }
+                let _ = reply.send(Ok(peers));
+            }
+            Command::ListenAddrs { reply } => {
+                let _ = reply.send(Ok(self.swarm.listeners().cloned().collect()));
+            }
+            Command::Status { reply } => {
+                let external: Vec<Multiaddr> = self.swarm.external_addresses().cloned().collect();
+                let relay_server = self.swarm.behaviour().relay.is_enabled();
+                let _ = reply.send(Ok(self.reach.status(&external, relay_server)));
+            }
+        }
+    }
+
+    /// Performs what the connect state machine decided, and what that leads to.
+    fn perform(&mut self, mut next: Option<Step>) {
+        while let Some(step) = next.take() {
+            next = match step {
+                Step::Dial(peer) => {
+                    let opts = DialOpts::peer_id(peer)
+                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .build();
+                    let start = dial_start(self.swarm.dial(opts));
+                    if start == DialStart::NoAddresses {
+                        tracing::debug!(%peer, "no known address; looking the peer up in the DHT");
+                    }
+                    self.connects.dial_started(peer, start)
+                }
+                Step::DialAt(peer, addrs) => {
+                    // Even while another dial for it is in flight.
+                    let opts = DialOpts::peer_id(peer)
+                        .addresses(addrs)
+                        .condition(PeerCondition::Disconnected)
+                        .build();
+                    let start = dial_start(self.swarm.dial(opts));
+                    self.connects.dial_started(peer, start)
+                }
+                Step::LookUp(peer) => {
+                    let id = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+                    self.connects.lookup_started(id, peer);
+                    None
+                }
+            };
+        }
+    }
+
+    fn announce(&mut self, models: Vec<String>) {
+        for model in models {
+            if let Err(e) = self
+                .swarm
+                .behaviour_mut()
+                .kad
+                .start_providing(provider_key(&model))
+            {
+                tracing::warn!(%model, "cannot announce: {e}");
+            }
+        }
+    }
+
+    /// Reserves relay slots while this node cannot be dialled directly.
+    fn reserve_relays(&mut self) {
+        let direct = directly_reachable(self.swarm.external_addresses());
+        for (relay, addr) in self.reach.to_reserve(direct, Instant::now()) {
+            match self.swarm.listen_on(addr.clone()) {
+                Ok(listener) => {
+                    tracing::info!(%relay, %addr, "not reachable directly: asking a relay for a slot");
+                    self.reach.reserving(relay, listener);
+                }
+                Err(e) => tracing::warn!(%relay, %addr, "cannot listen through the relay: {e}"),
+            }
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<MeshBehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                if is_relayed(&address) {
+                    // The relay client confirms it as external once the reservation holds.
+                    tracing::debug!(%address, "listening through a relay");
+                    return;
+                }
+                tracing::info!(%address, "listening");
+                if self.config.announce_listen_addrs && chosen_ip(&address, &self.config.listen) {
+                    self.swarm.add_external_address(address.clone());
+                }
+                self.emit(NetworkEvent::Listening(address));
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                if let Some(relay) = self.reach.on_listener_closed(listener_id, Instant::now()) {
+                    tracing::info!(%relay, "relay reservation ended: {reason:?}");
+                    self.reserve_relays();
+                }
+            }
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                tracing::info!(%address, "reachable at");
+                for listener in self.reach.on_external_confirmed(&address, Instant::now()) {
+                    self.swarm.remove_listener(listener);
+                }
+            }
+            SwarmEvent::ExternalAddrExpired { address } => {
+                tracing::info!(%address, "no longer reachable at");
+                self.reach.on_external_expired(Instant::now());
+            }
+            SwarmEvent::Dialing {
+                peer_id: Some(peer),
+                connection_id,
+            } => self.connects.on_dialing(connection_id, peer),
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                // The stream behaviour recorded (and classified) it already.
+                let path = self.table.read().path_of(&peer_id, connection_id);
+                let path = path.unwrap_or(if endpoint.is_relayed() {
+                    Path::Relayed
+                } else {
+                    Path::Direct
+                });
+                let remote = endpoint.get_remote_address();
+                tracing::info!(peer = %peer_id, %remote, path = path.as_str(), "connected");
+                let addr_dial = self.connects.on_established(connection_id, peer_id);
+                if let ConnectedPoint::Dialer { address, .. } = &endpoint {
+                    if addr_dial && !endpoint.is_relayed() {
+                        // A bootstrap address: put it in the routing table right away.
+                        let kad = &mut self.swarm.behaviour_mut().kad;
+                        kad.add_address(&peer_id, address.clone());
+                    }
+                }
+                self.emit(NetworkEvent::Connected {
+                    peer: peer_id,
+                    path,
+                });
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                self.reach.on_disconnected(&peer_id);
+                self.emit(NetworkEvent::Disconnected { peer: peer_id });
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                peer_id,
+                error,
+            } => {
+                tracing::debug!(?peer_id, "dial failed: {error}");
+                let connected = peer_id.is_some_and(|p| self.swarm.is_connected(&p));
+                let step = self.connects.on_dial_failed(
+                    connection_id,
+                    peer_id,
+                    connected,
+                    &error.to_string(),
+                );
+                if let Some(Step::LookUp(peer)) = &step {
+                    // The addresses we held are stale (a relay went away, the peer moved).
+                    tracing::debug!(%peer, "known addresses failed; looking the peer up in the DHT");
+                }
+                self.perform(step);
+            }
+            SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
+            _ => {}
+        }
+    }
+}
+
+/// What `Swarm::dial` said, for the connect state machine.
+fn dial_start(result: Result<(), DialError>) -> DialStart {
+    match result {
+        Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => DialStart::Started,
+        Err(DialError::NoAddresses) => DialStart::NoAddresses,
+        Err(e) => DialStart::Refused(e.to_string()),
+    }
+}
