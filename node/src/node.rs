@@ -45,8 +45,6 @@ pub enum NodeError {
     Build(#[from] crate::network::BuildError),
     #[error(transparent)]
     Models(#[from] ServeSetupError),
-    #[error("cannot listen on {addr}: {reason}")]
-    Listen { addr: Multiaddr, reason: String },
     #[error("no bootstrap peer answered: {0}")]
     Bootstrap(String),
     #[error("{0}")]
