@@ -16,10 +16,10 @@
 //! - [`directory`]: the models this node can see on the mesh, and who hosts them.
 
 pub mod api;
-pub mod dispatch;
 pub mod auth;
 pub mod call;
 pub mod directory;
+pub mod dispatch;
 pub mod engine;
 pub mod home;
 pub mod identity;

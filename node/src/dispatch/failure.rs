@@ -86,7 +86,9 @@ impl From<&CallError> for CallFailure {
     fn from(e: &CallError) -> CallFailure {
         match e {
             CallError::Remote(w) => CallFailure::remote(w.clone()),
-            CallError::Timeout(_) => CallFailure::network(ErrorCode::DeadlineExceeded, e.to_string()),
+            CallError::Timeout(_) => {
+                CallFailure::network(ErrorCode::DeadlineExceeded, e.to_string())
+            }
             other => CallFailure::network(ErrorCode::Internal, other.to_string()),
         }
     }
@@ -146,7 +148,10 @@ mod tests {
         .unwrap();
         assert_eq!(
             remote,
-            CallEvent::Error(CallFailure::remote(WireError::new(ErrorCode::Overloaded, "busy")))
+            CallEvent::Error(CallFailure::remote(WireError::new(
+                ErrorCode::Overloaded,
+                "busy"
+            )))
         );
     }
 
@@ -159,7 +164,10 @@ mod tests {
         assert_eq!(node(ErrorCode::Unauthorized), FailureClass::Unauthorized);
         assert_eq!(node(ErrorCode::Overloaded), FailureClass::Overloaded);
         assert_eq!(net(ErrorCode::BadRequest), FailureClass::BadRequest);
-        assert_eq!(net(ErrorCode::DeadlineExceeded), FailureClass::DeadlineExceeded);
+        assert_eq!(
+            net(ErrorCode::DeadlineExceeded),
+            FailureClass::DeadlineExceeded
+        );
         assert_eq!(net(ErrorCode::Internal), FailureClass::Network);
         assert_eq!(node(ErrorCode::Internal), FailureClass::Internal);
         assert_eq!(node(ErrorCode::Unknown), FailureClass::Internal);
