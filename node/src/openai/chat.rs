@@ -310,3 +310,232 @@ impl ChunkStream {
         self.finished
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::network::Path;
+    use mesh_protocol::WireError;
+    use serde_json::{json, Value};
+
+    fn done(finish_reason: FinishReason, prompt_tokens: u32, completion_tokens: u32) -> CallEvent {
+        CallEvent::Done {
+            peer: "12D3KooW".into(),
+            path: Path::Direct,
+            finish_reason,
+            usage: MeshUsage {
+                prompt_tokens,
+                completion_tokens,
+                ..MeshUsage::default()
+            },
+            connect_ms: 1,
+            time_to_first_byte_ms: 2,
+            total_ms: 3,
+            receipt: None,
+            receipt_verified: false,
+            receipt_error: None,
+        }
+    }
+
+    fn delta(text: &str) -> CallEvent {
+        CallEvent::Delta { text: text.into() }
+    }
+
+    /// The frames of a whole stream, as `stream_chat` sends them, in JSON (`[DONE]` as a string).
+    fn frames(include_usage: bool, events: Vec<CallEvent>) -> Vec<Value> {
+        let mut chunks = ChunkStream::new(
+            "chatcmpl-1".into(),
+            "smol".into(),
+            1_700_000_000,
+            include_usage,
+        );
+        let mut out = vec![chunks.opening()];
+        for event in events {
+            out.extend(chunks.on_event(event));
+        }
+        out.extend(chunks.on_end());
+        assert!(chunks.is_finished());
+        out.into_iter()
+            .map(|f| match f {
+                Frame::Chunk(c) => serde_json::to_value(c).unwrap(),
+                Frame::Error(e) => serde_json::to_value(e).unwrap(),
+                Frame::Done => json!("[DONE]"),
+            })
+            .collect()
+    }
+
+    fn chunk(delta: Value, finish_reason: Value) -> Value {
+        json!({ "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1_700_000_000u64,
+                "model": "smol", "choices": [{ "index": 0, "delta": delta, "finish_reason": finish_reason }] })
+    }
+
+    #[test]
+    fn a_call_becomes_role_deltas_finish_usage_and_done() {
+        let events = vec![
+            CallEvent::Started { queue_ms: 0 },
+            delta("Par"),
+            delta("is"),
+            done(FinishReason::Length, 12, 2),
+        ];
+        let mut usage = chunk(json!({}), Value::Null);
+        usage["choices"] = json!([]);
+        usage["usage"] = json!({ "prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14 });
+        assert_eq!(
+            frames(true, events.clone()),
+            [
+                chunk(json!({ "role": "assistant", "content": "" }), Value::Null),
+                chunk(json!({ "content": "Par" }), Value::Null),
+                chunk(json!({ "content": "is" }), Value::Null),
+                chunk(json!({}), json!("length")),
+                usage,
+                json!("[DONE]"),
+            ]
+        );
+        let without_usage = frames(false, events);
+        assert_eq!(without_usage.len(), 5, "no usage chunk unless asked for");
+        assert_eq!(without_usage[3], chunk(json!({}), json!("length")));
+    }
+
+    #[test]
+    fn a_failure_after_the_start_is_the_last_event_before_done() {
+        let failure = CallFailure::remote(WireError::new(ErrorCode::Overloaded, "busy"));
+        let frames = frames(
+            false,
+            vec![delta("a"), CallEvent::Error(failure), delta("late")],
+        );
+        assert_eq!(
+            frames[2..],
+            [
+                json!({ "error": { "message": "busy", "type": "rate_limit_error", "param": null, "code": "overloaded" } }),
+                json!("[DONE]"),
+            ],
+            "and nothing after [DONE]"
+        );
+    }
+
+    #[test]
+    fn events_that_end_without_done_still_close_the_stream() {
+        assert_eq!(
+            frames(false, vec![delta("a")]).last(),
+            Some(&json!("[DONE]"))
+        );
+    }
+
+    #[tokio::test]
+    async fn the_frames_go_out_as_single_line_server_sent_events() {
+        let mut chunks = ChunkStream::new("chatcmpl-1".into(), "smol".into(), 7, false);
+        let mut all = vec![chunks.opening()];
+        all.extend(chunks.on_event(delta("hi\nthere")));
+        all.extend(chunks.on_event(done(FinishReason::Stop, 1, 1)));
+        let sse = Sse::new(futures::stream::iter(
+            all.iter().map(Frame::event).collect::<Vec<_>>(),
+        ));
+        let response = sse.into_response();
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let body = String::from_utf8(body.to_vec()).unwrap();
+        let events: Vec<&str> = body.split_terminator("\n\n").collect();
+        assert_eq!(events.len(), 4, "{body}");
+        assert_eq!(
+            events[1],
+            r#"data: {"choices":[{"delta":{"content":"hi\nthere"},"finish_reason":null,"index":0}],"created":7,"id":"chatcmpl-1","model":"smol","object":"chat.completion.chunk"}"#
+        );
+        assert_eq!(events[3], "data: [DONE]");
+        assert!(body.ends_with("\n\n"));
+    }
+
+    fn request(body: Value) -> ChatRequest {
+        serde_json::from_value(body).unwrap()
+    }
+
+    #[test]
+    fn a_chat_request_becomes_a_call_for_any_node() {
+        let spec = chat_spec(&request(json!({
+            "model": "smol", "messages": [{ "role": "user", "content": "hi" }],
+            "max_tokens": 10, "max_completion_tokens": 20, "stop": "END", "seed": 3,
+        })))
+        .unwrap();
+        assert_eq!((spec.target.as_str(), spec.model.as_str()), ("any", "smol"));
+        assert_eq!(spec.expect, Some(Task::Generate));
+        assert_eq!(spec.deadline_ms, 300_000);
+        assert_eq!(spec.params.max_tokens, 20, "max_completion_tokens wins");
+        assert_eq!(spec.params.temperature, 1.0, "OpenAI's default temperature");
+        assert_eq!(spec.params.stop, ["END"]);
+        assert_eq!(spec.params.seed, Some(3));
+        assert_eq!(spec.messages.len(), 1);
+        let plain = chat_spec(&request(
+            json!({ "model": "m", "messages": [{ "role": "user", "content": "x" }] }),
+        ))
+        .unwrap();
+        assert_eq!(
+            plain.params.max_tokens,
+            SamplingParams::default().max_tokens
+        );
+    }
+
+    #[test]
+    fn what_this_side_can_check_is_a_400() {
+        let message = |body: Value| {
+            let err = chat_spec(&request(body)).unwrap_err();
+            assert_eq!(err.status().as_u16(), 400);
+            err.body().error.message
+        };
+        let user = json!([{ "role": "user", "content": "x" }]);
+        assert_eq!(
+            message(json!({ "model": "m", "messages": user, "n": 2 })),
+            "only n = 1 is supported"
+        );
+        assert_eq!(
+            message(json!({ "model": "m", "messages": [] })),
+            "messages must not be empty"
+        );
+        assert!(
+            message(json!({ "model": "m", "messages": user, "temperature": 5 }))
+                .contains("temperature")
+        );
+        assert_eq!(
+            message(json!({ "model": "m", "messages": [{ "role": "tool", "content": "x" }] })),
+            r#"unsupported message role "tool""#
+        );
+    }
+
+    #[tokio::test]
+    async fn collect_reads_to_done_or_the_first_failure() {
+        let (tx, rx) = mpsc::channel(8);
+        for e in [
+            CallEvent::Started { queue_ms: 0 },
+            delta("a"),
+            delta("b"),
+            done(FinishReason::Stop, 2, 2),
+        ] {
+            tx.send(e).await.unwrap();
+        }
+        let answer = collect(rx).await.map_err(|e| e.body()).unwrap();
+        assert_eq!(
+            (answer.text.as_str(), answer.finish_reason),
+            ("ab", FinishReason::Stop)
+        );
+        assert_eq!(answer.usage.completion_tokens, 2);
+
+        let (tx, rx) = mpsc::channel(8);
+        tx.send(CallEvent::Error(CallFailure::remote(WireError::new(
+            ErrorCode::UnknownModel,
+            "none",
+        ))))
+        .await
+        .unwrap();
+        assert_eq!(collect(rx).await.err().unwrap().status().as_u16(), 404);
+
+        let (tx, rx) = mpsc::channel(8);
+        tx.send(delta("a")).await.unwrap();
+        drop(tx);
+        let err = collect(rx).await.err().unwrap();
+        assert_eq!(
+            err.status().as_u16(),
+            502,
+            "a call that just stops is the network's failure"
+        );
+    }
+}

@@ -1,34 +1,41 @@
 //! A model served by an OpenAI-compatible server this node can reach (llama.cpp's server,
 //! llama-cpp-python, Ollama, vLLM, LM Studio), offered to the mesh as if it were local.
 //!
-//! Spec: `openai+http://HOST:PORT/v1[#REMOTE_MODEL]` for chat models and
+//! Spec ([`UpstreamSpec`]): `openai+http://HOST:PORT/v1[#REMOTE_MODEL]` for chat models and
 //! `openai-embed+http://HOST:PORT/v1[#REMOTE_MODEL]` for embedding models. Without
 //! `#REMOTE_MODEL` the server's first listed model is used. The server is asked for its model
 //! list when the model loads, so a wrong address or model fails `mesh join` at once.
 //!
 //! Generation streams: the request goes out with `stream: true` and each server-sent event's
-//! delta becomes a mesh `delta` as it arrives. A call the caller abandons drops the HTTP
-//! response, which closes the connection, which is how these servers learn to stop. Only plain
-//! HTTP is spoken (no TLS): the upstream is meant to be on this machine or its LAN.
+//! delta becomes a mesh `delta` as it arrives ([`stream`]). A call the caller abandons drops
+//! the HTTP response, which closes the connection, which is how these servers learn to stop.
+//! Only plain HTTP is spoken (no TLS): the upstream is meant to be on this machine or its LAN.
+//! The JSON both ways is [`crate::openai::schema`], the gateway's own.
+//!
+//! - [`spec`]: parsing the spec, without a connection.
+//! - `http`: the HTTP client, sending, size-limited reading, the model list, statuses.
+//! - `stream`: reading a streamed answer, with its size caps.
 
-use std::time::Duration;
+mod http;
+pub mod spec;
+mod stream;
 
-use futures::StreamExt;
-use mesh_protocol::{
-    ErrorCode, FinishReason, InferRequest, Input, ModelCard, Role, Task, WireError,
-};
-use serde_json::{json, Value};
+use mesh_protocol::{FinishReason, InferRequest, Input, ModelCard, Task, WireError};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+
+pub use spec::{is_upstream, UpstreamSpec};
 
 use super::{cancelled, Completion, Engine, Output, Sink};
+use crate::openai::schema::{
+    ChatRequest, CompletionRequest, EmbeddingInput, EmbeddingsRequest, EmbeddingsResponse, Message,
+    Stop, StreamOptions, Vector,
+};
+use http::upstream_error;
 
-/// Longest server-sent event line accepted from the upstream.
-const MAX_LINE: usize = 1 << 20;
-/// Most bytes of one upstream answer (a generation's whole stream, or an embedding response).
-const MAX_BODY: usize = 64 << 20;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Silence from the upstream after which a call fails, when the call has no earlier deadline.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Outputs queued between the HTTP task and the engine's blocking thread.
+const OUTPUT_QUEUE: usize = 16;
 
 pub struct UpstreamEngine {
     card: ModelCard,
@@ -40,77 +47,41 @@ pub struct UpstreamEngine {
 #[derive(Clone)]
 struct Upstream {
     name: String,
-    base: String,
+    spec: UpstreamSpec,
     remote_model: String,
     http: reqwest::Client,
-}
-
-/// Output handed from the HTTP task to the engine's blocking thread.
-enum Piece {
-    Delta(String),
-    Vectors(Vec<Vec<f32>>),
-}
-
-type Pieces = tokio::sync::mpsc::Sender<Piece>;
-
-async fn emit(pieces: &Pieces, piece: Piece) -> Result<(), WireError> {
-    pieces.send(piece).await.map_err(|_| cancelled())
-}
-
-/// Whether `source` names an upstream server.
-pub fn is_upstream(source: &str) -> bool {
-    source.starts_with("openai+") || source.starts_with("openai-embed+")
 }
 
 impl UpstreamEngine {
     /// Connects to the upstream named by `source` and checks it serves the model.
     /// Must be called inside a multi-threaded tokio runtime.
     pub fn load(name: &str, source: &str, max_concurrency: u32) -> Result<Self, String> {
-        let (task, rest) = if let Some(rest) = source.strip_prefix("openai-embed+") {
-            (Task::Embed, rest)
-        } else if let Some(rest) = source.strip_prefix("openai+") {
-            (Task::Generate, rest)
-        } else {
-            return Err("an upstream model starts with openai+ or openai-embed+".into());
-        };
-        let (base, remote) = match rest.split_once('#') {
-            Some((base, model)) if !model.is_empty() => (base, Some(model.to_string())),
-            Some((base, _)) => (base, None),
-            None => (rest, None),
-        };
-        if !base.starts_with("http://") {
-            return Err(format!(
-                "{base:?}: only http:// upstreams are supported (the upstream is meant to be local)"
-            ));
-        }
-        let base = base.trim_end_matches('/').to_string();
-        let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .build()
-            .map_err(|e| format!("cannot set up an HTTP client: {e}"))?;
+        let spec = UpstreamSpec::parse(source)?;
+        let http = http::client()?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             "an upstream model must be loaded inside the node's runtime".to_string()
         })?;
         let listed = {
-            let (http, url) = (http.clone(), format!("{base}/models"));
-            tokio::task::block_in_place(|| runtime.block_on(list_models(&http, &url)))?
+            let (http, url) = (http.clone(), spec.url("models"));
+            tokio::task::block_in_place(|| runtime.block_on(http::list_models(&http, &url)))?
         };
-        let remote_model = match remote {
-            Some(model) if listed.contains(&model) => model,
+        let remote_model = match &spec.remote_model {
+            Some(model) if listed.contains(model) => model.clone(),
             Some(model) => {
                 return Err(format!(
-                    "{base} does not serve {model:?}; it serves: {}",
+                    "{} does not serve {model:?}; it serves: {}",
+                    spec.base,
                     listed.join(", ")
                 ))
             }
             None => listed
                 .first()
                 .cloned()
-                .ok_or_else(|| format!("{base}/models lists no model"))?,
+                .ok_or_else(|| format!("{} lists no model", spec.url("models")))?,
         };
         let card = ModelCard {
             name: name.to_string(),
-            task,
+            task: spec.task,
             architecture: "openai-upstream".into(),
             parameters: 0,
             quantization: "unknown".into(),
@@ -125,7 +96,7 @@ impl UpstreamEngine {
         Ok(UpstreamEngine {
             upstream: Upstream {
                 name: card.name.clone(),
-                base,
+                spec,
                 remote_model,
                 http,
             },
@@ -135,48 +106,48 @@ impl UpstreamEngine {
     }
 }
 
+/// The upstream request for a generation: where it goes and what it says.
+#[derive(Debug, Clone, PartialEq)]
+enum GenerateRequest {
+    /// `POST …/chat/completions`: the upstream applies its chat template.
+    Chat(ChatRequest),
+    /// `POST …/completions`: a bare prompt.
+    Completion(CompletionRequest),
+}
+
 impl Upstream {
-    fn chat_body(&self, request: &InferRequest) -> Result<(String, Value), WireError> {
+    fn generate_request(&self, request: &InferRequest) -> Result<GenerateRequest, WireError> {
         let p = &request.params;
-        let mut body = json!({
-            "model": self.remote_model,
-            "max_tokens": p.max_tokens,
-            "temperature": p.temperature,
-            "stream": true,
-            "stream_options": { "include_usage": true },
+        let stop = (!p.stop.is_empty()).then(|| Stop::Many(p.stop.clone()));
+        let stream_options = Some(StreamOptions {
+            include_usage: true,
         });
-        if let Some(top_p) = p.top_p {
-            body["top_p"] = json!(top_p);
-        }
-        if let Some(top_k) = p.top_k {
-            body["top_k"] = json!(top_k);
-        }
-        if let Some(seed) = p.seed {
-            body["seed"] = json!(seed);
-        }
-        if !p.stop.is_empty() {
-            body["stop"] = json!(p.stop);
-        }
         match &request.input {
-            Input::Chat { messages } => {
-                let messages: Vec<Value> = messages
-                    .iter()
-                    .map(|m| {
-                        let role = match m.role {
-                            Role::System => "system",
-                            Role::User => "user",
-                            Role::Assistant => "assistant",
-                        };
-                        json!({ "role": role, "content": m.content })
-                    })
-                    .collect();
-                body["messages"] = json!(messages);
-                Ok((format!("{}/chat/completions", self.base), body))
-            }
-            Input::Completion { prompt } => {
-                body["prompt"] = json!(prompt);
-                Ok((format!("{}/completions", self.base), body))
-            }
+            Input::Chat { messages } => Ok(GenerateRequest::Chat(ChatRequest {
+                model: self.remote_model.clone(),
+                messages: messages.iter().map(Message::from).collect(),
+                stream: true,
+                stream_options,
+                max_tokens: Some(p.max_tokens),
+                temperature: Some(p.temperature),
+                top_p: p.top_p,
+                top_k: p.top_k,
+                seed: p.seed,
+                stop,
+                ..ChatRequest::default()
+            })),
+            Input::Completion { prompt } => Ok(GenerateRequest::Completion(CompletionRequest {
+                model: self.remote_model.clone(),
+                prompt: prompt.clone(),
+                stream: true,
+                stream_options,
+                max_tokens: Some(p.max_tokens),
+                temperature: Some(p.temperature),
+                top_p: p.top_p,
+                top_k: p.top_k,
+                seed: p.seed,
+                stop,
+            })),
             Input::Embed { .. } => Err(WireError::bad_request(format!(
                 "model {:?} generates text and cannot embed",
                 self.name
@@ -187,130 +158,74 @@ impl Upstream {
     async fn generate(
         &self,
         request: &InferRequest,
-        pieces: &Pieces,
+        out: &mpsc::Sender<Output>,
         cancel: &CancellationToken,
     ) -> Result<Completion, WireError> {
-        let (url, body) = self.chat_body(request)?;
-        let response = send(&self.http, &url, &body, cancel).await?;
-        let mut bytes = response.bytes_stream();
-        let mut line = Vec::new();
-        let mut total = 0usize;
-        let mut finish = FinishReason::Stop;
-        let mut usage: Option<(u32, u32)> = None;
-        let mut deltas = 0u32;
-        loop {
-            let chunk = tokio::select! {
-                _ = cancel.cancelled() => return Err(cancelled()),
-                next = tokio::time::timeout(IDLE_TIMEOUT, bytes.next()) => match next {
-                    Err(_) => return Err(upstream_error(format!("no data for {IDLE_TIMEOUT:?}"))),
-                    Ok(None) => break,
-                    Ok(Some(Err(e))) => return Err(upstream_error(format!("stream broke: {e}"))),
-                    Ok(Some(Ok(chunk))) => chunk,
-                },
-            };
-            total += chunk.len();
-            if total > MAX_BODY {
-                return Err(upstream_error(format!("answer exceeds {MAX_BODY} bytes")));
+        let response = match self.generate_request(request)? {
+            GenerateRequest::Chat(body) => {
+                let url = self.spec.url("chat/completions");
+                http::send(&self.http, &url, &body, cancel).await?
             }
-            for &byte in chunk.iter() {
-                if byte != b'\n' {
-                    if line.len() >= MAX_LINE {
-                        return Err(upstream_error(format!(
-                            "event line exceeds {MAX_LINE} bytes"
-                        )));
-                    }
-                    line.push(byte);
-                    continue;
-                }
-                let text = String::from_utf8_lossy(&line).trim().to_string();
-                line.clear();
-                let Some(data) = text.strip_prefix("data:") else {
-                    continue;
-                };
-                let data = data.trim();
-                if data == "[DONE]" {
-                    return Ok(completion(finish, usage, deltas));
-                }
-                let event: Value = serde_json::from_str(data)
-                    .map_err(|e| upstream_error(format!("bad event {data:?}: {e}")))?;
-                if let Some(err) = event.get("error") {
-                    return Err(upstream_error(format!("{err}")));
-                }
-                if let Some(u) = event.get("usage").filter(|u| !u.is_null()) {
-                    let count = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0) as u32;
-                    usage = Some((count("prompt_tokens"), count("completion_tokens")));
-                }
-                let Some(choice) = event["choices"].get(0) else {
-                    continue;
-                };
-                let text = choice["delta"]["content"]
-                    .as_str()
-                    .or_else(|| choice["text"].as_str())
-                    .unwrap_or("");
-                if !text.is_empty() {
-                    deltas += 1;
-                    emit(pieces, Piece::Delta(text.to_string())).await?;
-                }
-                match choice["finish_reason"].as_str() {
-                    Some("length") => finish = FinishReason::Length,
-                    Some(_) => finish = FinishReason::Stop,
-                    None => {}
-                }
+            GenerateRequest::Completion(body) => {
+                let url = self.spec.url("completions");
+                http::send(&self.http, &url, &body, cancel).await?
             }
-        }
-        Ok(completion(finish, usage, deltas))
+        };
+        stream::read_answer(response.bytes_stream(), stream::LIMITS, out, cancel).await
     }
 
     async fn embed(
         &self,
         texts: &[String],
-        pieces: &Pieces,
+        out: &mpsc::Sender<Output>,
         cancel: &CancellationToken,
     ) -> Result<Completion, WireError> {
-        let body = json!({ "model": self.remote_model, "input": texts });
-        let url = format!("{}/embeddings", self.base);
-        let response = send(&self.http, &url, &body, cancel).await?;
+        let body = EmbeddingsRequest {
+            model: self.remote_model.clone(),
+            input: EmbeddingInput::Many(texts.to_vec()),
+            encoding_format: None,
+        };
+        let url = self.spec.url("embeddings");
+        let response = http::send(&self.http, &url, &body, cancel).await?;
         let answer = tokio::select! {
             _ = cancel.cancelled() => return Err(cancelled()),
-            body = read_limited(response) => body?,
+            body = http::read_limited(response) => body?,
         };
-        let value: Value = serde_json::from_slice(&answer)
-            .map_err(|e| upstream_error(format!("bad embeddings answer: {e}")))?;
-        let mut data: Vec<&Value> = value["data"]
-            .as_array()
-            .ok_or_else(|| upstream_error("embeddings answer without data".into()))?
-            .iter()
-            .collect();
-        data.sort_by_key(|d| d["index"].as_u64().unwrap_or(0));
-        let vectors: Vec<Vec<f32>> = data
-            .iter()
-            .map(|d| {
-                d["embedding"]
-                    .as_array()
-                    .map(|v| {
-                        v.iter()
-                            .filter_map(Value::as_f64)
-                            .map(|x| x as f32)
-                            .collect()
-                    })
-                    .ok_or_else(|| upstream_error("an embedding is not a list of numbers".into()))
-            })
-            .collect::<Result<_, _>>()?;
-        if vectors.len() != texts.len() {
-            return Err(upstream_error(format!(
-                "{} texts sent, {} vectors returned",
-                texts.len(),
-                vectors.len()
-            )));
-        }
-        let prompt_tokens = value["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as u32;
-        emit(pieces, Piece::Vectors(vectors)).await?;
+        let (vectors, prompt_tokens) = embeddings_answer(&answer, texts.len())?;
+        out.send(Output::Embeddings(vectors))
+            .await
+            .map_err(|_| cancelled())?;
         Ok(Completion {
             finish_reason: FinishReason::Complete,
             prompt_tokens,
             completion_tokens: 0,
         })
     }
+}
+
+/// The vectors of an embeddings answer in input order, and its prompt tokens; `expected` is
+/// how many texts were sent.
+fn embeddings_answer(body: &[u8], expected: usize) -> Result<(Vec<Vec<f32>>, u32), WireError> {
+    let mut answer: EmbeddingsResponse = serde_json::from_slice(body)
+        .map_err(|e| upstream_error(format!("bad embeddings answer: {e}")))?;
+    answer.data.sort_by_key(|d| d.index);
+    let vectors: Vec<Vec<f32>> = answer
+        .data
+        .into_iter()
+        .map(|d| match d.embedding {
+            Vector::Float(v) => Ok(v),
+            Vector::Base64(_) => Err(upstream_error(
+                "an embedding is not a list of numbers".into(),
+            )),
+        })
+        .collect::<Result<_, _>>()?;
+    if vectors.len() != expected {
+        return Err(upstream_error(format!(
+            "{expected} texts sent, {} vectors returned",
+            vectors.len()
+        )));
+    }
+    Ok((vectors, answer.usage.prompt_tokens))
 }
 
 impl Engine for UpstreamEngine {
@@ -337,20 +252,15 @@ impl Engine for UpstreamEngine {
         // The HTTP exchange runs on the runtime; this blocking thread hands its output to the
         // sink (which blocks on the caller's flow control). Dropping the task's handle on any
         // exit aborts it, which closes the upstream connection.
-        let (pieces, mut received) = tokio::sync::mpsc::channel(16);
+        let (out, mut received) = mpsc::channel(OUTPUT_QUEUE);
         let (upstream, request, cancel) = (self.upstream.clone(), request.clone(), cancel.clone());
-        let task = self.runtime.spawn(async move {
+        let task = AbortOnDropHandle::new(self.runtime.spawn(async move {
             match embed {
-                Some(texts) => upstream.embed(&texts, &pieces, &cancel).await,
-                None => upstream.generate(&request, &pieces, &cancel).await,
+                Some(texts) => upstream.embed(&texts, &out, &cancel).await,
+                None => upstream.generate(&request, &out, &cancel).await,
             }
-        });
-        let _abort = AbortOnDrop(task.abort_handle());
-        while let Some(piece) = received.blocking_recv() {
-            let output = match piece {
-                Piece::Delta(text) => Output::Delta(text),
-                Piece::Vectors(vectors) => Output::Embeddings(vectors),
-            };
+        }));
+        while let Some(output) = received.blocking_recv() {
             sink(output).map_err(|_| cancelled())?;
         }
         match self.runtime.block_on(task) {
@@ -360,126 +270,133 @@ impl Engine for UpstreamEngine {
     }
 }
 
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-fn completion(finish: FinishReason, usage: Option<(u32, u32)>, deltas: u32) -> Completion {
-    // Servers that send no usage: count the streamed deltas (one token each for llama.cpp).
-    let (prompt_tokens, completion_tokens) = usage.unwrap_or((0, deltas));
-    Completion {
-        finish_reason: finish,
-        prompt_tokens,
-        completion_tokens,
-    }
-}
-
-fn upstream_error(message: String) -> WireError {
-    WireError::new(ErrorCode::Internal, format!("upstream: {message}"))
-}
-
-async fn list_models(http: &reqwest::Client, url: &str) -> Result<Vec<String>, String> {
-    let response = tokio::time::timeout(Duration::from_secs(10), http.get(url).send())
-        .await
-        .map_err(|_| format!("{url} did not answer within 10 s"))?
-        .map_err(|e| format!("cannot reach {url}: {e}"))?;
-    if !response.status().is_success() {
-        return Err(format!("{url} answered {}", response.status()));
-    }
-    let body = read_limited(response).await.map_err(|e| e.message)?;
-    let value: Value =
-        serde_json::from_slice(&body).map_err(|e| format!("{url}: not a model list: {e}"))?;
-    Ok(value["data"]
-        .as_array()
-        .map(|models| {
-            models
-                .iter()
-                .filter_map(|m| m["id"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default())
-}
-
-/// POSTs `body`; a non-success status becomes the matching mesh error.
-async fn send(
-    http: &reqwest::Client,
-    url: &str,
-    body: &Value,
-    cancel: &CancellationToken,
-) -> Result<reqwest::Response, WireError> {
-    let response = tokio::select! {
-        _ = cancel.cancelled() => return Err(cancelled()),
-        r = tokio::time::timeout(IDLE_TIMEOUT, http.post(url).json(body).send()) => r
-            .map_err(|_| upstream_error(format!("no answer within {IDLE_TIMEOUT:?}")))?
-            .map_err(|e| upstream_error(format!("cannot reach {url}: {e}")))?,
-    };
-    let status = response.status();
-    if status.is_success() {
-        return Ok(response);
-    }
-    let detail = read_limited(response)
-        .await
-        .map(|b| String::from_utf8_lossy(&b[..b.len().min(2048)]).into_owned())
-        .unwrap_or_default();
-    let code = match status.as_u16() {
-        400 | 413 | 422 => ErrorCode::BadRequest,
-        404 => ErrorCode::UnknownModel,
-        429 | 503 => ErrorCode::Overloaded,
-        _ => ErrorCode::Internal,
-    };
-    Err(WireError::new(
-        code,
-        format!("upstream answered {status}: {detail}"),
-    ))
-}
-
-async fn read_limited(response: reqwest::Response) -> Result<Vec<u8>, WireError> {
-    let mut out = Vec::new();
-    let mut bytes = response.bytes_stream();
-    while let Some(chunk) = tokio::time::timeout(IDLE_TIMEOUT, bytes.next())
-        .await
-        .map_err(|_| upstream_error(format!("no data for {IDLE_TIMEOUT:?}")))?
-    {
-        let chunk = chunk.map_err(|e| upstream_error(format!("answer broke: {e}")))?;
-        if out.len() + chunk.len() > MAX_BODY {
-            return Err(upstream_error(format!("answer exceeds {MAX_BODY} bytes")));
-        }
-        out.extend_from_slice(&chunk);
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mesh_protocol::{ChatMessage, Role, SamplingParams};
+    use serde_json::json;
+
+    fn upstream(task: Task) -> Upstream {
+        let source = match task {
+            Task::Generate => "openai+http://127.0.0.1:8080/v1#smollm2",
+            Task::Embed => "openai-embed+http://127.0.0.1:8080/v1#minilm",
+        };
+        let spec = UpstreamSpec::parse(source).unwrap();
+        Upstream {
+            name: "smol-up".into(),
+            remote_model: spec.remote_model.clone().unwrap(),
+            spec,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn request(input: Input, params: SamplingParams) -> InferRequest {
+        InferRequest {
+            model: "smol-up".into(),
+            input,
+            params,
+            deadline_ms: None,
+            token: None,
+        }
+    }
+
+    fn body(r: GenerateRequest) -> serde_json::Value {
+        match r {
+            GenerateRequest::Chat(b) => serde_json::to_value(b).unwrap(),
+            GenerateRequest::Completion(b) => serde_json::to_value(b).unwrap(),
+        }
+    }
 
     #[test]
-    fn specs_are_checked_before_any_connection() {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
+    fn a_chat_call_is_a_streamed_chat_request_upstream() {
+        let params = SamplingParams {
+            max_tokens: 24,
+            temperature: 0.5,
+            top_p: Some(0.75),
+            top_k: Some(40),
+            seed: Some(7),
+            stop: vec!["END".into()],
+        };
+        let messages = vec![
+            ChatMessage {
+                role: Role::System,
+                content: "Be brief.".into(),
+            },
+            ChatMessage {
+                role: Role::User,
+                content: "Hi".into(),
+            },
+        ];
+        let r = upstream(Task::Generate)
+            .generate_request(&request(Input::Chat { messages }, params))
             .unwrap();
-        rt.block_on(async {
-            let err = UpstreamEngine::load("m", "openai+https://example.org/v1", 1)
-                .err()
-                .unwrap();
-            assert!(err.contains("only http://"), "{err}");
-            // Nothing listens on port 9 (discard) on loopback here: a clear load error.
-            let err = UpstreamEngine::load("m", "openai+http://127.0.0.1:9/v1#x", 1)
-                .err()
-                .unwrap();
-            assert!(
-                err.contains("cannot reach http://127.0.0.1:9/v1/models"),
-                "{err}"
-            );
-        });
-        assert!(is_upstream("openai+http://127.0.0.1:8000/v1"));
-        assert!(is_upstream("openai-embed+http://127.0.0.1:8000/v1"));
-        assert!(!is_upstream("smollm2-135m-instruct"));
+        assert!(matches!(r, GenerateRequest::Chat(_)));
+        assert_eq!(
+            body(r),
+            json!({
+                "model": "smollm2",
+                "messages": [{ "role": "system", "content": "Be brief." }, { "role": "user", "content": "Hi" }],
+                "stream": true, "stream_options": { "include_usage": true },
+                "max_tokens": 24, "temperature": 0.5, "top_p": 0.75, "top_k": 40, "seed": 7,
+                "stop": ["END"],
+            })
+        );
+    }
+
+    #[test]
+    fn a_prompt_is_a_completion_request_with_only_the_set_fields() {
+        let r = upstream(Task::Generate)
+            .generate_request(&request(
+                Input::Completion {
+                    prompt: "Once".into(),
+                },
+                SamplingParams::default(),
+            ))
+            .unwrap();
+        assert!(matches!(r, GenerateRequest::Completion(_)));
+        assert_eq!(
+            body(r),
+            json!({
+                "model": "smollm2", "prompt": "Once", "stream": true,
+                "stream_options": { "include_usage": true }, "max_tokens": 256, "temperature": 0.0,
+            })
+        );
+        let err = upstream(Task::Generate)
+            .generate_request(&request(
+                Input::Embed {
+                    texts: vec!["x".into()],
+                },
+                SamplingParams::default(),
+            ))
+            .unwrap_err();
+        assert_eq!(err.code, mesh_protocol::ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn embeddings_answers_are_put_in_input_order_and_checked() {
+        // Out of order, as some servers answer a batch; with fields mesh does not read.
+        let answer = br#"{"object":"list","model":"minilm","data":[
+            {"object":"embedding","index":1,"embedding":[0.5,0.25]},
+            {"object":"embedding","index":0,"embedding":[1,-1]}],
+            "usage":{"prompt_tokens":6,"total_tokens":6}}"#;
+        let (vectors, tokens) = embeddings_answer(answer, 2).unwrap();
+        assert_eq!(vectors, [vec![1.0, -1.0], vec![0.5, 0.25]]);
+        assert_eq!(tokens, 6);
+        let err = embeddings_answer(answer, 3).unwrap_err();
+        assert_eq!(err.message, "upstream: 3 texts sent, 2 vectors returned");
+        let base64 = br#"{"data":[{"index":0,"embedding":"AACAPw=="}]}"#;
+        assert_eq!(
+            embeddings_answer(base64, 1).unwrap_err().message,
+            "upstream: an embedding is not a list of numbers"
+        );
+        let no_usage = br#"{"data":[{"embedding":[0.5]}]}"#;
+        assert_eq!(
+            embeddings_answer(no_usage, 1).unwrap(),
+            (vec![vec![0.5]], 0)
+        );
+        assert!(embeddings_answer(b"{}", 1)
+            .unwrap_err()
+            .message
+            .contains("bad embeddings answer"));
     }
 }
