@@ -6,12 +6,14 @@
 //!   them in the other direction.
 //! - [`error`]: errors in OpenAI's shape, the API key, the JSON body extractor.
 //! - `chat`: chat completions, whole and streamed.
+//! - `chunks`: the server-sent events of a streamed answer, from the call's events.
 //! - `embeddings`: embeddings, as numbers or base64.
 //!
 //! Every route makes an [`InferSpec`] for `any` node hosting the model and runs it with
 //! [`crate::dispatch::Dispatcher::dispatch`], as `mesh infer any` does.
 
 mod chat;
+mod chunks;
 mod embeddings;
 pub mod error;
 pub mod schema;
