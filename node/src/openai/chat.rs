@@ -163,6 +163,8 @@ async fn stream_chat(
     let mut chunks = ChunkStream::new(id, model, unix_now(), include_usage);
     let mut queued = VecDeque::from([chunks.opening()]);
     queued.extend(chunks.on_event(first));
+    // The body owns the receiver: a client that hangs up drops the body and the receiver with
+    // it, which cancels the call at once. Keep-alive comments hold idle connections open.
     let body = futures::stream::unfold(
         (chunks, events, queued),
         |(mut chunks, mut events, mut queued)| async move {
