@@ -4,6 +4,7 @@
 //! Bound to loopback by default: it answers anyone who can open a local socket.
 
 pub mod client;
+mod state;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,30 +15,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+pub(crate) use state::ApiState;
 
 use crate::dispatch::{CallEvent, InferSpec};
 use crate::network::{Client, PeerSummary};
 use crate::serve::Server;
-use tokio::sync::mpsc;
-
-#[derive(Clone)]
-pub(crate) struct ApiState {
-    pub(crate) client: Client,
-    pub(crate) server: Arc<Server>,
-    pub(crate) providers: Arc<crate::dispatch::ProviderCache>,
-}
-
-impl ApiState {
-    /// What a call made through the API can reach: the mesh, this node's models, the cache.
-    pub(crate) fn dispatcher(&self) -> crate::dispatch::Dispatcher {
-        crate::dispatch::Dispatcher {
-            client: self.client.clone(),
-            local: Some(self.server.clone()),
-            cache: Some(self.providers.clone()),
-        }
-    }
-}
 
 /// What `GET /v1/mesh/status` returns.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -59,26 +44,12 @@ pub async fn serve(
     api_key: Option<String>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let gateway = Router::new()
-        .route("/v1/models", get(crate::openai::models))
-        .route(
-            "/v1/chat/completions",
-            axum::routing::post(crate::openai::chat_completions),
-        )
-        .route(
-            "/v1/embeddings",
-            axum::routing::post(crate::openai::embeddings),
-        )
-        .layer(axum::middleware::from_fn_with_state(
-            api_key.map(Arc::<str>::from),
-            crate::openai::require_api_key,
-        ));
     let app = Router::new()
         .route("/v1/mesh/status", get(status))
         .route("/v1/mesh/peers", get(peers))
         .route("/v1/mesh/models", get(models))
         .route("/v1/mesh/infer", axum::routing::post(infer))
-        .merge(gateway)
+        .merge(crate::openai::router(api_key.map(Arc::from)))
         .with_state(ApiState {
             client,
             server,

@@ -1,0 +1,290 @@
+//! `POST /v1/chat/completions`: a chat request becomes a mesh call for any node hosting the
+//! model; its events become one whole answer ([`collect`]) or, with `stream: true`,
+//! server-sent `chat.completion.chunk` events ending with `data: [DONE]` (mapped by
+//! [`ChunkStream`]).
+//!
+//! A streamed answer is one task: the call's event receiver is mapped straight into the
+//! response body. A client that hangs up drops the body, which drops the receiver, which
+//! cancels the call on the serving node.
+
+use std::collections::VecDeque;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use mesh_protocol::{ErrorCode, FinishReason, Role, SamplingParams, Task, Usage as MeshUsage};
+use tokio::sync::mpsc;
+
+use super::chunks::ChunkStream;
+use super::error::{OpenAiError, OpenAiJson};
+use super::schema::{
+    finish_reason_name, AnswerMessage, ChatCompletion, ChatRequest, Choice, Usage,
+};
+use super::{mesh_token, spec_for_any};
+use crate::api::ApiState;
+use crate::auth::unix_now;
+use crate::dispatch::{CallEvent, CallFailure, InferSpec};
+
+pub(super) async fn chat_completions(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    OpenAiJson(req): OpenAiJson<ChatRequest>,
+) -> Result<Response, OpenAiError> {
+    let spec = chat_spec(&req)?;
+    let spec = InferSpec {
+        token: mesh_token(&headers)?,
+        ..spec
+    };
+    let id = format!("chatcmpl-{:016x}", rand::random::<u64>());
+    let events = state.dispatcher().dispatch(spec);
+    if req.stream {
+        let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        return Ok(stream_chat(id, req.model, events, include_usage).await);
+    }
+    let answer = collect(events).await?;
+    Ok(Json(ChatCompletion {
+        choices: vec![Choice {
+            finish_reason: Some(finish_reason_name(answer.finish_reason).into()),
+            index: 0,
+            message: AnswerMessage {
+                content: answer.text,
+                role: Role::Assistant,
+            },
+        }],
+        created: unix_now(),
+        id,
+        model: req.model,
+        object: "chat.completion".into(),
+        usage: Usage::from(&answer.usage),
+    })
+    .into_response())
+}
+
+/// The mesh call a chat request asks for, checked as far as this side can.
+fn chat_spec(req: &ChatRequest) -> Result<InferSpec, OpenAiError> {
+    if req.n.unwrap_or(1) != 1 {
+        return Err(OpenAiError::bad_request("only n = 1 is supported"));
+    }
+    let messages = req
+        .messages
+        .iter()
+        .map(|m| m.to_mesh().map_err(OpenAiError::bad_request))
+        .collect::<Result<Vec<_>, _>>()?;
+    if messages.is_empty() {
+        return Err(OpenAiError::bad_request("messages must not be empty"));
+    }
+    let defaults = SamplingParams::default();
+    let params = SamplingParams {
+        max_tokens: req
+            .max_completion_tokens
+            .or(req.max_tokens)
+            .unwrap_or(defaults.max_tokens),
+        // OpenAI's default, not mesh's.
+        temperature: req.temperature.unwrap_or(1.0),
+        top_p: req.top_p,
+        top_k: None,
+        seed: req.seed,
+        stop: req.stop.clone().map(|s| s.into_vec()).unwrap_or_default(),
+    };
+    params
+        .validate()
+        .map_err(|e| OpenAiError::bad_request(e.message))?;
+    Ok(InferSpec {
+        messages,
+        params,
+        ..spec_for_any(&req.model, Task::Generate)
+    })
+}
+
+/// A whole answer, for the routes that do not stream.
+pub(super) struct Answer {
+    pub(super) text: String,
+    pub(super) vectors: Vec<Vec<f32>>,
+    pub(super) finish_reason: FinishReason,
+    pub(super) usage: MeshUsage,
+}
+
+/// Reads a call's events to the end.
+pub(super) async fn collect(mut events: mpsc::Receiver<CallEvent>) -> Result<Answer, OpenAiError> {
+    let (mut text, mut vectors) = (String::new(), Vec::new());
+    while let Some(event) = events.recv().await {
+        match event {
+            CallEvent::Delta { text: t } => text.push_str(&t),
+            CallEvent::Embeddings { vectors: v } => vectors = v,
+            CallEvent::Done {
+                finish_reason,
+                usage,
+                ..
+            } => {
+                return Ok(Answer {
+                    text,
+                    vectors,
+                    finish_reason,
+                    usage,
+                })
+            }
+            CallEvent::Error(failure) => return Err(OpenAiError::from_mesh(failure)),
+            CallEvent::Connected { .. } | CallEvent::Started { .. } => {}
+        }
+    }
+    Err(OpenAiError::from_mesh(CallFailure::network(
+        ErrorCode::Internal,
+        "the call ended without an answer",
+    )))
+}
+
+/// Streams the answer as server-sent events. Errors before the first token are plain HTTP
+/// errors; after it, the stream carries an error object and ends.
+async fn stream_chat(
+    id: String,
+    model: String,
+    mut events: mpsc::Receiver<CallEvent>,
+    include_usage: bool,
+) -> Response {
+    // Wait for the call to start, so refusals get their status code.
+    let first = loop {
+        match events.recv().await {
+            Some(CallEvent::Connected { .. }) => continue,
+            Some(CallEvent::Error(failure)) => {
+                return OpenAiError::from_mesh(failure).into_response()
+            }
+            Some(other) => break other,
+            None => {
+                return OpenAiError::from_mesh(CallFailure::network(
+                    ErrorCode::Internal,
+                    "no answer",
+                ))
+                .into_response()
+            }
+        }
+    };
+    let mut chunks = ChunkStream::new(id, model, unix_now(), include_usage);
+    let mut queued = VecDeque::from([chunks.opening()]);
+    queued.extend(chunks.on_event(first));
+    // The body owns the receiver: a client that hangs up drops the body and the receiver with
+    // it, which cancels the call at once. Keep-alive comments hold idle connections open.
+    let body = futures::stream::unfold(
+        (chunks, events, queued),
+        |(mut chunks, mut events, mut queued)| async move {
+            loop {
+                if let Some(frame) = queued.pop_front() {
+                    return Some((frame.event(), (chunks, events, queued)));
+                }
+                if chunks.is_finished() {
+                    return None;
+                }
+                match events.recv().await {
+                    Some(event) => queued.extend(chunks.on_event(event)),
+                    None => queued.extend(chunks.on_end()),
+                }
+            }
+        },
+    );
+    Sse::new(body)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::chunks::tests::{delta, done};
+    use super::*;
+    use crate::dispatch::Target;
+    use mesh_protocol::WireError;
+    use serde_json::{json, Value};
+
+    fn request(body: Value) -> ChatRequest {
+        serde_json::from_value(body).unwrap()
+    }
+
+    #[test]
+    fn a_chat_request_becomes_a_call_for_any_node() {
+        let spec = chat_spec(&request(json!({
+            "model": "smol", "messages": [{ "role": "user", "content": "hi" }],
+            "max_tokens": 10, "max_completion_tokens": 20, "stop": "END", "seed": 3,
+        })))
+        .unwrap();
+        assert_eq!((spec.target, spec.model.as_str()), (Target::Any, "smol"));
+        assert_eq!(spec.expect, Some(Task::Generate));
+        assert_eq!(spec.deadline_ms, 300_000);
+        assert_eq!(spec.params.max_tokens, 20, "max_completion_tokens wins");
+        assert_eq!(spec.params.temperature, 1.0, "OpenAI's default temperature");
+        assert_eq!(spec.params.stop, ["END"]);
+        assert_eq!(spec.params.seed, Some(3));
+        assert_eq!(spec.messages.len(), 1);
+        let plain = chat_spec(&request(
+            json!({ "model": "m", "messages": [{ "role": "user", "content": "x" }] }),
+        ))
+        .unwrap();
+        assert_eq!(
+            plain.params.max_tokens,
+            SamplingParams::default().max_tokens
+        );
+    }
+
+    #[test]
+    fn what_this_side_can_check_is_a_400() {
+        let message = |body: Value| {
+            let err = chat_spec(&request(body)).unwrap_err();
+            assert_eq!(err.status().as_u16(), 400);
+            err.body().error.message
+        };
+        let user = json!([{ "role": "user", "content": "x" }]);
+        assert_eq!(
+            message(json!({ "model": "m", "messages": user, "n": 2 })),
+            "only n = 1 is supported"
+        );
+        assert_eq!(
+            message(json!({ "model": "m", "messages": [] })),
+            "messages must not be empty"
+        );
+        assert!(
+            message(json!({ "model": "m", "messages": user, "temperature": 5 }))
+                .contains("temperature")
+        );
+        assert_eq!(
+            message(json!({ "model": "m", "messages": [{ "role": "tool", "content": "x" }] })),
+            r#"unsupported message role "tool""#
+        );
+    }
+
+    #[tokio::test]
+    async fn collect_reads_to_done_or_the_first_failure() {
+        let (tx, rx) = mpsc::channel(8);
+        for e in [
+            CallEvent::Started { queue_ms: 0 },
+            delta("a"),
+            delta("b"),
+            done(FinishReason::Stop, 2, 2),
+        ] {
+            tx.send(e).await.unwrap();
+        }
+        let answer = collect(rx).await.map_err(|e| e.body()).unwrap();
+        assert_eq!(
+            (answer.text.as_str(), answer.finish_reason),
+            ("ab", FinishReason::Stop)
+        );
+        assert_eq!(answer.usage.completion_tokens, 2);
+
+        let (tx, rx) = mpsc::channel(8);
+        tx.send(CallEvent::Error(CallFailure::remote(WireError::new(
+            ErrorCode::UnknownModel,
+            "none",
+        ))))
+        .await
+        .unwrap();
+        assert_eq!(collect(rx).await.err().unwrap().status().as_u16(), 404);
+
+        let (tx, rx) = mpsc::channel(8);
+        tx.send(delta("a")).await.unwrap();
+        drop(tx);
+        let err = collect(rx).await.err().unwrap();
+        assert_eq!(
+            err.status().as_u16(),
+            502,
+            "a call that just stops is the network's failure"
+        );
+    }
+}

@@ -1,0 +1,96 @@
+//! The OpenAI-compatible gateway on the node's loopback API: `/v1/models`,
+//! `/v1/chat/completions` (plain and server-sent events) and `/v1/embeddings`, for any model
+//! on the mesh. docs/openai-compat.md lists the fields supported.
+//!
+//! - [`schema`]: OpenAI's JSON shapes, shared with [`crate::engine::upstream`], which speaks
+//!   them in the other direction.
+//! - [`error`]: errors in OpenAI's shape, the API key, the JSON body extractor.
+//! - `chat`: chat completions, whole and streamed.
+//! - `chunks`: the server-sent events of a streamed answer, from the call's events.
+//! - `embeddings`: embeddings, as numbers or base64.
+//!
+//! Every route makes an [`InferSpec`] for `any` node hosting the model and runs it with
+//! [`crate::dispatch::Dispatcher::dispatch`], as `mesh infer any` does.
+
+mod chat;
+mod chunks;
+mod embeddings;
+pub mod error;
+pub mod schema;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use mesh_protocol::{SamplingParams, SignedToken, Task};
+
+pub use error::OpenAiError;
+use schema::{ModelList, ModelObject};
+
+use crate::api::ApiState;
+use crate::dispatch::{InferSpec, Target};
+
+/// Deadline of a gateway call (the OpenAI API has no per-request deadline field).
+const GATEWAY_DEADLINE: Duration = Duration::from_secs(300);
+
+/// The gateway's routes, behind `Authorization: Bearer <api_key>` when a key is set.
+pub(crate) fn router(api_key: Option<Arc<str>>) -> Router<ApiState> {
+    Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/embeddings", post(embeddings::embeddings))
+        .layer(axum::middleware::from_fn_with_state(
+            api_key,
+            error::require_api_key,
+        ))
+}
+
+/// `GET /v1/models`: this node's models and those in the catalogs of the peers it knows.
+async fn models(State(state): State<ApiState>) -> Json<ModelList> {
+    let data = crate::directory::list(&state.client, Some(&state.server))
+        .await
+        .into_iter()
+        .map(|l| ModelObject {
+            created: 0,
+            id: l.model,
+            object: "model".into(),
+            owned_by: l.peer_id,
+        })
+        .collect();
+    Json(ModelList {
+        data,
+        object: "list".into(),
+    })
+}
+
+/// A call of `task` on `model`, on any node that hosts it, with the gateway's deadline.
+fn spec_for_any(model: &str, task: Task) -> InferSpec {
+    InferSpec {
+        target: Target::Any,
+        model: model.to_string(),
+        prompts: Vec::new(),
+        system: None,
+        messages: Vec::new(),
+        expect: Some(task),
+        params: SamplingParams::default(),
+        deadline_ms: GATEWAY_DEADLINE.as_millis() as u64,
+        token: None,
+    }
+}
+
+/// The capability token a client sends in `X-Mesh-Token` (`mtk1.…`), presented on its behalf.
+/// Gateway calls run with this node's identity, so the token must name this node's peer id.
+fn mesh_token(headers: &HeaderMap) -> Result<Option<SignedToken>, OpenAiError> {
+    let Some(value) = headers.get("x-mesh-token") else {
+        return Ok(None);
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| OpenAiError::bad_request("X-Mesh-Token must be text (mtk1.…)"))?;
+    SignedToken::from_text(text.trim())
+        .map(Some)
+        .map_err(|e| OpenAiError::bad_request(format!("capability token: {e}")))
+}
