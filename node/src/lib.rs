@@ -13,6 +13,7 @@
 //! - [`api`]: the HTTP API on loopback, and ([`api::client`]) the typed client the CLI uses.
 //! - [`client_node`]: a short-lived node for one command.
 //! - [`openai`]: the OpenAI-compatible gateway on the API.
+//! - [`openai_schema`]: OpenAI's JSON shapes, shared by the gateway and the upstream engine.
 //! - [`dispatch`]: choosing a node for a model and running a call end to end, with failover.
 //! - [`directory`]: the models this node can see on the mesh, and who hosts them.
 
@@ -29,6 +30,7 @@ pub mod models;
 pub mod network;
 pub mod node;
 pub mod openai;
+pub mod openai_schema;
 pub mod serve;
 pub mod wire;
 

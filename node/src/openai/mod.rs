@@ -16,7 +16,7 @@ mod chat;
 mod chunks;
 mod embeddings;
 pub mod error;
-pub mod schema;
+pub use crate::openai_schema as schema;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -10,7 +10,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::cancelled;
-use crate::openai::schema::ModelList;
+use crate::openai_schema::ModelList;
 
 /// Most bytes of one upstream answer (a generation's whole stream, or an embedding response).
 pub(super) const MAX_BODY: usize = 64 << 20;

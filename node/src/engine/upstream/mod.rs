@@ -10,7 +10,7 @@
 //! delta becomes a mesh `delta` as it arrives ([`stream`]). A call the caller abandons drops
 //! the HTTP response, which closes the connection, which is how these servers learn to stop.
 //! Only plain HTTP is spoken (no TLS): the upstream is meant to be on this machine or its LAN.
-//! The JSON both ways is [`crate::openai::schema`], the gateway's own.
+//! The JSON both ways is [`crate::openai_schema`], the gateway's own.
 //!
 //! - [`spec`]: parsing the spec, without a connection.
 //! - `http`: the HTTP client, sending, size-limited reading, the model list, statuses.
@@ -28,7 +28,7 @@ use tokio_util::task::AbortOnDropHandle;
 pub use spec::{is_upstream, UpstreamSpec};
 
 use super::{cancelled, Completion, Engine, Output, Sink};
-use crate::openai::schema::{
+use crate::openai_schema::{
     ChatRequest, CompletionRequest, EmbeddingInput, EmbeddingsRequest, EmbeddingsResponse, Message,
     Stop, StreamOptions, Vector,
 };

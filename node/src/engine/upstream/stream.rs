@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::http::{upstream_error, IDLE_TIMEOUT, MAX_BODY};
 use crate::engine::{cancelled, Completion, Output};
-use crate::openai::schema::{finish_reason_from, StreamEvent};
+use crate::openai_schema::{finish_reason_from, StreamEvent};
 
 /// Longest server-sent event line accepted from the upstream.
 const MAX_LINE: usize = 1 << 20;

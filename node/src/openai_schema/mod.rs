@@ -1,6 +1,7 @@
 //! OpenAI's JSON shapes, typed, for both directions: the gateway ([`crate::openai`]) reads
 //! requests and writes answers in them, and [`crate::engine::upstream`] writes requests and
-//! reads answers in them from an OpenAI-compatible server.
+//! reads answers in them from an OpenAI-compatible server. It is a module of its own, beside
+//! both, so that an engine never depends on the HTTP gateway.
 //!
 //! Only what mesh uses is typed. Requests accept unknown fields (ignored, as OpenAI's clients
 //! send many), and fields an answer may lack default, so a server that sends less still parses.
