@@ -4,7 +4,7 @@
 //! Bound to loopback by default: it answers anyone who can open a local socket.
 
 pub mod client;
-mod state;
+pub(crate) mod state;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -23,7 +23,7 @@ use super::schema::{
     finish_reason_name, AnswerMessage, ChatCompletion, ChatRequest, Choice, Usage,
 };
 use super::{mesh_token, spec_for_any};
-use crate::api::ApiState;
+use crate::api::state::ApiState;
 use crate::auth::unix_now;
 use crate::dispatch::{CallEvent, CallFailure, InferSpec};
 

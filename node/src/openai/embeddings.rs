@@ -10,7 +10,7 @@ use super::chat::collect;
 use super::error::{OpenAiError, OpenAiJson};
 use super::schema::{Embedding, EmbeddingsRequest, EmbeddingsResponse, EmbeddingsUsage, Vector};
 use super::{mesh_token, spec_for_any};
-use crate::api::ApiState;
+use crate::api::state::ApiState;
 use crate::dispatch::InferSpec;
 
 /// How the vectors of an answer are written.

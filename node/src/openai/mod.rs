@@ -30,7 +30,7 @@ use mesh_protocol::{SamplingParams, SignedToken, Task};
 pub use error::OpenAiError;
 use schema::{ModelList, ModelObject};
 
-use crate::api::ApiState;
+use crate::api::state::ApiState;
 use crate::dispatch::{InferSpec, Target};
 
 /// Deadline of a gateway call (the OpenAI API has no per-request deadline field).
