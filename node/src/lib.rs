@@ -32,6 +32,8 @@ pub mod node;
 pub mod openai;
 pub mod openai_schema;
 pub mod serve;
+#[cfg(test)]
+mod test_support;
 pub mod wire;
 
 pub use home::Home;

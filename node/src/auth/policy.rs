@@ -205,11 +205,7 @@ impl AccessConfig {
 mod tests {
     use super::*;
 
-    fn peer() -> PeerId {
-        libp2p::identity::Keypair::generate_ed25519()
-            .public()
-            .to_peer_id()
-    }
+    use crate::test_support::random_peer as peer;
 
     #[test]
     fn flags_go_on_top_of_the_file() {

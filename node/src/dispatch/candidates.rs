@@ -116,27 +116,12 @@ pub(crate) mod tests {
     use super::*;
     use mesh_protocol::Task;
 
-    pub(crate) fn peer() -> PeerId {
-        libp2p::identity::Keypair::generate_ed25519()
-            .public()
-            .to_peer_id()
-    }
+    pub(crate) use crate::test_support::random_peer as peer;
 
     pub(crate) fn candidate(peer: PeerId, load: u32) -> Candidate {
         Candidate {
             peer,
-            card: ModelCard {
-                name: "m".into(),
-                task: Task::Generate,
-                architecture: "test".into(),
-                parameters: 0,
-                quantization: "none".into(),
-                context_length: 64,
-                embedding_dims: None,
-                sha256: String::new(),
-                license: None,
-                max_concurrency: 1,
-            },
+            card: crate::test_support::card("m", Task::Generate),
             load,
         }
     }

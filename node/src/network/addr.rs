@@ -59,11 +59,7 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn peer() -> PeerId {
-        libp2p::identity::Keypair::generate_ed25519()
-            .public()
-            .to_peer_id()
-    }
+    use crate::test_support::random_peer as peer;
 
     #[test]
     fn strip_p2p_keeps_everything_else() {

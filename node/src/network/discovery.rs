@@ -134,11 +134,7 @@ mod tests {
     use super::*;
     use tokio::sync::oneshot;
 
-    fn peer() -> PeerId {
-        libp2p::identity::Keypair::generate_ed25519()
-            .public()
-            .to_peer_id()
-    }
+    use crate::test_support::random_peer as peer;
 
     #[test]
     fn providing_announces_every_model_and_new_neighbours_are_throttled() {

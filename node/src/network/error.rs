@@ -87,11 +87,7 @@ impl From<OpenError> for NetworkError {
 mod tests {
     use super::*;
 
-    fn peer() -> PeerId {
-        libp2p::identity::Keypair::generate_ed25519()
-            .public()
-            .to_peer_id()
-    }
+    use crate::test_support::random_peer as peer;
 
     #[test]
     fn messages_people_and_tests_rely_on() {

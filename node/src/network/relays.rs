@@ -153,11 +153,7 @@ impl Relays {
 mod tests {
     use super::*;
 
-    fn peer() -> PeerId {
-        libp2p::identity::Keypair::generate_ed25519()
-            .public()
-            .to_peer_id()
-    }
+    use crate::test_support::random_peer as peer;
 
     fn addr(s: &str) -> Multiaddr {
         s.parse().unwrap()

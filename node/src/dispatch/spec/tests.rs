@@ -3,25 +3,10 @@
 use super::*;
 use mesh_protocol::ErrorCode;
 
-fn peer() -> PeerId {
-    libp2p::identity::Keypair::generate_ed25519()
-        .public()
-        .to_peer_id()
-}
+use crate::test_support::random_peer as peer;
 
 fn card(task: Task) -> ModelCard {
-    ModelCard {
-        name: "m".into(),
-        task,
-        architecture: "test".into(),
-        parameters: 0,
-        quantization: "none".into(),
-        context_length: 64,
-        embedding_dims: None,
-        sha256: String::new(),
-        license: None,
-        max_concurrency: 1,
-    }
+    crate::test_support::card("m", task)
 }
 
 fn spec(prompts: &[&str]) -> InferSpec {

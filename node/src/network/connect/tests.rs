@@ -2,11 +2,7 @@
 
 use super::*;
 
-fn peer() -> PeerId {
-    libp2p::identity::Keypair::generate_ed25519()
-        .public()
-        .to_peer_id()
-}
+use crate::test_support::random_peer as peer;
 
 fn conn(n: usize) -> ConnectionId {
     ConnectionId::new_unchecked(n)
