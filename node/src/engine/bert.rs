@@ -166,10 +166,7 @@ impl Engine for BertEngine {
         cancel: &CancellationToken,
     ) -> Result<Completion, WireError> {
         let Input::Embed { texts } = &request.input else {
-            return Err(WireError::bad_request(format!(
-                "model {} embeds text; send embed input",
-                self.card.name
-            )));
+            return Err(super::wrong_task(&self.card));
         };
         let (vectors, tokens) = self.embed(texts, cancel)?;
         sink(Output::Embeddings(vectors)).map_err(|_| cancelled())?;

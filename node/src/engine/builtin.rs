@@ -57,14 +57,6 @@ fn card(name: &str, task: Task, architecture: &str, max_concurrency: u32) -> Mod
     }
 }
 
-fn wrong_task(card: &ModelCard) -> WireError {
-    let wants = match card.task {
-        Task::Generate => "chat or completion",
-        Task::Embed => "embed",
-    };
-    WireError::bad_request(format!("model {} takes {wants} input", card.name))
-}
-
 pub struct Echo {
     card: ModelCard,
     delay: Duration,
@@ -98,7 +90,7 @@ impl Engine for Echo {
                 .map(|m| m.content.clone())
                 .unwrap_or_default(),
             Input::Completion { prompt } => prompt.clone(),
-            Input::Embed { .. } => return Err(wrong_task(&self.card)),
+            Input::Embed { .. } => return Err(super::wrong_task(&self.card)),
         };
         let words: Vec<&str> = prompt.split_whitespace().collect();
         if words.len() as u32 > BUILTIN_CONTEXT {
@@ -175,7 +167,7 @@ impl Engine for HashEmbed {
         cancel: &CancellationToken,
     ) -> Result<Completion, WireError> {
         let Input::Embed { texts } = &request.input else {
-            return Err(wrong_task(&self.card));
+            return Err(super::wrong_task(&self.card));
         };
         if cancel.is_cancelled() {
             return Err(cancelled());

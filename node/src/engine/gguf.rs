@@ -220,10 +220,7 @@ impl GgufEngine {
                 ))),
             },
             Input::Completion { prompt } => Ok(prompt.clone()),
-            Input::Embed { .. } => Err(WireError::bad_request(format!(
-                "model {} generates text; it does not embed",
-                self.card.name
-            ))),
+            Input::Embed { .. } => Err(super::wrong_task(&self.card)),
         }
     }
 

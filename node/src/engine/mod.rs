@@ -14,7 +14,7 @@ pub mod upstream;
 
 use std::sync::Arc;
 
-use mesh_protocol::{FinishReason, InferRequest, ModelCard, WireError};
+use mesh_protocol::{FinishReason, InferRequest, ModelCard, Task, WireError};
 use tokio_util::sync::CancellationToken;
 
 /// One piece of streamed output.
@@ -61,6 +61,16 @@ pub trait Engine: Send + Sync + 'static {
 }
 
 pub type SharedEngine = Arc<dyn Engine>;
+
+/// The refusal of an input of the other kind: a prompt for an embedding model, texts to
+/// embed for a generation model. Every engine answers it the same way.
+pub fn wrong_task(card: &ModelCard) -> WireError {
+    let wants = match card.task {
+        Task::Generate => "chat or completion",
+        Task::Embed => "embed",
+    };
+    WireError::bad_request(format!("model {} takes {wants} input", card.name))
+}
 
 /// Where a model comes from, as given on the command line: `NAME=SPEC`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,4 +202,46 @@ fn load_path(name: &str, path: &std::path::Path, max_concurrency: u32) -> Result
 /// The error an engine returns when it saw `cancel` set.
 pub fn cancelled() -> WireError {
     WireError::new(mesh_protocol::ErrorCode::Internal, "cancelled")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_protocol::{ErrorCode, Input};
+
+    #[test]
+    fn every_engine_refuses_the_other_kind_of_input_alike() {
+        let refusals: Vec<WireError> = [("echo", "builtin:echo"), ("embed", "builtin:hash-embed")]
+            .into_iter()
+            .map(|(name, source)| {
+                let spec = ModelSpec {
+                    name: name.into(),
+                    source: source.into(),
+                };
+                let engine = load(&spec, std::path::Path::new("/nonexistent"), 1).unwrap();
+                let wrong = match engine.card().task {
+                    Task::Generate => Input::Embed {
+                        texts: vec!["x".into()],
+                    },
+                    Task::Embed => Input::Completion { prompt: "x".into() },
+                };
+                let request = InferRequest {
+                    model: name.into(),
+                    input: wrong,
+                    params: Default::default(),
+                    deadline_ms: None,
+                    token: None,
+                };
+                engine
+                    .run(&request, &mut |_| Ok(()), &CancellationToken::new())
+                    .unwrap_err()
+            })
+            .collect();
+        assert_eq!(refusals[0].code, ErrorCode::BadRequest);
+        assert_eq!(
+            refusals[0].message,
+            "model echo takes chat or completion input"
+        );
+        assert_eq!(refusals[1].message, "model embed takes embed input");
+    }
 }

@@ -242,10 +242,7 @@ impl Engine for UpstreamEngine {
         let embed = match (&request.input, self.card.task) {
             (Input::Embed { texts }, Task::Embed) => Some(texts.clone()),
             (Input::Embed { .. }, Task::Generate) | (_, Task::Embed) => {
-                return Err(WireError::bad_request(format!(
-                    "model {:?} is a {:?} model and cannot take this input",
-                    self.card.name, self.card.task
-                )))
+                return Err(super::wrong_task(&self.card))
             }
             _ => None,
         };

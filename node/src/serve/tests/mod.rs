@@ -159,6 +159,18 @@ impl Caller {
         (caller, far.compat())
     }
 
+    /// A call of 1,000 words on `model` (an echo with a delay), once the node said `started`:
+    /// it holds its slot for as long as the test needs.
+    pub(super) async fn running(server: &Arc<Server>, model: &str) -> Caller {
+        let mut caller = Caller::infer(server, stranger());
+        caller.send(&chat(model, &words(1000))).await;
+        assert!(matches!(
+            caller.frame().await,
+            Some(InferResponse::Started { .. })
+        ));
+        caller
+    }
+
     pub(super) async fn send(&mut self, request: &InferRequest) {
         write_frame(&mut self.wr, request, DEFAULT_MAX_FRAME_LEN)
             .await

@@ -149,12 +149,7 @@ async fn a_refused_caller_gets_unauthorized_and_runs_no_compute() {
 async fn a_caller_hanging_up_frees_the_slot_and_stops_compute() {
     // 1000 words at 20 ms each: 20 s if compute ran to the end.
     let (server, _) = server(&[("slow", "echo?delay_ms=20", 1)], ServeConfig::default());
-    let mut caller = Caller::infer(&server, stranger());
-    caller.send(&chat("slow", &words(1000))).await;
-    assert!(matches!(
-        caller.frame().await,
-        Some(InferResponse::Started { .. })
-    ));
+    let mut caller = Caller::running(&server, "slow").await;
     assert!(matches!(
         caller.frame().await,
         Some(InferResponse::Delta { .. })
@@ -204,12 +199,7 @@ async fn a_full_model_answers_overloaded_at_once() {
         ..Default::default()
     };
     let (server, _) = server(&[("slow", "echo?delay_ms=20", 1)], config);
-    let mut running = Caller::infer(&server, stranger());
-    running.send(&chat("slow", &words(1000))).await;
-    assert!(matches!(
-        running.frame().await,
-        Some(InferResponse::Started { .. })
-    ));
+    let running = Caller::running(&server, "slow").await;
     let mut queued = Caller::infer(&server, stranger());
     queued.send(&chat("slow", "queued")).await;
     wait_until("the second call is queued", || server.load() == 2).await;
@@ -238,12 +228,8 @@ async fn a_full_model_answers_overloaded_at_once() {
 #[tokio::test]
 async fn a_queued_call_gets_deadline_exceeded_if_no_slot_frees_in_time() {
     let (server, _) = server(&[("slow", "echo?delay_ms=20", 1)], ServeConfig::default());
-    let mut running = Caller::infer(&server, stranger());
-    running.send(&chat("slow", &words(1000))).await;
-    assert!(matches!(
-        running.frame().await,
-        Some(InferResponse::Started { .. })
-    ));
+    // Holds the only slot until the test ends.
+    let _running = Caller::running(&server, "slow").await;
 
     let mut request = chat("slow", "late");
     request.deadline_ms = Some(50);
