@@ -32,6 +32,6 @@ if command -v npm >/dev/null 2>&1 && command -v node >/dev/null 2>&1; then
   fi
   export MESH_TEST_NODE_MODULES="$node_dir/node_modules"
 fi
-cargo build -p mesh-cli
+cargo build -p mesh-cli -p mesh-testnet
 target/debug/mesh model fetch all
 cargo test --workspace --all-targets "$@"

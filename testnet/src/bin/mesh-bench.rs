@@ -4,6 +4,9 @@
 //!   mesh-bench generate [--tokens N] [--runs R]    SmolLM2 time to first token and tokens/s
 //!   mesh-bench embed [--seconds S]                 MiniLM embeddings/s at batch 1, 8, 32
 //!   mesh-bench gateway [--runs R] [--seconds S]    OpenAI gateway: overhead and requests/s
+//!   mesh-bench load --api URL --via gateway|mesh --model M [--calls N] [--deadline-secs S]
+//!                                                  N calls at once at a running node's API;
+//!                                                  exits 1 if one failed or hung
 //!
 //! Built in the same profile as the tests (dependencies optimised): `testnet/bench.sh` runs
 //! it side by side with the reference implementations.
@@ -22,6 +25,16 @@ fn arg(args: &[String], name: &str, default: u64) -> anyhow::Result<u64> {
             .with_context(|| format!("{name} takes a whole number")),
         None => Ok(default),
     }
+}
+
+fn text_arg<'a>(args: &'a [String], name: &str) -> anyhow::Result<&'a str> {
+    let i = args
+        .iter()
+        .position(|a| a == name)
+        .with_context(|| format!("{name} is required"))?;
+    args.get(i + 1)
+        .map(String::as_str)
+        .with_context(|| format!("{name} needs a value"))
 }
 
 fn print(kind: &str, label: &str, stats: &Stats, extra: serde_json::Value) {
@@ -118,8 +131,23 @@ async fn main() -> anyhow::Result<()> {
                 println!("{line}");
             }
         }
+        Some("load") => {
+            let api = text_arg(&args, "--api")?;
+            let via: bench::load::Via = text_arg(&args, "--via")?
+                .parse()
+                .map_err(anyhow::Error::msg)?;
+            let model = text_arg(&args, "--model")?;
+            let calls = arg(&args, "--calls", 1000)? as usize;
+            let deadline = Duration::from_secs(arg(&args, "--deadline-secs", 60)?);
+            let report = bench::load::run(api, via, model, calls, deadline).await;
+            println!("{}", report.to_json(via, model));
+            use bench::load::Outcome;
+            if report.count(Outcome::Failed) + report.count(Outcome::Hung) > 0 {
+                std::process::exit(1);
+            }
+        }
         _ => {
-            eprintln!("usage: mesh-bench network|generate|embed|gateway [options] (see the source header)");
+            eprintln!("usage: mesh-bench network|generate|embed|gateway|load [options] (see the source header)");
             std::process::exit(2);
         }
     }
