@@ -23,7 +23,7 @@ pub struct MeshBehaviour {
     pub limits: connection_limits::Behaviour,
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
-    pub kad: kad::Behaviour<kad::store::MemoryStore>,
+    pub kad: kad::Behaviour<super::provider_store::ProviderStore>,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
     pub autonat: Toggle<autonat::Behaviour>,
     pub relay_client: relay::client::Behaviour,
@@ -120,7 +120,7 @@ fn build_behaviour(
         // Provider lists for popular models exceed the 16 KiB default response.
         .set_max_packet_size(256 * 1024)
         .set_periodic_bootstrap_interval(Some(Duration::from_secs(60)));
-    let store = kad::store::MemoryStore::with_config(
+    let store = super::provider_store::ProviderStore::new(
         peer_id,
         kad::store::MemoryStoreConfig {
             max_providers_per_key: config.max_providers_per_key,

@@ -6,6 +6,8 @@
 //!   client and server, DCUtR, mesh streams, connection limits) and the swarm builder.
 //! - [`streams`]: accepting inbound mesh streams into a bounded queue, and opening outbound
 //!   ones on the best connection.
+//! - [`provider_store`]: the Kademlia store; a full provider list gives the stalest slot to a
+//!   new provider instead of ignoring it.
 //! - [`peer_table`]: the one record of open connections and their paths, shared by the
 //!   stream behaviour, the swarm task and the client.
 //! - [`connect`]: connecting to a peer by id (dial, DHT lookup, give up).
@@ -25,6 +27,7 @@ mod discovery;
 mod error;
 pub mod event_loop;
 mod peer_table;
+mod provider_store;
 mod reachability;
 pub mod relay_server;
 pub mod relays;
