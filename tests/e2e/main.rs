@@ -6,6 +6,7 @@ mod gateway;
 mod identity;
 mod models;
 mod nat;
+mod ollama;
 mod network;
 mod openai;
 mod upstream;
