@@ -2,7 +2,7 @@
 read of the raw NDJSON stream. Prints one JSON object with what it saw.
 
 Usage: python3 ollama_client_check.py HOST CHAT_MODEL EMBED_MODEL [--default-host]
-With --default-host, `version` is also asked of a client made without a host (Ollama's
+With --default-host, `list` is also asked of a client made without a host (Ollama's
 default, 127.0.0.1:11434), which the node must be serving.
 """
 import json
@@ -15,8 +15,10 @@ host, chat_model, embed_model = sys.argv[1:4]
 client = ollama.Client(host=host, timeout=120)
 out = {}
 if "--default-host" in sys.argv:
-    out["default_host_version"] = ollama.Client().version()["version"]
-out["version"] = client.version()["version"]
+    out["default_host_models"] = sorted(m.model for m in ollama.Client().list().models)
+# The Python client has no version call: read the route as Ollama tools do.
+with urllib.request.urlopen(host + "/api/version", timeout=30) as resp:
+    out["version"] = json.loads(resp.read())["version"]
 
 listed = client.list()
 out["models"] = sorted(m.model for m in listed.models)

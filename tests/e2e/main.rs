@@ -6,7 +6,7 @@ mod gateway;
 mod identity;
 mod models;
 mod nat;
-mod ollama;
 mod network;
+mod ollama;
 mod openai;
 mod upstream;

@@ -111,7 +111,10 @@ fn assert_unit_vectors_with_the_known_cosine(embed: &Value) {
 #[test]
 fn the_official_ollama_python_client_works_on_ollamas_port_for_models_elsewhere() {
     let py = python();
-    if !client_available(python_has(&py, "ollama"), "the ollama Python package is not installed") {
+    if !client_available(
+        python_has(&py, "ollama"),
+        "the ollama Python package is not installed",
+    ) {
         return;
     }
     // Ollama's own port, so that a client made without a host reaches the node.
@@ -120,13 +123,19 @@ fn the_official_ollama_python_client_works_on_ollamas_port_for_models_elsewhere(
     assert_eq!(api, "http://127.0.0.1:11434");
     let mut client = std::process::Command::new(&py);
     client
-        .args([&script("ollama_client_check.py"), &api, "smol", "minilm", "--default-host"])
+        .args([
+            &script("ollama_client_check.py"),
+            &api,
+            "smol",
+            "minilm",
+            "--default-host",
+        ])
         .env_remove("OLLAMA_HOST");
     let seen = run(client, &a, &c);
 
-    assert_eq!(seen["default_host_version"], seen["version"]);
     assert_eq!(seen["version"], "0.9.0");
     assert_eq!(seen["models"], json!(["minilm:latest", "smol:latest"]));
+    assert_eq!(seen["default_host_models"], seen["models"]);
     assert_eq!(seen["list_details"]["smol:latest"], "llama");
     assert_eq!(seen["list_details"]["minilm:latest"], "bert");
     assert_eq!(seen["ps"][1][0], "smol:latest");
@@ -134,7 +143,12 @@ fn the_official_ollama_python_client_works_on_ollamas_port_for_models_elsewhere(
     assert_eq!(seen["show"]["capabilities"], json!(["completion"]));
     assert_eq!(seen["show_tagged"], json!(["completion"]));
     assert_eq!(seen["show"]["family"], "llama");
-    assert!(seen["show"]["modelinfo"]["llama.context_length"].as_u64().unwrap() >= 2048);
+    assert!(
+        seen["show"]["modelinfo"]["llama.context_length"]
+            .as_u64()
+            .unwrap()
+            >= 2048
+    );
 
     // The greedy text is mesh's own answer, whichever way it is asked.
     let own = mesh_chat_answer(&api_of(&a), 24);
@@ -146,8 +160,18 @@ fn the_official_ollama_python_client_works_on_ollamas_port_for_models_elsewhere(
     assert_eq!(seen["generate"]["text"], own.as_str());
     assert_eq!(seen["generate_stream"], own.as_str());
     assert_eq!(
-        (&chat["role"], &chat["done"], &chat["done_reason"], &chat["model"]),
-        (&json!("assistant"), &json!(true), &json!("stop"), &json!("smol:latest"))
+        (
+            &chat["role"],
+            &chat["done"],
+            &chat["done_reason"],
+            &chat["model"]
+        ),
+        (
+            &json!("assistant"),
+            &json!(true),
+            &json!("stop"),
+            &json!("smol:latest")
+        )
     );
     assert_eq!(chat["eval_count"], 7, "{chat}");
     assert!(chat["prompt_eval_count"].as_u64().unwrap() > 5, "{chat}");
@@ -159,22 +183,38 @@ fn the_official_ollama_python_client_works_on_ollamas_port_for_models_elsewhere(
         ns("total_duration") >= ns("prompt_eval_duration") + ns("eval_duration"),
         "the whole call includes the compute: {chat}"
     );
-    assert_eq!(ns("total_duration") % 1_000_000, 0, "milliseconds in nanoseconds");
+    assert_eq!(
+        ns("total_duration") % 1_000_000,
+        0,
+        "milliseconds in nanoseconds"
+    );
     let stream = &seen["stream"];
     let done = stream["done"].as_array().unwrap();
     assert!(done.len() > 2 && done[..done.len() - 1].iter().all(|d| d == false));
     assert_eq!(done.last().unwrap(), true);
-    assert_eq!((&stream["done_reason"], &stream["eval_count"]), (&json!("stop"), &json!(7)));
+    assert_eq!(
+        (&stream["done_reason"], &stream["eval_count"]),
+        (&json!("stop"), &json!(7))
+    );
 
     let raw = &seen["generate_raw"];
-    assert_eq!(raw["text"], mesh_raw_answer(&api_of(&a), "Count: one, two,", 3).as_str());
-    assert_eq!((&raw["done_reason"], &raw["eval_count"]), (&json!("length"), &json!(3)));
+    assert_eq!(
+        raw["text"],
+        mesh_raw_answer(&api_of(&a), "Count: one, two,", 3).as_str()
+    );
+    assert_eq!(
+        (&raw["done_reason"], &raw["eval_count"]),
+        (&json!("length"), &json!(3))
+    );
 
     assert_unit_vectors_with_the_known_cosine(&seen["embed"]);
     assert_eq!(seen["embed"]["model"], "minilm:latest");
     assert!(seen["embed"]["prompt_eval_count"].as_u64().unwrap() > 0);
     assert_eq!(seen["embeddings"]["dims"], 384);
-    assert!(seen["embeddings"]["same"].as_f64().unwrap() < 1e-5, "the old route, the same vector");
+    assert!(
+        seen["embeddings"]["same"].as_f64().unwrap() < 1e-5,
+        "the old route, the same vector"
+    );
     assert_eq!(seen["ndjson"]["content_type"], "application/x-ndjson");
 
     let errors = &seen["errors"];
@@ -190,8 +230,14 @@ fn the_official_ollama_python_client_works_on_ollamas_port_for_models_elsewhere(
     ] {
         assert_eq!(errors[name]["status"], status, "{name}: {}", errors[name]);
     }
-    assert!(errors["num_ctx_too_big"]["error"].as_str().unwrap().contains("context length"));
-    assert!(errors["bad_temperature"]["error"].as_str().unwrap().contains("temperature"));
+    assert!(errors["num_ctx_too_big"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("context length"));
+    assert!(errors["bad_temperature"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("temperature"));
 }
 
 #[test]
@@ -206,7 +252,12 @@ fn the_official_ollama_javascript_client_works_for_models_elsewhere() {
     let (a, c) = models_on_a_seen_from_c("127.0.0.1:0");
     let mut client = std::process::Command::new("node");
     client
-        .args([&script("ollama_client_check.cjs"), &api_of(&c), "smol", "minilm"])
+        .args([
+            &script("ollama_client_check.cjs"),
+            &api_of(&c),
+            "smol",
+            "minilm",
+        ])
         .env("NODE_PATH", modules.unwrap());
     let seen = run(client, &a, &c);
     assert_eq!(seen["models"], json!(["minilm:latest", "smol:latest"]));
@@ -221,7 +272,10 @@ fn the_official_ollama_javascript_client_works_for_models_elsewhere() {
     assert_unit_vectors_with_the_known_cosine(&seen["embed"]);
     let errors = &seen["errors"];
     assert_eq!(errors["unknown_model"]["status"], 404, "{errors}");
-    assert_eq!(errors["unknown_model"]["class"], "ResponseError", "{errors}");
+    assert_eq!(
+        errors["unknown_model"]["class"], "ResponseError",
+        "{errors}"
+    );
     assert_eq!(errors["bad_temperature"]["status"], 400, "{errors}");
     assert_eq!(errors["embed_with_chat_model"]["status"], 400, "{errors}");
 }
@@ -240,7 +294,10 @@ fn the_official_openai_client_speaks_responses_and_completions() {
     let own = mesh_chat_answer(&api_of(&a), 24);
     let r = &seen["response"];
     assert_eq!(r["text"], own.as_str(), "{r}");
-    assert_eq!((&r["status"], &r["object"]), (&json!("completed"), &json!("response")));
+    assert_eq!(
+        (&r["status"], &r["object"]),
+        (&json!("completed"), &json!("response"))
+    );
     assert_eq!(r["usage"]["output"], 7);
     assert_eq!(
         r["usage"]["total"].as_u64(),
@@ -273,7 +330,10 @@ fn the_official_openai_client_speaks_responses_and_completions() {
     let sequence: Vec<u64> = (0..types.len() as u64).collect();
     assert_eq!(s["sequence"], json!(sequence));
     assert_eq!((&s["text"], &s["final_text"]), (&json!(own), &json!(own)));
-    assert_eq!((&s["status"], &s["output_tokens"]), (&json!("completed"), &json!(7)));
+    assert_eq!(
+        (&s["status"], &s["output_tokens"]),
+        (&json!("completed"), &json!(7))
+    );
     assert_eq!(
         seen["response_cut"],
         json!({ "status": "incomplete", "reason": "max_output_tokens" })
@@ -359,23 +419,39 @@ async fn refusals_get_ollamas_and_openais_statuses() {
 
     let (status, body) = post_found(api, "/api/chat", chat_body("locked")).await;
     assert_eq!(status, 403, "{body}");
-    assert!(body["error"].as_str().unwrap().contains("allow list"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("allow list"),
+        "{body}"
+    );
     let prompt = json!({ "model": "locked", "prompt": "hi" });
-    assert_eq!(post_found(api, "/api/generate", prompt.clone()).await.0, 403);
+    assert_eq!(
+        post_found(api, "/api/generate", prompt.clone()).await.0,
+        403
+    );
     assert_eq!(post_found(api, "/v1/completions", prompt).await.0, 403);
-    let (status, body) =
-        post_found(api, "/v1/responses", json!({ "model": "locked", "input": "hi" })).await;
+    let (status, body) = post_found(
+        api,
+        "/v1/responses",
+        json!({ "model": "locked", "input": "hi" }),
+    )
+    .await;
     assert_eq!(status, 403, "{body}");
     assert_eq!(body["error"]["type"], "permission_error");
 
     // 7 tokens at 400 ms each: longer than the provider's 1 s limit.
     let (status, body) = post_found(api, "/api/chat", chat_body("slow")).await;
     assert_eq!(status, 504, "{body}");
-    assert!(body["error"].as_str().unwrap().contains("deadline"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("deadline"),
+        "{body}"
+    );
 
     let (status, body) = post_found(api, "/api/chat", chat_body("nothing-here")).await;
     assert_eq!(status, 404);
-    assert!(body["error"].as_str().unwrap().contains("nothing-here"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("nothing-here"),
+        "{body}"
+    );
 
     // Two slots, no queue: a third call at once is refused.
     let b_api = busy.api_addr().unwrap();
@@ -392,7 +468,11 @@ async fn refusals_get_ollamas_and_openais_statuses() {
     )
     .await;
     assert_eq!(status, 429, "{body}");
-    assert_eq!(body.as_object().unwrap().len(), 1, "only Ollama's error: {body}");
+    assert_eq!(
+        body.as_object().unwrap().len(),
+        1,
+        "only Ollama's error: {body}"
+    );
     for h in held {
         let (status, body) = h.await.unwrap();
         assert_eq!(status, 200, "{body}");
@@ -422,10 +502,17 @@ async fn the_api_key_and_x_mesh_token_guard_ollamas_routes_too() {
     let c = node(&[], gateway).await;
     let api = c.api_addr().unwrap();
     let http = reqwest::Client::new();
-    let resp = http.get(format!("http://{api}/api/tags")).send().await.unwrap();
+    let resp = http
+        .get(format!("http://{api}/api/tags"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 401);
     let body: Value = resp.json().await.unwrap();
-    assert!(body["error"].as_str().unwrap().contains("API key"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("API key"),
+        "{body}"
+    );
 
     let now = unix_now();
     let token = issue(
@@ -463,7 +550,11 @@ async fn the_api_key_and_x_mesh_token_guard_ollamas_routes_too() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(last.0, 403, "{}", last.1);
-    assert!(last.1["error"].as_str().unwrap().contains("no token"), "{}", last.1);
+    assert!(
+        last.1["error"].as_str().unwrap().contains("no token"),
+        "{}",
+        last.1
+    );
     let (status, answer) = send(Some(&token)).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["response"], "echo: hi");

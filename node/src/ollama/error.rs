@@ -112,7 +112,11 @@ mod tests {
         let cases = [
             (node(ErrorCode::UnknownModel), FailureClass::NotFound, 404),
             (node(ErrorCode::BadRequest), FailureClass::BadRequest, 400),
-            (node(ErrorCode::Unauthorized), FailureClass::Unauthorized, 403),
+            (
+                node(ErrorCode::Unauthorized),
+                FailureClass::Unauthorized,
+                403,
+            ),
             (node(ErrorCode::Overloaded), FailureClass::Overloaded, 429),
             (
                 node(ErrorCode::DeadlineExceeded),
@@ -154,15 +158,19 @@ mod tests {
                 .unwrap()
         };
         let form = "application/x-www-form-urlencoded";
-        let OllamaJson(body) = OllamaJson::<Body>::from_request(request(r#"{"model":"m"}"#, form), &())
-            .await
-            .unwrap();
+        let OllamaJson(body) =
+            OllamaJson::<Body>::from_request(request(r#"{"model":"m"}"#, form), &())
+                .await
+                .unwrap();
         assert_eq!(body.model, "m");
         let err = OllamaJson::<Body>::from_request(request("{nope", "application/json"), &())
             .await
             .err()
             .unwrap();
         assert_eq!(err.status(), StatusCode::BAD_REQUEST);
-        assert!(err.body().error.starts_with("invalid request body"), "{err:?}");
+        assert!(
+            err.body().error.starts_with("invalid request body"),
+            "{err:?}"
+        );
     }
 }

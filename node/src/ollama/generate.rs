@@ -35,7 +35,14 @@ pub(super) async fn chat(
         ..chat_spec(&req)?
     };
     let num_ctx = num_ctx(req.options.as_ref());
-    answer(&state, spec, Kind::Chat, req.stream.unwrap_or(true), num_ctx).await
+    answer(
+        &state,
+        spec,
+        Kind::Chat,
+        req.stream.unwrap_or(true),
+        num_ctx,
+    )
+    .await
 }
 
 pub(super) async fn generate(
@@ -48,7 +55,14 @@ pub(super) async fn generate(
         ..generate_spec(&req)?
     };
     let num_ctx = num_ctx(req.options.as_ref());
-    answer(&state, spec, Kind::Generate, req.stream.unwrap_or(true), num_ctx).await
+    answer(
+        &state,
+        spec,
+        Kind::Generate,
+        req.stream.unwrap_or(true),
+        num_ctx,
+    )
+    .await
 }
 
 fn num_ctx(options: Option<&Options>) -> Option<i64> {
@@ -78,7 +92,9 @@ fn generate_spec(req: &GenerateRequest) -> Result<InferSpec, OllamaError> {
     refuse_unsupported(req.format.as_ref(), req.think.as_ref())?;
     let given = |v: &Option<String>| v.as_deref().is_some_and(|s| !s.is_empty());
     if given(&req.suffix) {
-        return Err(OllamaError::bad_request("suffix (fill-in-the-middle) is not supported"));
+        return Err(OllamaError::bad_request(
+            "suffix (fill-in-the-middle) is not supported",
+        ));
     }
     if given(&req.template) {
         return Err(OllamaError::bad_request(
@@ -240,7 +256,8 @@ mod tests {
         assert_eq!(s.prompts, ["hi"]);
         assert_eq!(s.system.as_deref(), Some("be brief"));
         assert_eq!(s.params.temperature, 0.8, "Ollama's default");
-        let raw = generate(json!({ "model": "smol", "prompt": "<|im_start|>", "raw": true })).unwrap();
+        let raw =
+            generate(json!({ "model": "smol", "prompt": "<|im_start|>", "raw": true })).unwrap();
         assert_eq!(raw.prompt.as_deref(), Some("<|im_start|>"));
         assert!(raw.prompts.is_empty());
         let load = generate(json!({ "model": "smol" })).unwrap();
@@ -255,12 +272,18 @@ mod tests {
             e.body().error
         };
         let user = json!([{ "role": "user", "content": "hi" }]);
-        assert!(refused(chat(json!({ "model": "m", "messages": user, "format": "json" })))
-            .contains("format"));
-        assert!(refused(chat(json!({ "model": "m", "messages": user, "think": true })))
-            .contains("think"));
-        assert!(refused(chat(json!({ "model": "m", "messages": user, "tools": [{}] })))
-            .contains("tools"));
+        assert!(refused(chat(
+            json!({ "model": "m", "messages": user, "format": "json" })
+        ))
+        .contains("format"));
+        assert!(refused(chat(
+            json!({ "model": "m", "messages": user, "think": true })
+        ))
+        .contains("think"));
+        assert!(refused(chat(
+            json!({ "model": "m", "messages": user, "tools": [{}] })
+        ))
+        .contains("tools"));
         assert!(refused(chat(
             json!({ "model": "m", "messages": [{ "role": "tool", "content": "x" }] })
         ))
@@ -273,11 +296,17 @@ mod tests {
             json!({ "model": "m", "messages": user, "options": { "temperature": 9 } })
         ))
         .contains("temperature"));
-        assert!(refused(generate(json!({ "model": "m", "prompt": "p", "context": [1, 2] })))
-            .contains("context"));
-        assert!(refused(generate(json!({ "model": "m", "prompt": "p", "suffix": "s" })))
-            .contains("suffix"));
-        assert!(refused(generate(json!({ "model": "m", "prompt": "p", "template": "t" })))
-            .contains("template"));
+        assert!(refused(generate(
+            json!({ "model": "m", "prompt": "p", "context": [1, 2] })
+        ))
+        .contains("context"));
+        assert!(refused(generate(
+            json!({ "model": "m", "prompt": "p", "suffix": "s" })
+        ))
+        .contains("suffix"));
+        assert!(refused(generate(
+            json!({ "model": "m", "prompt": "p", "template": "t" })
+        ))
+        .contains("template"));
     }
 }

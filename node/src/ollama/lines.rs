@@ -262,7 +262,10 @@ mod tests {
         assert!(out[0].get("message").is_none());
         assert_eq!(out[1], json!({ "error": "busy" }));
         let cut = lines(&mut framer(Kind::Generate), vec![delta("x")]);
-        assert!(cut[1]["error"].as_str().unwrap().contains("without an answer"));
+        assert!(cut[1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("without an answer"));
         let length = lines(
             &mut framer(Kind::Generate),
             vec![done_with(FinishReason::Length, Usage::default(), 0, 0)],

@@ -86,7 +86,9 @@ async fn lookup(state: &ApiState, model: &str, task: Task) -> Result<Vec<ModelCa
             ..crate::openai::spec_for_any(model, task)
         };
         if let Err(e) = build_request(&probe, first) {
-            return Err(OllamaError::from_mesh(CallFailure::local(e.code, e.message)));
+            return Err(OllamaError::from_mesh(CallFailure::local(
+                e.code, e.message,
+            )));
         }
     }
     Ok(cards)

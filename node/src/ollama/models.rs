@@ -16,7 +16,9 @@ use super::error::{OllamaError, OllamaJson};
 use super::lines::{now, rfc3339};
 use super::lookup;
 use super::options::{model_name, tag_name};
-use super::schema::{Details, Running, RunningList, ShowRequest, ShowResponse, Tag, TagList, Version};
+use super::schema::{
+    Details, Running, RunningList, ShowRequest, ShowResponse, Tag, TagList, Version,
+};
 use crate::api::state::ApiState;
 
 /// The Ollama API version whose routes and fields the node speaks (not mesh's version).
@@ -187,7 +189,10 @@ mod tests {
                     "parameter_size": "134.52M", "quantization_level": "Q8_0" })
         );
         assert_eq!(shown["model_info"]["llama.context_length"], 8192);
-        assert_eq!(shown["model_info"]["general.parameter_count"], 134_515_008u64);
+        assert_eq!(
+            shown["model_info"]["general.parameter_count"],
+            134_515_008u64
+        );
         assert_eq!(shown["capabilities"], json!(["completion"]));
         assert_eq!(shown["license"], "apache-2.0");
         let bert = ModelCard {

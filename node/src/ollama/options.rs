@@ -114,7 +114,10 @@ mod tests {
         let none = sampling(None).unwrap();
         assert_eq!(none.temperature, 0.8);
         assert_eq!((none.top_k, none.top_p), (Some(40), Some(0.9)));
-        assert_eq!(none.max_tokens, MAX_TOKENS_LIMIT, "no limit but the context");
+        assert_eq!(
+            none.max_tokens, MAX_TOKENS_LIMIT,
+            "no limit but the context"
+        );
         assert_eq!(none.seed, None);
         let set = sampling(Some(&options(json!({
             "temperature": 0, "top_p": 0.5, "top_k": 3, "seed": 42, "num_predict": 12,
@@ -168,7 +171,13 @@ mod tests {
             e.body().error,
             "invalid options: num_ctx 4096 is more than the model's context length 2048"
         );
-        assert!(check_num_ctx(1 << 20, &[card(0)]).is_ok(), "unknown context");
-        assert_eq!(check_num_ctx(0, &[card(8)]).unwrap_err().status().as_u16(), 400);
+        assert!(
+            check_num_ctx(1 << 20, &[card(0)]).is_ok(),
+            "unknown context"
+        );
+        assert_eq!(
+            check_num_ctx(0, &[card(8)]).unwrap_err().status().as_u16(),
+            400
+        );
     }
 }

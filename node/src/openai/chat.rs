@@ -19,11 +19,11 @@ use mesh_protocol::{ErrorCode, FinishReason, Role, SamplingParams, Task, Usage a
 use tokio::sync::mpsc;
 
 use super::chunks::ChunkStream;
-use super::stream::{first_event, frames, Framer};
 use super::error::{OpenAiError, OpenAiJson};
 use super::schema::{
     finish_reason_name, AnswerMessage, ChatCompletion, ChatRequest, Choice, Stop, Usage,
 };
+use super::stream::{first_event, frames, Framer};
 use super::{mesh_token, spec_for_any};
 use crate::api::state::ApiState;
 use crate::auth::unix_now;

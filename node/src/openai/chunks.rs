@@ -6,10 +6,10 @@ use axum::response::sse::Event;
 use mesh_protocol::{FinishReason, Role};
 
 use super::error::OpenAiError;
-use super::stream::Framer;
 use super::schema::{
     finish_reason_name, ChatCompletionChunk, ChunkChoice, Delta, ErrorBody, Usage,
 };
+use super::stream::Framer;
 use crate::dispatch::CallEvent;
 
 /// One server-sent event of a streamed answer.
@@ -80,7 +80,6 @@ impl ChunkStream {
         };
         self.choice(delta, None)
     }
-
 }
 
 /// The last event (`done` or `error`) is followed by `[DONE]`; nothing comes after that.

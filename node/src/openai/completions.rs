@@ -213,14 +213,21 @@ mod tests {
         assert_eq!(spec.prompt.as_deref(), Some("Once upon"));
         assert!(spec.messages.is_empty() && spec.prompts.is_empty());
         assert_eq!(spec.expect, Some(Task::Generate));
-        assert_eq!(spec.params.max_tokens, 16, "OpenAI's default for completions");
+        assert_eq!(
+            spec.params.max_tokens, 16,
+            "OpenAI's default for completions"
+        );
         assert_eq!(spec.params.temperature, 1.0);
         assert_eq!(spec.params.stop, ["."]);
-        let one_of_a_list =
-            completion_spec(&request(json!({ "model": "m", "prompt": ["p"], "max_tokens": 5 })))
-                .unwrap();
+        let one_of_a_list = completion_spec(&request(
+            json!({ "model": "m", "prompt": ["p"], "max_tokens": 5 }),
+        ))
+        .unwrap();
         assert_eq!(
-            (one_of_a_list.prompt.as_deref(), one_of_a_list.params.max_tokens),
+            (
+                one_of_a_list.prompt.as_deref(),
+                one_of_a_list.params.max_tokens
+            ),
             (Some("p"), 5)
         );
     }
@@ -236,9 +243,13 @@ mod tests {
         assert!(message(json!({ "model": "m", "prompt": [1, 2] })).contains("token ids"));
         assert!(message(json!({ "model": "m", "prompt": "p", "echo": true })).contains("echo"));
         assert!(message(json!({ "model": "m", "prompt": "p", "n": 3 })).contains("n = 1"));
-        assert!(message(json!({ "model": "m", "prompt": "p", "logprobs": 2 })).contains("logprobs"));
-        assert!(message(json!({ "model": "m", "prompt": "p", "temperature": 3 }))
-            .contains("temperature"));
+        assert!(
+            message(json!({ "model": "m", "prompt": "p", "logprobs": 2 })).contains("logprobs")
+        );
+        assert!(
+            message(json!({ "model": "m", "prompt": "p", "temperature": 3 }))
+                .contains("temperature")
+        );
     }
 
     fn framer(include_usage: bool) -> TextFramer {
@@ -266,7 +277,11 @@ mod tests {
     fn a_stream_is_text_chunks_a_finish_the_usage_and_done() {
         let mut f = framer(true);
         let mut out = Vec::new();
-        for e in [delta("Once"), delta(" more"), done(FinishReason::Length, 3, 2)] {
+        for e in [
+            delta("Once"),
+            delta(" more"),
+            done(FinishReason::Length, 3, 2),
+        ] {
             out.extend(f.on_event(e));
         }
         out.extend(f.on_end());

@@ -13,8 +13,8 @@ use mesh_protocol::{ErrorCode, FinishReason, Role, Usage as MeshUsage};
 
 use super::error::OpenAiError;
 use super::schema::{
-    IncompleteDetails, OutputMessage, OutputText, ResponseError, ResponseEventBody,
-    ResponseObject, ResponseStreamEvent, ResponsesUsage,
+    IncompleteDetails, OutputMessage, OutputText, ResponseError, ResponseEventBody, ResponseObject,
+    ResponseStreamEvent, ResponsesUsage,
 };
 use super::stream::Framer;
 use crate::dispatch::{CallEvent, CallFailure};
@@ -145,7 +145,7 @@ impl ResponseFramer {
     /// The events before the first delta: the response, its message and its text part begun.
     pub(super) fn opening(&mut self) -> Vec<ResponseStreamEvent> {
         let response = |s: &Self| ResponseEventBody::Response {
-            response: s.head.object("in_progress"),
+            response: Box::new(s.head.object("in_progress")),
         };
         let item = ResponseEventBody::Item {
             output_index: 0,
@@ -185,13 +185,18 @@ impl ResponseFramer {
             self.event("response.output_text.done", text_done),
             self.event(part_kind, part),
             self.event("response.output_item.done", item),
-            self.event(last, ResponseEventBody::Response { response }),
+            self.event(
+                last,
+                ResponseEventBody::Response {
+                    response: Box::new(response),
+                },
+            ),
         ]
     }
 
     fn fail(&mut self, failure: CallFailure) -> Vec<ResponseStreamEvent> {
         self.finished = true;
-        let response = self.head.failed(failure);
+        let response = Box::new(self.head.failed(failure));
         vec![self.event("response.failed", ResponseEventBody::Response { response })]
     }
 }
@@ -358,6 +363,9 @@ mod tests {
         let mut f = ResponseFramer::new(head());
         f.opening();
         let ended = f.on_end();
-        assert_eq!(ended[0].kind, "response.failed", "events that stop short fail");
+        assert_eq!(
+            ended[0].kind, "response.failed",
+            "events that stop short fail"
+        );
     }
 }

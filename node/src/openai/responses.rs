@@ -104,8 +104,10 @@ mod tests {
 
     #[test]
     fn input_and_instructions_become_the_conversation() {
-        let s = spec(json!({ "model": "smol", "input": "hi", "instructions": "be brief",
-                             "max_output_tokens": 9, "temperature": 0 }))
+        let s = spec(
+            json!({ "model": "smol", "input": "hi", "instructions": "be brief",
+                             "max_output_tokens": 9, "temperature": 0 }),
+        )
         .unwrap();
         assert_eq!(
             s.messages,
@@ -142,8 +144,10 @@ mod tests {
             assert_eq!(e.status().as_u16(), 400);
             e.body().error.message
         };
-        assert!(message(json!({ "model": "m", "input": "x", "tools": [{ "type": "web_search" }] }))
-            .contains("tools"));
+        assert!(message(
+            json!({ "model": "m", "input": "x", "tools": [{ "type": "web_search" }] })
+        )
+        .contains("tools"));
         assert!(
             message(json!({ "model": "m", "input": "x", "previous_response_id": "resp_1" }))
                 .contains("previous_response_id")
@@ -158,8 +162,10 @@ mod tests {
             message(json!({ "model": "m", "input": [] })),
             "input must not be empty"
         );
-        assert!(message(json!({ "model": "m", "input": "x", "temperature": 9 }))
-            .contains("temperature"));
+        assert!(
+            message(json!({ "model": "m", "input": "x", "temperature": 9 }))
+                .contains("temperature")
+        );
         // An empty tool list is what some clients always send.
         assert!(spec(json!({ "model": "m", "input": "x", "tools": [] })).is_ok());
     }

@@ -110,8 +110,12 @@ mod tests {
         .await
         .unwrap();
         tx.send(CallEvent::Started { queue_ms: 0 }).await.unwrap();
-        tx.send(CallEvent::Delta { text: "a".into() }).await.unwrap();
-        tx.send(CallEvent::Delta { text: "b".into() }).await.unwrap();
+        tx.send(CallEvent::Delta { text: "a".into() })
+            .await
+            .unwrap();
+        tx.send(CallEvent::Delta { text: "b".into() })
+            .await
+            .unwrap();
         drop(tx);
         let first = first_event(&mut rx).await.unwrap();
         assert_eq!(first, CallEvent::Started { queue_ms: 0 });

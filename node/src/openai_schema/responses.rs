@@ -213,7 +213,7 @@ pub struct ResponseStreamEvent {
 #[serde(untagged)]
 pub enum ResponseEventBody {
     /// `response.created`, `.in_progress`, `.completed`, `.incomplete`, `.failed`.
-    Response { response: ResponseObject },
+    Response { response: Box<ResponseObject> },
     /// `response.output_item.added`, `.done`.
     Item {
         output_index: u32,
