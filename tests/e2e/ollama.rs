@@ -564,3 +564,49 @@ async fn the_api_key_and_x_mesh_token_guard_ollamas_routes_too() {
         n.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_hanging_up_an_ndjson_stream_cancels_the_remote_generation() {
+    use futures::StreamExt;
+    // 21 tokens at 200 ms each: about 4 s if nobody stops it.
+    let a = node(
+        &[("slow", "echo?delay_ms=200")],
+        with_api(loopback_config(vec![])),
+    )
+    .await;
+    let c = node(&[], with_api(loopback_config(vec![tcp_addr(&a).await]))).await;
+    let url = format!("http://{}/api/chat", c.api_addr().unwrap());
+    let body = json!({ "model": "slow:latest",
+                       "messages": [{ "role": "user", "content": "w ".repeat(20) }] });
+    let http = reqwest::Client::new();
+    let mut response = None;
+    for _ in 0..50 {
+        let r = http.post(&url).json(&body).send().await.unwrap();
+        if r.status() == 200 {
+            response = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let response = response.expect("the node reached the model");
+    assert_eq!(response.headers()["content-type"], "application/x-ndjson");
+    let mut lines = response.bytes_stream();
+    let first = lines.next().await.expect("a first line").unwrap();
+    let first: Value = serde_json::from_slice(&first).expect("one JSON object per line");
+    assert_eq!(first["done"], false, "{first}");
+    assert_eq!(first["message"]["role"], "assistant");
+    assert_eq!(a.server().load(), 1, "the generation runs on A");
+    let hung_up = std::time::Instant::now();
+    drop(lines);
+    while a.server().load() > 0 {
+        assert!(
+            hung_up.elapsed() < Duration::from_secs(2),
+            "A still generates {:?} after the client hung up",
+            hung_up.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for n in [c, a] {
+        n.shutdown().await;
+    }
+}
