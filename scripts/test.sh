@@ -6,11 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MESH_MODELS="${MESH_MODELS:-$PWD/target/mesh-models}"
-# The official OpenAI Python client, to test the gateway with a real client.
+# The official OpenAI and Ollama Python clients, to test the gateway and the Ollama API with
+# real clients.
 venv="$PWD/target/test-venv"
-if ! "$venv/bin/python" -c 'import openai' 2>/dev/null; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check "openai==3.54.0"
+if ! "$venv/bin/python" -c 'import openai, ollama' 2>/dev/null; then
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check "openai==3.54.0" "ollama==0.6.3"
 fi
 export MESH_TEST_PYTHON="$venv/bin/python"
 # A real OpenAI-compatible server (llama-cpp-python's), to test models hosted from an upstream
@@ -23,12 +24,12 @@ if ! "$llama_venv/bin/python" -c 'import llama_cpp.server' 2>/dev/null; then
   "$llama_venv/bin/pip" install -q --disable-pip-version-check "llama-cpp-python[server]==0.3.36"
 fi
 export MESH_LLAMA_PYTHON="$llama_venv/bin/python"
-# The official OpenAI JavaScript client, to test the gateway from Node.js too.
+# The official OpenAI and Ollama JavaScript clients, to test both APIs from Node.js too.
 if command -v npm >/dev/null 2>&1 && command -v node >/dev/null 2>&1; then
   node_dir="$PWD/target/test-node"
-  if [ ! -d "$node_dir/node_modules/openai" ]; then
+  if [ ! -d "$node_dir/node_modules/openai" ] || [ ! -d "$node_dir/node_modules/ollama" ]; then
     mkdir -p "$node_dir"
-    npm install --prefix "$node_dir" --silent --no-audit --no-fund "openai@7.57.0"
+    npm install --prefix "$node_dir" --silent --no-audit --no-fund "openai@7.57.0" "ollama@0.6.4"
   fi
   export MESH_TEST_NODE_MODULES="$node_dir/node_modules"
 fi

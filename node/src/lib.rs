@@ -29,6 +29,7 @@ pub mod identity;
 pub mod models;
 pub mod network;
 pub mod node;
+pub mod ollama;
 pub mod openai;
 pub mod openai_schema;
 pub mod serve;

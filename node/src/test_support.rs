@@ -25,3 +25,29 @@ pub(crate) fn card(name: &str, task: Task) -> ModelCard {
         max_concurrency: 1,
     }
 }
+
+/// A `delta` event.
+pub(crate) fn delta(text: &str) -> crate::dispatch::CallEvent {
+    crate::dispatch::CallEvent::Delta { text: text.into() }
+}
+
+/// A `done` event with these usage and timings.
+pub(crate) fn done_with(
+    finish_reason: mesh_protocol::FinishReason,
+    usage: mesh_protocol::Usage,
+    connect_ms: u64,
+    total_ms: u64,
+) -> crate::dispatch::CallEvent {
+    crate::dispatch::CallEvent::Done {
+        peer: "12D3KooW".into(),
+        path: crate::network::Path::Direct,
+        finish_reason,
+        usage,
+        connect_ms,
+        time_to_first_byte_ms: 0,
+        total_ms,
+        receipt: None,
+        receipt_verified: false,
+        receipt_error: None,
+    }
+}

@@ -8,5 +8,6 @@ mod identity;
 mod models;
 mod nat;
 mod network;
+mod ollama;
 mod openai;
 mod upstream;

@@ -76,6 +76,12 @@ impl JoinedNode {
 
     /// Like [`JoinedNode::start`], with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> JoinedNode {
+        Self::start_on("127.0.0.1:0", args, env)
+    }
+
+    /// Like [`JoinedNode::start_with_env`], serving the API on `api` (e.g. Ollama's
+    /// `127.0.0.1:11434`).
+    pub fn start_on(api: &str, args: &[&str], env: &[(&str, &str)]) -> JoinedNode {
         use std::io::BufRead;
         let home = tempfile::tempdir().expect("tempdir");
         let log = home.path().join("stderr.log");
@@ -88,7 +94,7 @@ impl JoinedNode {
                 "/ip4/127.0.0.1/tcp/0",
                 "--no-mdns",
                 "--api",
-                "127.0.0.1:0",
+                api,
             ])
             .args(args)
             .env("RUST_LOG", "info")
@@ -186,4 +192,26 @@ pub fn models_dir() -> PathBuf {
         );
     }
     dir
+}
+
+/// Whether a client test can run: `available`, or else a skip with `why` — except in CI (the
+/// `CI` variable set), where a missing client is a failure, never a silent skip.
+pub fn client_available(available: bool, why: &str) -> bool {
+    if available {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must run this client check, but {why}"
+    );
+    eprintln!("SKIPPED: {why} (scripts/test.sh installs it)");
+    false
+}
+
+/// True when `python` can import `module`.
+pub fn python_has(python: &str, module: &str) -> bool {
+    Command::new(python)
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }

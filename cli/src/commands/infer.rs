@@ -189,6 +189,7 @@ fn build_ask(args: &InferArgs) -> anyhow::Result<InferSpec> {
         prompts,
         system: args.system.clone(),
         messages: Vec::new(),
+        prompt: None,
         expect: None,
         params,
         deadline_ms: args.timeout.saturating_mul(1000),

@@ -1,5 +1,5 @@
 //! The node's HTTP API on loopback: status and peers for `mesh peers` and friends, and the
-//! OpenAI-compatible gateway ([`crate::openai`]).
+//! OpenAI-compatible gateway ([`crate::openai`]) and Ollama's API ([`crate::ollama`]).
 //!
 //! Bound to loopback by default: it answers anyone who can open a local socket.
 
@@ -49,7 +49,8 @@ pub async fn serve(
         .route("/v1/mesh/peers", get(peers))
         .route("/v1/mesh/models", get(models))
         .route("/v1/mesh/infer", axum::routing::post(infer))
-        .merge(crate::openai::router(api_key.map(Arc::from)))
+        .merge(crate::openai::router(api_key.clone().map(Arc::from)))
+        .merge(crate::ollama::router(api_key.map(Arc::from)))
         .with_state(ApiState {
             client,
             server,

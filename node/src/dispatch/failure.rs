@@ -48,6 +48,23 @@ pub enum FailureClass {
     Internal,
 }
 
+impl FailureClass {
+    /// The HTTP status of this failure, the one mapping every HTTP front end answers with
+    /// (OpenAI's API in [`crate::openai`], Ollama's in [`crate::ollama`]).
+    pub fn http_status(self) -> axum::http::StatusCode {
+        use axum::http::StatusCode;
+        match self {
+            FailureClass::NotFound => StatusCode::NOT_FOUND,
+            FailureClass::BadRequest => StatusCode::BAD_REQUEST,
+            FailureClass::Unauthorized => StatusCode::FORBIDDEN,
+            FailureClass::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+            FailureClass::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            FailureClass::Network => StatusCode::BAD_GATEWAY,
+            FailureClass::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
 impl CallFailure {
     /// A failure a node reported.
     pub fn remote(error: WireError) -> CallFailure {

@@ -156,6 +156,7 @@ mod tests {
             prompts: prompts.iter().map(|p| p.to_string()).collect(),
             system: None,
             messages: Vec::new(),
+            prompt: None,
             expect: None,
             params: Default::default(),
             deadline_ms: 5_000,

@@ -87,6 +87,11 @@ pub struct InferSpec {
     /// A whole conversation for a generation model (used instead of `system` + `prompts`).
     #[serde(default)]
     pub messages: Vec<ChatMessage>,
+    /// A raw prompt for a generation model, fed without its chat template (used instead of
+    /// `messages`, `system` and `prompts`). Absent from the JSON when unset, so specs without
+    /// it read and write as they always did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
     /// The kind of model the asker can use; another kind is a bad request.
     #[serde(default)]
     pub expect: Option<Task>,
@@ -186,6 +191,9 @@ pub fn build_request(spec: &InferSpec, card: &ModelCard) -> Result<InferRequest,
     let input = match card.task {
         Task::Embed => Input::Embed {
             texts: spec.prompts.clone(),
+        },
+        Task::Generate if spec.prompt.is_some() => Input::Completion {
+            prompt: spec.prompt.clone().unwrap_or_default(),
         },
         Task::Generate if !spec.messages.is_empty() => Input::Chat {
             messages: spec.messages.clone(),

@@ -14,14 +14,16 @@ use axum::http::HeaderMap;
 use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use futures::StreamExt;
 use mesh_protocol::{ErrorCode, FinishReason, Role, SamplingParams, Task, Usage as MeshUsage};
 use tokio::sync::mpsc;
 
 use super::chunks::ChunkStream;
 use super::error::{OpenAiError, OpenAiJson};
 use super::schema::{
-    finish_reason_name, AnswerMessage, ChatCompletion, ChatRequest, Choice, Usage,
+    finish_reason_name, AnswerMessage, ChatCompletion, ChatRequest, Choice, Stop, Usage,
 };
+use super::stream::{first_event, frames, Framer};
 use super::{mesh_token, spec_for_any};
 use crate::api::state::ApiState;
 use crate::auth::unix_now;
@@ -75,22 +77,14 @@ fn chat_spec(req: &ChatRequest) -> Result<InferSpec, OpenAiError> {
     if messages.is_empty() {
         return Err(OpenAiError::bad_request("messages must not be empty"));
     }
-    let defaults = SamplingParams::default();
-    let params = SamplingParams {
-        max_tokens: req
-            .max_completion_tokens
-            .or(req.max_tokens)
-            .unwrap_or(defaults.max_tokens),
-        // OpenAI's default, not mesh's.
-        temperature: req.temperature.unwrap_or(1.0),
-        top_p: req.top_p,
-        top_k: None,
-        seed: req.seed,
-        stop: req.stop.clone().map(|s| s.into_vec()).unwrap_or_default(),
-    };
-    params
-        .validate()
-        .map_err(|e| OpenAiError::bad_request(e.message))?;
+    let params = sampling(
+        req.max_completion_tokens.or(req.max_tokens),
+        SamplingParams::default().max_tokens,
+        req.temperature,
+        req.top_p,
+        req.seed,
+        req.stop.clone(),
+    )?;
     Ok(InferSpec {
         messages,
         params,
@@ -98,16 +92,52 @@ fn chat_spec(req: &ChatRequest) -> Result<InferSpec, OpenAiError> {
     })
 }
 
-/// A whole answer, for the routes that do not stream.
-pub(super) struct Answer {
-    pub(super) text: String,
-    pub(super) vectors: Vec<Vec<f32>>,
-    pub(super) finish_reason: FinishReason,
-    pub(super) usage: MeshUsage,
+/// Sampling parameters from OpenAI's fields (the same in chat, completions and responses),
+/// with OpenAI's defaults where absent, checked.
+pub(super) fn sampling(
+    max_tokens: Option<u32>,
+    default_max_tokens: u32,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    seed: Option<u64>,
+    stop: Option<Stop>,
+) -> Result<SamplingParams, OpenAiError> {
+    let params = SamplingParams {
+        max_tokens: max_tokens.unwrap_or(default_max_tokens),
+        // OpenAI's default, not mesh's.
+        temperature: temperature.unwrap_or(1.0),
+        top_p,
+        top_k: None,
+        seed,
+        stop: stop.map(Stop::into_vec).unwrap_or_default(),
+    };
+    params
+        .validate()
+        .map_err(|e| OpenAiError::bad_request(e.message))?;
+    Ok(params)
+}
+
+/// A whole answer, for the routes that do not stream (of every API the node speaks).
+pub(crate) struct Answer {
+    pub(crate) text: String,
+    pub(crate) vectors: Vec<Vec<f32>>,
+    pub(crate) finish_reason: FinishReason,
+    /// Tokens and the serving node's compute times.
+    pub(crate) usage: MeshUsage,
+    /// Milliseconds until the serving node was reached, and for the whole call, on this side.
+    pub(crate) connect_ms: u64,
+    pub(crate) total_ms: u64,
+}
+
+/// Reads a call's events to the end, as OpenAI's error when it failed.
+pub(super) async fn collect(events: mpsc::Receiver<CallEvent>) -> Result<Answer, OpenAiError> {
+    collect_answer(events).await.map_err(OpenAiError::from_mesh)
 }
 
 /// Reads a call's events to the end.
-pub(super) async fn collect(mut events: mpsc::Receiver<CallEvent>) -> Result<Answer, OpenAiError> {
+pub(crate) async fn collect_answer(
+    mut events: mpsc::Receiver<CallEvent>,
+) -> Result<Answer, CallFailure> {
     let (mut text, mut vectors) = (String::new(), Vec::new());
     while let Some(event) = events.recv().await {
         match event {
@@ -116,6 +146,8 @@ pub(super) async fn collect(mut events: mpsc::Receiver<CallEvent>) -> Result<Ans
             CallEvent::Done {
                 finish_reason,
                 usage,
+                connect_ms,
+                total_ms,
                 ..
             } => {
                 return Ok(Answer {
@@ -123,16 +155,18 @@ pub(super) async fn collect(mut events: mpsc::Receiver<CallEvent>) -> Result<Ans
                     vectors,
                     finish_reason,
                     usage,
+                    connect_ms,
+                    total_ms,
                 })
             }
-            CallEvent::Error(failure) => return Err(OpenAiError::from_mesh(failure)),
+            CallEvent::Error(failure) => return Err(failure),
             CallEvent::Connected { .. } | CallEvent::Started { .. } => {}
         }
     }
-    Err(OpenAiError::from_mesh(CallFailure::network(
+    Err(CallFailure::network(
         ErrorCode::Internal,
         "the call ended without an answer",
-    )))
+    ))
 }
 
 /// Streams the answer as server-sent events. Errors before the first token are plain HTTP
@@ -144,44 +178,15 @@ async fn stream_chat(
     include_usage: bool,
 ) -> Response {
     // Wait for the call to start, so refusals get their status code.
-    let first = loop {
-        match events.recv().await {
-            Some(CallEvent::Connected { .. }) => continue,
-            Some(CallEvent::Error(failure)) => {
-                return OpenAiError::from_mesh(failure).into_response()
-            }
-            Some(other) => break other,
-            None => {
-                return OpenAiError::from_mesh(CallFailure::network(
-                    ErrorCode::Internal,
-                    "no answer",
-                ))
-                .into_response()
-            }
-        }
+    let first = match first_event(&mut events).await {
+        Ok(first) => first,
+        Err(failure) => return OpenAiError::from_mesh(failure).into_response(),
     };
     let mut chunks = ChunkStream::new(id, model, unix_now(), include_usage);
     let mut queued = VecDeque::from([chunks.opening()]);
     queued.extend(chunks.on_event(first));
-    // The body owns the receiver: a client that hangs up drops the body and the receiver with
-    // it, which cancels the call at once. Keep-alive comments hold idle connections open.
-    let body = futures::stream::unfold(
-        (chunks, events, queued),
-        |(mut chunks, mut events, mut queued)| async move {
-            loop {
-                if let Some(frame) = queued.pop_front() {
-                    return Some((frame.event(), (chunks, events, queued)));
-                }
-                if chunks.is_finished() {
-                    return None;
-                }
-                match events.recv().await {
-                    Some(event) => queued.extend(chunks.on_event(event)),
-                    None => queued.extend(chunks.on_end()),
-                }
-            }
-        },
-    );
+    // Keep-alive comments hold idle connections open.
+    let body = frames(chunks, events, queued).map(|frame| frame.event());
     Sse::new(body)
         .keep_alive(KeepAlive::default())
         .into_response()

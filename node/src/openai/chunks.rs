@@ -9,6 +9,7 @@ use super::error::OpenAiError;
 use super::schema::{
     finish_reason_name, ChatCompletionChunk, ChunkChoice, Delta, ErrorBody, Usage,
 };
+use super::stream::Framer;
 use crate::dispatch::CallEvent;
 
 /// One server-sent event of a streamed answer.
@@ -79,10 +80,13 @@ impl ChunkStream {
         };
         self.choice(delta, None)
     }
+}
 
-    /// What one call event adds to the stream. The last (`done` or `error`) is followed by
-    /// `[DONE]`; nothing comes after that.
-    pub(super) fn on_event(&mut self, event: CallEvent) -> Vec<Frame> {
+/// The last event (`done` or `error`) is followed by `[DONE]`; nothing comes after that.
+impl Framer for ChunkStream {
+    type Frame = Frame;
+
+    fn on_event(&mut self, event: CallEvent) -> Vec<Frame> {
         if self.finished {
             return Vec::new();
         }
@@ -121,7 +125,7 @@ impl ChunkStream {
     }
 
     /// The events ended: `[DONE]`, unless it was sent already.
-    pub(super) fn on_end(&mut self) -> Vec<Frame> {
+    fn on_end(&mut self) -> Vec<Frame> {
         if std::mem::replace(&mut self.finished, true) {
             Vec::new()
         } else {
@@ -129,7 +133,7 @@ impl ChunkStream {
         }
     }
 
-    pub(super) fn is_finished(&self) -> bool {
+    fn is_finished(&self) -> bool {
         self.finished
     }
 }

@@ -43,41 +43,35 @@ impl OpenAiError {
         }
     }
 
-    /// Maps a mesh failure to an HTTP status and OpenAI error type.
+    /// Maps a mesh failure to its HTTP status ([`FailureClass::http_status`]) and OpenAI's
+    /// error type and code.
     pub(crate) fn from_mesh(failure: CallFailure) -> Self {
-        let (status, kind, code) = match failure.class() {
-            FailureClass::NotFound => (
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                "model_not_found",
-            ),
-            FailureClass::BadRequest => (
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                "bad_request",
-            ),
-            FailureClass::Unauthorized => {
-                (StatusCode::FORBIDDEN, "permission_error", "unauthorized")
-            }
-            FailureClass::Overloaded => (
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                "overloaded",
-            ),
-            FailureClass::DeadlineExceeded => (
-                StatusCode::GATEWAY_TIMEOUT,
-                "timeout_error",
-                "deadline_exceeded",
-            ),
-            FailureClass::Network => (StatusCode::BAD_GATEWAY, "api_error", "mesh_unreachable"),
-            FailureClass::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "api_error", "internal"),
+        let class = failure.class();
+        let (kind, code) = match class {
+            FailureClass::NotFound => ("invalid_request_error", "model_not_found"),
+            FailureClass::BadRequest => ("invalid_request_error", "bad_request"),
+            FailureClass::Unauthorized => ("permission_error", "unauthorized"),
+            FailureClass::Overloaded => ("rate_limit_error", "overloaded"),
+            FailureClass::DeadlineExceeded => ("timeout_error", "deadline_exceeded"),
+            FailureClass::Network => ("api_error", "mesh_unreachable"),
+            FailureClass::Internal => ("api_error", "internal"),
         };
         OpenAiError {
-            status,
+            status: class.http_status(),
             kind,
             code,
             message: failure.message,
         }
+    }
+
+    /// The error's code (`model_not_found`, `overloaded`, …), as the Responses API reports it.
+    pub(crate) fn code(&self) -> &'static str {
+        self.code
+    }
+
+    /// The error's message.
+    pub(crate) fn message(&self) -> &str {
+        &self.message
     }
 
     pub(crate) fn status(&self) -> StatusCode {
@@ -132,17 +126,23 @@ pub(crate) async fn require_api_key(
     request: Request,
     next: Next,
 ) -> Response {
-    if let Some(key) = key {
-        let given = request
-            .headers()
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(&*key) {
-            return OpenAiError::invalid_api_key().into_response();
-        }
+    if !api_key_matches(key.as_deref(), request.headers()) {
+        return OpenAiError::invalid_api_key().into_response();
     }
     next.run(request).await
+}
+
+/// True when no key is set, or the request carries it as `Authorization: Bearer <key>`: the
+/// one check of every API the node serves under its key (OpenAI's and Ollama's).
+pub(crate) fn api_key_matches(key: Option<&str>, headers: &axum::http::HeaderMap) -> bool {
+    let Some(key) = key else {
+        return true;
+    };
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    given == Some(key)
 }
 
 #[cfg(test)]

@@ -1,21 +1,29 @@
 //! The OpenAI-compatible gateway on the node's loopback API: `/v1/models`,
-//! `/v1/chat/completions` (plain and server-sent events) and `/v1/embeddings`, for any model
-//! on the mesh. docs/openai-compat.md lists the fields supported.
+//! `/v1/chat/completions`, `/v1/completions` and `/v1/responses` (each plain and as
+//! server-sent events) and `/v1/embeddings`, for any model on the mesh.
+//! docs/openai-compat.md lists the fields supported.
 //!
 //! - [`schema`]: OpenAI's JSON shapes, shared with [`crate::engine::upstream`], which speaks
 //!   them in the other direction.
 //! - [`error`]: errors in OpenAI's shape, the API key, the JSON body extractor.
 //! - `chat`: chat completions, whole and streamed.
 //! - `chunks`: the server-sent events of a streamed answer, from the call's events.
+//! - `completions`: text completions of a raw prompt, whole and streamed.
+//! - `responses` and `response_events`: the Responses API, whole and as its event sequence.
 //! - `embeddings`: embeddings, as numbers or base64.
+//! - [`stream`]: what every streamed answer shares, Ollama's too ([`crate::ollama`]).
 //!
 //! Every route makes an [`InferSpec`] for `any` node hosting the model and runs it with
 //! [`crate::dispatch::Dispatcher::dispatch`], as `mesh infer any` does.
 
-mod chat;
+pub(crate) mod chat;
 mod chunks;
+mod completions;
 mod embeddings;
 pub mod error;
+mod response_events;
+mod responses;
+pub(crate) mod stream;
 pub use crate::openai_schema as schema;
 
 use std::sync::Arc;
@@ -41,6 +49,8 @@ pub(crate) fn router(api_key: Option<Arc<str>>) -> Router<ApiState> {
     Router::new()
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/completions", post(completions::completions))
+        .route("/v1/responses", post(responses::responses))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .layer(axum::middleware::from_fn_with_state(
             api_key,
@@ -67,13 +77,14 @@ async fn models(State(state): State<ApiState>) -> Json<ModelList> {
 }
 
 /// A call of `task` on `model`, on any node that hosts it, with the gateway's deadline.
-fn spec_for_any(model: &str, task: Task) -> InferSpec {
+pub(crate) fn spec_for_any(model: &str, task: Task) -> InferSpec {
     InferSpec {
         target: Target::Any,
         model: model.to_string(),
         prompts: Vec::new(),
         system: None,
         messages: Vec::new(),
+        prompt: None,
         expect: Some(task),
         params: SamplingParams::default(),
         deadline_ms: GATEWAY_DEADLINE.as_millis() as u64,
@@ -84,13 +95,18 @@ fn spec_for_any(model: &str, task: Task) -> InferSpec {
 /// The capability token a client sends in `X-Mesh-Token` (`mtk1.…`), presented on its behalf.
 /// Gateway calls run with this node's identity, so the token must name this node's peer id.
 fn mesh_token(headers: &HeaderMap) -> Result<Option<SignedToken>, OpenAiError> {
+    mesh_token_header(headers).map_err(OpenAiError::bad_request)
+}
+
+/// The `X-Mesh-Token` header, parsed; the error is the client's (a 400 in every API).
+pub(crate) fn mesh_token_header(headers: &HeaderMap) -> Result<Option<SignedToken>, String> {
     let Some(value) = headers.get("x-mesh-token") else {
         return Ok(None);
     };
     let text = value
         .to_str()
-        .map_err(|_| OpenAiError::bad_request("X-Mesh-Token must be text (mtk1.…)"))?;
+        .map_err(|_| "X-Mesh-Token must be text (mtk1.…)".to_string())?;
     SignedToken::from_text(text.trim())
         .map(Some)
-        .map_err(|e| OpenAiError::bad_request(format!("capability token: {e}")))
+        .map_err(|e| format!("capability token: {e}"))
 }

@@ -8,6 +8,18 @@
 //! The fields of the answers the gateway writes are declared in alphabetical order: that is the
 //! order serde_json wrote them in when these bodies were `json!` maps, so clients see the same
 //! bytes.
+//!
+//! The legacy text completions are in `completions`, the Responses API in `responses`.
+
+mod completions;
+mod responses;
+
+pub use completions::{Prompt, TextChoice, TextCompletion, TextCompletionRequest};
+pub use responses::{
+    IncompleteDetails, InputItem, InputTokensDetails, OutputMessage, OutputText,
+    OutputTokensDetails, ResponseError, ResponseEventBody, ResponseObject, ResponseStreamEvent,
+    ResponsesInput, ResponsesRequest, ResponsesUsage,
+};
 
 use mesh_protocol::{ChatMessage, FinishReason, Role};
 use serde::{Deserialize, Serialize};

@@ -16,6 +16,7 @@ fn spec(prompts: &[&str]) -> InferSpec {
         prompts: prompts.iter().map(|p| p.to_string()).collect(),
         system: None,
         messages: Vec::new(),
+        prompt: None,
         expect: None,
         params: SamplingParams::default(),
         deadline_ms: 5_000,
@@ -225,4 +226,39 @@ fn requests_that_do_not_fit_are_bad_requests() {
         ..spec(&["x"])
     };
     assert!(refused(&bad_name, Task::Generate).contains("model name"));
+}
+
+#[test]
+fn a_raw_prompt_is_a_completion_without_a_template_and_absent_from_older_json() {
+    let raw = InferSpec {
+        prompt: Some("Once upon a time".into()),
+        messages: vec![message(Role::User, "ignored with a raw prompt")],
+        ..spec(&[])
+    };
+    let request = build_request(&raw, &card(Task::Generate)).unwrap();
+    assert_eq!(
+        request.input,
+        Input::Completion {
+            prompt: "Once upon a time".into()
+        }
+    );
+    let e = build_request(
+        &InferSpec {
+            prompt: Some("  ".into()),
+            ..spec(&[])
+        },
+        &card(Task::Generate),
+    )
+    .unwrap_err();
+    assert!(e.message.contains("empty"), "{e}");
+    // A spec without it writes no `prompt` key, and JSON without one reads as None.
+    let json = serde_json::to_value(spec(&["x"])).unwrap();
+    assert!(json.get("prompt").is_none(), "{json}");
+    let back: InferSpec = serde_json::from_value(json).unwrap();
+    assert_eq!(back.prompt, None);
+    let with: InferSpec = serde_json::from_value(serde_json::json!({
+        "target": "any", "model": "m", "deadline_ms": 1, "prompt": "p",
+    }))
+    .unwrap();
+    assert_eq!(with.prompt.as_deref(), Some("p"));
 }
