@@ -4,6 +4,7 @@ mod auth;
 mod cli;
 mod gateway;
 mod identity;
+mod local;
 mod models;
 mod nat;
 mod network;
