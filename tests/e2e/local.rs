@@ -60,7 +60,11 @@ fn dns_rebinding_is_refused_on_every_route_and_loopback_names_work() {
     // A POST from a page elsewhere, even one that got the right Host through rebinding.
     let host = format!("127.0.0.1:{port}");
     let infer = ROUTES[3].2;
-    for origin in ["http://evil.example", "null", "http://127.0.0.1.evil.example"] {
+    for origin in [
+        "http://evil.example",
+        "null",
+        "http://127.0.0.1.evil.example",
+    ] {
         for (method, path, body) in ROUTES.iter().filter(|r| r.0 == "POST") {
             let headers = [("host", host.as_str()), ("origin", origin)];
             let (status, answer) = raw_http(port, method, path, &headers, body);
@@ -93,7 +97,10 @@ fn an_api_off_loopback_needs_a_key_and_then_every_route_needs_it() {
     );
     assert_ne!(code, Some(0), "{err}");
     assert!(err.contains("without a key"), "{err}");
-    assert!(err.contains("--api-key"), "the fix is in the message: {err}");
+    assert!(
+        err.contains("--api-key"),
+        "the fix is in the message: {err}"
+    );
 
     let a = JoinedNode::start_on(
         "0.0.0.0:0",
@@ -114,7 +121,11 @@ fn an_api_off_loopback_needs_a_key_and_then_every_route_needs_it() {
         let (status, answer) = raw_http(port, method, path, &headers, body);
         let expected = if *path == "/nope" { 404 } else { 200 };
         // echo does not embed: the gateway answers that, past the key.
-        let expected = if path.ends_with("embeddings") { 400 } else { expected };
+        let expected = if path.ends_with("embeddings") {
+            400
+        } else {
+            expected
+        };
         assert_eq!(status, expected, "{method} {path}: {answer}");
     }
     // The CLI finds the key in node.json (private to the home's owner) and still works.
@@ -136,7 +147,11 @@ fn an_api_off_loopback_needs_a_key_and_then_every_route_needs_it() {
         "--json",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains(r#""path":"local""#), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains(r#""path":"local""#),
+        "{}",
+        stdout(&out)
+    );
     // The banner tells the truth about who can reach it.
     let a_text = a.stderr();
     assert!(a_text.contains("off loopback"), "{a_text}");
@@ -201,7 +216,10 @@ fn an_unusable_revocation_list_refuses_every_token_with_the_reason() {
             let out = call(home, token);
             let err = stderr(&out);
             assert_eq!(out.status.code(), Some(4), "{reason}: {err}");
-            assert!(err.contains("revocation list unavailable"), "{reason}: {err}");
+            assert!(
+                err.contains("revocation list unavailable"),
+                "{reason}: {err}"
+            );
             assert!(err.contains(reason), "{reason}: {err}");
         }
         // Put the good list back.
@@ -212,7 +230,12 @@ fn an_unusable_revocation_list_refuses_every_token_with_the_reason() {
         let out = call(&good_home, &good);
         assert!(out.status.success(), "{reason}, restored: {}", stderr(&out));
         let out = call(&revoked_home, &revoked);
-        assert_eq!(out.status.code(), Some(4), "still revoked: {}", stderr(&out));
+        assert_eq!(
+            out.status.code(),
+            Some(4),
+            "still revoked: {}",
+            stderr(&out)
+        );
     }
 }
 
@@ -252,7 +275,10 @@ fn pip_runs_isolated_from_the_working_directory() {
     let err = stderr(&out);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("pip exited"), "pip ran and failed: {err}");
-    assert!(!marker.exists(), "the pip.py in the working directory ran: {err}");
+    assert!(
+        !marker.exists(),
+        "the pip.py in the working directory ran: {err}"
+    );
 }
 
 /// A copy of the fetched all-MiniLM-L6-v2 in a models directory of its own.
@@ -397,7 +423,10 @@ s = HTTPServer(("127.0.0.1", 0), H); print(s.server_port, flush=True); s.serve_f
     let out = call("fail");
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(!out.status.success(), "{err}");
-    assert!(err.contains(r"\x1b[31mall good\x1b[0m\x1b]0;owned\x07"), "{err}");
+    assert!(
+        err.contains(r"\x1b[31mall good\x1b[0m\x1b]0;owned\x07"),
+        "{err}"
+    );
     assert!(!err.contains('\x1b') && !err.contains('\x07'), "{err:?}");
 
     // Deltas: escapes shown, newlines and tabs kept.
@@ -406,6 +435,9 @@ s = HTTPServer(("127.0.0.1", 0), H); print(s.server_port, flush=True); s.serve_f
     let _ = server.wait();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(text.contains("line 1\n\t\\x1b[2J\\x1b[31mred\\x0d"), "{text:?}");
+    assert!(
+        text.contains("line 1\n\t\\x1b[2J\\x1b[31mred\\x0d"),
+        "{text:?}"
+    );
     assert!(!text.contains('\x1b') && !text.contains('\r'), "{text:?}");
 }

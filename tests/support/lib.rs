@@ -265,5 +265,8 @@ pub fn join_fails(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) 
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
-    (status.code(), std::fs::read_to_string(&log).unwrap_or_default())
+    (
+        status.code(),
+        std::fs::read_to_string(&log).unwrap_or_default(),
+    )
 }

@@ -160,7 +160,10 @@ fn print_ready(node: &Node, listen: &[Multiaddr], json: bool) -> anyhow::Result<
         outln!("  listening on {addr}");
     }
     if let Some(api) = node.api_addr() {
-        outln!("  API on http://{api} ({})", api_scope(api, node.api_key_required()));
+        outln!(
+            "  API on http://{api} ({})",
+            api_scope(api, node.api_key_required())
+        );
     }
     // The address another machine is most likely to reach: not loopback, TCP first.
     let share = listen

@@ -76,7 +76,8 @@ impl LocalApi {
             .filter(|k| !k.is_empty());
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(key) = key {
-            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")).ok()?;
+            let mut value =
+                reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")).ok()?;
             value.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, value);
         }

@@ -102,7 +102,9 @@ impl Guard {
         names.join(", ")
     }
 
-    /// The checks that need only the request's head.
+    /// The checks that need only the request's head. The refusal is the response itself: it
+    /// is built only for a refused request, so its size costs nothing on the served path.
+    #[allow(clippy::result_large_err)]
     fn check(&self, request: &Request) -> Result<(), Response> {
         let headers = request.headers();
         let host = headers
@@ -207,9 +209,12 @@ async fn protect(State(guard): State<Arc<Guard>>, request: Request, next: Next) 
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         return response;
     };
-    next.run(request)
-        .await
-        .map(|body| Body::new(Held { body, _permit: permit }))
+    next.run(request).await.map(|body| {
+        Body::new(Held {
+            body,
+            _permit: permit,
+        })
+    })
 }
 
 /// A response body that holds its request's place until it ends or is dropped.
@@ -245,7 +250,11 @@ pub(crate) fn host_name(value: &str) -> Option<String> {
     let (name, port) = if value.starts_with('[') {
         let end = value.find(']')?;
         let (name, rest) = value.split_at(end + 1);
-        (name.to_string(), rest.strip_prefix(':').or(Some(rest).filter(|r| r.is_empty()))?)
+        (
+            name.to_string(),
+            rest.strip_prefix(':')
+                .or(Some(rest).filter(|r| r.is_empty()))?,
+        )
     } else {
         match value.rsplit_once(':') {
             Some((name, port)) => (name.to_string(), port),
@@ -319,7 +328,15 @@ mod tests {
         assert_eq!(host_name("[::1]:80").as_deref(), Some("[::1]"));
         assert_eq!(host_name("[::1]").as_deref(), Some("[::1]"));
         assert_eq!(host_name("127.0.0.1").as_deref(), Some("127.0.0.1"));
-        for bad in ["", "::1", "[::1]x", "[zz]", "a b", "evil.example:http", "x/y"] {
+        for bad in [
+            "",
+            "::1",
+            "[::1]x",
+            "[zz]",
+            "a b",
+            "evil.example:http",
+            "x/y",
+        ] {
             assert_eq!(host_name(bad), None, "{bad:?}");
         }
     }
@@ -371,7 +388,11 @@ mod tests {
         assert_eq!(post("null"), 403);
         assert_eq!(post("file://"), 403);
         assert_eq!(post("http://localhost/x"), 403);
-        assert_eq!(status_of(&g, "POST", &[host]), 200, "no Origin: not a browser");
+        assert_eq!(
+            status_of(&g, "POST", &[host]),
+            200,
+            "no Origin: not a browser"
+        );
         // A GET cannot change anything, and the Host check already stops rebinding.
         assert_eq!(
             status_of(&g, "GET", &[host, ("origin", "http://evil.example")]),
@@ -405,7 +426,10 @@ mod tests {
         let g = guard("127.0.0.1:7440", &[], None);
         let host = ("host", "localhost");
         let over = (MAX_REQUEST_BODY + 1).to_string();
-        assert_eq!(status_of(&g, "POST", &[host, ("content-length", &over)]), 413);
+        assert_eq!(
+            status_of(&g, "POST", &[host, ("content-length", &over)]),
+            413
+        );
         let at = MAX_REQUEST_BODY.to_string();
         assert_eq!(status_of(&g, "POST", &[host, ("content-length", &at)]), 200);
     }
@@ -441,7 +465,9 @@ mod tests {
         let shed = call().await;
         assert_eq!(shed.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(shed.headers()[header::RETRY_AFTER], "1");
-        let body = axum::body::to_bytes(shed.into_body(), 1 << 16).await.unwrap();
+        let body = axum::body::to_bytes(shed.into_body(), 1 << 16)
+            .await
+            .unwrap();
         let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(body["error"]["code"], "api_busy");
         drop(held);

@@ -69,10 +69,7 @@ pub async fn serve(
 
 /// Binds the API address, explaining the usual failure. An address off loopback needs a
 /// key: the API acts as the node's owner.
-pub async fn bind(
-    addr: SocketAddr,
-    access: &ApiAccess,
-) -> Result<tokio::net::TcpListener, String> {
+pub async fn bind(addr: SocketAddr, access: &ApiAccess) -> Result<tokio::net::TcpListener, String> {
     if !addr.ip().is_loopback() && access.key.as_deref().is_none_or(str::is_empty) {
         return Err(format!(
             "refusing to serve the API on {addr} without a key: off loopback, anyone who can              reach it would act as this node's owner. Set one with --api-key KEY (or the              MESH_API_KEY environment variable), or keep the API on loopback with --api 127.0.0.1:7440"

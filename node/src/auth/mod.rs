@@ -245,7 +245,9 @@ impl Authorizer {
         let Some(revoked) = &self.revoked else {
             return Ok(());
         };
-        let mut revoked = revoked.lock().expect("never poisoned: no panics while held");
+        let mut revoked = revoked
+            .lock()
+            .expect("never poisoned: no panics while held");
         match revoked.get() {
             Ok(ids) if ids.contains(id) => Err(Refusal::Revoked(hex::encode(id))),
             Ok(_) => Ok(()),

@@ -160,7 +160,10 @@ fn revocation_is_read_from_the_file_while_running() {
 #[test]
 fn an_unusable_revocation_list_refuses_every_token_with_its_reason() {
     let s = setup(Access::Token, vec![]);
-    assert!(s.revoked.exists(), "the list is created when the node starts");
+    assert!(
+        s.revoked.exists(),
+        "the list is created when the node starts"
+    );
     let token = token_for(&s.node, s.client, |_| {});
     let ok = |s: &Setup| s.auth.authorize(&s.client, "echo", Some(&token), NOW);
     assert!(ok(&s).is_ok());
@@ -170,7 +173,11 @@ fn an_unusable_revocation_list_refuses_every_token_with_its_reason() {
         r.to_string()
     };
     // Oversized.
-    std::fs::write(&s.revoked, vec![b'#'; watched::MAX_WATCHED_FILE as usize + 1]).unwrap();
+    std::fs::write(
+        &s.revoked,
+        vec![b'#'; watched::MAX_WATCHED_FILE as usize + 1],
+    )
+    .unwrap();
     assert!(unavailable(&s).contains("is over"));
     // Vanished.
     std::fs::remove_file(&s.revoked).unwrap();

@@ -93,7 +93,11 @@ mod tests {
         // A directory in its place cannot be read, even by root.
         std::fs::remove_file(&path).unwrap();
         std::fs::create_dir(&path).unwrap();
-        assert!(w.get().unwrap_err().contains("cannot read"), "{:?}", w.get());
+        assert!(
+            w.get().unwrap_err().contains("cannot read"),
+            "{:?}",
+            w.get()
+        );
         std::fs::remove_dir(&path).unwrap();
         std::fs::write(&path, "a\n").unwrap();
         assert_eq!(w.get(), Ok(&1));
