@@ -165,13 +165,18 @@ pub struct JoinArgs {
     #[arg(long, value_name = "MIB", default_value_t = 64)]
     pub relay_circuit_mib: u64,
 
-    /// Where to serve the HTTP API (keep it on loopback)
+    /// Where to serve the HTTP API (keep it on loopback; off loopback it needs --api-key)
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7440")]
     pub api: SocketAddr,
 
-    /// Require this key (Authorization: Bearer KEY) on the OpenAI-compatible routes
+    /// Require this key (Authorization: Bearer KEY) on every route of the API
     #[arg(long, value_name = "KEY", env = "MESH_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+
+    /// Another name the API answers to as Host, besides localhost, 127.0.0.1, [::1] and the
+    /// --api address (repeatable)
+    #[arg(long, value_name = "NAME")]
+    pub api_host: Vec<String>,
 
     /// Calls served at once per model; more wait in a bounded queue
     #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]

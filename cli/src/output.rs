@@ -90,14 +90,43 @@ pub fn failed(exit: Exit, message: impl Into<String>) -> anyhow::Error {
     .into()
 }
 
-/// Reports an error as one line on stderr and turns it into the exit code.
+/// Reports an error as one line on stderr and turns it into the exit code. The message may
+/// come from a remote node, so its control characters are escaped.
 pub fn fail(err: &anyhow::Error) -> ExitCode {
     let code = err
         .downcast_ref::<Failed>()
         .map_or(Exit::Failure, |f| f.exit);
     let text = format!("{err:#}").replace('\n', " ");
-    eprintln!("mesh: error: {text}");
+    eprintln!("mesh: error: {}", escape_controls(&text, false));
     ExitCode::from(code as u8)
+}
+
+/// Text from elsewhere (a remote card, error or answer), made safe to print on a terminal:
+/// control characters (C0, DEL, C1: escape sequences, carriage returns, bells) and the
+/// Unicode bidirectional overrides are shown escaped, as `\x1b` or `\u{202e}`, so they
+/// cannot move the cursor, recolour or retitle the terminal, or reorder what is shown.
+/// A backslash is left alone. With `layout`, newlines and tabs are kept (the text of an
+/// answer); without, they are escaped too (one field on one line). `--json` output needs
+/// none of this: JSON escapes them itself.
+pub fn escape_controls(text: &str, layout: bool) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        let kept = layout && (c == '\n' || c == '\t');
+        !kept && (c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'))
+    };
+    if !text.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if !unsafe_char(c) {
+            out.push(c);
+        } else if (c as u32) < 0x80 {
+            out.push_str(&format!("\\x{:02x}", c as u32));
+        } else {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 #[cfg(test)]
@@ -107,6 +136,32 @@ mod tests {
     fn write_to(mut w: impl std::io::Write) -> anyhow::Result<()> {
         writeln!(w, "x")?;
         Ok(())
+    }
+
+    #[test]
+    fn control_characters_are_escaped_and_text_is_left_alone() {
+        assert!(matches!(
+            escape_controls("plain ü → ok \\ \"x\"", false),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(
+            escape_controls("\x1b[31mred\x1b[0m \x1b]0;owned\x07", false),
+            "\\x1b[31mred\\x1b[0m \\x1b]0;owned\\x07"
+        );
+        assert_eq!(
+            escape_controls("a\rb\x7f\u{9b}2J", true),
+            "a\\x0db\\x7f\\u{9b}2J"
+        );
+        assert_eq!(escape_controls("abc\u{202e}def", true), "abc\\u{202e}def");
+        // An answer keeps its lines and tabs; a one-line field does not.
+        assert_eq!(
+            escape_controls("line 1\n\tline 2", true),
+            "line 1\n\tline 2"
+        );
+        assert_eq!(
+            escape_controls("line 1\n\tline 2", false),
+            "line 1\\x0a\\x09line 2"
+        );
     }
 
     #[test]

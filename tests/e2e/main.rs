@@ -5,6 +5,7 @@ mod campaigns;
 mod cli;
 mod gateway;
 mod identity;
+mod local;
 mod models;
 mod nat;
 mod network;

@@ -79,7 +79,7 @@ impl JoinedNode {
         Self::start_on("127.0.0.1:0", args, env)
     }
 
-    /// Like [`JoinedNode::start_with_env`], serving the API on `api` (e.g. Ollama's
+    /// Like [`JoinedNode::start_with_env`], serving the API on `api` (`--api`, e.g. Ollama's
     /// `127.0.0.1:11434`).
     pub fn start_on(api: &str, args: &[&str], env: &[(&str, &str)]) -> JoinedNode {
         use std::io::BufRead;
@@ -141,6 +141,12 @@ impl JoinedNode {
             .as_str()
             .expect("a listen address")
             .to_string()
+    }
+
+    /// The port of its API (from the `ready` line's `http://ADDR`).
+    pub fn api_port(&self) -> u16 {
+        let api = self.ready["api"].as_str().expect("api");
+        api.rsplit(':').next().unwrap().parse().expect("a port")
     }
 
     pub fn home_dir(&self) -> String {
@@ -214,4 +220,76 @@ pub fn python_has(python: &str, module: &str) -> bool {
         .args(["-c", &format!("import {module}")])
         .output()
         .is_ok_and(|o| o.status.success())
+}
+
+/// One HTTP/1.1 request over a fresh loopback connection to `port`, with exactly the
+/// headers given (so `Host` and `Origin` can be anything): the status and the body.
+pub fn raw_http(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut request = format!("{method} {path} HTTP/1.1\r\nconnection: close\r\n");
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() {
+        request.push_str("content-type: application/json\r\n");
+    }
+    request.push_str(&format!("content-length: {}\r\n\r\n{body}", body.len()));
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer).to_string();
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_string());
+    (status, body)
+}
+
+/// Runs `mesh join` (with `args` after `join`) expecting it to fail at startup: waits up to
+/// 60 s for it to exit and returns its exit code and stderr.
+pub fn join_fails(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("stderr.log");
+    let mut child = Command::new(mesh_bin())
+        .arg("join")
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("spawn mesh join");
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if start.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "mesh join {args:?} did not fail; stderr:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    (
+        status.code(),
+        std::fs::read_to_string(&log).unwrap_or_default(),
+    )
 }

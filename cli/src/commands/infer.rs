@@ -57,7 +57,7 @@ pub async fn run(home: Home, args: &InferArgs, json: bool) -> anyhow::Result<Exi
         }
         match event {
             CallEvent::Delta { text } if !json => {
-                out!("{text}");
+                out!("{}", output::escape_controls(&text, true));
             }
             CallEvent::Embeddings { vectors } if !json => {
                 for v in vectors {
@@ -93,7 +93,10 @@ pub async fn run(home: Home, args: &InferArgs, json: bool) -> anyhow::Result<Exi
                         format!("the answer came with a receipt that does not verify: {why}"),
                     ));
                 } else if !receipt_verified {
-                    eprintln!("mesh: warning: {why} (an older node?); the answer is unreceipted");
+                    eprintln!(
+                        "mesh: warning: {} (an older node?); the answer is unreceipted",
+                        output::escape_controls(&why, false)
+                    );
                 }
                 break;
             }

@@ -48,11 +48,12 @@ pub async fn run(home: Home, args: &JoinArgs, json: bool) -> anyhow::Result<Exit
     config.serve.access = access_config(&home, args)?;
     config.api = Some(args.api);
     config.api_key = args.api_key.clone().filter(|k| !k.is_empty());
-    if !args.api.ip().is_loopback() {
+    config.api_hosts = args.api_host.clone();
+    if !args.api.ip().is_loopback() && config.api_key.is_some() {
         tracing::warn!(
             api = %args.api,
-            "the API has no authentication: anyone who can reach {} can use this node",
-            args.api
+            "the API is reachable off loopback: anyone with the API key acts as this node's \
+             owner (its models, whatever their policy, and its peer id towards others)"
         );
     }
 
@@ -77,6 +78,7 @@ pub async fn run(home: Home, args: &JoinArgs, json: bool) -> anyhow::Result<Exit
         api: node.api_addr(),
         listen_addrs: listen.iter().map(|a| a.to_string()).collect(),
         pid: std::process::id(),
+        api_key: config_key(args),
     })?;
     // The handlers go in before `ready` is printed: whoever reads `ready` may stop us at once.
     let stop = shutdown_signal()?;
@@ -101,6 +103,20 @@ pub async fn run(home: Home, args: &JoinArgs, json: bool) -> anyhow::Result<Exit
         output::json_line(&serde_json::json!({ "event": "stopped" }))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The API key the node requires, as `node.json` records it for the local commands.
+fn config_key(args: &JoinArgs) -> Option<String> {
+    args.api_key.clone().filter(|k| !k.is_empty())
+}
+
+/// Who can reach the API, for the banner.
+fn api_scope(api: std::net::SocketAddr, key: bool) -> &'static str {
+    match (api.ip().is_loopback(), key) {
+        (true, false) => "loopback only, no key: any local user or program may use it",
+        (true, true) => "loopback only, API key required",
+        (false, _) => "REACHABLE FROM OTHER MACHINES, API key required on every route",
+    }
 }
 
 /// The access policy: `<home>/config.json`, then the flags on top.
@@ -144,7 +160,10 @@ fn print_ready(node: &Node, listen: &[Multiaddr], json: bool) -> anyhow::Result<
         outln!("  listening on {addr}");
     }
     if let Some(api) = node.api_addr() {
-        outln!("  API on http://{api} (loopback only)");
+        outln!(
+            "  API on http://{api} ({})",
+            api_scope(api, node.api_key_required())
+        );
     }
     // The address another machine is most likely to reach: not loopback, TCP first.
     let share = listen

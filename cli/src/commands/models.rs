@@ -53,10 +53,10 @@ pub async fn run(home: Home, find: &FindArgs, json: bool) -> anyhow::Result<Exit
         for Listing { card, peer_id, .. } in &rows {
             outln!(
                 "{:<28} {:<9} {:<14} {:<8} {peer_id}",
-                card.name,
+                output::escape_controls(&card.name, false),
                 format!("{:?}", card.task).to_lowercase(),
-                card.architecture,
-                card.quantization
+                output::escape_controls(&card.architecture, false),
+                output::escape_controls(&card.quantization, false)
             );
         }
     }

@@ -34,7 +34,7 @@ pub async fn run(home: Home, json: bool) -> anyhow::Result<ExitCode> {
             p.peer_id,
             p.path.as_str(),
             rtt,
-            p.addresses.first().map_or("", |a| a.as_str())
+            output::escape_controls(p.addresses.first().map_or("", |a| a.as_str()), false)
         );
     }
     Ok(ExitCode::SUCCESS)

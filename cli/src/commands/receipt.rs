@@ -68,7 +68,7 @@ pub fn run(command: &ReceiptCommand, json: bool) -> anyhow::Result<ExitCode> {
                 .iter()
                 .filter(|(k, _)| *k != "verified" && *k != "server")
             {
-                outln!("  {k}: {v}");
+                outln!("  {k}: {}", output::escape_controls(&v.to_string(), false));
             }
         }
     }

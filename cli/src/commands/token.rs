@@ -116,7 +116,11 @@ fn inspect(text: &str, json: bool) -> anyhow::Result<ExitCode> {
         outln!("id:           {}", claims.id_hex());
         outln!("issuer:       {}", peer(&claims.issuer));
         outln!("subject:      {}", peer(&claims.subject));
-        outln!("models:       {}", models_text(&claims));
+        // `mesh token show` reads tokens others made: their text is not trusted.
+        outln!(
+            "models:       {}",
+            output::escape_controls(&models_text(&claims), false)
+        );
         outln!("not before:   {} (unix)", claims.not_before);
         outln!("expires:      {} (unix), {time}", claims.expires);
         match claims.max_requests {

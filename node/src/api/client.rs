@@ -4,6 +4,9 @@
 //! The node is found through its `node.json` in the data directory and confirmed by
 //! `GET /v1/mesh/status` (a stale file may name a port another node now uses). Every request's
 //! timeout and the NDJSON decoding of `/v1/mesh/infer` live here, in one place.
+//!
+//! When the node requires an API key, every request carries it as `Authorization: Bearer`:
+//! the key recorded in `node.json` (private to the home's owner), else `$MESH_API_KEY`.
 
 use std::time::Duration;
 
@@ -30,6 +33,8 @@ const MODELS_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_EVENT_LINE: usize = 16 * 1024 * 1024;
 /// Events decoded ahead of the consumer.
 const EVENT_QUEUE: usize = 64;
+/// The API key to send when `node.json` records none (the same variable `mesh join` reads).
+pub const API_KEY_ENV: &str = "MESH_API_KEY";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiClientError {
@@ -64,8 +69,21 @@ impl LocalApi {
     pub async fn find(home: &Home) -> Option<LocalApi> {
         let info = home.read_runtime()?;
         let api = info.api?;
+        let key = info
+            .api_key
+            .clone()
+            .or_else(|| std::env::var(API_KEY_ENV).ok())
+            .filter(|k| !k.is_empty());
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(key) = key {
+            let mut value =
+                reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")).ok()?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
         let http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
+            .default_headers(headers)
             .build()
             .ok()?;
         let status: Status = http

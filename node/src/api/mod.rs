@@ -1,9 +1,12 @@
 //! The node's HTTP API on loopback: status and peers for `mesh peers` and friends, and the
 //! OpenAI-compatible gateway ([`crate::openai`]) and Ollama's API ([`crate::ollama`]).
 //!
-//! Bound to loopback by default: it answers anyone who can open a local socket.
+//! Bound to loopback by default. Every route sits behind [`guard`]: the `Host` and `Origin`
+//! checks against DNS rebinding, the API key (if any), and bounds on concurrency and body
+//! size. A call made through the API acts as the node's owner (docs/security.md).
 
 pub mod client;
+pub mod guard;
 pub(crate) mod state;
 
 use std::net::SocketAddr;
@@ -36,33 +39,43 @@ pub struct Status {
     pub network: Option<crate::network::NetworkStatus>,
 }
 
-/// Serves the API on `listener` until `shutdown` fires.
+pub use guard::ApiAccess;
+
+/// Serves the API on `listener` until `shutdown` fires, every route behind [`guard`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     client: Client,
     server: Arc<Server>,
-    api_key: Option<String>,
+    access: ApiAccess,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let guard = Arc::new(guard::Guard::new(listener.local_addr()?, &access));
     let app = Router::new()
         .route("/v1/mesh/status", get(status))
         .route("/v1/mesh/peers", get(peers))
         .route("/v1/mesh/models", get(models))
         .route("/v1/mesh/infer", axum::routing::post(infer))
-        .merge(crate::openai::router(api_key.clone().map(Arc::from)))
-        .merge(crate::ollama::router(api_key.map(Arc::from)))
+        .merge(crate::openai::router())
+        .merge(crate::ollama::router())
         .with_state(ApiState {
             client,
             server,
             providers: Default::default(),
         });
+    let app = guard::apply(app, guard);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }
 
-/// Binds the API address, explaining the usual failure.
-pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, String> {
+/// Binds the API address, explaining the usual failure. An address off loopback needs a
+/// key: the API acts as the node's owner.
+pub async fn bind(addr: SocketAddr, access: &ApiAccess) -> Result<tokio::net::TcpListener, String> {
+    if !addr.ip().is_loopback() && access.key.as_deref().is_none_or(str::is_empty) {
+        return Err(format!(
+            "refusing to serve the API on {addr} without a key: off loopback, anyone who can              reach it would act as this node's owner. Set one with --api-key KEY (or the              MESH_API_KEY environment variable), or keep the API on loopback with --api 127.0.0.1:7440"
+        ));
+    }
     tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         format!("cannot serve the API on {addr}: {e} (another node running? pick one with --api 127.0.0.1:PORT, or port 0 for any)")
     })

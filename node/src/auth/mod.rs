@@ -58,6 +58,10 @@ pub enum Refusal {
     QuotaSpent { id: String, max: u64 },
     #[error("quota unavailable: {0}")]
     QuotaUnavailable(String),
+    #[error(
+        "revocation list unavailable: {0}; calls with tokens are refused until the node's owner fixes it"
+    )]
+    RevocationUnavailable(String),
 }
 
 impl Refusal {
@@ -76,6 +80,7 @@ impl Refusal {
             Refusal::Revoked(_) => "revoked",
             Refusal::QuotaSpent { .. } => "quota_spent",
             Refusal::QuotaUnavailable(_) => "quota_unavailable",
+            Refusal::RevocationUnavailable(_) => "revocation_unavailable",
         }
     }
 }
@@ -104,6 +109,8 @@ pub struct Grant {
     pub token_id: Option<[u8; TOKEN_ID_LEN]>,
     /// `(max_requests, expires)` of a token with a quota.
     quota: Option<(u64, u64)>,
+    /// When the token that authorized the call expires, checked again at [`Authorizer::commit`].
+    expires: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +121,8 @@ pub enum AccessSetupError {
     AllowFile { path: String, reason: String },
     #[error("{0}")]
     Quota(String),
+    #[error("{0}")]
+    Revocation(String),
 }
 
 /// The policy in effect, for the join banner and the `ready` line.
@@ -155,15 +164,25 @@ impl Authorizer {
                     reason: e.to_string(),
                 })?;
                 let mut w = Watched::new(path.clone(), allowlist::parse_and_report);
-                w.get();
+                let _ = w.get(); // parse now, to report bad lines at start
                 Some(Mutex::new(w))
             }
             None => None,
         };
-        let revoked = config
-            .revocation_file
-            .clone()
-            .map(|p| Mutex::new(Watched::new(p, revocation::parse)));
+        // The file exists while the node runs, so a list that vanishes refuses tokens
+        // instead of un-revoking them all.
+        let revoked = match &config.revocation_file {
+            Some(path) => {
+                revocation::create_if_missing(path).map_err(|e| {
+                    AccessSetupError::Revocation(format!(
+                        "cannot create the revocation list {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                Some(Mutex::new(Watched::new(path.clone(), revocation::parse)))
+            }
+            None => None,
+        };
         let quotas =
             quota::Quotas::open(config.quota_file.clone()).map_err(AccessSetupError::Quota)?;
         let mut trusted: HashSet<PeerId> = config.trusted_issuers.iter().copied().collect();
@@ -211,22 +230,29 @@ impl Authorizer {
         if self.allow.contains(peer) {
             return true;
         }
+        // An allow file that cannot be read allows nobody.
         self.allow_file.as_ref().is_some_and(|f| {
             f.lock()
                 .expect("never poisoned: no panics while held")
                 .get()
-                .peers
-                .contains(peer)
+                .is_ok_and(|list| list.peers.contains(peer))
         })
     }
 
-    fn is_revoked(&self, id: &[u8; TOKEN_ID_LEN]) -> bool {
-        self.revoked.as_ref().is_some_and(|r| {
-            r.lock()
-                .expect("never poisoned: no panics while held")
-                .get()
-                .contains(id)
-        })
+    /// Refuses a revoked token, and every token while the revocation list cannot be read
+    /// (missing, oversized, unreadable): an unusable list must not un-revoke them all.
+    fn check_revocation(&self, id: &[u8; TOKEN_ID_LEN]) -> Result<(), Refusal> {
+        let Some(revoked) = &self.revoked else {
+            return Ok(());
+        };
+        let mut revoked = revoked
+            .lock()
+            .expect("never poisoned: no panics while held");
+        match revoked.get() {
+            Ok(ids) if ids.contains(id) => Err(Refusal::Revoked(hex::encode(id))),
+            Ok(_) => Ok(()),
+            Err(e) => Err(Refusal::RevocationUnavailable(e.to_string())),
+        }
     }
 
     /// Decides whether `peer` may call `model` with `token`, at unix time `now`. Changes
@@ -242,6 +268,7 @@ impl Authorizer {
             by,
             token_id: None,
             quota: None,
+            expires: None,
         };
         if *peer == self.me {
             return Ok(grant(GrantedBy::Owner));
@@ -294,9 +321,7 @@ impl Authorizer {
             });
         }
         let id = opened.id();
-        if self.is_revoked(&id) {
-            return Err(Refusal::Revoked(claims.id_hex()));
-        }
+        self.check_revocation(&id)?;
         if let Some(max) = claims.max_requests {
             let used = self
                 .quotas
@@ -314,12 +339,21 @@ impl Authorizer {
             by: GrantedBy::Token,
             token_id: Some(id),
             quota: claims.max_requests.map(|max| (max, claims.expires)),
+            expires: Some(claims.expires),
         })
     }
 
-    /// Counts a granted call against its token's quota, if it has one. Called just before
-    /// compute starts, so two calls racing for the last request cannot both run.
+    /// Checks a token-authorized call again and counts it against its token's quota, if it
+    /// has one. Called just before compute starts, after the call waited in the queue: a
+    /// token revoked or expired meanwhile is refused, and two calls racing for the last
+    /// request cannot both run.
     pub fn commit(&self, grant: &Grant, now: u64) -> Result<(), Refusal> {
+        if let Some(id) = grant.token_id {
+            self.check_revocation(&id)?;
+        }
+        if let Some(expires) = grant.expires.filter(|e| now >= *e) {
+            return Err(Refusal::Expired { expires, now });
+        }
         let (Some(id), Some((max, expires))) = (grant.token_id, grant.quota) else {
             return Ok(());
         };

@@ -1,9 +1,11 @@
 //! Request quotas of capability tokens, counted per token id on the serving node.
 //!
 //! Counts are kept in memory and, when the node has a home, persisted to
-//! `<home>/token-usage.json` (written to a temporary file, then renamed) after every counted
-//! call, so a restart does not reset them. Entries of expired tokens are dropped. If the
-//! count cannot be saved, the call is refused (fail closed).
+//! `<home>/token-usage.json` after every counted call (a synced temporary file renamed over
+//! it, then the directory synced: a crash leaves the old counts or the new ones, never a torn
+//! file), so a restart does not reset them. Entries of expired tokens are dropped. If the
+//! count cannot be saved, the call is refused (fail closed). A file that does not parse
+//! stops the node with how to recover, and is left as it is.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -39,8 +41,7 @@ impl Quotas {
     pub fn open(path: Option<PathBuf>) -> Result<Quotas, String> {
         let used = match &path {
             Some(p) => match std::fs::read(p) {
-                Ok(bytes) => serde_json::from_slice(&bytes)
-                    .map_err(|e| format!("{} is corrupt: {e}", p.display()))?,
+                Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| corrupt(p, &e))?,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
                 Err(e) => return Err(format!("cannot read {}: {e}", p.display())),
             },
@@ -92,10 +93,21 @@ impl Quotas {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&self.used)?)?;
-        std::fs::rename(tmp, path)
+        crate::home::write_atomic(path, &serde_json::to_vec(&self.used)?)
     }
+}
+
+/// The error of a quota file that does not parse. The node does not start rather than
+/// reset the counts: the file is left untouched, for its owner to repair.
+fn corrupt(path: &std::path::Path, e: &serde_json::Error) -> String {
+    let p = path.display();
+    format!(
+        "the token quota file {p} is corrupt ({e}); the node will not start rather than reset \
+         every token's request count. Repair the JSON (an object of token id -> \
+         {{\"used\": N, \"expires\": UNIX_SECS}}) or restore it from a backup; or, to start \
+         counting from zero (every token with a quota gets its full quota again), move it \
+         aside: mv {p} {p}.corrupt"
+    )
 }
 
 #[cfg(test)]
@@ -118,6 +130,23 @@ mod tests {
         // Expired entries are dropped when a new token is counted.
         assert_eq!(q.spend("bb", 1, 100, 200), Ok(1));
         assert_eq!(q.used("aa"), 0);
+    }
+
+    #[test]
+    fn a_corrupt_file_is_a_clear_error_and_is_left_as_it_was() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(USAGE_FILE);
+        let mut q = Quotas::open(Some(path.clone())).unwrap();
+        q.spend("aa", 5, 100, 10).unwrap();
+        let mut torn = std::fs::read(&path).unwrap();
+        torn.truncate(torn.len() / 2);
+        std::fs::write(&path, &torn).unwrap();
+        let err = Quotas::open(Some(path.clone())).err().unwrap();
+        assert!(err.contains("is corrupt"), "{err}");
+        assert!(err.contains(&format!("mv {}", path.display())), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), torn, "left for its owner");
+        // Nothing but the file itself is in the directory: no temporary left behind.
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
     }
 
     #[test]

@@ -44,6 +44,27 @@ pub fn parse(text: &str, path: &Path) -> HashSet<[u8; TOKEN_ID_LEN]> {
     ids
 }
 
+/// Creates an empty revocation file at `path` (0600) unless one exists.
+pub fn create_if_missing(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(mut file) => {
+            writeln!(
+                file,
+                "# Revoked capability tokens, one id per line (mesh token revoke ID)."
+            )?;
+            file.sync_all()
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Appends `id` to the revocation file at `path` (created 0600 if missing).
 pub fn revoke(path: &Path, id: &[u8; TOKEN_ID_LEN], note: &str) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;

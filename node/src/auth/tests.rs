@@ -158,6 +158,72 @@ fn revocation_is_read_from_the_file_while_running() {
 }
 
 #[test]
+fn an_unusable_revocation_list_refuses_every_token_with_its_reason() {
+    let s = setup(Access::Token, vec![]);
+    assert!(
+        s.revoked.exists(),
+        "the list is created when the node starts"
+    );
+    let token = token_for(&s.node, s.client, |_| {});
+    let ok = |s: &Setup| s.auth.authorize(&s.client, "echo", Some(&token), NOW);
+    assert!(ok(&s).is_ok());
+    let unavailable = |s: &Setup| {
+        let r = ok(s).unwrap_err();
+        assert_eq!(r.reason(), "revocation_unavailable", "{r}");
+        r.to_string()
+    };
+    // Oversized.
+    std::fs::write(
+        &s.revoked,
+        vec![b'#'; watched::MAX_WATCHED_FILE as usize + 1],
+    )
+    .unwrap();
+    assert!(unavailable(&s).contains("is over"));
+    // Vanished.
+    std::fs::remove_file(&s.revoked).unwrap();
+    assert!(unavailable(&s).contains("is missing"));
+    // Unreadable, even by root: a directory in its place.
+    std::fs::create_dir(&s.revoked).unwrap();
+    assert!(unavailable(&s).contains("cannot read"));
+    std::fs::remove_dir(&s.revoked).unwrap();
+    std::fs::write(&s.revoked, "").unwrap();
+    assert!(ok(&s).is_ok());
+    // Callers without a token are not affected: the allow list and the owner still work.
+    std::fs::remove_file(&s.revoked).unwrap();
+    let me = s.node.peer_id();
+    assert!(s.auth.authorize(&me, "echo", None, NOW).is_ok());
+}
+
+#[test]
+fn a_queued_call_is_checked_again_when_it_starts() {
+    let s = setup(Access::Token, vec![]);
+    let token = token_for(&s.node, s.client, |r| r.expires = NOW + 60);
+    let grant = s
+        .auth
+        .authorize(&s.client, "echo", Some(&token), NOW)
+        .unwrap();
+    // Expired while it waited.
+    let late = s.auth.commit(&grant, NOW + 60).unwrap_err();
+    assert_eq!(late.reason(), "expired", "{late}");
+    // Revoked while it waited.
+    assert!(s.auth.commit(&grant, NOW).is_ok());
+    let id = token::open_bytes(&token).unwrap().id();
+    revocation::revoke(&s.revoked, &id, "").unwrap();
+    assert_eq!(s.auth.commit(&grant, NOW).unwrap_err().reason(), "revoked");
+    // The list became unusable while it waited.
+    let other = token_for(&s.node, s.client, |_| {});
+    let grant = s
+        .auth
+        .authorize(&s.client, "echo", Some(&other), NOW)
+        .unwrap();
+    std::fs::remove_file(&s.revoked).unwrap();
+    assert_eq!(
+        s.auth.commit(&grant, NOW).unwrap_err().reason(),
+        "revocation_unavailable"
+    );
+}
+
+#[test]
 fn quota_is_counted_at_commit_and_refused_when_spent() {
     let s = setup(Access::Token, vec![]);
     let token = token_for(&s.node, s.client, |r| r.max_requests = Some(2));

@@ -138,6 +138,9 @@ pub fn load(
                     known.name
                 )));
             }
+            // The pinned sums again: the models directory may be shared and writable by
+            // others. Cached beside each file, so only a changed file is hashed.
+            crate::models::verify_known(models_dir, known).map_err(fail)?;
             path
         }
         None => std::path::PathBuf::from(&spec.source),

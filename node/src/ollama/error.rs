@@ -3,11 +3,8 @@
 //! one mapping the OpenAI gateway uses too. Also the API-key check in Ollama's shape, and
 //! [`OllamaJson`], a JSON body read whatever its content type (as Ollama does).
 
-use std::sync::Arc;
-
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::DeserializeOwned;
@@ -81,23 +78,6 @@ where
             .map(OllamaJson)
             .map_err(|e| OllamaError::bad_request(format!("invalid request body: {e}")))
     }
-}
-
-/// With an API key set, Ollama's routes need `Authorization: Bearer <key>` too (the same
-/// check as the OpenAI routes'), answered in Ollama's shape.
-pub(crate) async fn require_api_key(
-    State(key): State<Option<Arc<str>>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    if !crate::openai::error::api_key_matches(key.as_deref(), request.headers()) {
-        return OllamaError {
-            status: StatusCode::UNAUTHORIZED,
-            message: "missing or wrong API key (send Authorization: Bearer <key>)".into(),
-        }
-        .into_response();
-    }
-    next.run(request).await
 }
 
 #[cfg(test)]

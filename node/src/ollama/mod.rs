@@ -25,8 +25,6 @@ mod models;
 mod options;
 pub mod schema;
 
-use std::sync::Arc;
-
 use axum::http::HeaderMap;
 use axum::routing::{delete, get, post};
 use axum::Router;
@@ -37,8 +35,9 @@ pub use error::OllamaError;
 use crate::api::state::ApiState;
 use crate::dispatch::{build_request, CallFailure, InferSpec, Target};
 
-/// Ollama's routes, behind `Authorization: Bearer <api_key>` when a key is set.
-pub(crate) fn router(api_key: Option<Arc<str>>) -> Router<ApiState> {
+/// Ollama's routes (the API key, like every other check of the request's head, is the
+/// API's guard's, which answers in Ollama's shape here).
+pub(crate) fn router() -> Router<ApiState> {
     Router::new()
         .route("/", get(models::root))
         .route("/api/version", get(models::version))
@@ -54,10 +53,6 @@ pub(crate) fn router(api_key: Option<Arc<str>>) -> Router<ApiState> {
         .route("/api/create", post(models::refused))
         .route("/api/copy", post(models::refused))
         .route("/api/delete", delete(models::refused))
-        .layer(axum::middleware::from_fn_with_state(
-            api_key,
-            error::require_api_key,
-        ))
 }
 
 /// The client's `X-Mesh-Token`, as the OpenAI gateway reads it.

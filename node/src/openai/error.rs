@@ -1,13 +1,10 @@
 //! The gateway's errors in OpenAI's shape: [`OpenAiError`] with the status a client acts on,
-//! the mapping from a mesh failure ([`OpenAiError::from_mesh`]), the API-key check, and
+//! the mapping from a mesh failure ([`OpenAiError::from_mesh`]), the API key's refusal, and
 //! [`OpenAiJson`], a JSON body whose rejection is an [`OpenAiError`] too.
 
-use std::sync::Arc;
-
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::DeserializeOwned;
@@ -34,7 +31,34 @@ impl OpenAiError {
         }
     }
 
-    fn invalid_api_key() -> Self {
+    pub(crate) fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        OpenAiError {
+            status,
+            kind,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// A request body over the API's cap ([`crate::api::guard::MAX_REQUEST_BODY`]).
+    pub(crate) fn payload_too_large() -> Self {
+        OpenAiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "request_too_large",
+            format!(
+                "the request body is over {} bytes, the most this node's API accepts",
+                crate::api::guard::MAX_REQUEST_BODY
+            ),
+        )
+    }
+
+    pub(crate) fn invalid_api_key() -> Self {
         OpenAiError {
             status: StatusCode::UNAUTHORIZED,
             kind: "invalid_request_error",
@@ -100,6 +124,9 @@ impl IntoResponse for OpenAiError {
 /// Malformed JSON, a wrong field type, a missing content type: all a 400, with axum's text.
 impl From<JsonRejection> for OpenAiError {
     fn from(rejection: JsonRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return OpenAiError::payload_too_large();
+        }
         OpenAiError::bad_request(rejection.body_text())
     }
 }
@@ -118,31 +145,6 @@ where
         let Json(value) = Json::<T>::from_request(request, state).await?;
         Ok(OpenAiJson(value))
     }
-}
-
-/// With an API key set, the gateway routes need `Authorization: Bearer <key>` (OpenAI's form).
-pub(crate) async fn require_api_key(
-    State(key): State<Option<Arc<str>>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    if !api_key_matches(key.as_deref(), request.headers()) {
-        return OpenAiError::invalid_api_key().into_response();
-    }
-    next.run(request).await
-}
-
-/// True when no key is set, or the request carries it as `Authorization: Bearer <key>`: the
-/// one check of every API the node serves under its key (OpenAI's and Ollama's).
-pub(crate) fn api_key_matches(key: Option<&str>, headers: &axum::http::HeaderMap) -> bool {
-    let Some(key) = key else {
-        return true;
-    };
-    let given = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    given == Some(key)
 }
 
 #[cfg(test)]

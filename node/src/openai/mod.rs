@@ -26,7 +26,6 @@ mod responses;
 pub(crate) mod stream;
 pub use crate::openai_schema as schema;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -44,18 +43,15 @@ use crate::dispatch::{InferSpec, Target};
 /// Deadline of a gateway call (the OpenAI API has no per-request deadline field).
 const GATEWAY_DEADLINE: Duration = Duration::from_secs(300);
 
-/// The gateway's routes, behind `Authorization: Bearer <api_key>` when a key is set.
-pub(crate) fn router(api_key: Option<Arc<str>>) -> Router<ApiState> {
+/// The gateway's routes. The API key, if any, is checked in front of the whole API
+/// ([`crate::api::guard`]).
+pub(crate) fn router() -> Router<ApiState> {
     Router::new()
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
         .route("/v1/responses", post(responses::responses))
         .route("/v1/embeddings", post(embeddings::embeddings))
-        .layer(axum::middleware::from_fn_with_state(
-            api_key,
-            error::require_api_key,
-        ))
 }
 
 /// `GET /v1/models`: this node's models and those in the catalogs of the peers it knows.
