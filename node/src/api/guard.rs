@@ -30,16 +30,14 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::openai::OpenAiError;
+use crate::openai::error::OpenAiError;
 
 /// Requests the API serves at once, over all routes and clients. A streamed answer (an
 /// `/v1/mesh/infer` call, a streamed chat completion) counts until its last byte is sent.
 /// Beyond this, requests are refused with `503` instead of queueing without bound.
 pub const MAX_CONCURRENT_REQUESTS: usize = 64;
 
-/// The largest request body accepted, in bytes. A request frame on the wire is at most
-/// 1 MiB; JSON escaping can double text, and this leaves headroom on top.
-pub const MAX_REQUEST_BODY: usize = 4 * 1024 * 1024;
+pub use super::state::MAX_REQUEST_BODY;
 
 /// The host names every API answers to, whatever its configuration.
 pub const LOOPBACK_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "[::1]"];

@@ -27,3 +27,8 @@ impl ApiState {
         }
     }
 }
+
+/// The largest request body the API accepts, in bytes (its guard refuses a larger announced
+/// length, and the JSON extractors a larger body). A request frame on the wire is at most
+/// 1 MiB; JSON escaping can double text, and this leaves headroom on top.
+pub const MAX_REQUEST_BODY: usize = 4 * 1024 * 1024;

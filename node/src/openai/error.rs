@@ -45,7 +45,7 @@ impl OpenAiError {
         }
     }
 
-    /// A request body over the API's cap ([`crate::api::guard::MAX_REQUEST_BODY`]).
+    /// A request body over the API's cap ([`crate::api::state::MAX_REQUEST_BODY`]).
     pub(crate) fn payload_too_large() -> Self {
         OpenAiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -53,7 +53,7 @@ impl OpenAiError {
             "request_too_large",
             format!(
                 "the request body is over {} bytes, the most this node's API accepts",
-                crate::api::guard::MAX_REQUEST_BODY
+                crate::api::state::MAX_REQUEST_BODY
             ),
         )
     }
