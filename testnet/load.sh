@@ -34,35 +34,21 @@ bench="${MESH_BENCH_BIN:-$(dirname "$mesh")/mesh-bench}"
 case ",$models," in *,smol,*) "$mesh" model fetch smollm2-135m-instruct >/dev/null ;; esac
 
 run=$(mktemp -d "${TMPDIR:-/tmp}/mesh-load.XXXXXX")
-pids=()
+# shellcheck source=testnet/nodes.sh
+. testnet/nodes.sh
 cleanup() {
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  stop_nodes
   rm -rf "$run"
 }
 trap cleanup EXIT INT TERM
 
-start() {
-  local name=$1; shift
-  "$mesh" join --json --home "$run/$name" --listen /ip4/127.0.0.1/tcp/0 --no-mdns \
-    --api 127.0.0.1:0 "$@" >"$run/$name.out" 2>"$run/$name.log" &
-  pids+=($!)
-  for _ in $(seq 1 600); do
-    [ -s "$run/$name.out" ] && return 0
-    kill -0 "${pids[-1]}" 2>/dev/null || { echo "load: $name failed to start:"; cat "$run/$name.log"; exit 1; }
-    sleep 0.1
-  done
-  echo "load: $name did not become ready"; exit 1
-}
-field() { head -1 "$run/$1.out" | python3 -c "import json,sys; r=json.load(sys.stdin); v=r[sys.argv[1]]; print(v[0] if isinstance(v, list) else v)" "$2"; }
-
 a_models=(--model echo=builtin:echo)
 case ",$models," in *,smol,*) a_models+=(--model smol=smollm2-135m-instruct) ;; esac
-start a "${a_models[@]}"
-a_pid=${pids[-1]}
-start c --bootstrap "$(field a listen_addrs)"
-c_pid=${pids[-1]}
-api=$(field c api)
+start_node a "${a_models[@]}"
+a_pid=${node_pid[a]}
+start_node c --bootstrap "$(ready_field a listen_addrs)"
+c_pid=${node_pid[c]}
+api=$(ready_field c api)
 
 # Waits until C can reach every model through the DHT.
 for model in ${models//,/ }; do

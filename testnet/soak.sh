@@ -40,38 +40,24 @@ if [ -z "${MESH_BIN:-}" ]; then cargo build -q -p mesh-cli; fi
 [ -x "$mesh" ] || { echo "soak: $mesh is not there" >&2; exit 2; }
 
 run=$(mktemp -d "${TMPDIR:-/tmp}/mesh-soak.XXXXXX")
-declare -A pid_of=()
+# shellcheck source=testnet/nodes.sh
+. testnet/nodes.sh
 loop_pid=""
 cleanup() {
   [ -n "$loop_pid" ] && kill "$loop_pid" 2>/dev/null || true
-  for p in "${pid_of[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${pid_of[@]}"; do wait "$p" 2>/dev/null || true; done
+  stop_nodes
   rm -rf "$run"
 }
 trap cleanup EXIT INT TERM
 
-# start NAME [mesh join args...]: starts a node and waits for its ready line.
-start() {
-  local name=$1; shift
-  "$mesh" join --json --home "$run/$name" --listen /ip4/127.0.0.1/tcp/0 --no-mdns \
-    --api 127.0.0.1:0 "$@" >"$run/$name.out" 2>"$run/$name.log" &
-  pid_of[$name]=$!
-  for _ in $(seq 1 300); do
-    [ -s "$run/$name.out" ] && return 0
-    kill -0 "${pid_of[$name]}" 2>/dev/null || { echo "soak: $name failed to start:"; cat "$run/$name.log"; exit 1; }
-    sleep 0.1
-  done
-  echo "soak: $name did not become ready"; exit 1
-}
-ready() { head -1 "$run/$1.out" | python3 -c "import json,sys; r=json.load(sys.stdin); print(r[sys.argv[1]] if sys.argv[1] != 'listen_addrs' else r['listen_addrs'][0])" "$2"; }
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 fds() { ls "/proc/$1/fd" 2>/dev/null | wc -l; }
 
-start boot
-boot=$(ready boot listen_addrs)
-for i in $(seq 1 "$providers"); do start "p$i" --bootstrap "$boot" --model echo=builtin:echo; done
-start caller --bootstrap "$boot"
-api=$(ready caller api)
+start_node boot
+boot=$(ready_field boot listen_addrs)
+for i in $(seq 1 "$providers"); do start_node "p$i" --bootstrap "$boot" --model echo=builtin:echo; done
+start_node caller --bootstrap "$boot"
+api=$(ready_field caller api)
 next=$((providers + 1))
 
 # The caller's loop: one call at a time through the gateway, one line per call.
@@ -105,15 +91,15 @@ while [ "$(date +%s)" -lt "$end" ]; do
   if [ $((now - last_churn)) -ge "$churn" ]; then
     # One provider leaves (SIGTERM and SIGKILL in turn), a new one joins.
     victims=()
-    for name in "${!pid_of[@]}"; do [[ "$name" == p* ]] && victims+=("$name"); done
+    for name in "${!node_pid[@]}"; do [[ "$name" == p* ]] && victims+=("$name"); done
     victim=${victims[$((RANDOM % ${#victims[@]}))]}
-    kill "-$signal" "${pid_of[$victim]}" 2>/dev/null || true
-    wait "${pid_of[$victim]}" 2>/dev/null || true
-    unset "pid_of[$victim]"
+    kill "-$signal" "${node_pid[$victim]}" 2>/dev/null || true
+    wait "${node_pid[$victim]}" 2>/dev/null || true
+    unset "node_pid[$victim]"
     rm -rf "${run:?}/$victim"
     kills=$((kills + 1))
     [ "$signal" = TERM ] && signal=KILL || signal=TERM
-    start "p$next" --bootstrap "$boot" --model echo=builtin:echo
+    start_node "p$next" --bootstrap "$boot" --model echo=builtin:echo
     next=$((next + 1))
     last_churn=$now
   fi
@@ -123,10 +109,10 @@ while [ "$(date +%s)" -lt "$end" ]; do
     ok=$(grep -c '^ok' <<<"$window" || true)
     fail=$(grep -c '^fail' <<<"$window" || true)
     seen=$total
-    live=0; for name in "${!pid_of[@]}"; do [[ "$name" == p* ]] && live=$((live + 1)); done
+    live=0; for name in "${!node_pid[@]}"; do [[ "$name" == p* ]] && live=$((live + 1)); done
     line=$(printf '%-6s %7s %7s %9s %9s %9s %9s %10s' $((now - started)) "$ok" "$fail" \
-      "$(rss_kb "${pid_of[caller]}")" "$(fds "${pid_of[caller]}")" \
-      "$(rss_kb "${pid_of[boot]}")" "$(fds "${pid_of[boot]}")" "$live")
+      "$(rss_kb "${node_pid[caller]}")" "$(fds "${node_pid[caller]}")" \
+      "$(rss_kb "${node_pid[boot]}")" "$(fds "${node_pid[boot]}")" "$live")
     echo "$line"
     echo "$line" >>"$samples"
     last_sample=$now
@@ -135,7 +121,7 @@ done
 kill "$loop_pid" 2>/dev/null || true
 wait "$loop_pid" 2>/dev/null || true
 loop_pid=""
-kill -0 "${pid_of[caller]}" 2>/dev/null || { echo "soak: the caller node died"; tail -20 "$run/caller.log"; exit 1; }
+kill -0 "${node_pid[caller]}" 2>/dev/null || { echo "soak: the caller node died"; tail -20 "$run/caller.log"; exit 1; }
 
 python3 - "$calls" "$samples" "$min_success" "$kills" "$minutes" "${results:-}" <<'PY'
 import json, statistics, sys
