@@ -1,46 +1,96 @@
 #!/usr/bin/env bash
 # Benchmarks, side by side with the peers a user would otherwise pick, in one run:
 #   network:  tiny calls over the mesh vs HTTP/1.1 keep-alive (axum + hyper)
-#   generate: SmolLM2 in mesh (candle) vs llama.cpp, same GGUF, same prompt, same threads
+#   generate: SmolLM2 in mesh vs llama.cpp in-process, same GGUF, same prompts, same threads:
+#             fresh, repeated, 1,000-token and 2,000-token prompts (BENCH_WEIGHTS="q8_0 q4_0
+#             original" compares the weight formats)
+#   server:   `mesh join` and its gateway vs llama-cpp-python's server, the same chats streamed
+#             over HTTP: fresh, repeated and extended
+#   rss:      peak RSS of a node hosting both models
 #   embed:    MiniLM in mesh (candle) vs sentence-transformers, same files, same threads
 #   gateway:  a chat completion through a node's OpenAI gateway vs the engine in-process
 # Prints JSON lines; docs/benchmarks.md quotes them.
 #
-# The reference implementations come from PyPI into a venv (llama-cpp-python builds
-# llama.cpp from source, ~15 min on 2 cores; sentence-transformers pulls torch):
-#   BENCH_VENV=/path/to/venv (default target/bench-venv)
+# The reference implementations come from PyPI (llama-cpp-python builds llama.cpp from source,
+# ~15 min on 2 cores, into the venv the tests share; sentence-transformers pulls torch).
+# Usage: testnet/bench.sh [all|network|generate|server|rss|gateway|embed]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MESH_MODELS="${MESH_MODELS:-$PWD/target/mesh-models}"
-venv="${BENCH_VENV:-$PWD/target/bench-venv}"
 threads="${BENCH_THREADS:-2}"
 what="${1:-all}"
+# Both compute pools (see node/src/engine/threads.rs) sized alike for every measurement.
+export CANDLE_NUM_THREADS=$threads RAYON_NUM_THREADS=$threads
 
-cargo build -q -p mesh-cli -p mesh-testnet
-target/debug/mesh model fetch all >/dev/null 2>&1
-bench=target/debug/mesh-bench
-if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv"
-  CMAKE_ARGS="-DGGML_NATIVE=ON" "$venv/bin/pip" install -q llama-cpp-python sentence-transformers
+# The release profile: what `cargo install --path cli` builds (opt-level 3, no debug
+# assertions or overflow checks in any crate; line tables only).
+cargo build -q --release -p mesh-cli -p mesh-testnet
+mesh=target/release/mesh
+bench=target/release/mesh-bench
+"$mesh" model fetch all >/dev/null 2>&1
+# llama.cpp through llama-cpp-python, built from source for this CPU: the same venv the tests
+# use; sentence-transformers (with torch) in a second one.
+llama_venv="${MESH_LLAMA_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/mesh/llama-venv}"
+st_venv="${BENCH_ST_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/mesh/st-venv}"
+if ! "$llama_venv/bin/python" -c 'import llama_cpp.server' 2>/dev/null; then
+  python3 -m venv "$llama_venv"
+  "$llama_venv/bin/pip" install -q "llama-cpp-python[server]==0.3.36"
+fi
+if ! "$st_venv/bin/python" -c 'import sentence_transformers' 2>/dev/null; then
+  python3 -m venv "$st_venv"
+  "$st_venv/bin/pip" install -q sentence-transformers
 fi
 gguf="$MESH_MODELS/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
-echo "# $(date -u +%FT%TZ) $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+minilm="$MESH_MODELS/all-minilm-l6-v2"
+echo "# $(date -u +%FT%TZ) $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $threads threads, release build of $(git rev-parse --short HEAD)"
+scratch=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$scratch"' EXIT
 
 if [ "$what" = all ] || [ "$what" = network ]; then
   "$bench" network --calls 5000 --seconds 5
 fi
 if [ "$what" = all ] || [ "$what" = generate ]; then
-  mesh_line=$(RAYON_NUM_THREADS=$threads "$bench" generate --tokens 128 --runs 5)
-  prompt_file=$(mktemp)
-  python3 -c 'import json,sys; print(json.loads(sys.argv[1])["prompt_text"], end="")' "$mesh_line" >"$prompt_file"
-  python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d.pop("prompt_text"); print(json.dumps(d))' "$mesh_line"
-  "$venv/bin/python" testnet/reference/llama_cpp_bench.py "$gguf" "$prompt_file" 128 5 "$threads"
-  rm -f "$prompt_file"
+  for weights in ${BENCH_WEIGHTS:-q8_0}; do
+    "$bench" generate --tokens 128 --runs 5 --weights "$weights" --prompt-dir "$scratch"
+  done
+  "$llama_venv/bin/python" testnet/reference/llama_cpp_bench.py "$gguf" "$scratch" 128 5 "$threads"
+fi
+if [ "$what" = all ] || [ "$what" = server ]; then
+  # Both as servers a user would run, streaming the same chats over HTTP.
+  "$mesh" join --json --home "$scratch/home" --listen /ip4/127.0.0.1/tcp/0 --no-mdns \
+    --api 127.0.0.1:0 --threads "$threads" --model "smol=$gguf" >"$scratch/mesh.out" 2>"$scratch/mesh.log" &
+  mesh_pid=$!
+  "$llama_venv/bin/python" -m llama_cpp.server --model "$gguf" --n_threads "$threads" \
+    --n_threads_batch "$threads" --n_ctx 4096 --host 127.0.0.1 --port 7461 >"$scratch/llama.log" 2>&1 &
+  llama_pid=$!
+  for _ in $(seq 1 600); do
+    [ -s "$scratch/mesh.out" ] && curl -sf http://127.0.0.1:7461/v1/models >/dev/null && break
+    sleep 0.2
+  done
+  api=$(head -1 "$scratch/mesh.out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["api"])')
+  "$llama_venv/bin/python" testnet/reference/server_bench.py 5 64 \
+    "mesh=$api=smol" "llama.cpp=http://127.0.0.1:7461=smol"
+  kill "$mesh_pid" "$llama_pid"; wait "$mesh_pid" "$llama_pid" 2>/dev/null || true
+fi
+if [ "$what" = all ] || [ "$what" = rss ]; then
+  # Peak RSS of a node hosting both models, after one chat and one embedding.
+  "$mesh" join --json --home "$scratch/rss" --listen /ip4/127.0.0.1/tcp/0 --no-mdns \
+    --api 127.0.0.1:0 --model "smol=$gguf" --model "minilm=$minilm" >"$scratch/rss.out" 2>"$scratch/rss.log" &
+  rss_pid=$!
+  for _ in $(seq 1 600); do [ -s "$scratch/rss.out" ] && break; sleep 0.2; done
+  api=$(head -1 "$scratch/rss.out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["api"])')
+  curl -sf "$api/v1/chat/completions" -H 'Content-Type: application/json' \
+    -d '{"model":"smol","messages":[{"role":"user","content":"Write a long story about a robot who learns to paint."}],"max_tokens":128}' >/dev/null
+  curl -sf "$api/v1/embeddings" -H 'Content-Type: application/json' \
+    -d '{"model":"minilm","input":["A man is eating food.","A man is eating a piece of bread."]}' >/dev/null
+  peak=$(awk '/VmHWM/ {print $2}' "/proc/$rss_pid/status")
+  echo "{\"bench\": \"rss\", \"models\": [\"smol\", \"minilm\"], \"peak_rss_mib\": $((peak / 1024))}"
+  kill "$rss_pid"; wait "$rss_pid" 2>/dev/null || true
 fi
 if [ "$what" = all ] || [ "$what" = gateway ]; then
   "$bench" gateway --runs 10 --seconds 5
 fi
 if [ "$what" = all ] || [ "$what" = embed ]; then
-  RAYON_NUM_THREADS=$threads "$bench" embed --seconds 5
-  "$venv/bin/python" testnet/reference/sentence_transformers_bench.py "$MESH_MODELS/all-minilm-l6-v2" 5 "$threads" 2>/dev/null
+  "$bench" embed --seconds 5
+  "$st_venv/bin/python" testnet/reference/sentence_transformers_bench.py "$minilm" 5 "$threads" 2>/dev/null
 fi

@@ -186,6 +186,19 @@ pub struct JoinArgs {
     #[arg(long, value_name = "N", default_value_t = 16)]
     pub queue: usize,
 
+    /// Threads that compute (matmuls, attention, embeddings) [default: the CPUs available]
+    #[arg(long, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
+    pub threads: Option<usize>,
+
+    /// Memory for reusing recent prompts' key-value caches, in MiB; 0 turns it off
+    #[arg(long, value_name = "MIB", default_value_t = mesh_node::engine::DEFAULT_PROMPT_CACHE_MIB)]
+    pub prompt_cache_mib: usize,
+
+    /// What quantized weights without a SIMD kernel (Q4_1, Q5_0, Q5_1) become at load:
+    /// q8_0 (near-lossless), q4_0 (smaller, changes answers) or original
+    #[arg(long, value_name = "FORMAT", default_value = "q8_0")]
+    pub weights: mesh_node::engine::llama::WeightFormat,
+
     /// Serve this peer (repeatable); without --require-token, serve only listed peers
     #[arg(long, value_name = "PEER_ID")]
     pub allow: Vec<String>,

@@ -10,6 +10,12 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = args::Cli::parse();
+    // Before any thread starts: the compute pools read their size once (engine::threads).
+    let threads = match &cli.command {
+        args::Command::Join(join) => join.threads,
+        _ => None,
+    };
+    mesh_node::engine::threads::configure(threads);
     output::init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -194,10 +194,18 @@ pub enum FinishReason {
     Complete,
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// Prompt tokens taken from the provider's prompt cache rather than computed (absent
+    /// from older nodes' frames, read as 0; not sent when 0, so such frames are unchanged).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cached_tokens: u32,
     /// Milliseconds from the start of compute to the first delta.
     pub time_to_first_token_ms: u64,
     /// Milliseconds of compute in all.

@@ -83,6 +83,7 @@ fn response_frames() {
             usage: Usage {
                 prompt_tokens: 30,
                 completion_tokens: 8,
+                cached_tokens: 0,
                 time_to_first_token_ms: 40,
                 total_ms: 200,
             },
@@ -168,6 +169,7 @@ fn done_with_receipt() {
         usage: Usage {
             prompt_tokens: 30,
             completion_tokens: 8,
+            cached_tokens: 0,
             time_to_first_token_ms: 40,
             total_ms: 200,
         },

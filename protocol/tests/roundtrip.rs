@@ -88,6 +88,7 @@ fn response() -> impl Strategy<Value = InferResponse> {
         |(prompt_tokens, completion_tokens, time_to_first_token_ms, total_ms)| Usage {
             prompt_tokens,
             completion_tokens,
+            cached_tokens: prompt_tokens / 2,
             time_to_first_token_ms,
             total_ms,
         },

@@ -3,6 +3,7 @@
 mod auth;
 mod campaigns;
 mod cli;
+mod engine;
 mod gateway;
 mod identity;
 mod local;

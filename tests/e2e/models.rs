@@ -384,7 +384,9 @@ fn gguf_tokenizer_matches_llama_cpp_token_for_token() {
         serde_json::from_str(include_str!("fixtures/smollm2_tokens.json")).unwrap();
     let path =
         mesh_tests::models_dir().join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let engine = mesh_node::engine::gguf::GgufEngine::load("smol", &path, 1).unwrap();
+    let engine =
+        mesh_node::engine::gguf::GgufEngine::load("smol", &path, &engine::EngineOptions::new(1))
+            .unwrap();
     let cases = fixture["cases"].as_array().unwrap();
     assert!(cases.len() >= 8);
     for case in cases {

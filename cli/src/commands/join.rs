@@ -132,11 +132,18 @@ fn access_config(home: &Home, args: &JoinArgs) -> anyhow::Result<AccessConfig> {
 }
 
 fn load_models(home: &Home, args: &JoinArgs) -> anyhow::Result<Vec<SharedEngine>> {
+    let options = engine::EngineOptions {
+        max_concurrency: args.concurrency,
+        weight_format: args.weights,
+        prompt_cache: std::sync::Arc::new(engine::prompt_cache::PromptCache::new(
+            args.prompt_cache_mib.saturating_mul(1 << 20),
+        )),
+    };
     args.models
         .iter()
         .map(|spec| {
             tracing::info!(model = %spec.name, source = %spec.source, "loading model");
-            engine::load(spec, &home.models_dir(), args.concurrency)
+            engine::load_with(spec, &home.models_dir(), &options)
                 .map_err(|e| failed(Exit::BadRequest, e.to_string()))
         })
         .collect()

@@ -174,6 +174,7 @@ impl Engine for BertEngine {
             finish_reason: FinishReason::Complete,
             prompt_tokens: tokens,
             completion_tokens: 0,
+            cached_tokens: 0,
         })
     }
 }

@@ -123,6 +123,7 @@ impl Engine for Echo {
             },
             prompt_tokens: words.len() as u32,
             completion_tokens,
+            cached_tokens: 0,
         })
     }
 }
@@ -179,6 +180,7 @@ impl Engine for HashEmbed {
             finish_reason: FinishReason::Complete,
             prompt_tokens,
             completion_tokens: 0,
+            cached_tokens: 0,
         })
     }
 }

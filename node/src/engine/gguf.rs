@@ -6,35 +6,38 @@
 
 use std::fs::File;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::quantized::gguf_file;
 use candle_core::quantized::tokenizer::TokenizerFromGguf;
 use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
-use candle_transformers::models::{quantized_gemma3, quantized_llama, quantized_qwen3};
+use candle_transformers::models::{quantized_gemma3, quantized_qwen3};
 use mesh_protocol::{
     ErrorCode, FinishReason, InferRequest, Input, ModelCard, SamplingParams, Task, WireError,
 };
 use tokenizers::Tokenizer;
 use tokio_util::sync::CancellationToken;
 
+use super::llama::{KvCache, Llama, PREFILL_CHUNK};
+use super::prompt_cache::PromptCache;
 use super::text::{ChatTemplate, IncrementalDecoder, StopMatcher, StopStep};
-use super::{cancelled, Completion, Engine, Output, Sink};
+use super::{cancelled, Completion, Engine, EngineOptions, Output, Sink};
 
+/// The models candle-transformers computes, for the architectures mesh's own forward pass
+/// does not cover yet (gemma3, qwen3).
 #[derive(Clone)]
-enum Weights {
-    Llama(quantized_llama::ModelWeights),
+enum CandleWeights {
     Gemma3(quantized_gemma3::ModelWeights),
     Qwen3(quantized_qwen3::ModelWeights),
 }
 
-impl Weights {
+impl CandleWeights {
     fn forward(&mut self, input: &Tensor, position: usize) -> candle_core::Result<Tensor> {
         let logits = match self {
-            Weights::Llama(m) => m.forward(input, position)?,
-            Weights::Gemma3(m) => m.forward(input, position)?,
-            Weights::Qwen3(m) => m.forward(input, position)?,
+            CandleWeights::Gemma3(m) => m.forward(input, position)?,
+            CandleWeights::Qwen3(m) => m.forward(input, position)?,
         };
         // (1, vocab) or (1, seq, vocab): keep the last position's logits as a vector.
         match logits.rank() {
@@ -45,13 +48,62 @@ impl Weights {
     }
 }
 
+enum Weights {
+    /// mesh's own forward pass ([`super::llama`]).
+    Own(Llama),
+    Candle(CandleWeights),
+}
+
+/// One call's state of the model: its cache, and where it stands.
+enum Session<'a> {
+    Own {
+        model: &'a Llama,
+        cache: KvCache,
+    },
+    Candle {
+        weights: CandleWeights,
+        position: usize,
+    },
+}
+
+impl Session<'_> {
+    /// Runs `tokens` at the next positions; returns the logits after the last.
+    fn feed(&mut self, tokens: &[u32], cancel: &CancellationToken) -> Result<Vec<f32>, WireError> {
+        match self {
+            Session::Own { model, cache } => {
+                let mut last = None;
+                for chunk in tokens.chunks(PREFILL_CHUNK) {
+                    if cancel.is_cancelled() {
+                        return Err(cancelled());
+                    }
+                    let mut hidden = model.embed(chunk).map_err(internal)?;
+                    model.forward_layers(cache, &mut hidden).map_err(internal)?;
+                    last = Some(hidden);
+                }
+                let hidden = last.ok_or_else(|| internal("no tokens to run"))?;
+                model.logits(&hidden, hidden.rows - 1).map_err(internal)
+            }
+            Session::Candle { weights, position } => {
+                let input = Tensor::new(tokens, &Device::Cpu)
+                    .and_then(|t| t.unsqueeze(0))
+                    .map_err(internal)?;
+                let logits = weights.forward(&input, *position).map_err(internal)?;
+                *position += tokens.len();
+                logits.to_vec1::<f32>().map_err(internal)
+            }
+        }
+    }
+}
+
 pub struct GgufEngine {
     card: ModelCard,
     weights: Weights,
     tokenizer: Tokenizer,
     template: Option<ChatTemplate>,
     stop_ids: Vec<u32>,
-    device: Device,
+    prompt_cache: Arc<PromptCache>,
+    /// The prompt cache's key: the file's hash and the weight format.
+    cache_key: String,
 }
 
 /// llama.cpp's `general.file_type` values, for the card's quantization field.
@@ -106,7 +158,7 @@ fn fix_pre_tokenizer(tokenizer: &mut Tokenizer, pre: &str) {
 }
 
 impl GgufEngine {
-    pub fn load(name: &str, path: &Path, max_concurrency: u32) -> Result<GgufEngine, String> {
+    pub fn load(name: &str, path: &Path, options: &EngineOptions) -> Result<GgufEngine, String> {
         let started = Instant::now();
         let sha256 =
             crate::models::sha256_file(path).map_err(|e| format!("cannot read the file: {e}"))?;
@@ -157,30 +209,37 @@ impl GgufEngine {
         stop_ids.dedup();
 
         let device = Device::Cpu;
+        let format = options.weight_format;
         let weights = match arch.as_str() {
-            "llama" => Weights::Llama(
-                quantized_llama::ModelWeights::from_gguf(content, &mut file, &device)
+            "llama" => Weights::Own(
+                Llama::load(&content, &mut file, format)
                     .map_err(|e| format!("cannot load the llama weights: {e}"))?,
             ),
-            "gemma3" => Weights::Gemma3(
+            "gemma3" => Weights::Candle(CandleWeights::Gemma3(
                 quantized_gemma3::ModelWeights::from_gguf(content, &mut file, &device)
                     .map_err(|e| format!("cannot load the gemma3 weights: {e}"))?,
-            ),
-            "qwen3" => Weights::Qwen3(
+            )),
+            "qwen3" => Weights::Candle(CandleWeights::Qwen3(
                 quantized_qwen3::ModelWeights::from_gguf(content, &mut file, &device)
                     .map_err(|e| format!("cannot load the qwen3 weights: {e}"))?,
-            ),
+            )),
             other => {
                 return Err(format!(
                     "GGUF architecture {other:?} is not supported (supported: llama, gemma3, qwen3)"
                 ))
             }
         };
+        let cache_key = format!("{sha256}:{format}");
+        let held = match &weights {
+            Weights::Own(m) => format!("{} ({} MB held)", m.format(), m.weight_bytes() >> 20),
+            Weights::Candle(_) => "as in the file (candle-transformers)".into(),
+        };
         tracing::info!(
             model = name,
             arch = %arch,
             params = parameters,
             quant = %quantization,
+            weights = %held,
             ms = started.elapsed().as_millis() as u64,
             "loaded GGUF model"
         );
@@ -195,13 +254,14 @@ impl GgufEngine {
                 embedding_dims: None,
                 sha256,
                 license,
-                max_concurrency,
+                max_concurrency: options.max_concurrency,
             },
             weights,
             tokenizer,
             template,
             stop_ids,
-            device,
+            prompt_cache: options.prompt_cache.clone(),
+            cache_key,
         })
     }
 
@@ -301,54 +361,78 @@ impl Engine for GgufEngine {
             .min(self.card.context_length as usize - prompt.len());
         let seed = request.params.seed.unwrap_or_else(rand::random);
         let mut sampler = LogitsProcessor::from_sampling(seed, sampling(&request.params));
-        let mut model = self.weights.clone();
         let mut decoder = IncrementalDecoder::new();
         let mut stops = StopMatcher::new(request.params.stop.clone());
 
-        let input = Tensor::new(prompt.as_slice(), &self.device)
-            .and_then(|t| t.unsqueeze(0))
-            .map_err(internal)?;
-        let mut logits = model.forward(&input, 0).map_err(internal)?;
+        // The tokens whose keys and values the session holds, for the prompt cache.
+        let mut seen = prompt.clone();
+        let capacity = prompt.len() + budget;
+        let (mut session, cached) = match &self.weights {
+            Weights::Own(model) => {
+                let layers = 0..model.config().layers;
+                match self.prompt_cache.lookup(&self.cache_key, &prompt, capacity) {
+                    Some(hit) => (
+                        Session::Own {
+                            model,
+                            cache: hit.cache,
+                        },
+                        hit.tokens,
+                    ),
+                    None => (
+                        Session::Own {
+                            model,
+                            cache: model.new_cache(layers, capacity),
+                        },
+                        0,
+                    ),
+                }
+            }
+            Weights::Candle(w) => (
+                Session::Candle {
+                    weights: w.clone(),
+                    position: 0,
+                },
+                0,
+            ),
+        };
+        let mut logits = session.feed(&prompt[cached..], cancel)?;
+        let usage = |finish_reason, generated| Completion {
+            finish_reason,
+            prompt_tokens: prompt.len() as u32,
+            completion_tokens: generated,
+            cached_tokens: cached as u32,
+        };
         let mut generated = 0u32;
         let mut finish = FinishReason::Length;
         for step in 0..budget {
             if cancel.is_cancelled() {
                 return Err(cancelled());
             }
-            let next = sampler.sample(&logits).map_err(internal)?;
+            let n = logits.len();
+            let logits_t =
+                Tensor::from_vec(std::mem::take(&mut logits), n, &Device::Cpu).map_err(internal)?;
+            let next = sampler.sample(&logits_t).map_err(internal)?;
             if self.stop_ids.contains(&next) {
                 finish = FinishReason::Stop;
                 break;
             }
             generated += 1;
             if let Some(piece) = decoder.push(&self.tokenizer, next).map_err(internal)? {
-                match stops.feed(&piece) {
-                    StopStep::Continue(text) => {
-                        if !text.is_empty() {
-                            sink(Output::Delta(text)).map_err(|_| cancelled())?;
-                        }
-                    }
-                    StopStep::Stop(text) => {
-                        if !text.is_empty() {
-                            sink(Output::Delta(text)).map_err(|_| cancelled())?;
-                        }
-                        return Ok(Completion {
-                            finish_reason: FinishReason::Stop,
-                            prompt_tokens: prompt.len() as u32,
-                            completion_tokens: generated,
-                        });
-                    }
+                let step = stops.feed(&piece);
+                let (StopStep::Continue(text) | StopStep::Stop(text)) = &step;
+                if !text.is_empty() {
+                    sink(Output::Delta(text.clone())).map_err(|_| cancelled())?;
+                }
+                if matches!(step, StopStep::Stop(_)) {
+                    self.keep(session, &seen);
+                    return Ok(usage(FinishReason::Stop, generated));
                 }
             }
             if step + 1 == budget {
                 break;
             }
-            let input = Tensor::new(&[next], &self.device)
-                .and_then(|t| t.unsqueeze(0))
-                .map_err(internal)?;
-            logits = model
-                .forward(&input, prompt.len() + step)
-                .map_err(internal)?;
+            logits = session.feed(&[next], cancel)?;
+            seen.push(next);
         }
         let mut tail = decoder
             .flush(&self.tokenizer)
@@ -364,10 +448,25 @@ impl Engine for GgufEngine {
         if !tail.is_empty() {
             sink(Output::Delta(tail)).map_err(|_| cancelled())?;
         }
-        Ok(Completion {
-            finish_reason: finish,
-            prompt_tokens: prompt.len() as u32,
-            completion_tokens: generated,
-        })
+        self.keep(session, &seen);
+        Ok(usage(finish, generated))
+    }
+}
+
+impl GgufEngine {
+    /// Hands a finished call's cache to the prompt cache.
+    fn keep(&self, session: Session<'_>, seen: &[u32]) {
+        if let Session::Own { cache, .. } = session {
+            let n = cache.len().min(seen.len());
+            self.prompt_cache.store(&self.cache_key, &seen[..n], cache);
+        }
+    }
+
+    /// The model of mesh's own forward pass, when this file runs on it.
+    pub fn llama(&self) -> Option<&Llama> {
+        match &self.weights {
+            Weights::Own(m) => Some(m),
+            Weights::Candle(_) => None,
+        }
     }
 }

@@ -1,7 +1,10 @@
 //! Engines: a loaded model behind one trait, run on a blocking thread by the server.
 //!
 //! - [`builtin`]: small deterministic models for tests and demos without model files.
-//! - [`gguf`]: text generation from GGUF files (candle quantized models).
+//! - [`gguf`]: text generation from GGUF files: tokenizer, template, sampling loop.
+//! - [`llama`]: mesh's own forward pass for llama-family GGUF, by ranges of layers.
+//! - [`prompt_cache`]: recent calls' key-value caches, reused by prompts that share a prefix.
+//! - [`threads`]: one plan for the compute threads.
 //! - [`bert`]: sentence embeddings from BERT safetensors.
 //! - [`text`]: chat templates, incremental detokenization, stop sequences.
 //! - [`upstream`]: a model served by an OpenAI-compatible server, offered to the mesh.
@@ -9,7 +12,10 @@
 pub mod bert;
 pub mod builtin;
 pub mod gguf;
+pub mod llama;
+pub mod prompt_cache;
 pub mod text;
+pub mod threads;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -32,6 +38,35 @@ pub struct Completion {
     pub finish_reason: FinishReason,
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// Prompt tokens whose keys and values came from the prompt cache, not computed.
+    pub cached_tokens: u32,
+}
+
+/// How engines are loaded: shared by every model of a node.
+#[derive(Clone)]
+pub struct EngineOptions {
+    /// Calls one model runs at once.
+    pub max_concurrency: u32,
+    /// What quantized weights without a SIMD kernel become at load.
+    pub weight_format: llama::WeightFormat,
+    /// The node's prompt cache (one budget for all models).
+    pub prompt_cache: Arc<prompt_cache::PromptCache>,
+}
+
+/// The prompt cache's size when none is given: room for a few long conversations.
+pub const DEFAULT_PROMPT_CACHE_MIB: usize = 256;
+
+impl EngineOptions {
+    /// The defaults, with `max_concurrency` calls at once.
+    pub fn new(max_concurrency: u32) -> EngineOptions {
+        EngineOptions {
+            max_concurrency,
+            weight_format: llama::WeightFormat::default(),
+            prompt_cache: Arc::new(prompt_cache::PromptCache::new(
+                DEFAULT_PROMPT_CACHE_MIB << 20,
+            )),
+        }
+    }
 }
 
 /// Where an engine sends its output. `Err` means nobody is listening any more: stop.
@@ -114,6 +149,16 @@ pub fn load(
     models_dir: &std::path::Path,
     max_concurrency: u32,
 ) -> Result<SharedEngine, LoadError> {
+    load_with(spec, models_dir, &EngineOptions::new(max_concurrency))
+}
+
+/// [`load`] with every option given.
+pub fn load_with(
+    spec: &ModelSpec,
+    models_dir: &std::path::Path,
+    options: &EngineOptions,
+) -> Result<SharedEngine, LoadError> {
+    let max_concurrency = options.max_concurrency;
     let fail = |reason: String| LoadError {
         name: spec.name.clone(),
         source_spec: spec.source.clone(),
@@ -146,7 +191,7 @@ pub fn load(
         None => std::path::PathBuf::from(&spec.source),
     };
     // Model loaders parse untrusted files: a panic in one is a load error, not a crash.
-    let loaded = std::panic::catch_unwind(|| load_path(&spec.name, &path, max_concurrency))
+    let loaded = std::panic::catch_unwind(|| load_path(&spec.name, &path, options))
         .unwrap_or_else(|_| Err("the loader panicked on this file (corrupt?)".into()));
     let mut engine = loaded.map_err(fail)?;
     if let Some(known) = crate::models::find_known(&spec.source) {
@@ -178,7 +223,12 @@ impl Loaded {
     }
 }
 
-fn load_path(name: &str, path: &std::path::Path, max_concurrency: u32) -> Result<Loaded, String> {
+fn load_path(
+    name: &str,
+    path: &std::path::Path,
+    options: &EngineOptions,
+) -> Result<Loaded, String> {
+    let max_concurrency = options.max_concurrency;
     let meta =
         std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     if meta.is_dir() {
@@ -196,8 +246,7 @@ fn load_path(name: &str, path: &std::path::Path, max_concurrency: u32) -> Result
         .and_then(|mut f| f.read_exact(&mut magic))
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     if &magic == b"GGUF" {
-        return gguf::GgufEngine::load(name, path, max_concurrency)
-            .map(|e| Loaded::Gguf(Box::new(e)));
+        return gguf::GgufEngine::load(name, path, options).map(|e| Loaded::Gguf(Box::new(e)));
     }
     Err("not a GGUF file (no GGUF magic) and not a model directory".into())
 }

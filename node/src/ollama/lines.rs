@@ -219,6 +219,7 @@ mod tests {
         let usage = Usage {
             prompt_tokens: 12,
             completion_tokens: 7,
+            cached_tokens: 0,
             time_to_first_token_ms: 40,
             total_ms: 140,
         };

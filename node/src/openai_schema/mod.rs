@@ -196,11 +196,28 @@ pub struct Usage {
     pub completion_tokens: u32,
     pub prompt_tokens: u32,
     pub total_tokens: u32,
+    /// OpenAI's `prompt_tokens_details`: here, the prompt tokens the prompt cache supplied.
+    /// Sent only when some were.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+/// How the prompt's tokens were obtained.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: u32,
 }
 
 impl From<&mesh_protocol::Usage> for Usage {
     fn from(u: &mesh_protocol::Usage) -> Usage {
-        Usage::new(u.prompt_tokens, u.completion_tokens)
+        let mut usage = Usage::new(u.prompt_tokens, u.completion_tokens);
+        if u.cached_tokens > 0 {
+            usage.prompt_tokens_details = Some(PromptTokensDetails {
+                cached_tokens: u.cached_tokens,
+            });
+        }
+        usage
     }
 }
 
@@ -210,6 +227,7 @@ impl Usage {
             completion_tokens,
             prompt_tokens,
             total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens_details: None,
         }
     }
 }

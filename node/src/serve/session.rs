@@ -380,6 +380,7 @@ where
         let usage = Usage {
             prompt_tokens: completion.prompt_tokens,
             completion_tokens: completion.completion_tokens,
+            cached_tokens: completion.cached_tokens,
             time_to_first_token_ms: finished.time_to_first_output.as_millis() as u64,
             total_ms: finished.total.as_millis() as u64,
         };

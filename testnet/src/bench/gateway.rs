@@ -28,8 +28,10 @@ pub async fn run(
         .map(PathBuf::from)
         .ok_or_else(|| anyhow::anyhow!("set MESH_MODELS (testnet/bench.sh does)"))?;
     let path = models.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let smol: SharedEngine =
-        Arc::new(GgufEngine::load("smol", &path, 2).map_err(anyhow::Error::msg)?);
+    let smol: SharedEngine = Arc::new(
+        GgufEngine::load("smol", &path, &mesh_node::engine::EngineOptions::new(2))
+            .map_err(anyhow::Error::msg)?,
+    );
     let echo: SharedEngine = Arc::new(Echo::new("echo", Duration::ZERO, 8));
 
     let mut a_config = loopback_config(vec![]);

@@ -1,11 +1,14 @@
 //! Real-model throughput, in-process: SmolLM2 generation and MiniLM embeddings.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mesh_node::engine::bert::BertEngine;
 use mesh_node::engine::gguf::GgufEngine;
-use mesh_node::engine::{Engine, Output};
+use mesh_node::engine::llama::WeightFormat;
+use mesh_node::engine::prompt_cache::PromptCache;
+use mesh_node::engine::{Engine, EngineOptions, Output};
 use mesh_protocol::{ChatMessage, InferRequest, Input, Role, SamplingParams};
 use tokio_util::sync::CancellationToken;
 
@@ -22,38 +25,53 @@ fn models_dir() -> anyhow::Result<PathBuf> {
         })
 }
 
-/// Greedy generation of up to `tokens` tokens, `runs` times after one warm-up run.
-pub fn generate(tokens: u32, runs: usize) -> anyhow::Result<Vec<serde_json::Value>> {
-    let path = models_dir()?.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let load_start = Instant::now();
-    let engine = GgufEngine::load("smol", &path, 1).map_err(anyhow::Error::msg)?;
-    let load_ms = load_start.elapsed().as_millis();
-    let input = Input::Chat {
-        messages: vec![ChatMessage {
-            role: Role::User,
-            content: STORY_PROMPT.into(),
-        }],
-    };
-    let prompt_text = engine.prompt_text(&input)?;
-    let request = InferRequest {
+/// A text of about `words` words for the long-prompt cases: numbered sentences, so that no
+/// two stretches tokenize alike.
+fn long_text(words: usize) -> String {
+    let mut text = String::from("Summarize these notes in one sentence.\n");
+    let mut i = 0;
+    while text.split_whitespace().count() < words {
+        i += 1;
+        text.push_str(&format!(
+            "Note {i}: the robot painted canvas number {i} in shades of blue and grey, then \
+             wrote down what it had learned about light, colour and patience. "
+        ));
+    }
+    text
+}
+
+fn chat(text: &str, tokens: u32) -> InferRequest {
+    InferRequest {
         model: "smol".into(),
-        input,
+        input: Input::Chat {
+            messages: vec![ChatMessage {
+                role: Role::User,
+                content: text.into(),
+            }],
+        },
         params: SamplingParams {
             max_tokens: tokens,
             ..Default::default()
         },
         deadline_ms: None,
         token: None,
-    };
+    }
+}
+
+/// One case's figures over `runs` timed runs (after one untimed warm-up run).
+fn measure(
+    engine: &GgufEngine,
+    request: &InferRequest,
+    runs: usize,
+) -> anyhow::Result<serde_json::Value> {
     let mut ttft = Vec::new();
     let mut decode_tps = Vec::new();
-    let mut generated = 0;
-    let mut prompt_tokens = 0;
+    let (mut generated, mut prompt_tokens, mut cached) = (0, 0, 0);
     for run in 0..=runs {
         let start = Instant::now();
         let mut first = None;
         let done = engine.run(
-            &request,
+            request,
             &mut |o| {
                 if let Output::Delta(_) = o {
                     first.get_or_insert_with(|| start.elapsed());
@@ -67,21 +85,72 @@ pub fn generate(tokens: u32, runs: usize) -> anyhow::Result<Vec<serde_json::Valu
         if run == 0 {
             continue; // warm-up
         }
-        generated = done.completion_tokens;
-        prompt_tokens = done.prompt_tokens;
+        (generated, prompt_tokens, cached) = (
+            done.completion_tokens,
+            done.prompt_tokens,
+            done.cached_tokens,
+        );
         ttft.push(first);
         let decode = (total - first).as_secs_f64();
         decode_tps.push(f64::from(done.completion_tokens.saturating_sub(1)) / decode);
     }
     decode_tps.sort_by(f64::total_cmp);
     let ttft = Stats::of(&ttft);
-    Ok(vec![serde_json::json!({
-        "bench": "generate", "engine": "mesh (candle)", "load_ms": load_ms,
-        "prompt_tokens": prompt_tokens, "completion_tokens": generated, "runs": runs,
+    Ok(serde_json::json!({
+        "prompt_tokens": prompt_tokens, "cached_tokens": cached,
+        "completion_tokens": generated, "runs": runs,
         "ttft_p50_ms": ttft.p50_us as f64 / 1000.0,
         "decode_tokens_per_s_median": decode_tps[decode_tps.len() / 2],
-        "prompt_text": prompt_text,
-    })])
+    }))
+}
+
+fn load_smol(format: WeightFormat, cache_mib: usize) -> anyhow::Result<(GgufEngine, u128)> {
+    let path = models_dir()?.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let options = EngineOptions {
+        max_concurrency: 1,
+        weight_format: format,
+        prompt_cache: Arc::new(PromptCache::new(cache_mib << 20)),
+    };
+    let load_start = Instant::now();
+    let engine = GgufEngine::load("smol", &path, &options).map_err(anyhow::Error::msg)?;
+    Ok((engine, load_start.elapsed().as_millis()))
+}
+
+/// SmolLM2, greedy, in-process. The cases, each written with its prompt text to
+/// `prompt_dir/CASE.txt` so llama.cpp can be given exactly the same text:
+/// - `fresh`: the 42-token story prompt, no prompt cache, `tokens` tokens;
+/// - `repeat`: the same prompt again with the prompt cache on (time to first token);
+/// - `long`: a prompt of about 1,000 tokens, no cache (time to first token);
+/// - `deep`: a prompt of about 2,000 tokens, then 64 tokens decoded there.
+pub fn generate(
+    tokens: u32,
+    runs: usize,
+    format: WeightFormat,
+    prompt_dir: Option<&std::path::Path>,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let (fresh_engine, load_ms) = load_smol(format, 0)?;
+    let (cached_engine, _) = load_smol(format, 64)?;
+    let cases: [(&str, String, u32, &GgufEngine); 4] = [
+        ("fresh", STORY_PROMPT.to_string(), tokens, &fresh_engine),
+        ("repeat", STORY_PROMPT.to_string(), 16, &cached_engine),
+        ("long", long_text(620), 16, &fresh_engine),
+        ("deep", long_text(1240), 64, &fresh_engine),
+    ];
+    let mut out = Vec::new();
+    for (case, text, max_tokens, engine) in cases {
+        let request = chat(&text, max_tokens);
+        if let Some(dir) = prompt_dir {
+            let prompt = engine.prompt_text(&request.input)?;
+            std::fs::write(dir.join(format!("{case}.txt")), prompt)?;
+        }
+        let mut line = measure(engine, &request, runs)?;
+        line["bench"] = "generate".into();
+        line["case"] = case.into();
+        line["engine"] = format!("mesh ({format} weights)").into();
+        line["load_ms"] = (load_ms as u64).into();
+        out.push(line);
+    }
+    Ok(out)
 }
 
 /// Sentences for the embedding benchmark (varied lengths, 8 to 20 words).

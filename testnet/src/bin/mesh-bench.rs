@@ -1,15 +1,18 @@
 //! Benchmarks that need real swarms or real models. Prints one JSON object per measurement.
 //!
 //!   mesh-bench network [--calls N] [--seconds S]   tiny calls: mesh vs HTTP/1.1 keep-alive
-//!   mesh-bench generate [--tokens N] [--runs R]    SmolLM2 time to first token and tokens/s
+//!   mesh-bench generate [--tokens N] [--runs R] [--weights q8_0|q4_0|original] [--prompt-dir D]
+//!                                                  SmolLM2 time to first token and tokens/s:
+//!                                                  fresh, repeated, 1,000- and 2,000-token
+//!                                                  prompts; writes each prompt to D/CASE.txt
 //!   mesh-bench embed [--seconds S]                 MiniLM embeddings/s at batch 1, 8, 32
 //!   mesh-bench gateway [--runs R] [--seconds S]    OpenAI gateway: overhead and requests/s
 //!   mesh-bench load --api URL --via gateway|mesh --model M [--calls N] [--deadline-secs S]
 //!                                                  N calls at once at a running node's API;
 //!                                                  exits 1 if one failed or hung
 //!
-//! Built in the same profile as the tests (dependencies optimised): `testnet/bench.sh` runs
-//! it side by side with the reference implementations.
+//! `testnet/bench.sh` builds it in the release profile, as `cargo install` builds mesh, and
+//! runs it side by side with the reference implementations.
 
 use std::time::Duration;
 
@@ -114,7 +117,14 @@ async fn main() -> anyhow::Result<()> {
         Some("generate") => {
             let tokens = arg(&args, "--tokens", 128)? as u32;
             let runs = arg(&args, "--runs", 5)? as usize;
-            for line in bench::models::generate(tokens, runs)? {
+            let format = match text_arg(&args, "--weights") {
+                Ok(f) => f.parse().map_err(anyhow::Error::msg)?,
+                Err(_) => Default::default(),
+            };
+            let dir = text_arg(&args, "--prompt-dir")
+                .ok()
+                .map(std::path::Path::new);
+            for line in bench::models::generate(tokens, runs, format, dir)? {
                 println!("{line}");
             }
         }

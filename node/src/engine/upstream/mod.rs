@@ -199,6 +199,7 @@ impl Upstream {
             finish_reason: FinishReason::Complete,
             prompt_tokens,
             completion_tokens: 0,
+            cached_tokens: 0,
         })
     }
 }

@@ -175,6 +175,7 @@ impl Answer {
             finish_reason: self.finish.unwrap_or(FinishReason::Stop),
             prompt_tokens,
             completion_tokens,
+            cached_tokens: 0,
         }
     }
 }
@@ -296,6 +297,7 @@ mod tests {
                     finish_reason: FinishReason::Length,
                     prompt_tokens: 12,
                     completion_tokens: 3,
+                    cached_tokens: 0,
                 },
                 "pieces of {size}"
             );

@@ -1,0 +1,389 @@
+//! mesh's own forward pass for llama-family GGUF models (SmolLM2, Llama, Mistral-style).
+//!
+//! The model is three separate steps, with hidden states in and out, so that a range of layers
+//! can run anywhere:
+//! - [`Llama::embed`]: token ids to hidden states;
+//! - [`Llama::forward_layers`]: the layers of a [`KvCache`]'s range over hidden states, at the
+//!   cache's next positions;
+//! - [`Llama::logits`]: the final norm and the output head, for one row.
+//!
+//! [`Llama::forward_tokens`] chains the three over the whole model, in chunks of at most
+//! [`PREFILL_CHUNK`] tokens so a long prompt's activations stay bounded.
+//!
+//! What makes it fast on a CPU: weights converted at load to a type with a SIMD kernel
+//! ([`weights`]); Q, K and V as one matrix, gate and up as one; a cache appended in place
+//! and read in place by grouped-query attention ([`attention`]); every parallel step on
+//! candle's compute pool, the one set of threads ([`kernels::parallel_for`]).
+
+pub mod attention;
+pub mod config;
+pub mod kernels;
+pub mod kv_cache;
+pub mod weights;
+
+use std::io::{Read, Seek};
+use std::ops::Range;
+
+use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::QTensor;
+use candle_core::Device;
+
+pub use config::LlamaConfig;
+pub use kv_cache::KvCache;
+pub use weights::WeightFormat;
+
+use attention::Heads;
+use kernels::Rope;
+use weights::{vector, QLinear};
+
+/// Most prompt tokens computed in one step.
+pub const PREFILL_CHUNK: usize = 128;
+
+/// Hidden states: `rows` positions of `width` floats each.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hidden {
+    pub rows: usize,
+    pub data: Vec<f32>,
+}
+
+/// Matrices over one input whose outputs are used side by side (Q|K|V, gate|up): one fused
+/// matrix when they share a type, else one each.
+struct Projection {
+    parts: Vec<QLinear>,
+    width: usize,
+}
+
+impl Projection {
+    fn load(tensors: &[&QTensor], format: WeightFormat) -> Result<Projection, String> {
+        let held: Vec<_> = tensors
+            .iter()
+            .map(|t| weights::held_type(t.dtype(), format))
+            .collect();
+        let parts = if held.iter().all(|d| *d == held[0]) {
+            vec![QLinear::fused(tensors, format)?]
+        } else {
+            tensors
+                .iter()
+                .map(|t| QLinear::new(t, format))
+                .collect::<Result<_, _>>()?
+        };
+        let width = parts.iter().map(QLinear::rows).sum();
+        Ok(Projection { parts, width })
+    }
+
+    /// `out[m × width]`, each row the parts' outputs side by side.
+    fn forward(
+        &self,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+        spare: &mut Vec<f32>,
+    ) -> Result<(), String> {
+        if let [only] = self.parts.as_slice() {
+            return only.forward(x, m, out);
+        }
+        let mut offset = 0;
+        for part in &self.parts {
+            let n = part.rows();
+            spare.resize(m * n, 0.0);
+            part.forward(x, m, spare)?;
+            for t in 0..m {
+                out[t * self.width + offset..][..n].copy_from_slice(&spare[t * n..][..n]);
+            }
+            offset += n;
+        }
+        Ok(())
+    }
+
+    fn bytes(&self) -> usize {
+        self.parts.iter().map(QLinear::bytes).sum()
+    }
+}
+
+struct Block {
+    attn_norm: Vec<f32>,
+    qkv: Projection,
+    attn_out: QLinear,
+    ffn_norm: Vec<f32>,
+    gate_up: Projection,
+    down: QLinear,
+}
+
+/// A loaded llama-family model. Immutable: every call brings its own [`KvCache`].
+pub struct Llama {
+    config: LlamaConfig,
+    heads: Heads,
+    rope: Rope,
+    embedding: QLinear,
+    blocks: Vec<Block>,
+    output_norm: Vec<f32>,
+    /// `None`: the head is tied to the embedding.
+    output: Option<QLinear>,
+    format: WeightFormat,
+}
+
+/// Buffers of one forward step, sized for its rows.
+#[derive(Default)]
+struct Scratch {
+    normed: Vec<f32>,
+    qkv: Vec<f32>,
+    attended: Vec<f32>,
+    projected: Vec<f32>,
+    gate_up: Vec<f32>,
+    activated: Vec<f32>,
+    spare: Vec<f32>,
+    angles: Vec<Vec<f32>>,
+}
+
+impl Llama {
+    /// Reads the weights that `content` describes from `file`, converting them per `format`.
+    pub fn load<R: Read + Seek>(
+        content: &Content,
+        file: &mut R,
+        format: WeightFormat,
+    ) -> Result<Llama, String> {
+        let config = LlamaConfig::from_gguf(content)?;
+        let mut tensor = |name: &str| -> Result<QTensor, String> {
+            content
+                .tensor(file, name, &Device::Cpu)
+                .map_err(|e| format!("tensor {name}: {e}"))
+        };
+        let rope_factors = match content.tensor_infos.contains_key("rope_freqs.weight") {
+            true => Some(vector(&tensor("rope_freqs.weight")?)?),
+            false => None,
+        };
+        let embedding = QLinear::new(&tensor("token_embd.weight")?, format)?;
+        if embedding.cols() != config.width {
+            return Err(format!(
+                "token_embd.weight is {} wide; the metadata says {}",
+                embedding.cols(),
+                config.width
+            ));
+        }
+        let output = match content.tensor_infos.contains_key("output.weight") {
+            true => Some(QLinear::new(&tensor("output.weight")?, format)?),
+            false => None,
+        };
+        let output_norm = vector(&tensor("output_norm.weight")?)?;
+        let heads = Heads {
+            heads: config.heads,
+            kv_heads: config.kv_heads,
+            head_dim: config.head_dim,
+            scale: 1.0 / (config.head_dim as f32).sqrt(),
+        };
+        let mut blocks = Vec::with_capacity(config.layers);
+        for i in 0..config.layers {
+            let mut t = |part: &str| tensor(&format!("blk.{i}.{part}.weight"));
+            let (q, k, v) = (t("attn_q")?, t("attn_k")?, t("attn_v")?);
+            let qkv = Projection::load(&[&q, &k, &v], format)?;
+            let (gate, up) = (t("ffn_gate")?, t("ffn_up")?);
+            let gate_up = Projection::load(&[&gate, &up], format)?;
+            let block = Block {
+                attn_norm: vector(&t("attn_norm")?)?,
+                qkv,
+                attn_out: QLinear::new(&t("attn_output")?, format)?,
+                ffn_norm: vector(&t("ffn_norm")?)?,
+                gate_up,
+                down: QLinear::new(&t("ffn_down")?, format)?,
+            };
+            let want_qkv = heads.q_width() + 2 * heads.kv_width();
+            if block.qkv.width != want_qkv
+                || block.gate_up.width != 2 * config.ffn_width
+                || block.attn_norm.len() != config.width
+                || block.down.rows() != config.width
+            {
+                return Err(format!(
+                    "layer {i}'s tensors do not match the metadata's shape"
+                ));
+            }
+            blocks.push(block);
+        }
+        let rope = Rope::new(
+            config.rope_dims,
+            config.rope_theta,
+            config.rope_style,
+            rope_factors.as_deref(),
+            config.rope_linear_scale,
+        );
+        Ok(Llama {
+            config,
+            heads,
+            rope,
+            embedding,
+            blocks,
+            output_norm,
+            output,
+            format,
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    pub fn format(&self) -> WeightFormat {
+        self.format
+    }
+
+    /// Entries in the vocabulary (rows of the output head).
+    pub fn vocab(&self) -> usize {
+        self.head().rows()
+    }
+
+    /// Bytes of weights held.
+    pub fn weight_bytes(&self) -> usize {
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| b.qkv.bytes() + b.attn_out.bytes() + b.gate_up.bytes() + b.down.bytes())
+            .sum();
+        blocks + self.embedding.bytes() + self.output.as_ref().map_or(0, QLinear::bytes)
+    }
+
+    fn head(&self) -> &QLinear {
+        self.output.as_ref().unwrap_or(&self.embedding)
+    }
+
+    /// An empty cache for `layers`, with room for `capacity` positions.
+    pub fn new_cache(&self, layers: Range<usize>, capacity: usize) -> KvCache {
+        KvCache::new(layers, self.heads.kv_width(), capacity)
+    }
+
+    /// Hidden states of `tokens` before the first layer.
+    pub fn embed(&self, tokens: &[u32]) -> Result<Hidden, String> {
+        let width = self.config.width;
+        let mut data = vec![0f32; tokens.len() * width];
+        for (t, id) in tokens.iter().enumerate() {
+            self.embedding
+                .row(*id as usize, &mut data[t * width..][..width])?;
+        }
+        Ok(Hidden {
+            rows: tokens.len(),
+            data,
+        })
+    }
+
+    /// Runs the cache's layers over `hidden`, whose rows are the positions from
+    /// `cache.len()` on, and records their keys and values in the cache.
+    pub fn forward_layers(&self, cache: &mut KvCache, hidden: &mut Hidden) -> Result<(), String> {
+        let layers = cache.layers();
+        let (m, start) = (hidden.rows, cache.len());
+        if layers.end > self.blocks.len() || layers.start > layers.end {
+            return Err(format!(
+                "layers {layers:?} are not in this model of {}",
+                self.blocks.len()
+            ));
+        }
+        if hidden.data.len() != m * self.config.width {
+            return Err("hidden states of the wrong width".into());
+        }
+        if start + m > self.config.context {
+            return Err(format!(
+                "positions up to {} are past the context of {}",
+                start + m,
+                self.config.context
+            ));
+        }
+        let mut s = Scratch {
+            angles: (0..m)
+                .map(|t| {
+                    let mut cs = Vec::new();
+                    self.rope.angles(start + t, &mut cs);
+                    cs
+                })
+                .collect(),
+            ..Scratch::default()
+        };
+        for layer in layers {
+            self.block(layer, cache, hidden, start, &mut s)?;
+        }
+        cache.set_len(start + m);
+        Ok(())
+    }
+
+    fn block(
+        &self,
+        layer: usize,
+        cache: &mut KvCache,
+        hidden: &mut Hidden,
+        start: usize,
+        s: &mut Scratch,
+    ) -> Result<(), String> {
+        let b = &self.blocks[layer];
+        let (m, d) = (hidden.rows, self.config.width);
+        let (hd, qw, kvw) = (
+            self.heads.head_dim,
+            self.heads.q_width(),
+            self.heads.kv_width(),
+        );
+        let eps = self.config.rms_eps;
+
+        s.normed.resize(m * d, 0.0);
+        kernels::rms_norm(&hidden.data, &b.attn_norm, eps, &mut s.normed);
+        let stride = b.qkv.width;
+        s.qkv.resize(m * stride, 0.0);
+        b.qkv.forward(&s.normed, m, &mut s.qkv, &mut s.spare)?;
+        let lc = cache.layer_mut(layer);
+        for t in 0..m {
+            let row = &mut s.qkv[t * stride..][..stride];
+            for head in row[..qw + kvw].chunks_exact_mut(hd) {
+                self.rope.apply(head, &s.angles[t]);
+            }
+            lc.push(&row[qw..qw + kvw], &row[qw + kvw..]);
+        }
+        s.attended.resize(m * qw, 0.0);
+        attention::attend(self.heads, &s.qkv, stride, m, start, lc, &mut s.attended);
+        s.projected.resize(m * d, 0.0);
+        b.attn_out.forward(&s.attended, m, &mut s.projected)?;
+        kernels::add_assign(&mut hidden.data, &s.projected);
+
+        kernels::rms_norm(&hidden.data, &b.ffn_norm, eps, &mut s.normed);
+        let f = self.config.ffn_width;
+        s.gate_up.resize(m * 2 * f, 0.0);
+        b.gate_up
+            .forward(&s.normed, m, &mut s.gate_up, &mut s.spare)?;
+        s.activated.resize(m * f, 0.0);
+        for t in 0..m {
+            let (gate, up) = s.gate_up[t * 2 * f..][..2 * f].split_at(f);
+            kernels::silu_mul(gate, up, &mut s.activated[t * f..][..f]);
+        }
+        b.down.forward(&s.activated, m, &mut s.projected)?;
+        kernels::add_assign(&mut hidden.data, &s.projected);
+        Ok(())
+    }
+
+    /// The next-token logits of row `row` of `hidden` (after the last layer).
+    pub fn logits(&self, hidden: &Hidden, row: usize) -> Result<Vec<f32>, String> {
+        let d = self.config.width;
+        if row >= hidden.rows {
+            return Err(format!("row {row} of {}", hidden.rows));
+        }
+        let mut normed = vec![0f32; d];
+        kernels::rms_norm(
+            &hidden.data[row * d..][..d],
+            &self.output_norm,
+            self.config.rms_eps,
+            &mut normed,
+        );
+        let head = self.head();
+        let mut logits = vec![0f32; head.rows()];
+        head.forward(&normed, 1, &mut logits)?;
+        Ok(logits)
+    }
+
+    /// Runs `tokens` through the whole model at the cache's next positions (in chunks) and
+    /// returns the logits after the last one. The cache must cover every layer.
+    pub fn forward_tokens(&self, cache: &mut KvCache, tokens: &[u32]) -> Result<Vec<f32>, String> {
+        if cache.layers() != (0..self.blocks.len()) {
+            return Err("a whole-model step needs a cache of every layer".into());
+        }
+        let mut last = None;
+        for chunk in tokens.chunks(PREFILL_CHUNK) {
+            let mut hidden = self.embed(chunk)?;
+            self.forward_layers(cache, &mut hidden)?;
+            last = Some(hidden);
+        }
+        let hidden = last.ok_or("no tokens to run")?;
+        self.logits(&hidden, hidden.rows - 1)
+    }
+}
