@@ -26,10 +26,16 @@ fn load(format: WeightFormat, cache_mib: usize) -> GgufEngine {
     GgufEngine::load("smol", &smollm2(), &options).expect("SmolLM2 loads")
 }
 
-/// The default engine (Q8_0 weights), without and with a prompt cache; loaded once.
+/// The default engine (the file's own Q4_1 weights), without and with a prompt cache; loaded
+/// once.
 fn engines() -> &'static (GgufEngine, GgufEngine) {
     static ENGINES: OnceLock<(GgufEngine, GgufEngine)> = OnceLock::new();
-    ENGINES.get_or_init(|| (load(WeightFormat::Q8_0, 0), load(WeightFormat::Q8_0, 64)))
+    ENGINES.get_or_init(|| {
+        (
+            load(WeightFormat::default(), 0),
+            load(WeightFormat::default(), 64),
+        )
+    })
 }
 
 fn chat(messages: &[(Role, &str)], max_tokens: u32) -> InferRequest {
@@ -113,24 +119,31 @@ fn teacher_forced(model: &Llama, prompt: &[u32], answer: &[u32]) -> Vec<Vec<f32>
     out
 }
 
-/// Logits closer than this are a tie that rounding may break either way (SmolLM2's logits
-/// span about 30).
-const TIE: f32 = 0.3;
+/// A step whose top two logits (llama.cpp's own) are closer than this is a near tie, which
+/// rounding may break either way: llama.cpp itself breaks such a tie differently when it
+/// evaluates the answer in one batch rather than token by token.
+const NEAR_TIE: f32 = 0.3;
+
+/// How far the gaps between llama.cpp's five best logits may differ in mesh, with the file's own
+/// weights. llama.cpp differs from itself by up to 0.51 on these steps when it keeps its cache
+/// in f32 rather than f16, and by 0.65 with its flash attention (measured with
+/// llama-cpp-python 0.3.36, docs/adr/0010-weights-converted-at-load.md); mesh, with an f16
+/// cache like llama.cpp's default, measured 0.43.
+const LOGIT_TOLERANCE: f32 = 0.6;
 
 #[test]
 fn greedy_tokens_equal_llama_cpps_on_the_golden_prompts() {
-    // Fixture written by testnet/reference/llama_cpp_greedy.py: llama.cpp on the same file.
-    // Each step is fed llama.cpp's tokens so far; mesh's top token must be llama.cpp's, except
-    // at a near tie, where any two implementations may differ (candle-transformers breaks the
-    // same ties the same way as mesh: see the next test).
+    // Fixture written by testnet/reference/llama_cpp_greedy.py: llama.cpp on the same file,
+    // token by token, with its five best tokens and their logits at each step.
     let fixture: serde_json::Value =
         serde_json::from_str(include_str!("fixtures/smollm2_greedy.json")).unwrap();
     let cases = fixture["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 3);
-    let original = load(WeightFormat::Original, 0);
-    for engine in [&original, &engines().0] {
+    let converted = load(WeightFormat::Q8_0, 0);
+    for engine in [&engines().0, &converted] {
         let model = engine.llama().expect("SmolLM2 runs on mesh's forward pass");
-        let (mut steps, mut ties) = (0, 0);
+        let own_weights = model.format() == WeightFormat::Original;
+        let (mut steps, mut decided, mut worst) = (0, 0, 0f32);
         for case in cases {
             let request = chat(&[(Role::User, case["question"].as_str().unwrap())], 32);
             assert_eq!(
@@ -140,26 +153,57 @@ fn greedy_tokens_equal_llama_cpps_on_the_golden_prompts() {
             let prompt = engine.encode_prompt(&request.input).unwrap();
             assert_eq!(prompt, ids(&case["prompt_ids"]));
             let want = ids(&case["greedy_ids"]);
+            let margins: Vec<f32> = case["margins"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m.as_f64().unwrap() as f32)
+                .collect();
+            // Each step fed llama.cpp's tokens so far: mesh picks llama.cpp's token wherever
+            // llama.cpp itself is not at a near tie, and its logits stay close to llama.cpp's.
             for (step, logits) in teacher_forced(model, &prompt, &want).iter().enumerate() {
-                let (ours, theirs) = (argmax(logits), want[step]);
                 steps += 1;
-                if ours != theirs {
-                    let gap = logits[ours as usize] - logits[theirs as usize];
-                    assert!(
-                        gap < TIE,
-                        "{} weights, {:?}, step {step}: {ours} over llama.cpp's {theirs} by {gap}",
+                // Each of llama.cpp's five best, as its distance below llama.cpp's best: the
+                // numbers that decide what is sampled.
+                let top = case["top"][step].as_array().unwrap();
+                let logit = |i: usize| {
+                    let (id, l) = (&top[i][0], &top[i][1]);
+                    (id.as_u64().unwrap() as usize, l.as_f64().unwrap() as f32)
+                };
+                let (best, best_logit) = logit(0);
+                for i in 1..top.len() {
+                    let (id, theirs) = logit(i);
+                    let ours = logits[id] - logits[best];
+                    worst = worst.max((ours - (theirs - best_logit)).abs());
+                }
+                if margins[step] >= NEAR_TIE {
+                    decided += 1;
+                    assert_eq!(
+                        argmax(logits),
+                        want[step],
+                        "{} weights, {:?}, step {step} (llama.cpp's margin {})",
                         model.format(),
-                        case["question"]
+                        case["question"],
+                        margins[step]
                     );
-                    ties += 1;
                 }
             }
-            // Free-running, the answer is llama.cpp's up to its first near tie at least.
+            // Free-running, the answer is llama.cpp's at least up to llama.cpp's first near tie.
             let got = greedy(model, &prompt, 32);
             let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
-            assert!(same >= 7.min(want.len()), "{same} tokens equal");
+            let first_tie = margins
+                .iter()
+                .position(|m| *m < NEAR_TIE)
+                .unwrap_or(want.len());
+            assert!(
+                same >= first_tie,
+                "{} weights, {:?}: {same} tokens equal, llama.cpp's first near tie at {first_tie}",
+                model.format(),
+                case["question"]
+            );
             eprintln!(
-                "{} weights, {:?}: the first {same} of {} greedy tokens equal llama.cpp's",
+                "{} weights, {:?}: the first {same} of {} greedy tokens equal llama.cpp's \
+                 (its first near tie: step {first_tie})",
                 model.format(),
                 case["question"],
                 want.len()
@@ -169,10 +213,13 @@ fn greedy_tokens_equal_llama_cpps_on_the_golden_prompts() {
             assert_eq!(text, engine.tokenizer().decode(&got, true).unwrap());
         }
         eprintln!(
-            "{} weights: {ties} near ties in {steps} steps",
+            "{} weights: llama.cpp's token at all {decided} decided steps of {steps}; \
+             worst difference in the gaps between its top five {worst:.3}",
             model.format()
         );
-        assert!(ties * 10 <= steps, "{ties} near ties in {steps} steps");
+        if own_weights {
+            assert!(worst < LOGIT_TOLERANCE, "worst gap difference {worst}");
+        }
     }
 }
 
@@ -216,14 +263,18 @@ fn running_layers_0_to_k_then_k_to_n_equals_running_0_to_n() {
 
 #[test]
 fn converted_weights_keep_the_original_files_logits() {
-    // Q4_1 has no SIMD kernel; the default holds it as Q8_0. Over a fixed text, the converted
+    // `--weights q8_0` converts the file's Q4_1 to Q8_0. Over a fixed text, the converted
     // model's logits stay within a measured tolerance of the original file's.
-    let engine = &engines().0;
-    let original = load(WeightFormat::Original, 0);
-    let (q8, q4) = (engine.llama().unwrap(), original.llama().unwrap());
+    let converted = load(WeightFormat::Q8_0, 0);
+    let (q8, q4) = (converted.llama().unwrap(), engines().0.llama().unwrap());
+    assert_eq!(
+        q4.format(),
+        WeightFormat::Original,
+        "the default keeps the file's weights"
+    );
     let text = "The quick brown fox jumps over the lazy dog. Paris is the capital of France, \
                 and the Seine runs through it.";
-    let prompt = engine
+    let prompt = converted
         .tokenizer()
         .encode(text, false)
         .unwrap()
@@ -463,7 +514,7 @@ fn mesh_forward_agrees_with_candle_transformers_on_the_original_weights() {
             steps += 1;
             let (a, b) = (argmax(ours), argmax(&theirs));
             assert!(
-                a == b || (ours[a as usize] - ours[b as usize]).abs() < TIE,
+                a == b || (ours[a as usize] - ours[b as usize]).abs() < NEAR_TIE,
                 "step {step}: mesh {a}, candle-transformers {b}"
             );
         }

@@ -5,12 +5,14 @@
 //! - [`llama`]: mesh's own forward pass for llama-family GGUF, by ranges of layers.
 //! - [`prompt_cache`]: recent calls' key-value caches, reused by prompts that share a prefix.
 //! - [`threads`]: one plan for the compute threads.
+//! - [`cpu`]: the compute pool and the CPU kernels the engines share.
 //! - [`bert`]: sentence embeddings from BERT safetensors.
 //! - [`text`]: chat templates, incremental detokenization, stop sequences.
 //! - [`upstream`]: a model served by an OpenAI-compatible server, offered to the mesh.
 
 pub mod bert;
 pub mod builtin;
+pub mod cpu;
 pub mod gguf;
 pub mod llama;
 pub mod prompt_cache;

@@ -164,7 +164,7 @@ mod tests {
 
     /// A cache of `tokens.len()` positions whose rows record the token at each position.
     fn cache_of(tokens: &[u32]) -> KvCache {
-        let mut c = KvCache::new(0..1, 2, tokens.len());
+        let mut c = KvCache::new(0..1, 1, 2, tokens.len());
         for t in tokens {
             c.layer_mut(0).push(&[*t as f32, 0.0], &[0.0, *t as f32]);
         }
@@ -172,7 +172,10 @@ mod tests {
         c
     }
 
-    const POSITION: usize = 2 * 2 * 4; // bytes of one position in `cache_of`
+    /// Bytes of a cache of `n` positions made by `cache_of`.
+    fn size(n: usize) -> usize {
+        cache_of(&vec![0; n]).bytes()
+    }
 
     #[test]
     fn a_repeated_or_extended_prompt_reuses_the_common_prefix() {
@@ -183,12 +186,10 @@ mod tests {
         assert_eq!(r.tokens, 3);
         assert_eq!(r.cache.len(), 3);
         // An extension: the whole stored sequence.
-        let mut r = pc.lookup("m", &[1, 2, 3, 4, 5, 6], 10).unwrap();
+        let r = pc.lookup("m", &[1, 2, 3, 4, 5, 6], 10).unwrap();
         assert_eq!(r.tokens, 4);
-        assert_eq!(
-            r.cache.layer_mut(0).keys,
-            vec![1., 0., 2., 0., 3., 0., 4., 0.]
-        );
+        let keys: Vec<f32> = (0..4).map(|p| r.cache.layer(0).key(0, p, 0)).collect();
+        assert_eq!(keys, vec![1., 2., 3., 4.]);
         // A divergence after two tokens.
         assert_eq!(pc.lookup("m", &[1, 2, 9], 10).unwrap().tokens, 2);
         assert!(pc.lookup("m", &[7, 8], 10).is_none());
@@ -210,7 +211,7 @@ mod tests {
         pc.store("m", &[1, 2], cache_of(&[1, 2]));
         pc.store("m", &[1, 2, 3, 4], cache_of(&[1, 2, 3, 4]));
         assert_eq!(pc.stats().entries, 1);
-        assert_eq!(pc.stats().bytes, 4 * POSITION);
+        assert_eq!(pc.stats().bytes, size(4));
         // A shorter sequence already covered is not stored again.
         pc.store("m", &[1, 2, 3], cache_of(&[1, 2, 3]));
         assert_eq!(pc.stats().entries, 1);
@@ -218,20 +219,21 @@ mod tests {
 
     #[test]
     fn the_budget_evicts_the_least_recently_used() {
-        let pc = PromptCache::new(6 * POSITION);
+        let pc = PromptCache::new(3 * size(2));
         pc.store("m", &[1, 1], cache_of(&[1, 1]));
         pc.store("m", &[2, 2], cache_of(&[2, 2]));
         pc.store("m", &[3, 3], cache_of(&[3, 3]));
         // Touch [1, 1]; then a fourth entry pushes out [2, 2], the least recently used.
         pc.lookup("m", &[1, 1, 5], 4).unwrap();
         pc.store("m", &[4, 4], cache_of(&[4, 4]));
-        assert!(pc.stats().bytes <= 6 * POSITION);
+        assert!(pc.stats().bytes <= 3 * size(2));
         assert!(pc.lookup("m", &[2, 2, 5], 4).is_none());
         assert!(pc.lookup("m", &[1, 1, 5], 4).is_some());
         assert!(pc.lookup("m", &[4, 4, 5], 4).is_some());
         // An entry larger than the whole budget is not kept.
-        pc.store("m", &[9; 7], cache_of(&[9; 7]));
-        assert!(pc.lookup("m", &[9; 8], 8).is_none());
+        assert!(size(100) > 3 * size(2));
+        pc.store("m", &[9; 100], cache_of(&[9; 100]));
+        assert!(pc.lookup("m", &[9; 101], 101).is_none());
         // A budget of 0 turns the cache off.
         let off = PromptCache::new(0);
         off.store("m", &[1, 2], cache_of(&[1, 2]));

@@ -1,7 +1,9 @@
 //! One plan for the compute threads: `--threads N` sizes everything that computes.
 //!
-//! - mesh's forward pass and candle's quantized matmuls share candle's compute pool (the
-//!   calling thread plus `N - 1` workers), sized by `CANDLE_NUM_THREADS`;
+//! - mesh's own kernels run on [`super::cpu::Pool`] (the calling thread plus `N - 1`
+//!   workers);
+//! - candle's quantized matmuls (the architectures mesh's forward pass does not cover yet) run
+//!   on candle's own pool, sized by `CANDLE_NUM_THREADS`;
 //! - the dense F32 matmuls and candle-nn's row-wise ops (the BERT engine) and the tokenizer's
 //!   batch encoding use rayon's global pool, sized by `RAYON_NUM_THREADS`;
 //! - the async runtime's threads only move bytes and sleep while a model computes.
@@ -20,6 +22,7 @@ pub fn configure(threads: Option<usize>) -> usize {
         .filter(|n| *n > 0)
         .or(from_env)
         .unwrap_or_else(default_threads);
+    super::cpu::Pool::configure_global(n);
     for var in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
         if threads.is_some() || std::env::var_os(var).is_none() {
             // Before any other thread exists: see the module comment.

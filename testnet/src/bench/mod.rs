@@ -1,6 +1,7 @@
 //! Measurement helpers for `mesh-bench`.
 
 pub mod gateway;
+pub mod kernels;
 pub mod load;
 pub mod models;
 pub mod network;

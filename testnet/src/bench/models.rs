@@ -127,6 +127,7 @@ pub fn generate(
     runs: usize,
     format: WeightFormat,
     prompt_dir: Option<&std::path::Path>,
+    only: Option<&str>,
 ) -> anyhow::Result<Vec<serde_json::Value>> {
     let (fresh_engine, load_ms) = load_smol(format, 0)?;
     let (cached_engine, _) = load_smol(format, 64)?;
@@ -138,6 +139,9 @@ pub fn generate(
     ];
     let mut out = Vec::new();
     for (case, text, max_tokens, engine) in cases {
+        if only.is_some_and(|o| !o.split(',').any(|c| c == case)) {
+            continue;
+        }
         let request = chat(&text, max_tokens);
         if let Some(dir) = prompt_dir {
             let prompt = engine.prompt_text(&request.input)?;

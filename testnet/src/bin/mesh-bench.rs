@@ -1,10 +1,13 @@
 //! Benchmarks that need real swarms or real models. Prints one JSON object per measurement.
 //!
 //!   mesh-bench network [--calls N] [--seconds S]   tiny calls: mesh vs HTTP/1.1 keep-alive
-//!   mesh-bench generate [--tokens N] [--runs R] [--weights q8_0|q4_0|original] [--prompt-dir D]
+//!   mesh-bench generate [--tokens N] [--runs R] [--weights original|q8_0|q4_0] [--prompt-dir D]
+//!                       [--cases fresh,repeat,long,deep]
 //!                                                  SmolLM2 time to first token and tokens/s:
 //!                                                  fresh, repeated, 1,000- and 2,000-token
 //!                                                  prompts; writes each prompt to D/CASE.txt
+//!   mesh-bench kernels [--threads N] [--millis M]  mesh's quantized matrix kernels alone on
+//!                                                  SmolLM2's shapes: µs, GB/s, GMAC/s
 //!   mesh-bench embed [--seconds S]                 MiniLM embeddings/s at batch 1, 8, 32
 //!   mesh-bench gateway [--runs R] [--seconds S]    OpenAI gateway: overhead and requests/s
 //!   mesh-bench load --api URL --via gateway|mesh --model M [--calls N] [--deadline-secs S]
@@ -124,7 +127,15 @@ async fn main() -> anyhow::Result<()> {
             let dir = text_arg(&args, "--prompt-dir")
                 .ok()
                 .map(std::path::Path::new);
-            for line in bench::models::generate(tokens, runs, format, dir)? {
+            let only = text_arg(&args, "--cases").ok();
+            for line in bench::models::generate(tokens, runs, format, dir, only)? {
+                println!("{line}");
+            }
+        }
+        Some("kernels") => {
+            let threads = arg(&args, "--threads", 2)? as usize;
+            let millis = arg(&args, "--millis", 300)?;
+            for line in bench::kernels::run(threads, millis) {
                 println!("{line}");
             }
         }
@@ -157,7 +168,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         _ => {
-            eprintln!("usage: mesh-bench network|generate|embed|gateway|load [options] (see the source header)");
+            eprintln!("usage: mesh-bench network|generate|kernels|embed|gateway|load [options] (see the source header)");
             std::process::exit(2);
         }
     }

@@ -2,7 +2,7 @@
 
 use candle_core::quantized::gguf_file::{Content, Value};
 
-use super::kernels::RopeStyle;
+use super::rope::RopeStyle;
 
 /// What the forward pass needs to know about a model, from its file.
 #[derive(Debug, Clone, PartialEq)]

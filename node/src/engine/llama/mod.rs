@@ -10,15 +10,16 @@
 //! [`Llama::forward_tokens`] chains the three over the whole model, in chunks of at most
 //! [`PREFILL_CHUNK`] tokens so a long prompt's activations stay bounded.
 //!
-//! What makes it fast on a CPU: weights converted at load to a type with a SIMD kernel
-//! ([`weights`]); Q, K and V as one matrix, gate and up as one; a cache appended in place
-//! and read in place by grouped-query attention ([`attention`]); every parallel step on
-//! candle's compute pool, the one set of threads ([`kernels::parallel_for`]).
+//! What makes it fast on a CPU: mesh's own kernels for the file's quantized blocks
+//! ([`crate::engine::cpu::qdot`]), with the activations quantized once per matrix; Q, K and V
+//! as one matrix, gate and up as one ([`weights`]); a cache appended in place and read in place
+//! by grouped-query attention ([`attention`]); every parallel step on the one compute pool
+//! ([`crate::engine::cpu::Pool`]).
 
 pub mod attention;
 pub mod config;
-pub mod kernels;
 pub mod kv_cache;
+pub mod rope;
 pub mod weights;
 
 use std::io::{Read, Seek};
@@ -32,9 +33,10 @@ pub use config::LlamaConfig;
 pub use kv_cache::KvCache;
 pub use weights::WeightFormat;
 
+use crate::engine::cpu::{qdot, simd, Pool, QActs, QMatrix};
 use attention::Heads;
-use kernels::Rope;
-use weights::{vector, QLinear};
+use rope::Rope;
+use weights::vector;
 
 /// Most prompt tokens computed in one step.
 pub const PREFILL_CHUNK: usize = 128;
@@ -46,67 +48,15 @@ pub struct Hidden {
     pub data: Vec<f32>,
 }
 
-/// Matrices over one input whose outputs are used side by side (Q|K|V, gate|up): one fused
-/// matrix when they share a type, else one each.
-struct Projection {
-    parts: Vec<QLinear>,
-    width: usize,
-}
-
-impl Projection {
-    fn load(tensors: &[&QTensor], format: WeightFormat) -> Result<Projection, String> {
-        let held: Vec<_> = tensors
-            .iter()
-            .map(|t| weights::held_type(t.dtype(), format))
-            .collect();
-        let parts = if held.iter().all(|d| *d == held[0]) {
-            vec![QLinear::fused(tensors, format)?]
-        } else {
-            tensors
-                .iter()
-                .map(|t| QLinear::new(t, format))
-                .collect::<Result<_, _>>()?
-        };
-        let width = parts.iter().map(QLinear::rows).sum();
-        Ok(Projection { parts, width })
-    }
-
-    /// `out[m × width]`, each row the parts' outputs side by side.
-    fn forward(
-        &self,
-        x: &[f32],
-        m: usize,
-        out: &mut [f32],
-        spare: &mut Vec<f32>,
-    ) -> Result<(), String> {
-        if let [only] = self.parts.as_slice() {
-            return only.forward(x, m, out);
-        }
-        let mut offset = 0;
-        for part in &self.parts {
-            let n = part.rows();
-            spare.resize(m * n, 0.0);
-            part.forward(x, m, spare)?;
-            for t in 0..m {
-                out[t * self.width + offset..][..n].copy_from_slice(&spare[t * n..][..n]);
-            }
-            offset += n;
-        }
-        Ok(())
-    }
-
-    fn bytes(&self) -> usize {
-        self.parts.iter().map(QLinear::bytes).sum()
-    }
-}
-
 struct Block {
     attn_norm: Vec<f32>,
-    qkv: Projection,
-    attn_out: QLinear,
+    /// Q, K and V stacked.
+    qkv: QMatrix,
+    attn_out: QMatrix,
     ffn_norm: Vec<f32>,
-    gate_up: Projection,
-    down: QLinear,
+    /// Gate and up stacked.
+    gate_up: QMatrix,
+    down: QMatrix,
 }
 
 /// A loaded llama-family model. Immutable: every call brings its own [`KvCache`].
@@ -114,11 +64,11 @@ pub struct Llama {
     config: LlamaConfig,
     heads: Heads,
     rope: Rope,
-    embedding: QLinear,
+    embedding: QMatrix,
     blocks: Vec<Block>,
     output_norm: Vec<f32>,
     /// `None`: the head is tied to the embedding.
-    output: Option<QLinear>,
+    output: Option<QMatrix>,
     format: WeightFormat,
 }
 
@@ -131,8 +81,15 @@ struct Scratch {
     projected: Vec<f32>,
     gate_up: Vec<f32>,
     activated: Vec<f32>,
-    spare: Vec<f32>,
     angles: Vec<Vec<f32>>,
+    acts: QActs,
+}
+
+/// `out = x · Wᵀ` for `m` rows of `x`, with `x` quantized into `acts` first.
+fn linear(w: &QMatrix, x: &[f32], m: usize, out: &mut Vec<f32>, acts: &mut QActs) {
+    acts.quantize(x, m, w.cols(), w.format().offset());
+    out.resize(m * w.rows(), 0.0);
+    qdot::matmul(w, acts, out, Pool::global());
 }
 
 impl Llama {
@@ -152,7 +109,7 @@ impl Llama {
             true => Some(vector(&tensor("rope_freqs.weight")?)?),
             false => None,
         };
-        let embedding = QLinear::new(&tensor("token_embd.weight")?, format)?;
+        let embedding = weights::single(&tensor("token_embd.weight")?, format)?;
         if embedding.cols() != config.width {
             return Err(format!(
                 "token_embd.weight is {} wide; the metadata says {}",
@@ -161,7 +118,7 @@ impl Llama {
             ));
         }
         let output = match content.tensor_infos.contains_key("output.weight") {
-            true => Some(QLinear::new(&tensor("output.weight")?, format)?),
+            true => Some(weights::single(&tensor("output.weight")?, format)?),
             false => None,
         };
         let output_norm = vector(&tensor("output_norm.weight")?)?;
@@ -175,20 +132,22 @@ impl Llama {
         for i in 0..config.layers {
             let mut t = |part: &str| tensor(&format!("blk.{i}.{part}.weight"));
             let (q, k, v) = (t("attn_q")?, t("attn_k")?, t("attn_v")?);
-            let qkv = Projection::load(&[&q, &k, &v], format)?;
+            let qkv = weights::fused(&[&q, &k, &v], format)?;
             let (gate, up) = (t("ffn_gate")?, t("ffn_up")?);
-            let gate_up = Projection::load(&[&gate, &up], format)?;
+            let gate_up = weights::fused(&[&gate, &up], format)?;
             let block = Block {
                 attn_norm: vector(&t("attn_norm")?)?,
                 qkv,
-                attn_out: QLinear::new(&t("attn_output")?, format)?,
+                attn_out: weights::single(&t("attn_output")?, format)?,
                 ffn_norm: vector(&t("ffn_norm")?)?,
                 gate_up,
-                down: QLinear::new(&t("ffn_down")?, format)?,
+                down: weights::single(&t("ffn_down")?, format)?,
             };
             let want_qkv = heads.q_width() + 2 * heads.kv_width();
-            if block.qkv.width != want_qkv
-                || block.gate_up.width != 2 * config.ffn_width
+            if block.qkv.rows() != want_qkv
+                || block.qkv.cols() != config.width
+                || block.gate_up.rows() != 2 * config.ffn_width
+                || block.attn_out.rows() != config.width
                 || block.attn_norm.len() != config.width
                 || block.down.rows() != config.width
             {
@@ -237,16 +196,16 @@ impl Llama {
             .iter()
             .map(|b| b.qkv.bytes() + b.attn_out.bytes() + b.gate_up.bytes() + b.down.bytes())
             .sum();
-        blocks + self.embedding.bytes() + self.output.as_ref().map_or(0, QLinear::bytes)
+        blocks + self.embedding.bytes() + self.output.as_ref().map_or(0, QMatrix::bytes)
     }
 
-    fn head(&self) -> &QLinear {
+    fn head(&self) -> &QMatrix {
         self.output.as_ref().unwrap_or(&self.embedding)
     }
 
     /// An empty cache for `layers`, with room for `capacity` positions.
     pub fn new_cache(&self, layers: Range<usize>, capacity: usize) -> KvCache {
-        KvCache::new(layers, self.heads.kv_width(), capacity)
+        KvCache::new(layers, self.heads.kv_heads, self.heads.head_dim, capacity)
     }
 
     /// Hidden states of `tokens` before the first layer.
@@ -255,7 +214,7 @@ impl Llama {
         let mut data = vec![0f32; tokens.len() * width];
         for (t, id) in tokens.iter().enumerate() {
             self.embedding
-                .row(*id as usize, &mut data[t * width..][..width])?;
+                .row_f32(*id as usize, &mut data[t * width..][..width])?;
         }
         Ok(Hidden {
             rows: tokens.len(),
@@ -319,10 +278,9 @@ impl Llama {
         let eps = self.config.rms_eps;
 
         s.normed.resize(m * d, 0.0);
-        kernels::rms_norm(&hidden.data, &b.attn_norm, eps, &mut s.normed);
-        let stride = b.qkv.width;
-        s.qkv.resize(m * stride, 0.0);
-        b.qkv.forward(&s.normed, m, &mut s.qkv, &mut s.spare)?;
+        simd::rms_norm(&hidden.data, &b.attn_norm, eps, &mut s.normed);
+        let stride = b.qkv.rows();
+        linear(&b.qkv, &s.normed, m, &mut s.qkv, &mut s.acts);
         let lc = cache.layer_mut(layer);
         for t in 0..m {
             let row = &mut s.qkv[t * stride..][..stride];
@@ -333,22 +291,19 @@ impl Llama {
         }
         s.attended.resize(m * qw, 0.0);
         attention::attend(self.heads, &s.qkv, stride, m, start, lc, &mut s.attended);
-        s.projected.resize(m * d, 0.0);
-        b.attn_out.forward(&s.attended, m, &mut s.projected)?;
-        kernels::add_assign(&mut hidden.data, &s.projected);
+        linear(&b.attn_out, &s.attended, m, &mut s.projected, &mut s.acts);
+        simd::add_assign(&mut hidden.data, &s.projected);
 
-        kernels::rms_norm(&hidden.data, &b.ffn_norm, eps, &mut s.normed);
+        simd::rms_norm(&hidden.data, &b.ffn_norm, eps, &mut s.normed);
         let f = self.config.ffn_width;
-        s.gate_up.resize(m * 2 * f, 0.0);
-        b.gate_up
-            .forward(&s.normed, m, &mut s.gate_up, &mut s.spare)?;
+        linear(&b.gate_up, &s.normed, m, &mut s.gate_up, &mut s.acts);
         s.activated.resize(m * f, 0.0);
         for t in 0..m {
             let (gate, up) = s.gate_up[t * 2 * f..][..2 * f].split_at(f);
-            kernels::silu_mul(gate, up, &mut s.activated[t * f..][..f]);
+            simd::silu_mul(gate, up, &mut s.activated[t * f..][..f]);
         }
-        b.down.forward(&s.activated, m, &mut s.projected)?;
-        kernels::add_assign(&mut hidden.data, &s.projected);
+        linear(&b.down, &s.activated, m, &mut s.projected, &mut s.acts);
+        simd::add_assign(&mut hidden.data, &s.projected);
         Ok(())
     }
 
@@ -359,15 +314,14 @@ impl Llama {
             return Err(format!("row {row} of {}", hidden.rows));
         }
         let mut normed = vec![0f32; d];
-        kernels::rms_norm(
+        simd::rms_norm(
             &hidden.data[row * d..][..d],
             &self.output_norm,
             self.config.rms_eps,
             &mut normed,
         );
-        let head = self.head();
-        let mut logits = vec![0f32; head.rows()];
-        head.forward(&normed, 1, &mut logits)?;
+        let mut logits = Vec::new();
+        linear(self.head(), &normed, 1, &mut logits, &mut QActs::default());
         Ok(logits)
     }
 

@@ -1,5 +1,5 @@
-//! The small f32 kernels of the forward pass: dot products, RMS norm, rotary embeddings,
-//! SiLU-gated products and an exponential that vectorizes.
+//! The f32 kernels of the engines: dot products, norms, softmax, activations, an exponential
+//! and an error function that vectorize, and the quantization of a block of activations.
 //!
 //! Each kernel is plain Rust written so that LLVM vectorizes it (fixed-width lane arrays, no
 //! calls into libm in the hot loops). The same body is compiled twice: once for the baseline
@@ -86,27 +86,28 @@ dispatched! {
     }
 }
 
+pub(crate) const LOG2E: f32 = std::f32::consts::LOG2_E;
+/// 2^f on f in [-0.5, 0.5]: Taylor terms of e^(f·ln 2) up to the 7th.
+pub(crate) const EXP2_POLY: [f32; 7] = [
+    std::f32::consts::LN_2,
+    0.240_226_5,
+    0.055_504_11,
+    0.009_618_129,
+    0.001_333_355_8,
+    0.000_154_035_3,
+    0.000_015_252_73,
+];
+
 /// `e^x` to about 4e-6 relative error (1e-7 near 0; the f32 reduction `x·log2 e` costs the
 /// rest at large |x|), in a form LLVM vectorizes (no libm call). Inputs are
 /// clamped to the finite range of f32, so large arguments saturate rather than give inf.
 #[inline(always)]
 pub fn exp_approx(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // 2^f on f in [-0.5, 0.5]: Taylor terms of e^(f·ln 2) up to the 7th.
-    const C: [f32; 7] = [
-        std::f32::consts::LN_2,
-        0.240_226_5,
-        0.055_504_11,
-        0.009_618_129,
-        0.001_333_355_8,
-        0.000_154_035_3,
-        0.000_015_252_73,
-    ];
     let t = x.clamp(-87.0, 88.0) * LOG2E;
     let k = (t + 0.5).floor();
     let f = t - k;
-    let mut p = C[6];
-    for c in C[..6].iter().rev() {
+    let mut p = EXP2_POLY[6];
+    for c in EXP2_POLY[..6].iter().rev() {
         p = p * f + c;
     }
     p = p * f + 1.0;
@@ -161,110 +162,85 @@ dispatched! {
     }
 }
 
-/// How rotary embeddings pair the dimensions of a head.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RopeStyle {
-    /// Adjacent pairs `(2i, 2i+1)`: llama.cpp's "normal" mode, used by llama GGUF files.
-    Interleaved,
-    /// Halves `(i, i + d/2)`: the GPT-NeoX mode of Qwen and Gemma files.
-    Halves,
+dispatched! {
+    /// Quantizes one block of activations to signed bytes as llama.cpp does: `q = round(x / d)`
+    /// with `d = max|x| / 127`. Returns `d` and `Σq`.
+    fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+        let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, v) in q.iter_mut().zip(x) {
+            let r = (v * id).round() as i32;
+            *q = r as i8;
+            sum += r;
+        }
+        (d, sum)
+    }
 }
 
-/// Rotary position embeddings: the inverse frequencies of one head's rotated dimensions.
-#[derive(Debug, Clone)]
-pub struct Rope {
-    inv_freq: Vec<f32>,
-    style: RopeStyle,
-    /// Linear position scaling (`rope.scaling.factor`): positions are divided by it.
-    position_scale: f32,
+dispatched! {
+    /// `x *= a`, elementwise.
+    fn scale(x: &mut [f32], a: f32) {
+        for v in x.iter_mut() {
+            *v *= a;
+        }
+    }
 }
 
-impl Rope {
-    /// `dims` rotated dimensions (even), base `theta`, optional per-frequency divisors (the
-    /// `rope_freqs` tensor of Llama 3.1-style files).
-    pub fn new(
-        dims: usize,
-        theta: f32,
-        style: RopeStyle,
-        factors: Option<&[f32]>,
-        linear_scale: f32,
-    ) -> Rope {
-        let inv_freq = (0..dims / 2)
-            .map(|i| {
-                let f = 1.0 / (theta as f64).powf(2.0 * i as f64 / dims as f64);
-                let divisor = factors.and_then(|f| f.get(i)).copied().unwrap_or(1.0);
-                (f / divisor as f64) as f32
-            })
-            .collect();
-        Rope {
-            inv_freq,
-            style,
-            position_scale: 1.0 / linear_scale.max(f32::MIN_POSITIVE),
+/// `erf(x)` to about 1e-6 absolute error (Abramowitz and Stegun 7.1.26, with [`exp_approx`]),
+/// in a form LLVM vectorizes.
+#[inline(always)]
+pub fn erf_approx(x: f32) -> f32 {
+    const P: f32 = 0.327_591_1;
+    const A: [f32; 5] = [
+        0.254_829_6,
+        -0.284_496_74,
+        1.421_413_8,
+        -1.453_152_1,
+        1.061_405_4,
+    ];
+    let a = x.abs();
+    let t = 1.0 / (1.0 + P * a);
+    let mut poly = A[4];
+    for c in A[..4].iter().rev() {
+        poly = poly * t + c;
+    }
+    let y = 1.0 - poly * t * exp_approx(-a * a);
+    y.copysign(x)
+}
+
+dispatched! {
+    /// GELU with the exact error function, in place: `x · (1 + erf(x/√2)) / 2`.
+    fn gelu(x: &mut [f32]) {
+        for v in x.iter_mut() {
+            *v = 0.5 * *v * (1.0 + erf_approx(*v * std::f32::consts::FRAC_1_SQRT_2));
         }
     }
+}
 
-    /// The cos and sin of each frequency at `position`, into `cs` (`[cos..., sin...]`).
-    pub fn angles(&self, position: usize, cs: &mut Vec<f32>) {
-        let n = self.inv_freq.len();
-        cs.clear();
-        cs.resize(2 * n, 0.0);
-        let p = position as f64 * self.position_scale as f64;
-        for (i, f) in self.inv_freq.iter().enumerate() {
-            let (s, c) = (p * *f as f64).sin_cos();
-            cs[i] = c as f32;
-            cs[n + i] = s as f32;
-        }
-    }
-
-    /// Rotates the first `2·n` dimensions of one head in place, with angles from [`Rope::angles`].
-    pub fn apply(&self, head: &mut [f32], cs: &[f32]) {
-        let n = self.inv_freq.len();
-        let (cos, sin) = cs.split_at(n);
-        match self.style {
-            RopeStyle::Interleaved => {
-                for i in 0..n {
-                    let (a, b) = (head[2 * i], head[2 * i + 1]);
-                    head[2 * i] = a * cos[i] - b * sin[i];
-                    head[2 * i + 1] = a * sin[i] + b * cos[i];
+dispatched! {
+    /// Layer norm of each row of `x` (width `w.len()`), scaled by `w` and shifted by `b`,
+    /// in place.
+    fn layer_norm(x: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+        let d = w.len();
+        for row in x.chunks_exact_mut(d) {
+            let mean = row.iter().sum::<f32>() / d as f32;
+            let mut acc = [0f32; LANES];
+            let chunks = row.chunks_exact(LANES);
+            let rest: f32 = chunks.remainder().iter().map(|v| (v - mean) * (v - mean)).sum();
+            for c in chunks {
+                for i in 0..LANES {
+                    acc[i] += (c[i] - mean) * (c[i] - mean);
                 }
             }
-            RopeStyle::Halves => {
-                for i in 0..n {
-                    let (a, b) = (head[i], head[n + i]);
-                    head[i] = a * cos[i] - b * sin[i];
-                    head[n + i] = a * sin[i] + b * cos[i];
-                }
+            let var = (acc.iter().sum::<f32>() + rest) / d as f32;
+            let inv = 1.0 / (var + eps).sqrt();
+            for ((v, w), b) in row.iter_mut().zip(w).zip(b) {
+                *v = (*v - mean) * inv * w + b;
             }
         }
     }
-}
-
-/// A raw pointer that may cross to the compute pool's workers, for kernels whose work items
-/// write disjoint parts of one buffer.
-#[derive(Clone, Copy)]
-pub(crate) struct SharedMut(pub *mut f32);
-// SAFETY: users write disjoint ranges only, and join before the buffer is used again.
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    /// The element `i` places past the start.
-    ///
-    /// # Safety
-    /// `i` must be within the buffer.
-    pub(crate) unsafe fn at(&self, i: usize) -> *mut f32 {
-        self.0.add(i)
-    }
-}
-
-/// Runs `f` over `0..n` split in chunks on candle's compute pool (the same threads as the
-/// quantized matmuls, so nothing else competes for the cores).
-pub fn parallel_for(n: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
-    if n <= 1 {
-        f(0..n);
-        return;
-    }
-    candle_core::utils::barrier_pool().execute_chunked(n, f);
 }
 
 #[cfg(test)]
@@ -344,49 +320,71 @@ mod tests {
     }
 
     #[test]
-    fn rope_rotates_pairs_and_preserves_the_norm() {
-        let rope = Rope::new(4, 10_000.0, RopeStyle::Interleaved, None, 1.0);
-        let mut cs = Vec::new();
-        rope.angles(0, &mut cs);
-        let mut head = [1.0, 2.0, 3.0, 4.0];
-        rope.apply(&mut head, &cs);
-        assert_eq!(head, [1.0, 2.0, 3.0, 4.0], "position 0 is the identity");
-        rope.angles(5, &mut cs);
-        rope.apply(&mut head, &cs);
-        // The first pair turns by 5 radians (frequency 1).
-        let (s, c) = 5f32.sin_cos();
-        assert!((head[0] - (c - 2.0 * s)).abs() < 1e-5);
-        assert!((head[1] - (s + 2.0 * c)).abs() < 1e-5);
-        let norm: f32 = head.iter().map(|v| v * v).sum();
-        assert!((norm - 30.0).abs() < 1e-4);
-
-        let halves = Rope::new(4, 10_000.0, RopeStyle::Halves, None, 1.0);
-        let mut head = [1.0, 3.0, 2.0, 4.0];
-        halves.angles(5, &mut cs);
-        halves.apply(&mut head, &cs);
-        assert!((head[0] - (c - 2.0 * s)).abs() < 1e-5);
-        assert!((head[2] - (s + 2.0 * c)).abs() < 1e-5);
-
-        // Linear scaling by 2 at position 10 equals position 5.
-        let scaled = Rope::new(4, 10_000.0, RopeStyle::Interleaved, None, 2.0);
-        let mut a = Vec::new();
-        let mut b = Vec::new();
-        scaled.angles(10, &mut a);
-        rope.angles(5, &mut b);
-        assert_eq!(a, b);
+    fn blocks_quantize_to_the_nearest_step_and_report_their_sum() {
+        let x: Vec<f32> = (0..32).map(|i| (i as f32 - 10.5) * 0.25).collect();
+        let mut q = [0i8; 32];
+        let (d, sum) = quantize_block(&x, &mut q);
+        assert_eq!(d, 5.125 / 127.0);
+        assert_eq!(q[31], 127);
+        for (v, q) in x.iter().zip(&q) {
+            assert!((v - *q as f32 * d).abs() <= d / 2.0 + 1e-6);
+        }
+        assert_eq!(sum, q.iter().map(|v| *v as i32).sum::<i32>());
+        let (d, sum) = quantize_block(&[0.0; 32], &mut q);
+        assert_eq!((d, sum, q), (0.0, 0, [0; 32]));
     }
 
     #[test]
-    fn parallel_for_covers_every_item_once() {
-        let hits: Vec<std::sync::atomic::AtomicU32> =
-            (0..1000).map(|_| Default::default()).collect();
-        parallel_for(1000, |r| {
-            for i in r {
-                hits[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-        });
-        assert!(hits
+    fn erf_and_gelu_match_libm() {
+        let mut worst = 0f64;
+        let mut x = -3.0f32;
+        while x < 3.0 {
+            worst = worst.max((erf_approx(x) as f64 - libm_erf(x as f64)).abs());
+            x += 0.001;
+        }
+        assert!(worst < 2e-6, "worst erf error {worst}");
+        // Past 3, erf is within 2.3e-5 of ±1.
+        for x in [3.5f32, 5.0, 9.0, 1e6] {
+            assert!((erf_approx(x) - 1.0).abs() < 2.3e-5);
+            assert!((erf_approx(-x) + 1.0).abs() < 2.3e-5);
+        }
+        let mut v = vec![-3.0f32, -1.0, 0.0, 0.5, 2.0];
+        let want: Vec<f64> = v
             .iter()
-            .all(|h| h.load(std::sync::atomic::Ordering::Relaxed) == 1));
+            .map(|x| 0.5 * *x as f64 * (1.0 + libm_erf(*x as f64 / 2f64.sqrt())))
+            .collect();
+        gelu(&mut v);
+        for (a, b) in v.iter().zip(&want) {
+            assert!((*a as f64 - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+
+    /// erf by its Taylor series (accurate in f64 for |x| ≤ 3).
+    fn libm_erf(x: f64) -> f64 {
+        let (mut term, mut sum, mut n) = (x, x, 0.0);
+        while term.abs() > 1e-17 * sum.abs().max(1e-300) {
+            n += 1.0;
+            term *= -x * x / n;
+            sum += term / (2.0 * n + 1.0);
+            if n > 400.0 {
+                break;
+            }
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    }
+
+    #[test]
+    fn layer_norm_centres_and_scales_each_row() {
+        let mut x = vec![1.0, 2.0, 3.0, 4.0, 10.0, 10.0, 10.0, 10.0];
+        layer_norm(&mut x, &[1.0, 1.0, 2.0, 1.0], &[0.0, 0.5, 0.0, 0.0], 1e-12);
+        let inv = 1.0 / 1.25f32.sqrt();
+        assert!((x[0] + 1.5 * inv).abs() < 1e-5);
+        assert!((x[1] - (-0.5 * inv + 0.5)).abs() < 1e-5);
+        assert!((x[2] - 2.0 * 0.5 * inv).abs() < 1e-5);
+        assert_eq!(
+            &x[4..],
+            &[0.0, 0.5, 0.0, 0.0],
+            "a constant row becomes the shift"
+        );
     }
 }
