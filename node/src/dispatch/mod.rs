@@ -14,7 +14,7 @@
 //! - This module: the failover loop. The transport of a call (in-memory to this node's own
 //!   server, or a libp2p stream) is [`crate::call`]'s.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -116,7 +116,9 @@ fn after_failure(error: &CallError, after_output: bool) -> AfterFailure {
 }
 
 /// Runs `spec` to the end, sending every step but the last to `events`, and returns the last
-/// (`done` or `error`). Tries the next provider when one fails before its first output.
+/// (`done` or `error`). Tries the next provider when one fails before its first output. When
+/// every provider remembered from an earlier lookup has failed that way, asks the DHT once more
+/// and tries the providers it had not tried yet.
 async fn run(
     dispatcher: &Dispatcher,
     spec: &InferSpec,
@@ -127,18 +129,61 @@ async fn run(
         .cache
         .as_ref()
         .filter(|_| spec.target == Target::Any);
-    let found = match cache.and_then(|c| c.get(&spec.model)) {
-        Some(found) => found,
-        None => match candidates(dispatcher, spec.target, &spec.model).await {
-            Ok(found) => {
-                if let Some(cache) = cache {
-                    cache.put(&spec.model, &found);
+    let mut remembered = cache.and_then(|c| c.get(&spec.model));
+    let mut tried = HashSet::new();
+    let mut lost = None;
+    loop {
+        let from_cache = remembered.is_some();
+        let found = match remembered.take() {
+            Some(found) => found,
+            None => match candidates(dispatcher, spec.target, &spec.model).await {
+                Ok(found) => {
+                    if let Some(cache) = cache {
+                        cache.put(&spec.model, &found);
+                    }
+                    found
                 }
-                found
+                Err(failure) => return Ok(CallEvent::Error(failure)),
+            },
+        };
+        let fresh: Vec<Candidate> = found
+            .into_iter()
+            .filter(|c| !tried.contains(&c.peer))
+            .collect();
+        if let (true, Some(last)) = (fresh.is_empty(), lost.take()) {
+            // The DHT knows no provider that was not tried: the last failure stands.
+            return Ok(last);
+        }
+        match try_candidates(dispatcher, spec, cache, fresh, begin, events, &mut tried).await? {
+            Attempts::Ended(last) => return Ok(last),
+            Attempts::AllLost(last) if !from_cache => return Ok(last),
+            Attempts::AllLost(last) => {
+                tracing::info!(model = %spec.model, "every remembered provider failed; asking the DHT again");
+                lost = Some(last);
             }
-            Err(failure) => return Ok(CallEvent::Error(failure)),
-        },
-    };
+        }
+    }
+}
+
+/// How a round of candidates ended.
+enum Attempts {
+    /// An answer, or a failure another node would not mend.
+    Ended(CallEvent),
+    /// Every candidate failed before its first output in a way another node might not: the
+    /// last failure.
+    AllLost(CallEvent),
+}
+
+/// Tries `found` in the routing order until one answers; records each peer tried.
+async fn try_candidates(
+    dispatcher: &Dispatcher,
+    spec: &InferSpec,
+    cache: Option<&Arc<ProviderCache>>,
+    found: Vec<Candidate>,
+    begin: Instant,
+    events: &mpsc::Sender<CallEvent>,
+    tried: &mut HashSet<PeerId>,
+) -> Result<Attempts, AskerGone> {
     let me = dispatcher.client.local_peer_id();
     let (ordered, mut claimed) = if found.len() > 1 {
         let rtts = round_trips(&dispatcher.client).await;
@@ -155,11 +200,15 @@ async fn run(
         format!("no node answered for model {:?}", spec.model),
     ));
     for Candidate { peer, card, .. } in ordered {
+        tried.insert(peer);
         // The first candidate was counted when it was chosen; a failover counts here.
         let _counted = claimed.take().or_else(|| cache.map(|c| c.start_call(peer)));
         let request = match build_request(spec, &card) {
             Ok(r) => r,
-            Err(e) => return Ok(CallEvent::Error(CallFailure::local(e.code, e.message))),
+            Err(e) => {
+                let failure = CallFailure::local(e.code, e.message);
+                return Ok(Attempts::Ended(CallEvent::Error(failure)));
+            }
         };
         let idle = Duration::from_millis(spec.deadline_ms);
         let attempt = Attempt { peer, begin };
@@ -173,7 +222,7 @@ async fn run(
         .await
         {
             Ok((call, path)) => match relay(call, attempt, path, &request, events).await {
-                Ok(done) => return Ok(done),
+                Ok(done) => return Ok(Attempts::Ended(done)),
                 Err(Failed::AskerGone) => return Err(AskerGone),
                 Err(Failed::Call {
                     error,
@@ -188,11 +237,11 @@ async fn run(
             cache.forget(&spec.model);
         }
         if !next.try_next {
-            return Ok(last);
+            return Ok(Attempts::Ended(last));
         }
         tracing::info!(%peer, "provider failed before answering ({error}); trying the next");
     }
-    Ok(last)
+    Ok(Attempts::AllLost(last))
 }
 
 /// The measured round trip to every connected peer, in milliseconds.
