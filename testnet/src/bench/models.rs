@@ -186,7 +186,7 @@ pub fn embed(for_how_long: Duration) -> anyhow::Result<Vec<serde_json::Value>> {
             embedded += engine.embed(&texts, &cancel)?.0.len();
         }
         out.push(serde_json::json!({
-            "bench": "embed", "engine": "mesh (candle)", "batch": batch,
+            "bench": "embed", "engine": "mesh", "batch": batch,
             "embeddings_per_s": embedded as f64 / start.elapsed().as_secs_f64(),
         }));
     }

@@ -1,31 +1,35 @@
-//! Sentence embeddings from a BERT model in safetensors (all-MiniLM-L6-v2 and its kin).
+//! Sentence embeddings from a BERT model in safetensors (all-MiniLM-L6-v2 and its kin), on
+//! mesh's own forward pass ([`model`]).
 //!
-//! The embedding of a text is the mean of the last hidden states over its real tokens (the
-//! attention mask keeps padding out), L2-normalised, as sentence-transformers computes it.
-//! Inputs are truncated at 256 tokens, sentence-transformers' limit for MiniLM.
+//! The embedding of a text is the mean of the last hidden states over its tokens,
+//! L2-normalised, as sentence-transformers computes it. Texts are never padded: a batch's
+//! tokens are laid end to end. Inputs are truncated at 256 tokens, sentence-transformers'
+//! limit for MiniLM.
+
+pub mod model;
 
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config};
-use mesh_protocol::{ErrorCode, FinishReason, InferRequest, Input, ModelCard, Task, WireError};
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use mesh_protocol::{FinishReason, InferRequest, Input, ModelCard, Task, WireError};
+use tokenizers::{Tokenizer, TruncationParams};
 use tokio_util::sync::CancellationToken;
 
 use super::{cancelled, Completion, Engine, Output, Sink};
+pub use model::{BertConfig, BertModel};
 
 /// Longest input in tokens; longer inputs are truncated (sentence-transformers does the same).
 pub const MAX_INPUT_TOKENS: usize = 256;
-/// Texts embedded in one forward pass; larger requests run in several.
-pub const BATCH: usize = 32;
+/// Most texts in one forward pass; larger requests run in several.
+pub const BATCH: usize = 64;
+/// Most tokens in one forward pass, which bounds its activations (about 10 KB per token for
+/// MiniLM).
+pub const BATCH_TOKENS: usize = 4096;
 
 pub struct BertEngine {
     card: ModelCard,
     model: BertModel,
     tokenizer: Tokenizer,
-    device: Device,
 }
 
 impl BertEngine {
@@ -35,23 +39,18 @@ impl BertEngine {
         let read = |file: &str| {
             std::fs::read(dir.join(file)).map_err(|e| format!("cannot read {file}: {e}"))
         };
-        let config: Config = serde_json::from_slice(&read("config.json")?)
+        let raw: serde_json::Value = serde_json::from_slice(&read("config.json")?)
             .map_err(|e| format!("config.json is not a BERT config: {e}"))?;
-        let raw: serde_json::Value =
-            serde_json::from_slice(&read("config.json")?).map_err(|e| e.to_string())?;
-        let hidden = raw["hidden_size"].as_u64().unwrap_or(0) as u32;
-        let max_positions = raw["max_position_embeddings"].as_u64().unwrap_or(512) as usize;
+        let config = BertConfig::from_json(&raw)?;
+        let max_tokens = MAX_INPUT_TOKENS.min(config.max_positions);
 
         let mut tokenizer = Tokenizer::from_bytes(read("tokenizer.json")?)
             .map_err(|e| format!("tokenizer.json does not load: {e}"))?;
-        // Pad each batch to its longest input (not to a fixed 128) and truncate long inputs.
-        tokenizer.with_padding(Some(PaddingParams {
-            strategy: PaddingStrategy::BatchLongest,
-            ..Default::default()
-        }));
+        // No padding (texts are packed, not padded), and long inputs truncated.
+        tokenizer.with_padding(None);
         tokenizer
             .with_truncation(Some(TruncationParams {
-                max_length: MAX_INPUT_TOKENS.min(max_positions),
+                max_length: max_tokens,
                 ..Default::default()
             }))
             .map_err(|e| format!("cannot set truncation: {e}"))?;
@@ -61,14 +60,13 @@ impl BertEngine {
         let bytes = read("model.safetensors")?;
         let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
         let parameters = count_parameters(&bytes)?;
-        let device = Device::Cpu;
-        let vb = VarBuilder::from_buffered_safetensors(bytes, DType::F32, &device)
-            .map_err(|e| format!("model.safetensors does not load (corrupt?): {e}"))?;
-        let model = BertModel::load(vb, &config)
+        let hidden = config.width as u32;
+        let model = BertModel::load(&bytes, config)
             .map_err(|e| format!("the weights do not fit a BERT model: {e}"))?;
         tracing::info!(
             model = name,
             ms = started.elapsed().as_millis() as u64,
+            mib = model.weight_bytes() >> 20,
             "loaded BERT model"
         );
         Ok(BertEngine {
@@ -78,7 +76,7 @@ impl BertEngine {
                 architecture: "bert".into(),
                 parameters,
                 quantization: "F32".into(),
-                context_length: MAX_INPUT_TOKENS.min(max_positions) as u32,
+                context_length: max_tokens as u32,
                 embedding_dims: Some(hidden),
                 sha256,
                 license: None,
@@ -86,7 +84,6 @@ impl BertEngine {
             },
             model,
             tokenizer,
-            device,
         })
     }
 
@@ -99,42 +96,61 @@ impl BertEngine {
         let mut vectors = Vec::with_capacity(texts.len());
         let mut tokens = 0u32;
         for chunk in texts.chunks(BATCH) {
-            if cancel.is_cancelled() {
-                return Err(cancelled());
-            }
             let encodings = self
                 .tokenizer
                 .encode_batch(chunk.to_vec(), true)
                 .map_err(|e| WireError::bad_request(format!("cannot tokenize: {e}")))?;
-            tokens += encodings
-                .iter()
-                .map(|e| e.get_attention_mask().iter().sum::<u32>())
-                .sum::<u32>();
-            let stack =
-                |f: &dyn Fn(&tokenizers::Encoding) -> &[u32]| -> candle_core::Result<Tensor> {
-                    let rows = encodings
-                        .iter()
-                        .map(|e| Tensor::new(f(e), &self.device))
-                        .collect::<candle_core::Result<Vec<_>>>()?;
-                    Tensor::stack(&rows, 0)
-                };
-            let pooled = (|| -> candle_core::Result<Vec<Vec<f32>>> {
-                let ids = stack(&|e| e.get_ids())?;
-                let type_ids = stack(&|e| e.get_type_ids())?;
-                let mask = stack(&|e| e.get_attention_mask())?;
-                let hidden = self.model.forward(&ids, &type_ids, Some(&mask))?;
-                let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
-                let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
-                let counts = mask.sum(1)?;
-                let mean = summed.broadcast_div(&counts)?;
-                let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?;
-                mean.broadcast_div(&norm)?.to_vec2::<f32>()
-            })()
-            .map_err(|e| WireError::new(ErrorCode::Internal, format!("embedding failed: {e}")))?;
-            vectors.extend(pooled);
+            let ids: Vec<&[u32]> = encodings.iter().map(|e| e.get_ids()).collect();
+            tokens += ids.iter().map(|i| i.len() as u32).sum::<u32>();
+            // Forward passes of at most BATCH_TOKENS tokens each.
+            let mut start = 0;
+            while start < ids.len() {
+                if cancel.is_cancelled() {
+                    return Err(cancelled());
+                }
+                let mut end = start + 1;
+                let mut total = ids[start].len();
+                while end < ids.len() && total + ids[end].len() <= BATCH_TOKENS {
+                    total += ids[end].len();
+                    end += 1;
+                }
+                let group = &ids[start..end];
+                let hidden = self.model.forward(group).map_err(|e| {
+                    WireError::new(
+                        mesh_protocol::ErrorCode::Internal,
+                        format!("embedding failed: {e}"),
+                    )
+                })?;
+                vectors.extend(pool_and_normalize(
+                    &hidden,
+                    group,
+                    self.model.config().width,
+                ));
+                start = end;
+            }
         }
         Ok((vectors, tokens))
     }
+}
+
+/// The mean of each text's rows of `hidden` (laid end to end), scaled to unit length.
+fn pool_and_normalize(hidden: &[f32], texts: &[&[u32]], width: usize) -> Vec<Vec<f32>> {
+    let mut at = 0;
+    texts
+        .iter()
+        .map(|t| {
+            let mut mean = vec![0f32; width];
+            for row in hidden[at * width..][..t.len() * width].chunks_exact(width) {
+                super::cpu::simd::add_assign(&mut mean, row);
+            }
+            at += t.len();
+            let norm = super::cpu::simd::dot(&mean, &mean).sqrt();
+            if norm > 0.0 {
+                super::cpu::simd::scale(&mut mean, 1.0 / norm);
+            }
+            mean
+        })
+        .collect()
 }
 
 /// Weights in a safetensors file, from its header; fails on a corrupt or truncated file.
