@@ -2,8 +2,9 @@
 # Benchmarks, side by side with the peers a user would otherwise pick, in one run:
 #   network:  tiny calls over the mesh vs HTTP/1.1 keep-alive (axum + hyper)
 #   generate: SmolLM2 in mesh vs llama.cpp in-process, same GGUF, same prompts, same threads:
-#             fresh, repeated, 1,000-token and 2,000-token prompts (BENCH_WEIGHTS="q8_0 q4_0
-#             original" compares the weight formats)
+#             fresh, repeated, 1,000-token and 2,000-token prompts, for each weight format in
+#             BENCH_WEIGHTS (default: original q8_0 q4_0)
+#   kernels:  mesh's quantized matrix kernels alone on SmolLM2's shapes (µs, GB/s, GMAC/s)
 #   server:   `mesh join` and its gateway vs llama-cpp-python's server, the same chats streamed
 #             over HTTP: fresh, repeated and extended
 #   rss:      peak RSS of a node hosting both models
@@ -13,7 +14,7 @@
 #
 # The reference implementations come from PyPI (llama-cpp-python builds llama.cpp from source,
 # ~15 min on 2 cores, into the venv the tests share; sentence-transformers pulls torch).
-# Usage: testnet/bench.sh [all|network|generate|server|rss|gateway|embed]
+# Usage: testnet/bench.sh [all|network|generate|kernels|server|rss|gateway|embed]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MESH_MODELS="${MESH_MODELS:-$PWD/target/mesh-models}"
@@ -50,10 +51,13 @@ if [ "$what" = all ] || [ "$what" = network ]; then
   "$bench" network --calls 5000 --seconds 5
 fi
 if [ "$what" = all ] || [ "$what" = generate ]; then
-  for weights in ${BENCH_WEIGHTS:-q8_0}; do
+  for weights in ${BENCH_WEIGHTS:-original q8_0 q4_0}; do
     "$bench" generate --tokens 128 --runs 5 --weights "$weights" --prompt-dir "$scratch"
   done
   "$llama_venv/bin/python" testnet/reference/llama_cpp_bench.py "$gguf" "$scratch" 128 5 "$threads"
+fi
+if [ "$what" = all ] || [ "$what" = kernels ]; then
+  "$bench" kernels --threads "$threads"
 fi
 if [ "$what" = all ] || [ "$what" = server ]; then
   # Both as servers a user would run, streaming the same chats over HTTP.

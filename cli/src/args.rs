@@ -194,9 +194,10 @@ pub struct JoinArgs {
     #[arg(long, value_name = "MIB", default_value_t = mesh_node::engine::DEFAULT_PROMPT_CACHE_MIB)]
     pub prompt_cache_mib: usize,
 
-    /// What quantized weights without a SIMD kernel (Q4_1, Q5_0, Q5_1) become at load:
-    /// q8_0 (near-lossless), q4_0 (smaller, changes answers) or original
-    #[arg(long, value_name = "FORMAT", default_value = "q8_0")]
+    /// What GGUF weights become at load: original (keep Q4_0, Q4_1 and Q8_0 as the file has
+    /// them, convert other types to Q8_0), q8_0 (convert all) or q4_0 (smaller, changes
+    /// answers)
+    #[arg(long, value_name = "FORMAT", default_value = "original")]
     pub weights: mesh_node::engine::llama::WeightFormat,
 
     /// Serve this peer (repeatable); without --require-token, serve only listed peers

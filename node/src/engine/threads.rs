@@ -1,14 +1,13 @@
 //! One plan for the compute threads: `--threads N` sizes everything that computes.
 //!
-//! - mesh's own kernels run on [`super::cpu::Pool`] (the calling thread plus `N - 1`
-//!   workers);
-//! - candle's quantized matmuls (the architectures mesh's forward pass does not cover yet) run
-//!   on candle's own pool, sized by `CANDLE_NUM_THREADS`;
-//! - the dense F32 matmuls and candle-nn's row-wise ops (the BERT engine) and the tokenizer's
-//!   batch encoding use rayon's global pool, sized by `RAYON_NUM_THREADS`;
+//! - mesh's own forward passes (llama GGUF and BERT) run on [`super::cpu::Pool`] (the calling
+//!   thread plus `N - 1` workers);
+//! - candle's quantized models (gemma3 and qwen3, which mesh's forward pass does not cover
+//!   yet) run on candle's own pool, sized by `CANDLE_NUM_THREADS`;
+//! - the tokenizer's batch encoding uses rayon's global pool, sized by `RAYON_NUM_THREADS`;
 //! - the async runtime's threads only move bytes and sleep while a model computes.
 //!
-//! Both pools read their size once, when first used, so [`configure`] must run before any
+//! Every pool reads its size once, when first used, so [`configure`] must run before any
 //! model loads and before other threads start (the CLI calls it first thing in `main`).
 
 /// Sizes both compute pools: `threads` if given, else what the environment already says,

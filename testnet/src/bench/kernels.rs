@@ -1,6 +1,7 @@
 //! mesh's quantized matrix kernels alone, on SmolLM2's shapes: the time of one product, the
 //! weight bytes streamed per second and the multiply-adds per second, for one token (decode)
-//! and for a prefill chunk, per block format and per kernel the CPU has.
+//! and for a prefill chunk, per block format and per kernel the CPU has; and, first, the
+//! memory bandwidth the threads can read at, a model's size and past the caches.
 
 use std::time::Instant;
 
@@ -45,10 +46,45 @@ fn matrix(format: QFormat, rows: usize, cols: usize) -> QMatrix {
     }
 }
 
-/// One JSON line per (format, kernel, shape, rows of activations).
+/// Reads of a buffer of `mib` MiB by every thread of the pool: the memory bandwidth a decode
+/// step (which streams every weight once) can use at best.
+fn read_bandwidth(pool: &Pool, mib: usize) -> f64 {
+    let data: Vec<u64> = (0..mib << 17).map(|i| i as u64).collect();
+    let chunk = 1 << 14;
+    let mut best = Vec::new();
+    for _ in 0..5 {
+        let sums: Vec<std::sync::atomic::AtomicU64> = (0..data.len() / chunk)
+            .map(|_| Default::default())
+            .collect();
+        let start = Instant::now();
+        pool.run(data.len() / chunk, 16, |range| {
+            for c in range {
+                let mut acc = [0u64; 8];
+                for w in data[c * chunk..][..chunk].chunks_exact(8) {
+                    for i in 0..8 {
+                        acc[i] = acc[i].wrapping_add(w[i]);
+                    }
+                }
+                sums[c].store(acc.iter().sum(), std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        best.push(start.elapsed().as_secs_f64());
+        std::hint::black_box(&sums);
+    }
+    best.sort_by(f64::total_cmp);
+    (mib << 20) as f64 / best[best.len() / 2] / 1e9
+}
+
+/// One JSON line per (format, kernel, shape, rows of activations), after the memory bandwidth.
 pub fn run(threads: usize, millis: u64) -> Vec<serde_json::Value> {
     let pool = Pool::new(threads);
     let mut lines = Vec::new();
+    for mib in [96, 1024] {
+        lines.push(serde_json::json!({
+            "bench": "memory", "threads": threads, "buffer_mib": mib,
+            "read_gb_per_s": (read_bandwidth(&pool, mib) * 100.0).round() / 100.0,
+        }));
+    }
     for format in [QFormat::Q4_1, QFormat::Q8_0, QFormat::Q4_0] {
         for isa in Isa::available() {
             if isa == Isa::Portable {

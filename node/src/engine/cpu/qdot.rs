@@ -15,7 +15,7 @@ use std::ops::Range;
 use std::sync::OnceLock;
 
 use super::pool::Pool;
-use super::quant::{QActs, QFormat, QMatrix, BLOCK};
+use super::quant::{QActs, QMatrix};
 
 /// The instruction sets a kernel exists for, best first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,10 +37,10 @@ impl Isa {
                 if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni") {
                     return Isa::Avx512Vnni;
                 }
-                if has!("avx2") && has!("fma") && has!("avxvnni") {
+                if has!("avx2") && has!("fma") && has!("f16c") && has!("avxvnni") {
                     return Isa::AvxVnni;
                 }
-                if has!("avx2") && has!("fma") {
+                if has!("avx2") && has!("fma") && has!("f16c") {
                     return Isa::Avx2;
                 }
             }
@@ -128,31 +128,6 @@ unsafe fn rows_with(isa: Isa, w: &QMatrix, x: &QActs, rows: Range<usize>, dst: O
     }
 }
 
-/// The Q4_1 minimums' share of one output: `Σ_b m[r][b] · d_x[b]·Σq_x[b]`.
-#[inline(always)]
-fn mins_term(w: &QMatrix, x: &QActs, r: usize, t: usize) -> f32 {
-    if w.format != QFormat::Q4_1 {
-        return 0.0;
-    }
-    let nb = w.cols / BLOCK;
-    let (m, s) = (&w.mins[r * nb..][..nb], &x.sums[t * nb..][..nb]);
-    // Inlined into each kernel, so it takes the kernel's vector unit.
-    let mut acc = [0f32; 8];
-    let (mc, sc) = (m.chunks_exact(8), s.chunks_exact(8));
-    let rest: f32 = mc
-        .remainder()
-        .iter()
-        .zip(sc.remainder())
-        .map(|(a, b)| a * b)
-        .sum();
-    for (a, b) in mc.zip(sc) {
-        for i in 0..8 {
-            acc[i] += a[i] * b[i];
-        }
-    }
-    acc.iter().sum::<f32>() + rest
-}
-
 #[cfg(target_arch = "x86_64")]
 // The tiles index their registers by weight row and activation row, as the hardware lays them out.
 #[allow(clippy::needless_range_loop)]
@@ -161,7 +136,38 @@ mod x86 {
     use std::ops::Range;
 
     use super::super::quant::{QActs, QFormat, QMatrix, BLOCK};
-    use super::mins_term;
+
+    /// The Q4_1 minimums' share of one output, `Σ_b m[r][b] · d_x[b]·Σq_x[b]`, with F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn mins_term(w: &QMatrix, x: &QActs, r: usize, t: usize) -> f32 {
+        if w.format != QFormat::Q4_1 {
+            return 0.0;
+        }
+        let nb = w.cols / BLOCK;
+        let m = w.mins.as_ptr().add(r * nb) as *const u16;
+        let s = x.sums.as_ptr().add(t * nb);
+        let mut acc = _mm256_setzero_ps();
+        let mut b = 0;
+        while b + 8 <= nb {
+            let mins = _mm256_cvtph_ps(_mm_loadu_si128(m.add(b) as *const __m128i));
+            acc = _mm256_fmadd_ps(mins, _mm256_loadu_ps(s.add(b)), acc);
+            b += 8;
+        }
+        let mut sum = hsum256(acc);
+        while b < nb {
+            sum += half_to_f32(*m.add(b)) * *s.add(b);
+            b += 1;
+        }
+        sum
+    }
+
+    /// One half-precision value, widened.
+    #[target_feature(enable = "f16c")]
+    #[inline]
+    unsafe fn half_to_f32(bits: u16) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
 
     const Q8: u8 = 0;
     const Q4_0: u8 = 1;
@@ -307,17 +313,18 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
-    /// Two f32 scales (blocks `b`, `b+1`) spread over the two halves of a register.
-    #[target_feature(enable = "avx512f")]
+    /// Two half-precision scales (blocks `b`, `b+1`) widened and spread over the two halves
+    /// of a register.
+    #[target_feature(enable = "avx512f,f16c")]
     #[inline]
-    unsafe fn scales2(p: *const f32) -> __m512 {
-        let two = _mm_castpd_ps(_mm_load_sd(p as *const f64));
+    unsafe fn scales2(p: *const u16) -> __m512 {
+        let two = _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()));
         let idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
         _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(two))
     }
 
     /// A tile of `R` weight rows from `r0` by `T` activation rows from `t0`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     unsafe fn tile512<const FMT: u8, const R: usize, const T: usize>(
         w: &QMatrix,
         x: &QActs,
@@ -329,7 +336,7 @@ mod x86 {
         let pairs = nb / 2;
         let row_bytes = w.row_bytes();
         let wv = w.values.as_ptr();
-        let ws = w.scales.as_ptr();
+        let ws = w.scales.as_ptr() as *const u16;
         let (xv, xc, xs) = (
             x.values.as_ptr() as *const u8,
             x.corrections.as_ptr(),
@@ -365,7 +372,7 @@ mod x86 {
             let b = nb - 1;
             for r in 0..R {
                 let wb = block256::<FMT>(wv.add((r0 + r) * row_bytes), b, true);
-                let wscale = *ws.add((r0 + r) * nb + b);
+                let wscale = half_to_f32(*ws.add((r0 + r) * nb + b));
                 for t in 0..T {
                     let tok = t0 + t;
                     let xa = _mm256_loadu_si256(xv.add(tok * w.cols + b * 32) as *const __m256i);
@@ -416,7 +423,7 @@ mod x86 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma,avxvnni")]
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
     unsafe fn tile_vnni256<const FMT: u8, const R: usize, const T: usize>(
         w: &QMatrix,
         x: &QActs,
@@ -427,7 +434,7 @@ mod x86 {
         tile256::<FMT, R, T, true>(w, x, r0, t0, out)
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn tile_avx2<const FMT: u8, const R: usize, const T: usize>(
         w: &QMatrix,
         x: &QActs,
@@ -451,7 +458,7 @@ mod x86 {
         let nb = w.cols / BLOCK;
         let row_bytes = w.row_bytes();
         let wv = w.values.as_ptr();
-        let ws = w.scales.as_ptr();
+        let ws = w.scales.as_ptr() as *const u16;
         let (xv, xc, xs) = (
             x.values.as_ptr() as *const u8,
             x.corrections.as_ptr(),
@@ -464,7 +471,7 @@ mod x86 {
             let mut wscale = [_mm256_setzero_ps(); R];
             for r in 0..R {
                 wb[r] = block256::<FMT>(wv.add((r0 + r) * row_bytes), b, tail);
-                wscale[r] = _mm256_broadcast_ss(&*ws.add((r0 + r) * nb + b));
+                wscale[r] = _mm256_set1_ps(half_to_f32(*ws.add((r0 + r) * nb + b)));
             }
             for t in 0..T {
                 let tok = t0 + t;
@@ -500,6 +507,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::super::quant::tests::gguf_blocks;
+    use super::super::quant::QFormat;
     use super::*;
 
     fn inputs(m: usize, cols: usize, seed: f32) -> Vec<f32> {

@@ -6,7 +6,8 @@
 //! - the quantized values of a row lie contiguous, as unsigned bytes (Q8_0 stores `q + 128`;
 //!   Q4 stores two values per byte, the first 32 of each 64 in the low nibbles), so the kernels
 //!   multiply them with unsigned-by-signed byte instructions;
-//! - scales (and Q4_1's minimums) lie apart, as f32, one per block.
+//! - scales (and Q4_1's minimums) lie apart, at half precision as in the file, one per block
+//!   (decoding streams every byte of the weights, so they are kept as small as the file's).
 //!
 //! Activations are quantized per row to signed bytes in blocks of 32, as llama.cpp does
 //! (`round(x / d)` with `d = max|x| / 127`, the scale kept at half precision), with each
@@ -64,9 +65,9 @@ pub struct QMatrix {
     /// `rows × row_bytes` quantized values.
     pub(crate) values: Vec<u8>,
     /// `rows × blocks` scales.
-    pub(crate) scales: Vec<f32>,
+    pub(crate) scales: Vec<f16>,
     /// `rows × blocks` minimums (Q4_1), else empty.
-    pub(crate) mins: Vec<f32>,
+    pub(crate) mins: Vec<f16>,
 }
 
 impl std::fmt::Debug for QMatrix {
@@ -81,8 +82,8 @@ impl std::fmt::Debug for QMatrix {
     }
 }
 
-fn half_at(bytes: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+fn half_at(bytes: &[u8], at: usize) -> f16 {
+    f16::from_le_bytes([bytes[at], bytes[at + 1]])
 }
 
 impl QMatrix {
@@ -108,7 +109,7 @@ impl QMatrix {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.values.len() + 4 * (self.scales.len() + self.mins.len())
+        self.values.len() + 2 * (self.scales.len() + self.mins.len())
     }
 
     fn check_shape(rows: usize, cols: usize) -> Result<(), String> {
@@ -149,9 +150,9 @@ impl QMatrix {
             rows,
             cols,
             values: vec![0; rows * format.row_bytes(cols)],
-            scales: vec![0.0; rows * blocks],
+            scales: vec![f16::ZERO; rows * blocks],
             mins: match format {
-                QFormat::Q4_1 => vec![0.0; rows * blocks],
+                QFormat::Q4_1 => vec![f16::ZERO; rows * blocks],
                 _ => Vec::new(),
             },
         };
@@ -202,14 +203,15 @@ impl QMatrix {
             rows,
             cols,
             values: vec![0; rows * cols],
-            scales: vec![0.0; rows * blocks],
+            scales: vec![f16::ZERO; rows * blocks],
             mins: Vec::new(),
         };
         for (i, block) in data.chunks_exact(BLOCK).enumerate() {
             let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
+            let kept = f16::from_f32(amax / 127.0);
+            let d = kept.to_f32();
             let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-            m.scales[i] = d;
+            m.scales[i] = kept;
             for (dst, v) in m.values[i * BLOCK..][..BLOCK].iter_mut().zip(block) {
                 *dst = ((v * id).round().clamp(-127.0, 127.0) as i32 + 128) as u8;
             }
@@ -230,7 +232,7 @@ impl QMatrix {
             rows,
             cols,
             values: vec![0; rows * cols / 2],
-            scales: vec![0.0; rows * blocks],
+            scales: vec![f16::ZERO; rows * blocks],
             mins: Vec::new(),
         };
         let mut nibbles = vec![0u8; cols];
@@ -240,9 +242,10 @@ impl QMatrix {
                 let max = block
                     .iter()
                     .fold(0f32, |m, v| if v.abs() > m.abs() { *v } else { m });
-                let d = max / -8.0;
+                let kept = f16::from_f32(max / -8.0);
+                let d = kept.to_f32();
                 let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                m.scales[r * blocks + b] = d;
+                m.scales[r * blocks + b] = kept;
                 for (j, v) in block.iter().enumerate() {
                     nibbles[b * BLOCK + j] = ((v * id + 8.5) as i32).clamp(0, 15) as u8;
                 }
@@ -290,9 +293,9 @@ impl QMatrix {
         let blocks = self.blocks();
         for (i, o) in out[..self.cols].iter_mut().enumerate() {
             let b = i / BLOCK;
-            let mut v = self.scales[r * blocks + b] * self.value(r, i) as f32;
+            let mut v = self.scales[r * blocks + b].to_f32() * self.value(r, i) as f32;
             if self.format == QFormat::Q4_1 {
-                v += self.mins[r * blocks + b];
+                v += self.mins[r * blocks + b].to_f32();
             }
             *o = v;
         }
@@ -311,9 +314,10 @@ impl QMatrix {
                     for i in b * BLOCK..(b + 1) * BLOCK {
                         dot += self.value(r, i) * x.values[t * self.cols + i] as i32;
                     }
-                    sum += self.scales[r * blocks + b] * x.scales[t * blocks + b] * dot as f32;
+                    let d = self.scales[r * blocks + b].to_f32();
+                    sum += d * x.scales[t * blocks + b] * dot as f32;
                     if self.format == QFormat::Q4_1 {
-                        sum += self.mins[r * blocks + b] * x.sums[t * blocks + b];
+                        sum += self.mins[r * blocks + b].to_f32() * x.sums[t * blocks + b];
                     }
                 }
                 out[t * self.rows + r] = sum;
@@ -488,7 +492,7 @@ pub(crate) mod tests {
         let mut row = vec![0f32; 64];
         m.row_f32(0, &mut row).unwrap();
         for i in 0..64 {
-            let step = m.scales[i / 32].abs();
+            let step = m.scales[i / 32].to_f32().abs();
             // Half a step, or one where the clamp at 15 cuts the far extreme.
             assert!((row[i] - data[i]).abs() <= step + 1e-5, "{i}");
         }
@@ -515,7 +519,7 @@ pub(crate) mod tests {
         for r in 0..2 {
             m.row_f32(r, &mut row).unwrap();
             for i in 0..64 {
-                let step = m.scales[r * 2 + i / 32];
+                let step = m.scales[r * 2 + i / 32].to_f32();
                 assert!((row[i] - data[r * 64 + i]).abs() <= step / 2.0 + 1e-6);
             }
         }
