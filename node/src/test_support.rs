@@ -23,6 +23,7 @@ pub(crate) fn card(name: &str, task: Task) -> ModelCard {
         sha256: String::new(),
         license: None,
         max_concurrency: 1,
+        layers: None,
     }
 }
 
@@ -49,5 +50,7 @@ pub(crate) fn done_with(
         receipt: None,
         receipt_verified: false,
         receipt_error: None,
+        stages: Vec::new(),
+        resumed: Vec::new(),
     }
 }

@@ -42,6 +42,10 @@ pub struct ModelCard {
     pub license: Option<String>,
     /// Requests served at once; more wait in a bounded queue.
     pub max_concurrency: u32,
+    /// For a node that hosts only some of the model's layers (a stage of a split model, served
+    /// over `/mesh/stage/1`, not `/mesh/infer/1`): which ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<crate::stage::LayerRange>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

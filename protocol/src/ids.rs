@@ -6,6 +6,8 @@
 pub const INFER_PROTOCOL: &str = "/mesh/infer/1";
 /// Catalog: one request frame, one response frame listing the node's signed model cards.
 pub const CATALOG_PROTOCOL: &str = "/mesh/catalog/1";
+/// A range of a model's layers run for a head: one session per stream (see [`crate::stage`]).
+pub const STAGE_PROTOCOL: &str = "/mesh/stage/1";
 /// Kademlia protocol name, so a mesh DHT never merges with the public IPFS DHT.
 pub const KAD_PROTOCOL: &str = "/mesh/kad/1";
 /// identify's protocol version string.
@@ -16,6 +18,12 @@ pub const IDENTIFY_PROTOCOL_VERSION: &str = "/mesh/1";
 /// Names are matched exactly (case-sensitive), as OpenAI-style clients send them.
 pub fn model_provider_key(model: &str) -> Vec<u8> {
     format!("/mesh/model/1/{model}").into_bytes()
+}
+
+/// The Kademlia provider key under which nodes hosting layers of a model's weights announce
+/// themselves: `/mesh/stage/1/<sha256 of the weights, lower-case hex>`.
+pub fn stage_provider_key(weights_sha256: &str) -> Vec<u8> {
+    format!("/mesh/stage/1/{weights_sha256}").into_bytes()
 }
 
 /// A model name is 1..=128 bytes of `[A-Za-z0-9._:/-]`: safe in a DHT key, a URL path and a shell.

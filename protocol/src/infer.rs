@@ -30,6 +30,20 @@ pub struct InferRequest {
     /// A capability token, opaque to this crate (checked by the serving node).
     #[serde(default, with = "serde_bytes")]
     pub token: Option<Vec<u8>>,
+    /// Carry on a call another node began and could not finish: the tokens it sampled
+    /// already, which this node takes as given before it samples on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<Resume>,
+}
+
+/// The part of an answer another node already gave, for a call resumed elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    /// sha256 of the weights the tokens came from: the resuming node's must be the same, since
+    /// token ids mean nothing under another tokenizer.
+    pub weights_sha256: String,
+    /// The ids sampled so far, in order.
+    pub tokens: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -125,6 +139,20 @@ impl InferRequest {
         if self.deadline_ms == Some(0) {
             return Err(WireError::bad_request("deadline_ms must be at least 1"));
         }
+        if let Some(r) = &self.resume {
+            if matches!(self.input, Input::Embed { .. }) {
+                return Err(WireError::bad_request(
+                    "an embedding call cannot be resumed",
+                ));
+            }
+            if r.tokens.len() as u64 >= u64::from(self.params.max_tokens) {
+                return Err(WireError::bad_request(format!(
+                    "a resumed call has {} tokens already, as many as max_tokens ({})",
+                    r.tokens.len(),
+                    self.params.max_tokens
+                )));
+            }
+        }
         match &self.input {
             Input::Chat { messages } => {
                 if messages.is_empty() || messages.len() > MAX_INPUTS {
@@ -167,7 +195,13 @@ pub enum InferResponse {
         queue_ms: u64,
     },
     /// Generated text since the previous delta: always whole UTF-8 characters.
-    Delta { text: String },
+    Delta {
+        text: String,
+        /// The ids of the tokens sampled since the last delta (their text is `text`, or part of
+        /// it is still held back), so a caller can resume the call elsewhere.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        tokens: Vec<u32>,
+    },
     /// One vector per input text, in input order.
     Embeddings { vectors: Vec<Vec<f32>> },
     /// The call finished.
@@ -178,6 +212,9 @@ pub enum InferResponse {
         /// receipts (and then not encoded at all, so their frames are unchanged).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         receipt: Option<SignedReceipt>,
+        /// For a split model: the stages the call ran on.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        stages: Vec<crate::stage::StageUse>,
     },
     /// The call failed; no more frames follow.
     Error(WireError),

@@ -54,6 +54,16 @@ pub struct Receipt {
     pub time_to_first_token_ms: u64,
     /// Milliseconds of compute in all.
     pub compute_ms: u64,
+    /// For a split model: each stage the call ran on, with the hash of its signed receipt.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<crate::stage::StageUse>,
+    /// For a resumed call: the tokens another node sampled before this one took over.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub resumed_tokens: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,6 +148,8 @@ mod tests {
             queue_ms: 0,
             time_to_first_token_ms: 1,
             compute_ms: 2,
+            stages: Vec::new(),
+            resumed_tokens: 0,
         };
         let signed = SignedReceipt {
             receipt: encode_body(&receipt).unwrap(),

@@ -57,14 +57,58 @@ fn request() -> impl Strategy<Value = InferRequest> {
         params(),
         proptest::option::of(any::<u64>()),
         proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)),
+        proptest::option::of(
+            (
+                "[0-9a-f]{64}",
+                proptest::collection::vec(any::<u32>(), 0..16),
+            )
+                .prop_map(|(weights_sha256, tokens)| Resume {
+                    weights_sha256,
+                    tokens,
+                }),
+        ),
     )
-        .prop_map(|(model, input, params, deadline_ms, token)| InferRequest {
-            model,
-            input,
-            params,
-            deadline_ms,
-            token,
-        })
+        .prop_map(
+            |(model, input, params, deadline_ms, token, resume)| InferRequest {
+                model,
+                input,
+                params,
+                deadline_ms,
+                token,
+                resume,
+            },
+        )
+}
+
+fn layer_range() -> impl Strategy<Value = LayerRange> {
+    (any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(start, end, total)| LayerRange {
+        start,
+        end,
+        total,
+    })
+}
+
+fn stage_use() -> impl Strategy<Value = StageUse> {
+    (
+        proptest::collection::vec(any::<u8>(), 0..40),
+        layer_range(),
+        proptest::option::of(proptest::collection::vec(any::<u8>(), 32)),
+        any::<u32>(),
+        any::<u64>(),
+        text(),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(peer, layers, receipt_sha256, steps, wait_ms, path, replacement)| StageUse {
+                peer,
+                layers,
+                receipt_sha256,
+                steps,
+                wait_ms,
+                path,
+                replacement,
+            },
+        )
 }
 
 fn error_code() -> impl Strategy<Value = ErrorCode> {
@@ -96,7 +140,8 @@ fn response() -> impl Strategy<Value = InferResponse> {
     prop_oneof![
         (model_name(), any::<u64>())
             .prop_map(|(model, queue_ms)| InferResponse::Started { model, queue_ms }),
-        text().prop_map(|text| InferResponse::Delta { text }),
+        (text(), proptest::collection::vec(any::<u32>(), 0..8))
+            .prop_map(|(text, tokens)| InferResponse::Delta { text, tokens }),
         proptest::collection::vec(proptest::collection::vec(any::<f32>(), 0..8), 0..4)
             .prop_map(|vectors| InferResponse::Embeddings { vectors }),
         (
@@ -105,13 +150,18 @@ fn response() -> impl Strategy<Value = InferResponse> {
             proptest::option::of((
                 proptest::collection::vec(any::<u8>(), 0..64),
                 proptest::collection::vec(any::<u8>(), 0..64)
-            ))
+            )),
+            proptest::collection::vec(stage_use(), 0..3),
         )
-            .prop_map(|(finish_reason, usage, receipt)| InferResponse::Done {
-                finish_reason,
-                usage,
-                receipt: receipt.map(|(receipt, signature)| SignedReceipt { receipt, signature }),
-            }),
+            .prop_map(
+                |(finish_reason, usage, receipt, stages)| InferResponse::Done {
+                    finish_reason,
+                    usage,
+                    receipt: receipt
+                        .map(|(receipt, signature)| SignedReceipt { receipt, signature }),
+                    stages,
+                }
+            ),
         (error_code(), text())
             .prop_map(|(code, message)| InferResponse::Error(WireError { code, message })),
     ]
@@ -129,6 +179,7 @@ fn card() -> impl Strategy<Value = ModelCard> {
         "[0-9a-f]{64}",
         proptest::option::of(text()),
         any::<u32>(),
+        proptest::option::of(layer_range()),
     )
         .prop_map(
             |(
@@ -142,6 +193,7 @@ fn card() -> impl Strategy<Value = ModelCard> {
                 sha256,
                 license,
                 max_concurrency,
+                layers,
             )| ModelCard {
                 name,
                 task,
@@ -153,8 +205,64 @@ fn card() -> impl Strategy<Value = ModelCard> {
                 sha256,
                 license,
                 max_concurrency,
+                layers,
             },
         )
+}
+
+fn stage_request() -> impl Strategy<Value = StageRequest> {
+    let format = prop_oneof![Just(HiddenFormat::F32), Just(HiddenFormat::F16)];
+    prop_oneof![
+        (
+            model_name(),
+            "[0-9a-f]{64}",
+            layer_range(),
+            any::<u32>(),
+            format,
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)),
+        )
+            .prop_map(
+                |(model, weights_sha256, layers, max_positions, hidden, token)| {
+                    StageRequest::Open {
+                        model,
+                        weights_sha256,
+                        layers,
+                        max_positions,
+                        hidden,
+                        token,
+                    }
+                }
+            ),
+        (
+            any::<u32>(),
+            any::<u32>(),
+            proptest::collection::vec(any::<u8>(), 0..256)
+        )
+            .prop_map(|(start, rows, hidden)| StageRequest::Step {
+                start,
+                rows,
+                hidden
+            }),
+        Just(StageRequest::Close),
+    ]
+}
+
+fn stage_response() -> impl Strategy<Value = StageResponse> {
+    prop_oneof![
+        (any::<u32>(), layer_range())
+            .prop_map(|(width, layers)| StageResponse::Opened { width, layers }),
+        proptest::collection::vec(any::<u8>(), 0..256)
+            .prop_map(|hidden| StageResponse::Output { hidden }),
+        (
+            proptest::collection::vec(any::<u8>(), 0..64),
+            proptest::collection::vec(any::<u8>(), 0..64)
+        )
+            .prop_map(|(receipt, signature)| StageResponse::Closed {
+                receipt: SignedStageReceipt { receipt, signature }
+            }),
+        (error_code(), text())
+            .prop_map(|(code, message)| StageResponse::Error(WireError { code, message })),
+    ]
 }
 
 /// Equality that treats NaN as equal to NaN, since NaN floats must survive the trip too.
@@ -205,7 +313,16 @@ proptest! {
     }
 
     #[test]
+    fn stage_frames_roundtrip(req in stage_request(), resp in stage_response()) {
+        prop_assert_eq!(roundtrip(&req), req);
+        prop_assert_eq!(roundtrip(&resp), resp);
+    }
+
+    #[test]
     fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = decode_frame::<StageRequest>(&bytes, DEFAULT_MAX_FRAME_LEN);
+        let _ = decode_frame::<StageResponse>(&bytes, DEFAULT_MAX_FRAME_LEN);
+        let _ = decode_body::<StageReceipt>(&bytes);
         let _ = decode_frame::<InferRequest>(&bytes, DEFAULT_MAX_FRAME_LEN);
         let _ = decode_frame::<InferResponse>(&bytes, DEFAULT_MAX_FRAME_LEN);
         let _ = decode_frame::<CatalogResponse>(&bytes, DEFAULT_MAX_FRAME_LEN);

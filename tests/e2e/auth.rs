@@ -35,6 +35,7 @@ fn chat(model: &str, token: Option<Vec<u8>>) -> InferRequest {
         },
         deadline_ms: None,
         token,
+        resume: None,
     }
 }
 

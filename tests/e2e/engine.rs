@@ -56,6 +56,7 @@ fn chat(messages: &[(Role, &str)], max_tokens: u32) -> InferRequest {
         },
         deadline_ms: None,
         token: None,
+        resume: None,
     }
 }
 
@@ -66,7 +67,7 @@ fn run(engine: &GgufEngine, request: &InferRequest) -> (String, mesh_node::engin
         .run(
             request,
             &mut |o| {
-                if let Output::Delta(d) = o {
+                if let Output::Delta { text: d, .. } = o {
                     text.push_str(&d);
                 }
                 Ok(())
@@ -521,4 +522,99 @@ fn mesh_forward_agrees_with_candle_transformers_on_the_original_weights() {
     }
     eprintln!("mesh vs candle-transformers, Q4_1: worst KL {worst_kl:.5} over {steps} steps");
     assert!(worst_kl < KL_TOLERANCE, "KL {worst_kl}");
+}
+
+/// Runs `request`; returns each delta's text and token ids.
+fn deltas(engine: &GgufEngine, request: &InferRequest) -> Vec<(String, Vec<u32>)> {
+    let mut out = Vec::new();
+    engine
+        .run(
+            request,
+            &mut |o| {
+                if let Output::Delta { text, tokens } = o {
+                    out.push((text, tokens));
+                }
+                Ok(())
+            },
+            &CancellationToken::new(),
+        )
+        .expect("the call is answered");
+    out
+}
+
+#[test]
+fn a_call_resumed_from_its_tokens_goes_on_with_the_same_text() {
+    let engine = &engines().0;
+    let sha = engine.card().sha256.clone();
+    for (temperature, seed) in [(0.0, None), (0.9, Some(7))] {
+        let mut request = chat(&[(Role::User, "Write a long story about a robot.")], 40);
+        request.params.temperature = temperature;
+        request.params.seed = seed;
+        let whole = deltas(engine, &request);
+        let text: String = whole.iter().map(|(t, _)| t.as_str()).collect();
+        // Every delta names the tokens behind it.
+        assert!(whole.iter().all(|(_, ids)| !ids.is_empty()));
+        // Cut after several deltas, as if the node had died there.
+        for cut in [1, 5, whole.len() / 2] {
+            let given: Vec<u32> = whole[..cut]
+                .iter()
+                .flat_map(|(_, ids)| ids.clone())
+                .collect();
+            let said: String = whole[..cut].iter().map(|(t, _)| t.as_str()).collect();
+            let mut resumed = request.clone();
+            resumed.resume = Some(mesh_protocol::Resume {
+                weights_sha256: sha.clone(),
+                tokens: given.clone(),
+            });
+            let rest = deltas(engine, &resumed);
+            let rest_text: String = rest.iter().map(|(t, _)| t.as_str()).collect();
+            assert_eq!(
+                format!("{said}{rest_text}"),
+                text,
+                "temperature {temperature}, cut after {cut} deltas ({} tokens)",
+                given.len()
+            );
+        }
+    }
+    // Tokens from other weights are refused.
+    let mut other = chat(&[(Role::User, "Hi")], 8);
+    other.resume = Some(mesh_protocol::Resume {
+        weights_sha256: "00".repeat(32),
+        tokens: vec![1, 2],
+    });
+    let e = engine
+        .run(&other, &mut |_| Ok(()), &CancellationToken::new())
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::BadRequest, "{e:?}");
+}
+
+#[test]
+fn a_position_computes_the_same_bits_prefilled_decoded_or_cut_anywhere() {
+    // Past one span of 256 keys, so the spans' merge is exercised too.
+    let engine = &engines().0;
+    let model = engine.llama().unwrap();
+    let mut request = chat(&[(Role::User, &"Tell me about the sea. ".repeat(60))], 8);
+    request.params.max_tokens = 8;
+    let prompt = engine.encode_prompt(&request.input).unwrap();
+    assert!(prompt.len() > 300, "{} tokens", prompt.len());
+    let n = model.config().layers;
+    let mut whole = model.new_cache(0..n, prompt.len());
+    let at_once = model.forward_tokens(&mut whole, &prompt).unwrap();
+    // Cut in pieces of 7, then the last 20 tokens one at a time, as a decode would.
+    let mut cache = model.new_cache(0..n, prompt.len());
+    let (front, back) = prompt.split_at(prompt.len() - 20);
+    for piece in front.chunks(7) {
+        model.forward_tokens(&mut cache, piece).unwrap();
+    }
+    let mut last = Vec::new();
+    for t in back {
+        last = model.forward_tokens(&mut cache, &[*t]).unwrap();
+    }
+    assert!(
+        at_once
+            .iter()
+            .zip(&last)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "the logits differ"
+    );
 }

@@ -45,6 +45,7 @@ fn chat(text: &str, max_tokens: u32) -> InferRequest {
         },
         deadline_ms: None,
         token: None,
+        resume: None,
     }
 }
 
@@ -57,6 +58,7 @@ fn embed(texts: &[&str]) -> InferRequest {
         params: SamplingParams::default(),
         deadline_ms: None,
         token: None,
+        resume: None,
     }
 }
 
@@ -67,7 +69,7 @@ fn in_process(engine: &SharedEngine, request: &InferRequest) -> (Vec<String>, en
         .run(
             request,
             &mut |out| {
-                if let engine::Output::Delta(t) = out {
+                if let engine::Output::Delta { text: t, .. } = out {
                     deltas.push(t);
                 }
                 Ok(())
@@ -109,7 +111,7 @@ async fn greedy_generation_through_the_mesh_matches_in_process_and_names_paris()
     let remote_deltas: Vec<String> = frames
         .iter()
         .filter_map(|f| match f {
-            InferResponse::Delta { text } => Some(text.clone()),
+            InferResponse::Delta { text, .. } => Some(text.clone()),
             _ => None,
         })
         .collect();
@@ -365,7 +367,7 @@ async fn concurrent_generations_all_get_the_greedy_answer() {
         let text: Vec<String> = frames
             .iter()
             .filter_map(|f| match f {
-                InferResponse::Delta { text } => Some(text.clone()),
+                InferResponse::Delta { text, .. } => Some(text.clone()),
                 _ => None,
             })
             .collect();

@@ -29,6 +29,7 @@ fn chat(model: &str, text: &str) -> InferRequest {
         },
         deadline_ms: None,
         token: None,
+        resume: None,
     }
 }
 
@@ -54,7 +55,7 @@ async fn run_call(
     let mut text = String::new();
     let mut frames = Vec::new();
     while let Some(frame) = call.next().await? {
-        if let InferResponse::Delta { text: t } = &frame {
+        if let InferResponse::Delta { text: t, .. } = &frame {
             text.push_str(t);
         }
         frames.push(frame);

@@ -65,6 +65,10 @@ pub struct ServedCall<'a> {
     pub received_unix_ms: u64,
     /// Time from the request's check to its slot (and quota) being granted.
     pub queue_ms: u64,
+    /// For a split model: the stages the call ran on.
+    pub stages: &'a [mesh_protocol::StageUse],
+    /// For a resumed call: the tokens another node sampled before this one.
+    pub resumed_tokens: u32,
 }
 
 /// The signed receipt of `call`, served by the node `identity`.
@@ -84,6 +88,8 @@ pub fn for_call(identity: &NodeIdentity, call: &ServedCall<'_>) -> SignedReceipt
         queue_ms: call.queue_ms,
         time_to_first_token_ms: call.usage.time_to_first_token_ms,
         compute_ms: call.usage.total_ms,
+        stages: call.stages.to_vec(),
+        resumed_tokens: call.resumed_tokens,
     };
     sign(identity, &receipt)
 }
@@ -148,6 +154,7 @@ mod tests {
             params: Default::default(),
             deadline_ms: None,
             token: None,
+            resume: None,
         }
     }
 
@@ -167,6 +174,8 @@ mod tests {
             queue_ms: 0,
             time_to_first_token_ms: 1,
             compute_ms: 3,
+            stages: Vec::new(),
+            resumed_tokens: 0,
         }
     }
 

@@ -25,6 +25,7 @@ fn hello() -> InferRequest {
         params: Default::default(),
         deadline_ms: Some(5_000),
         token: None,
+        resume: None,
     }
 }
 
@@ -58,7 +59,7 @@ async fn a_local_call_is_answered_by_this_node_s_server() {
     let mut text = String::new();
     let mut last = None;
     while let Some(frame) = call.next().await.unwrap() {
-        if let InferResponse::Delta { text: t } = &frame {
+        if let InferResponse::Delta { text: t, .. } = &frame {
             text.push_str(t);
         }
         last = Some(frame);

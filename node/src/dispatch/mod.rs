@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
-use mesh_protocol::{ErrorCode, WireError};
+use mesh_protocol::{ErrorCode, Resume, WireError};
 use tokio::sync::mpsc;
 
 mod candidates;
@@ -31,12 +31,12 @@ mod spec;
 pub use candidates::{candidates, route, Candidate};
 pub use failure::{CallFailure, FailureClass, Origin};
 pub use provider_cache::{ProviderCache, PROVIDER_CACHE_TTL};
-pub use spec::{build_request, BadTarget, CallEvent, InferSpec, Target};
+pub use spec::{build_request, BadTarget, CallEvent, InferSpec, ResumedFrom, StageReport, Target};
 
 use crate::call::{Call, CallError};
 use crate::network::Client;
 use crate::serve::Server;
-use relay::{relay, Attempt, Failed};
+use relay::{relay, Attempt, Failed, Sampled};
 
 /// What a node can reach: the mesh through its client, and its own models.
 #[derive(Clone)]
@@ -118,7 +118,8 @@ fn after_failure(error: &CallError, after_output: bool) -> AfterFailure {
 /// Runs `spec` to the end, sending every step but the last to `events`, and returns the last
 /// (`done` or `error`). Tries the next provider when one fails before its first output. When
 /// every provider remembered from an earlier lookup has failed that way, asks the DHT once more
-/// and tries the providers it had not tried yet.
+/// and tries the providers it had not tried yet. A generation whose provider fails after it
+/// began is resumed on another provider of the same weights, from the tokens it had sampled.
 async fn run(
     dispatcher: &Dispatcher,
     spec: &InferSpec,
@@ -131,7 +132,11 @@ async fn run(
         .filter(|_| spec.target == Target::Any);
     let mut remembered = cache.and_then(|c| c.get(&spec.model));
     let mut tried = HashSet::new();
+    let mut progress = Progress::default();
     let mut lost = None;
+    // Lookups after the first: one when remembered providers all failed, one when a resumed
+    // call has run out of the providers it knew.
+    let mut lookups_left = 2;
     loop {
         let from_cache = remembered.is_some();
         let found = match remembered.take() {
@@ -143,105 +148,222 @@ async fn run(
                     }
                     found
                 }
-                Err(failure) => return Ok(CallEvent::Error(failure)),
+                Err(failure) => return Ok(lost.unwrap_or(CallEvent::Error(failure))),
             },
         };
         let fresh: Vec<Candidate> = found
             .into_iter()
             .filter(|c| !tried.contains(&c.peer))
+            .filter(|c| {
+                progress
+                    .weights
+                    .as_ref()
+                    .is_none_or(|w| *w == c.card.sha256)
+            })
             .collect();
         if let (true, Some(last)) = (fresh.is_empty(), lost.take()) {
             // The DHT knows no provider that was not tried: the last failure stands.
             return Ok(last);
         }
-        match try_candidates(dispatcher, spec, cache, fresh, begin, events, &mut tried).await? {
+        let round = Round {
+            dispatcher,
+            spec,
+            cache,
+            begin,
+            events,
+        };
+        match round.attempt(fresh, &mut tried, &mut progress).await? {
             Attempts::Ended(last) => return Ok(last),
-            Attempts::AllLost(last) if !from_cache => return Ok(last),
             Attempts::AllLost(last) => {
-                tracing::info!(model = %spec.model, "every remembered provider failed; asking the DHT again");
+                let resuming = progress.weights.is_some();
+                if !(from_cache || resuming) || lookups_left == 0 {
+                    return Ok(last);
+                }
+                lookups_left -= 1;
+                tracing::info!(model = %spec.model, resuming, "every provider tried failed; asking the DHT again");
                 lost = Some(last);
             }
         }
     }
 }
 
+/// What a call has passed on so far: where a resumed call carries on from.
+#[derive(Debug, Default)]
+struct Progress {
+    /// The ids of the tokens passed on, from the nodes' deltas.
+    sampled: Vec<u32>,
+    /// Text came without the ids of its tokens (an upstream runtime's answer): it cannot be
+    /// carried on elsewhere.
+    untracked: bool,
+    /// The weights the output came from, once there is output.
+    weights: Option<String>,
+    /// The nodes that failed mid-answer.
+    resumed: Vec<ResumedFrom>,
+}
+
 /// How a round of candidates ended.
 enum Attempts {
     /// An answer, or a failure another node would not mend.
     Ended(CallEvent),
-    /// Every candidate failed before its first output in a way another node might not: the
-    /// last failure.
+    /// Every candidate failed in a way another node might mend: the last failure.
     AllLost(CallEvent),
 }
 
-/// Tries `found` in the routing order until one answers; records each peer tried.
-async fn try_candidates(
-    dispatcher: &Dispatcher,
-    spec: &InferSpec,
-    cache: Option<&Arc<ProviderCache>>,
-    found: Vec<Candidate>,
+/// One round of attempts at a call.
+struct Round<'a> {
+    dispatcher: &'a Dispatcher,
+    spec: &'a InferSpec,
+    cache: Option<&'a Arc<ProviderCache>>,
     begin: Instant,
-    events: &mpsc::Sender<CallEvent>,
-    tried: &mut HashSet<PeerId>,
-) -> Result<Attempts, AskerGone> {
-    let me = dispatcher.client.local_peer_id();
-    let (ordered, mut claimed) = if found.len() > 1 {
-        let rtts = round_trips(&dispatcher.client).await;
-        match cache {
-            Some(cache) => cache.route_and_claim(found, me, &rtts),
-            None => (route(found, me, &rtts, &HashMap::new()), None),
-        }
-    } else {
-        let claim = cache.and_then(|c| found.first().map(|first| c.start_call(first.peer)));
-        (found, claim)
-    };
-    let mut last = CallEvent::Error(CallFailure::local(
-        ErrorCode::UnknownModel,
-        format!("no node answered for model {:?}", spec.model),
-    ));
-    for Candidate { peer, card, .. } in ordered {
-        tried.insert(peer);
-        // The first candidate was counted when it was chosen; a failover counts here.
-        let _counted = claimed.take().or_else(|| cache.map(|c| c.start_call(peer)));
-        let request = match build_request(spec, &card) {
-            Ok(r) => r,
-            Err(e) => {
-                let failure = CallFailure::local(e.code, e.message);
-                return Ok(Attempts::Ended(CallEvent::Error(failure)));
+    events: &'a mpsc::Sender<CallEvent>,
+}
+
+impl Round<'_> {
+    /// Tries `found` in the routing order until one answers; records each peer tried.
+    async fn attempt(
+        &self,
+        found: Vec<Candidate>,
+        tried: &mut HashSet<PeerId>,
+        progress: &mut Progress,
+    ) -> Result<Attempts, AskerGone> {
+        let (dispatcher, spec, cache) = (self.dispatcher, self.spec, self.cache);
+        let me = dispatcher.client.local_peer_id();
+        let (ordered, mut claimed) = if found.len() > 1 {
+            let rtts = round_trips(&dispatcher.client).await;
+            match cache {
+                Some(cache) => cache.route_and_claim(found, me, &rtts),
+                None => (route(found, me, &rtts, &HashMap::new()), None),
             }
+        } else {
+            let claim = cache.and_then(|c| found.first().map(|first| c.start_call(first.peer)));
+            (found, claim)
         };
-        let idle = Duration::from_millis(spec.deadline_ms);
-        let attempt = Attempt { peer, begin };
-        let (error, after_output) = match Call::open(
-            &dispatcher.client,
-            dispatcher.local.as_ref(),
-            peer,
-            &request,
-            idle,
-        )
-        .await
-        {
-            Ok((call, path)) => match relay(call, attempt, path, &request, events).await {
-                Ok(done) => return Ok(Attempts::Ended(done)),
-                Err(Failed::AskerGone) => return Err(AskerGone),
-                Err(Failed::Call {
-                    error,
-                    after_output,
-                }) => (error, after_output),
-            },
-            Err(error) => (error, false),
-        };
-        last = CallEvent::from_call_error(&error);
-        let next = after_failure(&error, after_output);
-        if let (Some(cache), true) = (cache, next.forget_providers) {
-            cache.forget(&spec.model);
+        let mut last = CallEvent::Error(CallFailure::local(
+            ErrorCode::UnknownModel,
+            format!("no node answered for model {:?}", spec.model),
+        ));
+        for Candidate { peer, card, .. } in ordered {
+            tried.insert(peer);
+            // The first candidate was counted when it was chosen; a failover counts here.
+            let _counted = claimed.take().or_else(|| cache.map(|c| c.start_call(peer)));
+            let mut request = match build_request(spec, &card) {
+                Ok(r) => r,
+                Err(e) => {
+                    let failure = CallFailure::local(e.code, e.message);
+                    return Ok(Attempts::Ended(CallEvent::Error(failure)));
+                }
+            };
+            if let Some(weights) = &progress.weights {
+                request.resume = Some(Resume {
+                    weights_sha256: weights.clone(),
+                    tokens: progress.sampled.clone(),
+                });
+            }
+            let idle = Duration::from_millis(spec.deadline_ms);
+            let attempt = Attempt {
+                peer,
+                begin: self.begin,
+            };
+            let mut sampled = Sampled {
+                tokens: std::mem::take(&mut progress.sampled),
+                untracked: progress.untracked,
+            };
+            let outcome = match Call::open(
+                &dispatcher.client,
+                dispatcher.local.as_ref(),
+                peer,
+                &request,
+                idle,
+            )
+            .await
+            {
+                Ok((call, path)) => relay(call, attempt, path, &request, self.events, &mut sampled)
+                    .await
+                    .map_err(|f| match f {
+                        Failed::AskerGone => None,
+                        Failed::Call {
+                            error,
+                            after_output,
+                        } => Some((error, after_output)),
+                    }),
+                Err(error) => Err(Some((error, false))),
+            };
+            let given = request.resume.as_ref().map_or(0, |r| r.tokens.len()) as u32;
+            (progress.sampled, progress.untracked) = (sampled.tokens, sampled.untracked);
+            let (error, after_output) = match outcome {
+                Ok(done) => return Ok(Attempts::Ended(progress.finish(done, given))),
+                Err(None) => return Err(AskerGone),
+                Err(Some(failed)) => failed,
+            };
+            if after_output && progress.weights.is_none() {
+                progress.weights = Some(card.sha256.clone());
+            }
+            last = CallEvent::from_call_error(&error);
+            let began = progress.weights.is_some();
+            let next = after_failure(&error, began);
+            if let (Some(cache), true) = (cache, next.forget_providers) {
+                cache.forget(&spec.model);
+            }
+            if began {
+                if !may_resume(spec.target, &request, &error, progress) {
+                    return Ok(Attempts::Ended(last));
+                }
+                tracing::info!(%peer, tokens = progress.sampled.len(), "provider failed mid-answer ({error}); resuming on another");
+                progress.resumed.push(ResumedFrom {
+                    peer: peer.to_string(),
+                    tokens: progress.sampled.len() as u32,
+                    error: error.to_string(),
+                });
+                last = CallEvent::Error(CallFailure::local(
+                    ErrorCode::UnknownModel,
+                    format!(
+                        "node {peer} failed after {} tokens ({error}), and no other node hosts the same weights of model {:?}",
+                        progress.sampled.len(),
+                        spec.model
+                    ),
+                ));
+                continue;
+            }
+            if !next.try_next {
+                return Ok(Attempts::Ended(last));
+            }
+            tracing::info!(%peer, "provider failed before answering ({error}); trying the next");
         }
-        if !next.try_next {
-            return Ok(Attempts::Ended(last));
-        }
-        tracing::info!(%peer, "provider failed before answering ({error}); trying the next");
+        Ok(Attempts::AllLost(last))
     }
-    Ok(Attempts::AllLost(last))
+}
+
+impl Progress {
+    /// The `done` of a call, with what earlier nodes passed on counted in: `given` tokens were
+    /// handed to the node that finished it.
+    fn finish(&mut self, mut done: CallEvent, given: u32) -> CallEvent {
+        if let CallEvent::Done { usage, resumed, .. } = &mut done {
+            usage.completion_tokens = usage.completion_tokens.saturating_add(given);
+            *resumed = std::mem::take(&mut self.resumed);
+        }
+        done
+    }
+}
+
+/// Whether a generation that failed after output may go on elsewhere: only an `any` call (a
+/// call to a named node stays there), only when the node is lost (a refusal would be the same
+/// anywhere), and only when every token passed on is known by id.
+fn may_resume(
+    target: Target,
+    request: &mesh_protocol::InferRequest,
+    error: &CallError,
+    progress: &Progress,
+) -> bool {
+    let lost = matches!(
+        error,
+        CallError::Network(_) | CallError::Closed | CallError::Timeout(_)
+    );
+    target == Target::Any
+        && !matches!(request.input, mesh_protocol::Input::Embed { .. })
+        && lost
+        && !progress.untracked
+        && !progress.sampled.is_empty()
+        && progress.sampled.len() < request.params.max_tokens as usize
 }
 
 /// The measured round trip to every connected peer, in milliseconds.

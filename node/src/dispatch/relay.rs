@@ -10,6 +10,7 @@ use mesh_protocol::receipt::SignedReceipt;
 use mesh_protocol::{InferRequest, InferResponse};
 use tokio::sync::mpsc;
 
+use super::spec::StageReport;
 use super::CallEvent;
 use crate::call::{BoxedStream, Call, CallError};
 use crate::network::Path;
@@ -25,6 +26,14 @@ pub(super) enum Failed {
     AskerGone,
 }
 
+/// The tokens a call has passed on, by id, for resuming it elsewhere.
+#[derive(Debug, Default)]
+pub(super) struct Sampled {
+    pub(super) tokens: Vec<u32>,
+    /// Text came without its tokens' ids: the call cannot be carried on elsewhere.
+    pub(super) untracked: bool,
+}
+
 /// One attempt at the call: the node called, and when the whole call began.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Attempt {
@@ -33,13 +42,16 @@ pub(super) struct Attempt {
 }
 
 /// Passes the frames of `call` (`request` on `attempt.peer`, over `path`) on as events,
-/// `connected` first, and returns `done` with the receipt checked.
+/// `connected` first, and returns `done` with the receipt checked. The ids of the tokens the
+/// node says it sampled are appended to `sampled` as their deltas pass, so the call can be
+/// resumed elsewhere if the node fails.
 pub(super) async fn relay(
     mut call: Call<BoxedStream>,
     attempt: Attempt,
     path: Path,
     request: &InferRequest,
     events: &mpsc::Sender<CallEvent>,
+    sampled: &mut Sampled,
 ) -> Result<CallEvent, Failed> {
     let Attempt { peer, begin } = attempt;
     let connect_ms = begin.elapsed().as_millis() as u64;
@@ -64,8 +76,15 @@ pub(super) async fn relay(
         };
         let event = match frame {
             InferResponse::Started { queue_ms, .. } => CallEvent::Started { queue_ms },
-            InferResponse::Delta { text } => {
+            InferResponse::Delta { text, tokens } => {
                 first_byte.get_or_insert_with(|| begin.elapsed());
+                // Bounded: a node cannot claim more tokens than the call allows.
+                let room =
+                    (request.params.max_tokens as usize).saturating_sub(sampled.tokens.len());
+                if tokens.is_empty() && !text.is_empty() || tokens.len() > room {
+                    sampled.untracked = true;
+                }
+                sampled.tokens.extend(tokens.into_iter().take(room));
                 CallEvent::Delta { text }
             }
             InferResponse::Embeddings { vectors } => {
@@ -76,6 +95,7 @@ pub(super) async fn relay(
                 finish_reason,
                 usage,
                 receipt,
+                stages,
             } => {
                 let (receipt_verified, receipt_error) =
                     match check_receipt(receipt.as_ref(), &peer, request) {
@@ -94,6 +114,8 @@ pub(super) async fn relay(
                     receipt: receipt.map(|r| r.to_text()),
                     receipt_verified,
                     receipt_error,
+                    stages: stages.iter().map(StageReport::from).collect(),
+                    resumed: Vec::new(),
                 });
             }
             InferResponse::Error(e) => return Err(failed(CallError::Remote(e))),
@@ -175,7 +197,15 @@ mod tests {
             peer: called,
             begin: Instant::now(),
         };
-        let last = relay(call, attempt, Path::Local, request, &tx).await;
+        let last = relay(
+            call,
+            attempt,
+            Path::Local,
+            request,
+            &tx,
+            &mut Sampled::default(),
+        )
+        .await;
         drop(tx);
         let mut events = Vec::new();
         while let Some(event) = rx.recv().await {
@@ -344,6 +374,7 @@ mod tests {
                 },
                 InferResponse::Delta {
                     text: "half".into(),
+                    tokens: vec![],
                 },
             ] {
                 crate::wire::write_frame(&mut wr, &frame, max)
@@ -383,7 +414,15 @@ mod tests {
             peer: me,
             begin: Instant::now(),
         };
-        let last = relay(call, attempt, Path::Local, &request, &tx).await;
+        let last = relay(
+            call,
+            attempt,
+            Path::Local,
+            &request,
+            &tx,
+            &mut Sampled::default(),
+        )
+        .await;
         assert!(matches!(last, Err(Failed::AskerGone)), "{last:?}");
     }
 }

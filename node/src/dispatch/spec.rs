@@ -162,9 +162,59 @@ pub enum CallEvent {
         /// Why the receipt did not verify (or that there was none).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         receipt_error: Option<String>,
+        /// For a split model: the stages the serving node ran the call on.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        stages: Vec<StageReport>,
+        /// The nodes that failed during the call, each after some tokens, before `peer`
+        /// carried it on.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        resumed: Vec<ResumedFrom>,
     },
     /// The call failed; always the last event.
     Error(CallFailure),
+}
+
+/// One stage of a split call, as the `done` line shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageReport {
+    pub peer: String,
+    /// `start..end` of the model's layers.
+    pub layers: String,
+    pub steps: u32,
+    /// Time from sending the stage its steps to having their outputs, in all.
+    pub wait_ms: u64,
+    pub path: String,
+    /// It replaced a stage that failed during the call.
+    #[serde(default)]
+    pub replacement: bool,
+    /// sha256 of the stage's signed receipt, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipt_sha256: Option<String>,
+}
+
+impl From<&mesh_protocol::StageUse> for StageReport {
+    fn from(s: &mesh_protocol::StageUse) -> Self {
+        StageReport {
+            peer: libp2p::PeerId::from_bytes(&s.peer)
+                .map_or_else(|_| hex::encode(&s.peer), |p| p.to_string()),
+            layers: format!("{}..{}", s.layers.start, s.layers.end),
+            steps: s.steps,
+            wait_ms: s.wait_ms,
+            path: s.path.clone(),
+            replacement: s.replacement,
+            receipt_sha256: s.receipt_sha256.as_ref().map(hex::encode),
+        }
+    }
+}
+
+/// A node that failed mid-answer, and how far it had come.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumedFrom {
+    pub peer: String,
+    /// Tokens it had sampled and passed on.
+    pub tokens: u32,
+    /// Why it failed.
+    pub error: String,
 }
 
 impl CallEvent {
@@ -224,6 +274,7 @@ pub fn build_request(spec: &InferSpec, card: &ModelCard) -> Result<InferRequest,
         params: spec.params.clone(),
         deadline_ms: Some(spec.deadline_ms),
         token: spec.token.as_ref().map(SignedToken::to_bytes),
+        resume: None,
     };
     request.validate()?;
     Ok(request)

@@ -54,6 +54,7 @@ fn card(name: &str, task: Task, architecture: &str, max_concurrency: u32) -> Mod
         sha256: hex::encode(Sha256::digest(architecture.as_bytes())),
         license: Some("Apache-2.0".into()),
         max_concurrency,
+        layers: None,
     }
 }
 
@@ -112,7 +113,7 @@ impl Engine for Echo {
             if !self.delay.is_zero() {
                 std::thread::sleep(self.delay);
             }
-            sink(Output::Delta(piece.clone())).map_err(|_| cancelled())?;
+            sink(Output::text(piece.clone())).map_err(|_| cancelled())?;
             completion_tokens += 1;
         }
         Ok(Completion {
@@ -124,6 +125,8 @@ impl Engine for Echo {
             prompt_tokens: words.len() as u32,
             completion_tokens,
             cached_tokens: 0,
+            resumed_tokens: 0,
+            stages: Vec::new(),
         })
     }
 }
@@ -181,6 +184,8 @@ impl Engine for HashEmbed {
             prompt_tokens,
             completion_tokens: 0,
             cached_tokens: 0,
+            resumed_tokens: 0,
+            stages: Vec::new(),
         })
     }
 }
@@ -205,6 +210,7 @@ mod tests {
             },
             deadline_ms: None,
             token: None,
+            resume: None,
         }
     }
 
@@ -231,7 +237,7 @@ mod tests {
         let text: String = out
             .iter()
             .map(|o| match o {
-                Output::Delta(t) => t.as_str(),
+                Output::Delta { text, .. } => text.as_str(),
                 _ => panic!("unexpected {o:?}"),
             })
             .collect();

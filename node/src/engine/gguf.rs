@@ -12,16 +12,14 @@ use std::time::Instant;
 use candle_core::quantized::gguf_file;
 use candle_core::quantized::tokenizer::TokenizerFromGguf;
 use candle_core::{Device, Tensor};
-use candle_transformers::generation::{LogitsProcessor, Sampling};
 use candle_transformers::models::{quantized_gemma3, quantized_qwen3};
-use mesh_protocol::{
-    ErrorCode, FinishReason, InferRequest, Input, ModelCard, SamplingParams, Task, WireError,
-};
+use mesh_protocol::{ErrorCode, FinishReason, InferRequest, Input, ModelCard, Task, WireError};
 use tokenizers::Tokenizer;
 use tokio_util::sync::CancellationToken;
 
-use super::llama::{KvCache, Llama, PREFILL_CHUNK};
+use super::llama::{KvCache, Llama, Parts, PREFILL_CHUNK};
 use super::prompt_cache::PromptCache;
+use super::sample::Sampler;
 use super::text::{ChatTemplate, IncrementalDecoder, StopMatcher, StopStep};
 use super::{cancelled, Completion, Engine, EngineOptions, Output, Sink};
 
@@ -50,8 +48,15 @@ impl CandleWeights {
 
 enum Weights {
     /// mesh's own forward pass ([`super::llama`]).
-    Own(Llama),
-    Candle(CandleWeights),
+    Own(Arc<Llama>),
+    Candle(Box<CandleWeights>),
+}
+
+/// A call's forward pass, whatever runs it: this node's model, or a pipeline of nodes that
+/// each hold a range of its layers.
+pub trait Feed {
+    /// Runs `tokens` at the next positions; returns the logits after the last.
+    fn feed(&mut self, tokens: &[u32], cancel: &CancellationToken) -> Result<Vec<f32>, WireError>;
 }
 
 /// One call's state of the model: its cache, and where it stands.
@@ -66,8 +71,7 @@ enum Session<'a> {
     },
 }
 
-impl Session<'_> {
-    /// Runs `tokens` at the next positions; returns the logits after the last.
+impl Feed for Session<'_> {
     fn feed(&mut self, tokens: &[u32], cancel: &CancellationToken) -> Result<Vec<f32>, WireError> {
         match self {
             Session::Own { model, cache } => {
@@ -159,6 +163,17 @@ fn fix_pre_tokenizer(tokenizer: &mut Tokenizer, pre: &str) {
 
 impl GgufEngine {
     pub fn load(name: &str, path: &Path, options: &EngineOptions) -> Result<GgufEngine, String> {
+        Self::load_layers(name, path, options, None)
+    }
+
+    /// Loads the model for a head that holds `layers` (from the first) and the ends, the rest
+    /// of the layers running elsewhere; `None` loads every layer.
+    pub fn load_layers(
+        name: &str,
+        path: &Path,
+        options: &EngineOptions,
+        layers: Option<std::ops::Range<usize>>,
+    ) -> Result<GgufEngine, String> {
         let started = Instant::now();
         let sha256 =
             crate::models::sha256_file(path).map_err(|e| format!("cannot read the file: {e}"))?;
@@ -211,18 +226,34 @@ impl GgufEngine {
         let device = Device::Cpu;
         let format = options.weight_format;
         let weights = match arch.as_str() {
-            "llama" => Weights::Own(
-                Llama::load(&content, &mut file, format)
-                    .map_err(|e| format!("cannot load the llama weights: {e}"))?,
-            ),
-            "gemma3" => Weights::Candle(CandleWeights::Gemma3(
+            "llama" => {
+                let total = super::llama::LlamaConfig::from_gguf(&content)?.layers;
+                let layers = layers.clone().unwrap_or(0..total);
+                if layers.start != 0 {
+                    return Err(format!(
+                        "a node that samples holds the model's first layers, not {}..{}",
+                        layers.start, layers.end
+                    ));
+                }
+                let parts = Parts { layers, ends: true };
+                Weights::Own(Arc::new(
+                    Llama::load_parts(&content, &mut file, format, &parts)
+                        .map_err(|e| format!("cannot load the llama weights: {e}"))?,
+                ))
+            }
+            _ if layers.is_some() => {
+                return Err(format!(
+                    "only llama models can be split by layers, not {arch:?}"
+                ))
+            }
+            "gemma3" => Weights::Candle(Box::new(CandleWeights::Gemma3(
                 quantized_gemma3::ModelWeights::from_gguf(content, &mut file, &device)
                     .map_err(|e| format!("cannot load the gemma3 weights: {e}"))?,
-            )),
-            "qwen3" => Weights::Candle(CandleWeights::Qwen3(
+            ))),
+            "qwen3" => Weights::Candle(Box::new(CandleWeights::Qwen3(
                 quantized_qwen3::ModelWeights::from_gguf(content, &mut file, &device)
                     .map_err(|e| format!("cannot load the qwen3 weights: {e}"))?,
-            )),
+            ))),
             other => {
                 return Err(format!(
                     "GGUF architecture {other:?} is not supported (supported: llama, gemma3, qwen3)"
@@ -255,6 +286,7 @@ impl GgufEngine {
                 sha256,
                 license,
                 max_concurrency: options.max_concurrency,
+                layers: None,
             },
             weights,
             tokenizer,
@@ -308,29 +340,6 @@ impl GgufEngine {
     }
 }
 
-fn sampling(params: &SamplingParams) -> Sampling {
-    let temperature = f64::from(params.temperature);
-    if temperature == 0.0 {
-        return Sampling::ArgMax;
-    }
-    match (params.top_k, params.top_p) {
-        (Some(k), Some(p)) => Sampling::TopKThenTopP {
-            k: k as usize,
-            p: f64::from(p),
-            temperature,
-        },
-        (Some(k), None) => Sampling::TopK {
-            k: k as usize,
-            temperature,
-        },
-        (None, Some(p)) => Sampling::TopP {
-            p: f64::from(p),
-            temperature,
-        },
-        (None, None) => Sampling::All { temperature },
-    }
-}
-
 fn internal(e: impl std::fmt::Display) -> WireError {
     WireError::new(ErrorCode::Internal, format!("generation failed: {e}"))
 }
@@ -357,16 +366,9 @@ impl Engine for GgufEngine {
         cancel: &CancellationToken,
     ) -> Result<Completion, WireError> {
         let prompt = self.encode_prompt(&request.input)?;
-        let budget = (request.params.max_tokens as usize)
-            .min(self.card.context_length as usize - prompt.len());
-        let seed = request.params.seed.unwrap_or_else(rand::random);
-        let mut sampler = LogitsProcessor::from_sampling(seed, sampling(&request.params));
-        let mut decoder = IncrementalDecoder::new();
-        let mut stops = StopMatcher::new(request.params.stop.clone());
-
-        // The tokens whose keys and values the session holds, for the prompt cache.
-        let mut seen = prompt.clone();
-        let capacity = prompt.len() + budget;
+        let resumed = self.resumed_tokens(request)?;
+        let capacity = prompt.len() + request.params.max_tokens as usize;
+        let capacity = capacity.min(self.card.context_length as usize);
         let (mut session, cached) = match &self.weights {
             Weights::Own(model) => {
                 let layers = 0..model.config().layers;
@@ -389,49 +391,130 @@ impl Engine for GgufEngine {
             }
             Weights::Candle(w) => (
                 Session::Candle {
-                    weights: w.clone(),
+                    weights: (**w).clone(),
                     position: 0,
                 },
                 0,
             ),
         };
-        let mut logits = session.feed(&prompt[cached..], cancel)?;
+        let mut seen = prompt.clone();
+        seen.extend_from_slice(resumed);
+        let done = self.generate(
+            request,
+            &prompt,
+            cached,
+            &mut session,
+            &mut seen,
+            sink,
+            cancel,
+        )?;
+        self.keep(session, &seen);
+        Ok(done)
+    }
+}
+
+impl GgufEngine {
+    /// The tokens another node sampled, for a resumed call: only from the same weights.
+    fn resumed_tokens<'r>(&self, request: &'r InferRequest) -> Result<&'r [u32], WireError> {
+        match &request.resume {
+            None => Ok(&[]),
+            Some(r) if r.weights_sha256 == self.card.sha256 => Ok(&r.tokens),
+            Some(_) => Err(WireError::bad_request(format!(
+                "a resumed call must come from the same weights as model {}'s",
+                self.card.name
+            ))),
+        }
+    }
+
+    /// Generates the answer to `request`, whose prompt is `prompt`, through `feed`, which
+    /// already holds the first `cached` prompt tokens. A resumed call's tokens are fed as
+    /// given, and the decoder, the stop matcher and the sampler are brought to where the first
+    /// node left them, so the stream goes on where it stopped. Every token fed is appended to
+    /// `seen` (which starts with the prompt and the resumed tokens).
+    #[allow(clippy::too_many_arguments)]
+    pub fn generate(
+        &self,
+        request: &InferRequest,
+        prompt: &[u32],
+        cached: usize,
+        feed: &mut dyn Feed,
+        seen: &mut Vec<u32>,
+        sink: &mut Sink<'_>,
+        cancel: &CancellationToken,
+    ) -> Result<Completion, WireError> {
+        let resumed = self.resumed_tokens(request)?;
+        let context = self.card.context_length as usize;
+        if prompt.len() + resumed.len() >= context {
+            return Err(WireError::bad_request(format!(
+                "the prompt and the resumed answer have {} tokens; model {} has a context of {context}",
+                prompt.len() + resumed.len(),
+                self.card.name
+            )));
+        }
+        let budget = (request.params.max_tokens as usize)
+            .saturating_sub(resumed.len())
+            .min(context - prompt.len() - resumed.len());
+        let seed = request.params.seed.unwrap_or_else(rand::random);
+        let mut sampler = Sampler::new(&request.params, seed);
+        let mut decoder = IncrementalDecoder::new();
+        let mut stops = StopMatcher::new(request.params.stop.clone());
+        // A resumed call: where the first node left the decoder, the matcher and the sampler.
+        // Their output then was the caller's already, so it is not sent again.
+        for id in resumed {
+            if let Some(piece) = decoder.push(&self.tokenizer, *id).map_err(internal)? {
+                if let StopStep::Stop(_) = stops.feed(&piece) {
+                    return Err(WireError::bad_request(
+                        "the resumed answer already ends at a stop sequence",
+                    ));
+                }
+            }
+        }
+        sampler.skip(resumed.len());
+        let mut fed = prompt[cached..].to_vec();
+        fed.extend_from_slice(resumed);
+        let mut logits = feed.feed(&fed, cancel)?;
         let usage = |finish_reason, generated| Completion {
             finish_reason,
             prompt_tokens: prompt.len() as u32,
             completion_tokens: generated,
             cached_tokens: cached as u32,
+            resumed_tokens: resumed.len() as u32,
+            stages: Vec::new(),
         };
         let mut generated = 0u32;
         let mut finish = FinishReason::Length;
+        // Tokens sampled since the last delta, sent with the next one.
+        let mut unsent: Vec<u32> = Vec::new();
         for step in 0..budget {
             if cancel.is_cancelled() {
                 return Err(cancelled());
             }
-            let n = logits.len();
-            let logits_t =
-                Tensor::from_vec(std::mem::take(&mut logits), n, &Device::Cpu).map_err(internal)?;
-            let next = sampler.sample(&logits_t).map_err(internal)?;
+            let next = sampler.sample(&logits);
             if self.stop_ids.contains(&next) {
                 finish = FinishReason::Stop;
                 break;
             }
             generated += 1;
+            unsent.push(next);
             if let Some(piece) = decoder.push(&self.tokenizer, next).map_err(internal)? {
                 let step = stops.feed(&piece);
                 let (StopStep::Continue(text) | StopStep::Stop(text)) = &step;
                 if !text.is_empty() {
-                    sink(Output::Delta(text.clone())).map_err(|_| cancelled())?;
+                    let tokens = std::mem::take(&mut unsent);
+                    sink(Output::Delta {
+                        text: text.clone(),
+                        tokens,
+                    })
+                    .map_err(|_| cancelled())?;
                 }
                 if matches!(step, StopStep::Stop(_)) {
-                    self.keep(session, &seen);
                     return Ok(usage(FinishReason::Stop, generated));
                 }
             }
             if step + 1 == budget {
                 break;
             }
-            logits = session.feed(&[next], cancel)?;
+            logits = feed.feed(&[next], cancel)?;
             seen.push(next);
         }
         let mut tail = decoder
@@ -446,9 +529,12 @@ impl Engine for GgufEngine {
             }
         };
         if !tail.is_empty() {
-            sink(Output::Delta(tail)).map_err(|_| cancelled())?;
+            sink(Output::Delta {
+                text: tail,
+                tokens: unsent,
+            })
+            .map_err(|_| cancelled())?;
         }
-        self.keep(session, &seen);
         Ok(usage(finish, generated))
     }
 }
@@ -463,7 +549,7 @@ impl GgufEngine {
     }
 
     /// The model of mesh's own forward pass, when this file runs on it.
-    pub fn llama(&self) -> Option<&Llama> {
+    pub fn llama(&self) -> Option<&Arc<Llama>> {
         match &self.weights {
             Weights::Own(m) => Some(m),
             Weights::Candle(_) => None,

@@ -4,6 +4,7 @@
 //! - [`gguf`]: text generation from GGUF files: tokenizer, template, sampling loop.
 //! - [`llama`]: mesh's own forward pass for llama-family GGUF, by ranges of layers.
 //! - [`prompt_cache`]: recent calls' key-value caches, reused by prompts that share a prefix.
+//! - [`sample`]: the next token from logits (greedy, temperature, top-k, top-p).
 //! - [`threads`]: one plan for the compute threads.
 //! - [`cpu`]: the compute pool and the CPU kernels the engines share.
 //! - [`bert`]: sentence embeddings from BERT safetensors.
@@ -16,6 +17,7 @@ pub mod cpu;
 pub mod gguf;
 pub mod llama;
 pub mod prompt_cache;
+pub mod sample;
 pub mod text;
 pub mod threads;
 pub mod upstream;
@@ -28,10 +30,21 @@ use tokio_util::sync::CancellationToken;
 /// One piece of streamed output.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
-    /// Text since the last delta; whole UTF-8 characters.
-    Delta(String),
+    /// Text since the last delta (whole UTF-8 characters), and the ids of the tokens sampled
+    /// since then (empty when the engine has no token ids to give, as an upstream server).
+    Delta { text: String, tokens: Vec<u32> },
     /// One vector per input.
     Embeddings(Vec<Vec<f32>>),
+}
+
+impl Output {
+    /// A delta of text alone.
+    pub fn text(text: impl Into<String>) -> Output {
+        Output::Delta {
+            text: text.into(),
+            tokens: Vec::new(),
+        }
+    }
 }
 
 /// What an engine reports when it finishes.
@@ -42,6 +55,11 @@ pub struct Completion {
     pub completion_tokens: u32,
     /// Prompt tokens whose keys and values came from the prompt cache, not computed.
     pub cached_tokens: u32,
+    /// For a resumed call: the tokens another node sampled, taken as given (not counted in
+    /// `completion_tokens`).
+    pub resumed_tokens: u32,
+    /// For a split model: the stages the call ran on.
+    pub stages: Vec<mesh_protocol::StageUse>,
 }
 
 /// How engines are loaded: shared by every model of a node.
@@ -285,6 +303,7 @@ mod tests {
                     params: Default::default(),
                     deadline_ms: None,
                     token: None,
+                    resume: None,
                 };
                 engine
                     .run(&request, &mut |_| Ok(()), &CancellationToken::new())

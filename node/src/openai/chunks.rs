@@ -168,6 +168,8 @@ pub(super) mod tests {
             receipt: None,
             receipt_verified: false,
             receipt_error: None,
+            stages: Vec::new(),
+            resumed: Vec::new(),
         }
     }
 

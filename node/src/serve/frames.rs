@@ -97,7 +97,10 @@ mod tests {
     use mesh_protocol::decode_frame;
 
     fn delta(text: &str) -> InferResponse {
-        InferResponse::Delta { text: text.into() }
+        InferResponse::Delta {
+            text: text.into(),
+            tokens: vec![],
+        }
     }
 
     #[tokio::test]

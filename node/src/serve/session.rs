@@ -320,7 +320,9 @@ where
                 output = run.compute.next() => match output {
                     Some(output) => {
                         let frame = match output {
-                            Output::Delta(text) => InferResponse::Delta { text },
+                            Output::Delta { text, tokens } => {
+                                InferResponse::Delta { text, tokens }
+                            }
                             Output::Embeddings(vectors) => InferResponse::Embeddings { vectors },
                         };
                         if let Err(e) = run.out.push(&frame) {
@@ -395,12 +397,15 @@ where
                 usage: &usage,
                 received_unix_ms,
                 queue_ms,
+                stages: &completion.stages,
+                resumed_tokens: completion.resumed_tokens,
             },
         );
         out.push(&InferResponse::Done {
             finish_reason: completion.finish_reason,
             usage,
             receipt: Some(signed),
+            stages: completion.stages,
         })?;
         out.send(&mut self.wr)
             .await

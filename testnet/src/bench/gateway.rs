@@ -62,6 +62,7 @@ pub async fn run(
         },
         deadline_ms: None,
         token: None,
+        resume: None,
     };
 
     // Warm both paths, then interleave.
@@ -91,7 +92,7 @@ pub async fn run(
             smol.run(
                 &request,
                 &mut |o| {
-                    if let mesh_node::engine::Output::Delta(t) = o {
+                    if let mesh_node::engine::Output::Delta { text: t, .. } = o {
                         text.push_str(&t);
                     }
                     Ok(())

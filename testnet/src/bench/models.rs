@@ -55,6 +55,7 @@ fn chat(text: &str, tokens: u32) -> InferRequest {
         },
         deadline_ms: None,
         token: None,
+        resume: None,
     }
 }
 
@@ -73,7 +74,7 @@ fn measure(
         let done = engine.run(
             request,
             &mut |o| {
-                if let Output::Delta(_) = o {
+                if let Output::Delta { text: _, .. } = o {
                     first.get_or_insert_with(|| start.elapsed());
                 }
                 Ok(())

@@ -32,6 +32,7 @@ pub fn tiny_request() -> InferRequest {
         },
         deadline_ms: None,
         token: None,
+        resume: None,
     }
 }
 
@@ -43,7 +44,7 @@ async fn tiny_call(from: &Node, to: &Node) -> anyhow::Result<()> {
         .await?;
     let mut text = String::new();
     while let Some(frame) = call.next().await? {
-        if let InferResponse::Delta { text: t } = frame {
+        if let InferResponse::Delta { text: t, .. } = frame {
             text.push_str(&t);
         }
     }
@@ -74,7 +75,7 @@ async fn http_infer(
         let done = engine.run(
             &req,
             &mut |o| {
-                if let Output::Delta(t) = o {
+                if let Output::Delta { text: t, .. } = o {
                     text.push_str(&t);
                 }
                 Ok(())

@@ -81,6 +81,7 @@ impl BertEngine {
                 sha256,
                 license: None,
                 max_concurrency,
+                layers: None,
             },
             model,
             tokenizer,
@@ -191,6 +192,8 @@ impl Engine for BertEngine {
             prompt_tokens: tokens,
             completion_tokens: 0,
             cached_tokens: 0,
+            resumed_tokens: 0,
+            stages: Vec::new(),
         })
     }
 }

@@ -7,8 +7,9 @@
 //! however long the context is.
 //!
 //! Work on the pool: a prefill chunk splits by group and by blocks of query rows; a single
-//! query (a decode step) splits by group and by ranges of keys, whose partial results are
-//! merged at the end, so both threads work even on one token.
+//! query (a decode step) splits by group and by spans of keys, whose partial results are
+//! merged at the end, so both threads work even on one token. Both take keys in the same
+//! fixed spans ([`KEY_SPAN`]), so their results are the same to the bit.
 
 use std::cell::RefCell;
 
@@ -44,8 +45,12 @@ impl Heads {
 
 /// Query rows per work item of a prefill chunk.
 const ROW_BLOCK: usize = 4;
-/// Fewest keys a decode step's work item takes.
-const MIN_KEYS_PER_ITEM: usize = 256;
+/// Keys are taken in spans of this many positions (from position 0), each span's softmax
+/// state merged into the row's in order. A decode step spreads its spans over the threads;
+/// a prefill chunk takes them in turn. Either way every row sums the same numbers in the
+/// same order, so a position's output does not depend on how the prompt was cut, on whether
+/// it was decoded or prefilled, or on the thread count.
+const KEY_SPAN: usize = 256;
 
 /// The running softmax of one query head, as `STATE_HEAD + head_dim` floats: its largest score,
 /// the sum of exponentials, and the weighted sum of values, both relative to that score.
@@ -342,13 +347,9 @@ pub fn attend(
         }
     };
     if rows == 1 {
-        // One query: split the keys too, so that every thread works.
+        // One query: the spans of keys are the work items, so that every thread works.
         let context = start + 1;
-        let per_item = context
-            .div_ceil(2 * pool.threads())
-            .max(MIN_KEYS_PER_ITEM)
-            .next_multiple_of(TILE);
-        let spans = context.div_ceil(per_item);
+        let spans = context.div_ceil(KEY_SPAN);
         let items = heads.kv_heads * spans;
         let mut partials = new_states(items * group, hd);
         let part = SharedMut(partials.as_mut_ptr());
@@ -362,26 +363,26 @@ pub fn attend(
                     g,
                     queries: &queries,
                     limits: &[context],
-                    keys: span * per_item..((span + 1) * per_item).min(context),
+                    keys: span * KEY_SPAN..((span + 1) * KEY_SPAN).min(context),
                 };
                 // SAFETY: item `item` alone writes its `group` states.
                 let states = unsafe { part.slice(item * group * state_len, group * state_len) };
                 span.run(states);
             }
         });
+        let mut states = new_states(group, hd);
         for g in 0..heads.kv_heads {
-            let (first, rest) = partials[g * spans * group * state_len..]
-                [..spans * group * state_len]
-                .split_at_mut(group * state_len);
-            for other in rest.chunks_exact(group * state_len) {
-                for (s, o) in first
+            states.copy_from_slice(&new_states(group, hd));
+            let parts = &partials[g * spans * group * state_len..][..spans * group * state_len];
+            for part in parts.chunks_exact(group * state_len) {
+                for (s, p) in states
                     .chunks_exact_mut(state_len)
-                    .zip(other.chunks_exact(state_len))
+                    .zip(part.chunks_exact(state_len))
                 {
-                    merge(s, o);
+                    merge(s, p);
                 }
             }
-            finish(0, g, first);
+            finish(0, g, &states);
         }
         return;
     }
@@ -395,16 +396,27 @@ pub fn attend(
                 .map(|t| &q[t * q_stride + g * group * hd..][..group * hd])
                 .collect();
             let limits: Vec<usize> = ts.clone().map(|t| start + t + 1).collect();
+            let end = start + ts.end;
             let mut states = new_states(ts.len() * group, hd);
-            let span = Span {
-                heads,
-                cache,
-                g,
-                queries: &queries,
-                limits: &limits,
-                keys: 0..start + ts.end,
-            };
-            span.run(&mut states);
+            let mut partial = new_states(ts.len() * group, hd);
+            for first in (0..end).step_by(KEY_SPAN) {
+                partial.copy_from_slice(&new_states(ts.len() * group, hd));
+                let span = Span {
+                    heads,
+                    cache,
+                    g,
+                    queries: &queries,
+                    limits: &limits,
+                    keys: first..(first + KEY_SPAN).min(end),
+                };
+                span.run(&mut partial);
+                for (s, p) in states
+                    .chunks_exact_mut(state_len)
+                    .zip(partial.chunks_exact(state_len))
+                {
+                    merge(s, p);
+                }
+            }
             for (i, t) in ts.enumerate() {
                 finish(t, g, &states[i * group * state_len..][..group * state_len]);
             }

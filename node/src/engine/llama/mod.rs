@@ -59,17 +59,35 @@ struct Block {
     down: QMatrix,
 }
 
-/// A loaded llama-family model. Immutable: every call brings its own [`KvCache`].
+/// A loaded llama-family model, or the part of one a node holds: a range of its layers, with
+/// or without its ends (the embedding before the first layer, the final norm and output head
+/// after the last). Immutable: every call brings its own [`KvCache`].
 pub struct Llama {
     config: LlamaConfig,
     heads: Heads,
     rope: Rope,
-    embedding: QMatrix,
+    /// The layers held: `blocks[i]` is model layer `layers.start + i`.
+    layers: Range<usize>,
     blocks: Vec<Block>,
+    ends: Option<Ends>,
+    format: WeightFormat,
+}
+
+/// What comes before the first layer and after the last.
+struct Ends {
+    embedding: QMatrix,
     output_norm: Vec<f32>,
     /// `None`: the head is tied to the embedding.
     output: Option<QMatrix>,
-    format: WeightFormat,
+}
+
+/// Which parts of a model to load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parts {
+    /// The layers.
+    pub layers: Range<usize>,
+    /// Also the embedding, final norm and output head (a node that samples needs them).
+    pub ends: bool,
 }
 
 /// Buffers of one forward step, sized for its rows.
@@ -93,13 +111,40 @@ fn linear(w: &QMatrix, x: &[f32], m: usize, out: &mut Vec<f32>, acts: &mut QActs
 }
 
 impl Llama {
-    /// Reads the weights that `content` describes from `file`, converting them per `format`.
+    /// Reads the whole model that `content` describes from `file`, converting the weights per
+    /// `format`.
     pub fn load<R: Read + Seek>(
         content: &Content,
         file: &mut R,
         format: WeightFormat,
     ) -> Result<Llama, String> {
+        let layers = LlamaConfig::from_gguf(content)?.layers;
+        Self::load_parts(
+            content,
+            file,
+            format,
+            &Parts {
+                layers: 0..layers,
+                ends: true,
+            },
+        )
+    }
+
+    /// Reads only `parts` of the model: the other layers' weights are never read, so a node
+    /// holding a range of layers takes about that share of the memory.
+    pub fn load_parts<R: Read + Seek>(
+        content: &Content,
+        file: &mut R,
+        format: WeightFormat,
+        parts: &Parts,
+    ) -> Result<Llama, String> {
         let config = LlamaConfig::from_gguf(content)?;
+        if parts.layers.start > parts.layers.end || parts.layers.end > config.layers {
+            return Err(format!(
+                "layers {}..{} are not within the model's {}",
+                parts.layers.start, parts.layers.end, config.layers
+            ));
+        }
         let mut tensor = |name: &str| -> Result<QTensor, String> {
             content
                 .tensor(file, name, &Device::Cpu)
@@ -109,27 +154,35 @@ impl Llama {
             true => Some(vector(&tensor("rope_freqs.weight")?)?),
             false => None,
         };
-        let embedding = weights::single(&tensor("token_embd.weight")?, format)?;
-        if embedding.cols() != config.width {
-            return Err(format!(
-                "token_embd.weight is {} wide; the metadata says {}",
-                embedding.cols(),
-                config.width
-            ));
-        }
-        let output = match content.tensor_infos.contains_key("output.weight") {
-            true => Some(weights::single(&tensor("output.weight")?, format)?),
-            false => None,
+        let ends = if parts.ends {
+            let embedding = weights::single(&tensor("token_embd.weight")?, format)?;
+            if embedding.cols() != config.width {
+                return Err(format!(
+                    "token_embd.weight is {} wide; the metadata says {}",
+                    embedding.cols(),
+                    config.width
+                ));
+            }
+            let output = match content.tensor_infos.contains_key("output.weight") {
+                true => Some(weights::single(&tensor("output.weight")?, format)?),
+                false => None,
+            };
+            Some(Ends {
+                embedding,
+                output_norm: vector(&tensor("output_norm.weight")?)?,
+                output,
+            })
+        } else {
+            None
         };
-        let output_norm = vector(&tensor("output_norm.weight")?)?;
         let heads = Heads {
             heads: config.heads,
             kv_heads: config.kv_heads,
             head_dim: config.head_dim,
             scale: 1.0 / (config.head_dim as f32).sqrt(),
         };
-        let mut blocks = Vec::with_capacity(config.layers);
-        for i in 0..config.layers {
+        let mut blocks = Vec::with_capacity(parts.layers.len());
+        for i in parts.layers.clone() {
             let mut t = |part: &str| tensor(&format!("blk.{i}.{part}.weight"));
             let (q, k, v) = (t("attn_q")?, t("attn_k")?, t("attn_v")?);
             let qkv = weights::fused(&[&q, &k, &v], format)?;
@@ -168,12 +221,21 @@ impl Llama {
             config,
             heads,
             rope,
-            embedding,
+            layers: parts.layers.clone(),
             blocks,
-            output_norm,
-            output,
+            ends,
             format,
         })
+    }
+
+    /// The model layers this holds.
+    pub fn layers(&self) -> Range<usize> {
+        self.layers.clone()
+    }
+
+    /// Whether this holds the embedding and output head (it can turn tokens into logits).
+    pub fn has_ends(&self) -> bool {
+        self.ends.is_some()
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -184,9 +246,11 @@ impl Llama {
         self.format
     }
 
-    /// Entries in the vocabulary (rows of the output head).
-    pub fn vocab(&self) -> usize {
-        self.head().rows()
+    /// Entries in the vocabulary (rows of the output head), if this holds it.
+    pub fn vocab(&self) -> Option<usize> {
+        self.ends()
+            .ok()
+            .map(|e| e.output.as_ref().unwrap_or(&e.embedding).rows())
     }
 
     /// Bytes of weights held.
@@ -196,11 +260,16 @@ impl Llama {
             .iter()
             .map(|b| b.qkv.bytes() + b.attn_out.bytes() + b.gate_up.bytes() + b.down.bytes())
             .sum();
-        blocks + self.embedding.bytes() + self.output.as_ref().map_or(0, QMatrix::bytes)
+        let ends = self.ends.as_ref().map_or(0, |e| {
+            e.embedding.bytes() + e.output.as_ref().map_or(0, QMatrix::bytes)
+        });
+        blocks + ends
     }
 
-    fn head(&self) -> &QMatrix {
-        self.output.as_ref().unwrap_or(&self.embedding)
+    fn ends(&self) -> Result<&Ends, String> {
+        self.ends
+            .as_ref()
+            .ok_or_else(|| "this node holds no embedding or output head of the model".into())
     }
 
     /// An empty cache for `layers`, with room for `capacity` positions.
@@ -212,9 +281,9 @@ impl Llama {
     pub fn embed(&self, tokens: &[u32]) -> Result<Hidden, String> {
         let width = self.config.width;
         let mut data = vec![0f32; tokens.len() * width];
+        let embedding = &self.ends()?.embedding;
         for (t, id) in tokens.iter().enumerate() {
-            self.embedding
-                .row_f32(*id as usize, &mut data[t * width..][..width])?;
+            embedding.row_f32(*id as usize, &mut data[t * width..][..width])?;
         }
         Ok(Hidden {
             rows: tokens.len(),
@@ -227,10 +296,10 @@ impl Llama {
     pub fn forward_layers(&self, cache: &mut KvCache, hidden: &mut Hidden) -> Result<(), String> {
         let layers = cache.layers();
         let (m, start) = (hidden.rows, cache.len());
-        if layers.end > self.blocks.len() || layers.start > layers.end {
+        if layers.start < self.layers.start || layers.end > self.layers.end {
             return Err(format!(
-                "layers {layers:?} are not in this model of {}",
-                self.blocks.len()
+                "layers {layers:?} are not among the layers held ({:?})",
+                self.layers
             ));
         }
         if hidden.data.len() != m * self.config.width {
@@ -268,7 +337,7 @@ impl Llama {
         start: usize,
         s: &mut Scratch,
     ) -> Result<(), String> {
-        let b = &self.blocks[layer];
+        let b = &self.blocks[layer - self.layers.start];
         let (m, d) = (hidden.rows, self.config.width);
         let (hd, qw, kvw) = (
             self.heads.head_dim,
@@ -313,22 +382,24 @@ impl Llama {
         if row >= hidden.rows {
             return Err(format!("row {row} of {}", hidden.rows));
         }
+        let ends = self.ends()?;
         let mut normed = vec![0f32; d];
         simd::rms_norm(
             &hidden.data[row * d..][..d],
-            &self.output_norm,
+            &ends.output_norm,
             self.config.rms_eps,
             &mut normed,
         );
+        let head = ends.output.as_ref().unwrap_or(&ends.embedding);
         let mut logits = Vec::new();
-        linear(self.head(), &normed, 1, &mut logits, &mut QActs::default());
+        linear(head, &normed, 1, &mut logits, &mut QActs::default());
         Ok(logits)
     }
 
     /// Runs `tokens` through the whole model at the cache's next positions (in chunks) and
     /// returns the logits after the last one. The cache must cover every layer.
     pub fn forward_tokens(&self, cache: &mut KvCache, tokens: &[u32]) -> Result<Vec<f32>, String> {
-        if cache.layers() != (0..self.blocks.len()) {
+        if cache.layers() != (0..self.config.layers) {
             return Err("a whole-model step needs a cache of every layer".into());
         }
         let mut last = None;

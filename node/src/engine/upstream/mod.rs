@@ -92,6 +92,7 @@ impl UpstreamEngine {
             sha256: String::new(),
             license: None,
             max_concurrency,
+            layers: None,
         };
         Ok(UpstreamEngine {
             upstream: Upstream {
@@ -200,6 +201,8 @@ impl Upstream {
             prompt_tokens,
             completion_tokens: 0,
             cached_tokens: 0,
+            resumed_tokens: 0,
+            stages: Vec::new(),
         })
     }
 }
@@ -295,6 +298,7 @@ mod tests {
             params,
             deadline_ms: None,
             token: None,
+            resume: None,
         }
     }
 

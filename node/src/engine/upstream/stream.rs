@@ -176,6 +176,8 @@ impl Answer {
             prompt_tokens,
             completion_tokens,
             cached_tokens: 0,
+            resumed_tokens: 0,
+            stages: Vec::new(),
         }
     }
 }
@@ -215,7 +217,7 @@ where
         };
         match answer.on_data(&event.data)? {
             Step::Text(text) => out
-                .send(Output::Delta(text))
+                .send(Output::text(text))
                 .await
                 .map_err(|_| cancelled())?,
             Step::Nothing => {}
@@ -285,10 +287,7 @@ mod tests {
             let (result, outputs) = read(pieces(LLAMA_STREAM, size), LIMITS).await;
             assert_eq!(
                 outputs,
-                [
-                    Output::Delta("The capital".into()),
-                    Output::Delta(" is Paris".into())
-                ],
+                [Output::text("The capital"), Output::text(" is Paris")],
                 "pieces of {size}"
             );
             assert_eq!(
@@ -298,6 +297,8 @@ mod tests {
                     prompt_tokens: 12,
                     completion_tokens: 3,
                     cached_tokens: 0,
+                    resumed_tokens: 0,
+                    stages: Vec::new(),
                 },
                 "pieces of {size}"
             );
@@ -384,7 +385,7 @@ mod tests {
         let event = "data: {\"choices\":[{\"index\":0,\"text\":\"a\"}]}\n\n";
         let bytes = pieces(event, 64).chain(futures::stream::pending());
         let (result, outputs) = read(bytes, limits).await;
-        assert_eq!(outputs, [Output::Delta("a".into())]);
+        assert_eq!(outputs, [Output::text("a")]);
         assert_eq!(result.unwrap_err().message, "upstream: no data for 50ms");
     }
 

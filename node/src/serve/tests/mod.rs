@@ -75,6 +75,7 @@ pub(super) fn chat(model: &str, text: &str) -> InferRequest {
         },
         deadline_ms: None,
         token: None,
+        resume: None,
     }
 }
 
@@ -247,7 +248,7 @@ pub(super) fn text(frames: &[InferResponse]) -> String {
     frames
         .iter()
         .filter_map(|f| match f {
-            InferResponse::Delta { text } => Some(text.as_str()),
+            InferResponse::Delta { text, .. } => Some(text.as_str()),
             _ => None,
         })
         .collect()

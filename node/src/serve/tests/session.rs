@@ -36,6 +36,7 @@ async fn a_call_ends_with_done_carrying_usage_and_a_receipt_that_verifies() {
         finish_reason,
         usage,
         receipt: Some(signed),
+        ..
     }) = frames.last()
     else {
         panic!("expected done with a receipt last: {frames:?}");
