@@ -200,6 +200,21 @@ pub struct JoinArgs {
     #[arg(long, value_name = "FORMAT", default_value = "original")]
     pub weights: mesh_node::engine::llama::WeightFormat,
 
+    /// Host only layers A..B of a model (`A..B` when there is one model, else NAME=A..B).
+    /// From 0, this node is the model's head: it serves the model, samples, and runs the other
+    /// layers on nodes that hold them; from A > 0, it runs those layers for heads
+    #[arg(long, value_name = "[NAME=]A..B")]
+    pub layers: Vec<LayerSpec>,
+
+    /// Let a head use stages reached only through a relay
+    #[arg(long)]
+    pub split_allow_relayed: bool,
+
+    /// How hidden states travel between a head and its stages: f32 (exact) or f16 (half the
+    /// bytes)
+    #[arg(long, value_name = "FORMAT", default_value = "f32", value_parser = parse_hidden)]
+    pub split_hidden: mesh_protocol::HiddenFormat,
+
     /// Serve this peer (repeatable); without --require-token, serve only listed peers
     #[arg(long, value_name = "PEER_ID")]
     pub allow: Vec<String>,
@@ -281,4 +296,43 @@ pub struct InferArgs {
 
     #[command(flatten)]
     pub find: FindArgs,
+}
+
+/// `--layers [NAME=]A..B`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerSpec {
+    pub model: Option<String>,
+    pub layers: std::ops::Range<usize>,
+}
+
+impl std::str::FromStr for LayerSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (model, range) = match s.split_once('=') {
+            Some((name, range)) => (Some(name.to_string()), range),
+            None => (None, s),
+        };
+        let (a, b) = range
+            .split_once("..")
+            .ok_or_else(|| format!("{s:?} is not A..B (for example 10..20)"))?;
+        let number = |n: &str| {
+            n.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("{n:?} in {s:?} is not a layer number"))
+        };
+        let layers = number(a)?..number(b)?;
+        if layers.start > layers.end || (layers.start > 0 && layers.start == layers.end) {
+            return Err(format!("layers {range} are not a range"));
+        }
+        Ok(LayerSpec { model, layers })
+    }
+}
+
+fn parse_hidden(s: &str) -> Result<mesh_protocol::HiddenFormat, String> {
+    match s {
+        "f32" => Ok(mesh_protocol::HiddenFormat::F32),
+        "f16" => Ok(mesh_protocol::HiddenFormat::F16),
+        _ => Err(format!("{s:?}: expected f32 or f16")),
+    }
 }

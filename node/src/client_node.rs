@@ -104,6 +104,7 @@ mod tests {
             models: vec![],
             load: 0,
             network: None,
+            stages: vec![],
         };
         let chosen = loopback_first(&status);
         assert_eq!(

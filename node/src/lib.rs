@@ -16,6 +16,7 @@
 //! - [`openai_schema`]: OpenAI's JSON shapes, shared by the gateway and the upstream engine.
 //! - [`dispatch`]: choosing a node for a model and running a call end to end, with failover.
 //! - [`directory`]: the models this node can see on the mesh, and who hosts them.
+//! - [`split`]: a model's layers pooled across nodes: the head, its plan, its stages.
 
 pub mod api;
 pub mod auth;
@@ -33,6 +34,7 @@ pub mod ollama;
 pub mod openai;
 pub mod openai_schema;
 pub mod serve;
+pub mod split;
 #[cfg(test)]
 mod test_support;
 pub mod wire;

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::SharedEngine;
 use crate::identity::NodeIdentity;
 use crate::network::{Client, NetworkConfig};
-use crate::serve::{accept, ServeConfig, ServeSetupError, Server};
+use crate::serve::{accept, ServeConfig, ServeSetupError, Server, StageModel};
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -72,7 +72,23 @@ impl Node {
         engines: Vec<SharedEngine>,
         config: NodeConfig,
     ) -> Result<Node, NodeError> {
-        let server = Arc::new(Server::new(&identity, engines, config.serve.clone())?);
+        Self::start_with_stages(identity, engines, Vec::new(), config).await
+    }
+
+    /// [`Node::start`], also running `stages` (ranges of models' layers) for heads, and
+    /// announcing them under their weights' sha256.
+    pub async fn start_with_stages(
+        identity: NodeIdentity,
+        engines: Vec<SharedEngine>,
+        stages: Vec<StageModel>,
+        config: NodeConfig,
+    ) -> Result<Node, NodeError> {
+        let server = Arc::new(Server::with_stages(
+            &identity,
+            engines,
+            stages,
+            config.serve.clone(),
+        )?);
         let access = crate::api::ApiAccess {
             key: config.api_key.clone().filter(|k| !k.is_empty()),
             hosts: config.api_hosts.clone(),
@@ -133,6 +149,12 @@ impl Node {
         for card in node.server.cards() {
             node.client
                 .provide(&card.name)
+                .await
+                .map_err(|e| NodeError::Bootstrap(e.to_string()))?;
+        }
+        for card in node.server.stage_cards() {
+            node.client
+                .provide_stage(&card.sha256)
                 .await
                 .map_err(|e| NodeError::Bootstrap(e.to_string()))?;
         }

@@ -618,3 +618,59 @@ fn a_position_computes_the_same_bits_prefilled_decoded_or_cut_anywhere() {
         "the logits differ"
     );
 }
+
+#[test]
+fn a_head_and_stages_loaded_apart_compute_what_the_whole_model_computes() {
+    use mesh_node::engine::llama::{Hidden, Parts};
+    use mesh_protocol::HiddenFormat;
+    let open = || {
+        let mut file = std::fs::File::open(smollm2()).unwrap();
+        let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+        (content, file)
+    };
+    let load = |layers: std::ops::Range<usize>, ends: bool| {
+        let (content, mut file) = open();
+        Llama::load_parts(
+            &content,
+            &mut file,
+            WeightFormat::default(),
+            &Parts { layers, ends },
+        )
+        .unwrap()
+    };
+    let whole = engines().0.llama().unwrap();
+    let (head, middle, tail) = (load(0..10, true), load(10..20, false), load(20..30, false));
+    // A third of the layers, without the embedding: about a quarter of the weights.
+    let (part, all) = (middle.weight_bytes(), whole.weight_bytes());
+    assert!(part * 3 < all && part * 6 > all, "{part} of {all}");
+    let prompt = engines()
+        .0
+        .encode_prompt(&chat(&[(Role::User, "Name the capital of France.")], 8).input)
+        .unwrap();
+    let mut cache = whole.new_cache(0..30, 64);
+    let want = whole.forward_tokens(&mut cache, &prompt).unwrap();
+    for format in [HiddenFormat::F32, HiddenFormat::F16] {
+        let (mut c0, mut c1, mut c2) = (
+            head.new_cache(0..10, 64),
+            middle.new_cache(10..20, 64),
+            tail.new_cache(20..30, 64),
+        );
+        let mut h = head.embed(&prompt).unwrap();
+        head.forward_layers(&mut c0, &mut h).unwrap();
+        // Across the wire and back, as a stage receives and answers it.
+        let wire = |h: &Hidden| Hidden::decode(&h.encode(format), h.rows, 576, format).unwrap();
+        let mut h = wire(&h);
+        middle.forward_layers(&mut c1, &mut h).unwrap();
+        let mut h = wire(&h);
+        tail.forward_layers(&mut c2, &mut h).unwrap();
+        let got = head.logits(&wire(&h), h.rows - 1).unwrap();
+        if format == HiddenFormat::F32 {
+            assert_eq!(got, want, "f32 hops are exact");
+        } else {
+            assert_eq!(argmax(&got), argmax(&want));
+        }
+        // A stage holds no ends, and a part runs only its own layers.
+        assert!(middle.embed(&prompt).is_err());
+        assert!(head.forward_layers(&mut c1, &mut h).is_err());
+    }
+}

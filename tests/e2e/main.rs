@@ -13,4 +13,5 @@ mod nat;
 mod network;
 mod ollama;
 mod openai;
+mod split;
 mod upstream;

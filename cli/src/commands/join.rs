@@ -10,6 +10,8 @@ use mesh_node::auth::{Access, AccessConfig};
 use mesh_node::engine::{self, SharedEngine};
 use mesh_node::home::RuntimeInfo;
 use mesh_node::network::{Multiaddr, NetworkEvent, RelayLimits};
+use mesh_node::serve::StageModel;
+use mesh_node::split::{Mesh, SplitEngine, SplitOptions};
 use mesh_node::{Home, Node, NodeConfig};
 
 use crate::args::JoinArgs;
@@ -27,7 +29,8 @@ pub async fn run(home: Home, args: &JoinArgs, json: bool) -> anyhow::Result<Exit
         ));
     }
     let identity = super::load_identity(&home)?;
-    let engines = load_models(&home, args)?;
+    let mesh = Mesh::new();
+    let Models { engines, stages } = load_models(&home, args, &mesh)?;
 
     let mut config = NodeConfig::default();
     if !args.listen.is_empty() {
@@ -57,14 +60,17 @@ pub async fn run(home: Home, args: &JoinArgs, json: bool) -> anyhow::Result<Exit
         );
     }
 
-    let node = Node::start(identity, engines, config).await.map_err(|e| {
-        let exit = match e {
-            mesh_node::NodeError::Models(_) => Exit::BadRequest,
-            mesh_node::NodeError::Api(_) => Exit::Failure,
-            _ => Exit::Network,
-        };
-        failed(exit, e.to_string())
-    })?;
+    let node = Node::start_with_stages(identity, engines, stages, config)
+        .await
+        .map_err(|e| {
+            let exit = match e {
+                mesh_node::NodeError::Models(_) => Exit::BadRequest,
+                mesh_node::NodeError::Api(_) => Exit::Failure,
+                _ => Exit::Network,
+            };
+            failed(exit, e.to_string())
+        })?;
+    mesh.attach(node.client());
     let peer_id = node.peer_id();
     let listen: Vec<Multiaddr> = node
         .client()
@@ -131,7 +137,37 @@ fn access_config(home: &Home, args: &JoinArgs) -> anyhow::Result<AccessConfig> {
     AccessConfig::from_file_and_flags(home.root(), &flags).map_err(|e| failed(Exit::BadRequest, e))
 }
 
-fn load_models(home: &Home, args: &JoinArgs) -> anyhow::Result<Vec<SharedEngine>> {
+/// What `mesh join` hosts: whole models (and split models' heads), and ranges of layers.
+struct Models {
+    engines: Vec<SharedEngine>,
+    stages: Vec<StageModel>,
+}
+
+/// The layers `--layers` gives `model`, if any.
+fn layers_for(args: &JoinArgs, model: &str) -> anyhow::Result<Option<std::ops::Range<usize>>> {
+    let mut found = None;
+    for spec in &args.layers {
+        let applies = match &spec.model {
+            Some(name) => name == model,
+            None if args.models.len() == 1 => true,
+            None => {
+                return Err(failed(
+                    Exit::BadRequest,
+                    "with several --model, say which model --layers is for: NAME=A..B",
+                ))
+            }
+        };
+        if applies && found.replace(spec.layers.clone()).is_some() {
+            return Err(failed(
+                Exit::BadRequest,
+                format!("--layers names {model} twice"),
+            ));
+        }
+    }
+    Ok(found)
+}
+
+fn load_models(home: &Home, args: &JoinArgs, mesh: &Mesh) -> anyhow::Result<Models> {
     let options = engine::EngineOptions {
         max_concurrency: args.concurrency,
         weight_format: args.weights,
@@ -139,14 +175,46 @@ fn load_models(home: &Home, args: &JoinArgs) -> anyhow::Result<Vec<SharedEngine>
             args.prompt_cache_mib.saturating_mul(1 << 20),
         )),
     };
-    args.models
-        .iter()
-        .map(|spec| {
-            tracing::info!(model = %spec.name, source = %spec.source, "loading model");
-            engine::load_with(spec, &home.models_dir(), &options)
-                .map_err(|e| failed(Exit::BadRequest, e.to_string()))
-        })
-        .collect()
+    for spec in &args.layers {
+        if let Some(name) = &spec.model {
+            if !args.models.iter().any(|m| &m.name == name) {
+                return Err(failed(
+                    Exit::BadRequest,
+                    format!("--layers names {name}, which no --model hosts"),
+                ));
+            }
+        }
+    }
+    let split = SplitOptions {
+        allow_relayed: args.split_allow_relayed,
+        hidden: args.split_hidden,
+    };
+    let mut models = Models {
+        engines: Vec::new(),
+        stages: Vec::new(),
+    };
+    for spec in &args.models {
+        tracing::info!(model = %spec.name, source = %spec.source, "loading model");
+        let bad = |e: engine::LoadError| failed(Exit::BadRequest, e.to_string());
+        match layers_for(args, &spec.name)? {
+            None => models
+                .engines
+                .push(engine::load_with(spec, &home.models_dir(), &options).map_err(bad)?),
+            Some(layers) => match engine::load_layers(spec, &home.models_dir(), &options, layers)
+                .map_err(bad)?
+            {
+                engine::Layers::Head(head) => {
+                    let head = SplitEngine::new(*head, mesh.clone(), split)
+                        .map_err(|e| failed(Exit::BadRequest, e))?;
+                    models.engines.push(std::sync::Arc::new(head));
+                }
+                engine::Layers::Stage(card, model) => {
+                    models.stages.push(StageModel { card, model });
+                }
+            },
+        }
+    }
+    Ok(models)
 }
 
 fn print_ready(node: &Node, listen: &[Multiaddr], json: bool) -> anyhow::Result<()> {

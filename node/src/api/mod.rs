@@ -37,6 +37,9 @@ pub struct Status {
     /// Reachability, external addresses and relays; absent from older nodes.
     #[serde(default)]
     pub network: Option<crate::network::NetworkStatus>,
+    /// The ranges of layers this node runs for heads, with their sessions open now.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<crate::serve::StageStatus>,
 }
 
 pub use guard::ApiAccess;
@@ -104,6 +107,7 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Status>, ApiError>
         listen_addrs: listen_addrs.iter().map(|a| a.to_string()).collect(),
         models: state.server.cards().cloned().collect(),
         load: state.server.load(),
+        stages: state.server.stage_statuses(),
         network: Some(
             state
                 .client

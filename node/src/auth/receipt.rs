@@ -7,7 +7,9 @@ use libp2p::PeerId;
 use mesh_protocol::frame::encode_body;
 use mesh_protocol::receipt::{Receipt, ReceiptFormatError, SignedReceipt, RECEIPT_VERSION};
 use mesh_protocol::token::TOKEN_ID_LEN;
-use mesh_protocol::{FinishReason, InferRequest, ModelCard, Usage};
+use mesh_protocol::{
+    FinishReason, InferRequest, ModelCard, SignedStageReceipt, StageReceipt, Usage,
+};
 use sha2::{Digest, Sha256};
 
 use crate::identity::{verify_by_peer, NodeIdentity};
@@ -92,6 +94,38 @@ pub fn for_call(identity: &NodeIdentity, call: &ServedCall<'_>) -> SignedReceipt
         resumed_tokens: call.resumed_tokens,
     };
     sign(identity, &receipt)
+}
+
+/// A stage's signed receipt for one session.
+pub fn sign_stage(identity: &NodeIdentity, receipt: &StageReceipt) -> SignedStageReceipt {
+    let bytes = encode_body(receipt).expect("a stage receipt always encodes");
+    let signature = identity
+        .sign(&SignedStageReceipt::signed_message(&bytes))
+        .to_vec();
+    SignedStageReceipt {
+        receipt: bytes,
+        signature,
+    }
+}
+
+/// Checks a stage's receipt: decodes it, and checks that `stage` signed it for `head`.
+pub fn verify_stage(
+    signed: &SignedStageReceipt,
+    stage: &PeerId,
+    head: &PeerId,
+) -> Result<StageReceipt, String> {
+    let receipt = signed.decode_receipt().map_err(|e| e.to_string())?;
+    if receipt.server != stage.to_bytes() || receipt.client != head.to_bytes() {
+        return Err("the stage receipt names other nodes".into());
+    }
+    if !verify_by_peer(
+        stage,
+        &SignedStageReceipt::signed_message(&signed.receipt),
+        &signed.signature,
+    ) {
+        return Err(format!("the stage receipt is not signed by {stage}"));
+    }
+    Ok(receipt)
 }
 
 /// Unix milliseconds now: the clock a receipt's `received_unix_ms` is read from.

@@ -67,7 +67,11 @@ pub async fn candidates(
     let mut last_error = None;
     for (peer, result) in futures::future::join_all(lookups).await {
         match result {
-            Ok((cards, load)) => match cards.into_iter().find(|c| c.name == model) {
+            // A node that runs only some layers of the model does not answer calls for it.
+            Ok((cards, load)) => match cards
+                .into_iter()
+                .find(|c| c.name == model && c.layers.is_none())
+            {
                 Some(card) => found.push(Candidate { peer, card, load }),
                 None => {
                     last_error = Some(CallFailure::local(

@@ -161,6 +161,68 @@ fn fix_pre_tokenizer(tokenizer: &mut Tokenizer, pre: &str) {
     }
 }
 
+/// The layers `layers` of the llama model in `path`, without its ends, for a node that runs
+/// them for heads (a stage of a split model); and the card that node advertises.
+pub fn load_stage(
+    name: &str,
+    path: &Path,
+    options: &EngineOptions,
+    layers: std::ops::Range<usize>,
+) -> Result<(ModelCard, Arc<Llama>), String> {
+    let started = Instant::now();
+    let sha256 =
+        crate::models::sha256_file(path).map_err(|e| format!("cannot read the file: {e}"))?;
+    let mut file = File::open(path).map_err(|e| format!("cannot open the file: {e}"))?;
+    let content = gguf_file::Content::read(&mut file)
+        .map_err(|e| format!("not a readable GGUF file (corrupt or truncated?): {e}"))?;
+    let config = super::llama::LlamaConfig::from_gguf(&content)?;
+    if layers.start == 0 || layers.start >= layers.end || layers.end > config.layers {
+        return Err(format!(
+            "a stage runs layers after the first, within the model's {}: not {}..{}",
+            config.layers, layers.start, layers.end
+        ));
+    }
+    let parts = Parts {
+        layers: layers.clone(),
+        ends: false,
+    };
+    let model = Llama::load_parts(&content, &mut file, options.weight_format, &parts)
+        .map_err(|e| format!("cannot load the llama weights: {e}"))?;
+    let parameters: u64 = content
+        .tensor_infos
+        .values()
+        .map(|t| t.shape.elem_count() as u64)
+        .sum();
+    tracing::info!(
+        model = name,
+        layers = ?layers,
+        mib = model.weight_bytes() >> 20,
+        ms = started.elapsed().as_millis() as u64,
+        "loaded a stage"
+    );
+    let card = ModelCard {
+        name: name.to_string(),
+        task: Task::Generate,
+        architecture: config.architecture.clone(),
+        parameters,
+        quantization: meta_u32(&content, "general.file_type")
+            .and_then(file_type_name)
+            .unwrap_or("unknown")
+            .to_string(),
+        context_length: config.context as u32,
+        embedding_dims: None,
+        sha256,
+        license: meta_str(&content, "general.license"),
+        max_concurrency: options.max_concurrency,
+        layers: Some(mesh_protocol::LayerRange {
+            start: layers.start as u32,
+            end: layers.end as u32,
+            total: config.layers as u32,
+        }),
+    };
+    Ok((card, Arc::new(model)))
+}
+
 impl GgufEngine {
     pub fn load(name: &str, path: &Path, options: &EngineOptions) -> Result<GgufEngine, String> {
         Self::load_layers(name, path, options, None)

@@ -194,7 +194,29 @@ pub fn load_with(
             .map(Arc::from)
             .map_err(fail);
     }
-    let path = match crate::models::find_known(&spec.source) {
+    let path = model_path(spec, models_dir)?;
+    // Model loaders parse untrusted files: a panic in one is a load error, not a crash.
+    let loaded = std::panic::catch_unwind(|| load_path(&spec.name, &path, options))
+        .unwrap_or_else(|_| Err("the loader panicked on this file (corrupt?)".into()));
+    let mut engine = loaded.map_err(fail)?;
+    if let Some(known) = crate::models::find_known(&spec.source) {
+        engine.fill_license(known.license);
+    }
+    Ok(Arc::from(engine.into_engine()))
+}
+
+/// The file `spec` names: a known model's (fetched, and its pinned sums checked again) or
+/// the path as given.
+pub fn model_path(
+    spec: &ModelSpec,
+    models_dir: &std::path::Path,
+) -> Result<std::path::PathBuf, LoadError> {
+    let fail = |reason: String| LoadError {
+        name: spec.name.clone(),
+        source_spec: spec.source.clone(),
+        reason,
+    };
+    match crate::models::find_known(&spec.source) {
         Some(known) => {
             let path = crate::models::entry_path(models_dir, known);
             if !path.exists() {
@@ -206,18 +228,52 @@ pub fn load_with(
             // The pinned sums again: the models directory may be shared and writable by
             // others. Cached beside each file, so only a changed file is hashed.
             crate::models::verify_known(models_dir, known).map_err(fail)?;
-            path
+            Ok(path)
         }
-        None => std::path::PathBuf::from(&spec.source),
-    };
-    // Model loaders parse untrusted files: a panic in one is a load error, not a crash.
-    let loaded = std::panic::catch_unwind(|| load_path(&spec.name, &path, options))
-        .unwrap_or_else(|_| Err("the loader panicked on this file (corrupt?)".into()));
-    let mut engine = loaded.map_err(fail)?;
-    if let Some(known) = crate::models::find_known(&spec.source) {
-        engine.fill_license(known.license);
+        None => Ok(std::path::PathBuf::from(&spec.source)),
     }
-    Ok(Arc::from(engine.into_engine()))
+}
+
+/// A part of a model, by its layers: a head's (from layer 0, with the ends, to serve the model
+/// and sample) or a stage's (later layers only, run for heads).
+pub enum Layers {
+    Head(Box<gguf::GgufEngine>),
+    Stage(ModelCard, Arc<llama::Llama>),
+}
+
+/// Loads the layers `layers` of the llama GGUF model `spec` names.
+pub fn load_layers(
+    spec: &ModelSpec,
+    models_dir: &std::path::Path,
+    options: &EngineOptions,
+    layers: std::ops::Range<usize>,
+) -> Result<Layers, LoadError> {
+    let fail = |reason: String| LoadError {
+        name: spec.name.clone(),
+        source_spec: spec.source.clone(),
+        reason,
+    };
+    let path = model_path(spec, models_dir)?;
+    let loaded = std::panic::catch_unwind(|| {
+        if layers.start == 0 {
+            gguf::GgufEngine::load_layers(&spec.name, &path, options, Some(layers.clone()))
+                .map(|e| Layers::Head(Box::new(e)))
+        } else {
+            gguf::load_stage(&spec.name, &path, options, layers.clone())
+                .map(|(card, model)| Layers::Stage(card, model))
+        }
+    })
+    .unwrap_or_else(|_| Err("the loader panicked on this file (corrupt?)".into()));
+    let mut loaded = loaded.map_err(fail)?;
+    if let Some(known) = crate::models::find_known(&spec.source) {
+        let card = match &mut loaded {
+            Layers::Head(e) => e.card_mut(),
+            Layers::Stage(card, _) => card,
+        };
+        card.license
+            .get_or_insert_with(|| known.license.to_string());
+    }
+    Ok(loaded)
 }
 
 /// A loaded file engine, before it is shared.

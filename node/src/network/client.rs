@@ -5,13 +5,14 @@ use std::time::Duration;
 use libp2p::{Multiaddr, PeerId, Stream, StreamProtocol};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use super::discovery::Topic;
 use super::event_loop::{Command, Reply};
 use super::peer_table::SharedPeerTable;
 use super::streams::Opener;
 use super::{NetworkEvent, NetworkStatus, Path, PeerSummary};
 
 pub use super::error::NetworkError;
-pub use super::{CATALOG, INFER};
+pub use super::{CATALOG, INFER, STAGE};
 
 /// How long a request to the swarm task, a dial or a stream open may take by default.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -93,17 +94,36 @@ impl Client {
 
     /// Announces on the DHT that this node hosts `model`, for as long as it runs.
     pub async fn provide(&self, model: &str) -> Result<(), NetworkError> {
-        let model = model.to_string();
+        self.announce(Topic::Model(model.to_string())).await
+    }
+
+    /// Announces that this node runs layers of the weights whose sha256 is `weights_sha256`.
+    pub async fn provide_stage(&self, weights_sha256: &str) -> Result<(), NetworkError> {
+        self.announce(Topic::Stage(weights_sha256.to_string()))
+            .await
+    }
+
+    async fn announce(&self, topic: Topic) -> Result<(), NetworkError> {
         self.commands
-            .send(Command::Provide { model })
+            .send(Command::Provide { topic })
             .await
             .map_err(|_| NetworkError::Stopped)
     }
 
     /// Peers that announce `model` in the DHT (never this node).
     pub async fn find_providers(&self, model: &str) -> Result<Vec<PeerId>, NetworkError> {
-        let model = model.to_string();
-        self.request("the DHT", |reply| Command::FindProviders { model, reply })
+        let topic = Topic::Model(model.to_string());
+        self.request("the DHT", |reply| Command::FindProviders { topic, reply })
+            .await
+    }
+
+    /// Peers that announce layers of the weights whose sha256 is `weights_sha256`.
+    pub async fn find_stage_hosts(
+        &self,
+        weights_sha256: &str,
+    ) -> Result<Vec<PeerId>, NetworkError> {
+        let topic = Topic::Stage(weights_sha256.to_string());
+        self.request("the DHT", |reply| Command::FindProviders { topic, reply })
             .await
     }
 

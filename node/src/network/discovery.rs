@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use libp2p::kad::RecordKey;
 use libp2p::PeerId;
-use mesh_protocol::ids::model_provider_key;
+use mesh_protocol::ids::{model_provider_key, stage_provider_key};
 
 use super::connect::Reply;
 use super::NetworkError;
@@ -19,15 +19,37 @@ use super::NetworkError;
 /// Announcements go out again when a new neighbour appears, at most this often.
 pub const REANNOUNCE_AFTER: Duration = Duration::from_secs(2);
 
-/// The DHT key under which hosts of `model` announce themselves.
-pub fn provider_key(model: &str) -> RecordKey {
-    RecordKey::new(&model_provider_key(model))
+/// What a node announces in the DHT: a model it serves by name, or some layers of a model's
+/// weights (named by their sha256) that it runs for heads.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Topic {
+    Model(String),
+    Stage(String),
+}
+
+impl Topic {
+    /// The DHT key under which its hosts announce themselves.
+    pub fn key(&self) -> RecordKey {
+        match self {
+            Topic::Model(model) => RecordKey::new(&model_provider_key(model)),
+            Topic::Stage(sha256) => RecordKey::new(&stage_provider_key(sha256)),
+        }
+    }
+}
+
+impl std::fmt::Display for Topic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Topic::Model(model) => write!(f, "model {model}"),
+            Topic::Stage(sha256) => write!(f, "layers of {sha256}"),
+        }
+    }
 }
 
 #[derive(Debug)]
 pub struct Discovery<Q = libp2p::kad::QueryId> {
     local: PeerId,
-    provided: HashSet<String>,
+    provided: HashSet<Topic>,
     last_announce: Option<Instant>,
     provider_queries: HashMap<Q, (HashSet<PeerId>, Reply<Vec<PeerId>>)>,
     bootstrap_queries: HashMap<Q, Reply<()>>,
@@ -44,16 +66,16 @@ impl<Q: Hash + Eq> Discovery<Q> {
         }
     }
 
-    /// This node hosts `model`: the models to announce now (every one, as a new model is a
-    /// good moment to refresh them all).
-    pub fn provide(&mut self, model: String, now: Instant) -> Vec<String> {
-        self.provided.insert(model);
+    /// This node hosts `topic`: the topics to announce now (every one, as a new one is a good
+    /// moment to refresh them all).
+    pub fn provide(&mut self, topic: Topic, now: Instant) -> Vec<Topic> {
+        self.provided.insert(topic);
         self.announce_all(now)
     }
 
     /// A new peer entered the routing table; it may be one of the closest to our keys. The
     /// models to announce again, unless they went out less than [`REANNOUNCE_AFTER`] ago.
-    pub fn on_new_neighbour(&mut self, now: Instant) -> Vec<String> {
+    pub fn on_new_neighbour(&mut self, now: Instant) -> Vec<Topic> {
         let stale = self
             .last_announce
             .is_none_or(|t| now.duration_since(t) > REANNOUNCE_AFTER);
@@ -63,15 +85,15 @@ impl<Q: Hash + Eq> Discovery<Q> {
         self.announce_all(now)
     }
 
-    fn announce_all(&mut self, now: Instant) -> Vec<String> {
+    fn announce_all(&mut self, now: Instant) -> Vec<Topic> {
         self.last_announce = Some(now);
-        let mut models: Vec<String> = self.provided.iter().cloned().collect();
-        models.sort();
-        models
+        let mut topics: Vec<Topic> = self.provided.iter().cloned().collect();
+        topics.sort();
+        topics
     }
 
-    /// The models to stop announcing, on shutdown.
-    pub fn stop_all(&mut self) -> Vec<String> {
+    /// The topics to stop announcing, on shutdown.
+    pub fn stop_all(&mut self) -> Vec<Topic> {
         self.provided.drain().collect()
     }
 
@@ -132,6 +154,10 @@ impl<Q: Hash + Eq> Discovery<Q> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn model(name: &str) -> Topic {
+        Topic::Model(name.into())
+    }
     use tokio::sync::oneshot;
 
     use crate::test_support::random_peer as peer;
@@ -141,8 +167,11 @@ mod tests {
         let mut d = Discovery::<u32>::new(peer());
         let t = Instant::now();
         assert!(d.on_new_neighbour(t).is_empty(), "nothing to announce yet");
-        assert_eq!(d.provide("echo".into(), t), vec!["echo"]);
-        assert_eq!(d.provide("tiny".into(), t), vec!["echo", "tiny"]);
+        assert_eq!(d.provide(model("echo"), t), vec![model("echo")]);
+        assert_eq!(
+            d.provide(model("tiny"), t),
+            vec![model("echo"), model("tiny")]
+        );
         assert!(d.on_new_neighbour(t + Duration::from_secs(1)).is_empty());
         assert_eq!(d.on_new_neighbour(t + Duration::from_secs(3)).len(), 2);
         assert!(

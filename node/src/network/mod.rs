@@ -36,7 +36,7 @@ pub mod streams;
 use std::time::Duration;
 
 use libp2p::StreamProtocol;
-use mesh_protocol::ids::{CATALOG_PROTOCOL, INFER_PROTOCOL};
+use mesh_protocol::ids::{CATALOG_PROTOCOL, INFER_PROTOCOL, STAGE_PROTOCOL};
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -52,6 +52,8 @@ pub use streams::Inbound;
 pub const INFER: StreamProtocol = StreamProtocol::new(INFER_PROTOCOL);
 /// The catalog protocol, `/mesh/catalog/1`.
 pub const CATALOG: StreamProtocol = StreamProtocol::new(CATALOG_PROTOCOL);
+/// `/mesh/stage/1`: a range of a model's layers, run for a head.
+pub const STAGE: StreamProtocol = StreamProtocol::new(STAGE_PROTOCOL);
 
 /// [`NetworkEvent`]s a slow subscriber may fall behind by before it misses some.
 const EVENT_QUEUE: usize = 1024;

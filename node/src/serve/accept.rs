@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use libp2p::PeerId;
 use mesh_protocol::frame::DEFAULT_MAX_FRAME_LEN;
-use mesh_protocol::ids::{CATALOG_PROTOCOL, INFER_PROTOCOL};
+use mesh_protocol::ids::{CATALOG_PROTOCOL, INFER_PROTOCOL, STAGE_PROTOCOL};
 use mesh_protocol::{ErrorCode, InferResponse, WireError};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
@@ -34,6 +34,8 @@ pub enum Protocol {
     Infer,
     /// `/mesh/catalog/1`: the node's signed model cards and load.
     Catalog,
+    /// `/mesh/stage/1`: one session of a range of layers, for a head.
+    Stage,
 }
 
 impl Protocol {
@@ -42,6 +44,7 @@ impl Protocol {
         match id {
             INFER_PROTOCOL => Some(Protocol::Infer),
             CATALOG_PROTOCOL => Some(Protocol::Catalog),
+            STAGE_PROTOCOL => Some(Protocol::Stage),
             _ => None,
         }
     }
@@ -56,6 +59,7 @@ impl Server {
         match protocol {
             Protocol::Infer => self.serve_infer(peer, stream).await,
             Protocol::Catalog => self.serve_catalog(stream).await,
+            Protocol::Stage => self.serve_stage(peer, stream).await,
         }
     }
 }

@@ -24,6 +24,7 @@ mod compute;
 mod frames;
 mod hosted;
 mod session;
+mod stage;
 #[cfg(test)]
 mod tests;
 
@@ -46,6 +47,9 @@ use crate::wire::{read_frame, write_frame};
 
 pub use accept::{accept, Protocol, REFUSAL_HEADROOM, REFUSAL_TIMEOUT};
 pub use hosted::HostedModel;
+pub use stage::{
+    HostedStage, StageStatus, DEFAULT_MAX_STAGE_SESSIONS, MAX_STAGE_SESSION, STAGE_IDLE_TIMEOUT,
+};
 
 use frames::WRITE_TIMEOUT;
 use session::InferSession;
@@ -103,9 +107,17 @@ pub enum ServeSetupError {
     Access(#[from] AccessSetupError),
 }
 
+/// Layers of a model this node runs for heads, before they are hosted: the card (whose
+/// `layers` names the range) and the loaded layers.
+pub struct StageModel {
+    pub card: ModelCard,
+    pub model: Arc<crate::engine::llama::Llama>,
+}
+
 /// Everything a node serves.
 pub struct Server {
     models: BTreeMap<String, Arc<HostedModel>>,
+    stages: BTreeMap<String, Arc<HostedStage>>,
     config: ServeConfig,
     identity: NodeIdentity,
     auth: Authorizer,
@@ -115,6 +127,17 @@ impl Server {
     pub fn new(
         identity: &NodeIdentity,
         engines: Vec<SharedEngine>,
+        config: ServeConfig,
+    ) -> Result<Server, ServeSetupError> {
+        Self::with_stages(identity, engines, Vec::new(), config)
+    }
+
+    /// A server for `engines` (whole models, served by `/mesh/infer/1`) and `stages` (ranges
+    /// of layers, served by `/mesh/stage/1`).
+    pub fn with_stages(
+        identity: &NodeIdentity,
+        engines: Vec<SharedEngine>,
+        stages: Vec<StageModel>,
         config: ServeConfig,
     ) -> Result<Server, ServeSetupError> {
         let mut models = BTreeMap::new();
@@ -130,10 +153,27 @@ impl Server {
                 return Err(ServeSetupError::DuplicateName(card.name));
             }
         }
-        let names: Vec<String> = models.keys().cloned().collect();
+        let mut hosted_stages = BTreeMap::new();
+        for StageModel { card, model } in stages {
+            mesh_protocol::ids::validate_model_name(&card.name)
+                .map_err(|e| ServeSetupError::BadName(card.name.clone(), e))?;
+            if card.layers.is_none() || models.contains_key(&card.name) {
+                return Err(ServeSetupError::DuplicateName(card.name));
+            }
+            let signed = sign_card(identity, &card);
+            let stage = HostedStage::new(model, card.clone(), signed, DEFAULT_MAX_STAGE_SESSIONS);
+            if hosted_stages
+                .insert(card.name.clone(), Arc::new(stage))
+                .is_some()
+            {
+                return Err(ServeSetupError::DuplicateName(card.name));
+            }
+        }
+        let names: Vec<String> = models.keys().chain(hosted_stages.keys()).cloned().collect();
         let auth = Authorizer::new(identity.peer_id(), &config.access, &names)?;
         Ok(Server {
             models,
+            stages: hosted_stages,
             config,
             identity: identity.clone(),
             auth,
@@ -145,17 +185,40 @@ impl Server {
         self.auth.summary()
     }
 
+    /// The cards of the models this node serves whole.
     pub fn cards(&self) -> impl Iterator<Item = &ModelCard> {
         self.models.values().map(|m| m.card())
+    }
+
+    /// The cards of the ranges of layers this node runs for heads.
+    pub fn stage_cards(&self) -> impl Iterator<Item = &ModelCard> {
+        self.stages.values().map(|s| s.card())
+    }
+
+    /// Each range of layers hosted, with its sessions open now.
+    pub fn stage_statuses(&self) -> Vec<StageStatus> {
+        self.stages
+            .values()
+            .map(|s| StageStatus {
+                card: s.card().clone(),
+                sessions: s.sessions(),
+            })
+            .collect()
+    }
+
+    /// Stage sessions open now, over all stages.
+    pub fn stage_sessions(&self) -> usize {
+        self.stages.values().map(|s| s.sessions()).sum()
     }
 
     pub fn model_names(&self) -> Vec<String> {
         self.models.keys().cloned().collect()
     }
 
-    /// Requests running or waiting, over all models.
+    /// Requests running or waiting, over all models, and stage sessions open.
     pub fn load(&self) -> u32 {
-        self.models.values().map(|m| m.admitted() as u32).sum()
+        let calls: u32 = self.models.values().map(|m| m.admitted() as u32).sum();
+        calls + self.stage_sessions() as u32
     }
 
     /// How many times `model`'s engine was started (refused calls never start it).
@@ -186,6 +249,7 @@ impl Server {
                         .models
                         .values()
                         .map(|m| m.signed_card.clone())
+                        .chain(self.stages.values().map(|s| s.signed_card().clone()))
                         .collect(),
                     load: self.load(),
                 };

@@ -35,6 +35,7 @@ pub use weights::WeightFormat;
 
 use crate::engine::cpu::{qdot, simd, Pool, QActs, QMatrix};
 use attention::Heads;
+use mesh_protocol::HiddenFormat;
 use rope::Rope;
 use weights::vector;
 
@@ -46,6 +47,54 @@ pub const PREFILL_CHUNK: usize = 128;
 pub struct Hidden {
     pub rows: usize,
     pub data: Vec<f32>,
+}
+
+impl Hidden {
+    /// The bytes `/mesh/stage/1` carries: little-endian values in `format`.
+    pub fn encode(&self, format: HiddenFormat) -> Vec<u8> {
+        match format {
+            HiddenFormat::F32 => self.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            HiddenFormat::F16 => self
+                .data
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect(),
+        }
+    }
+
+    /// `rows` positions of `width` values from `bytes` in `format`; the size must match, and
+    /// every value must be finite.
+    pub fn decode(
+        bytes: &[u8],
+        rows: usize,
+        width: usize,
+        format: HiddenFormat,
+    ) -> Result<Hidden, String> {
+        let want = rows
+            .checked_mul(width)
+            .and_then(|n| n.checked_mul(format.bytes()))
+            .ok_or("the step's size overflows")?;
+        if bytes.len() != want {
+            return Err(format!(
+                "{} bytes of hidden states for {rows} positions of {width} {format:?} values ({want} bytes)",
+                bytes.len()
+            ));
+        }
+        let data: Vec<f32> = match format {
+            HiddenFormat::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            HiddenFormat::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+        };
+        if data.iter().any(|v| !v.is_finite()) {
+            return Err("hidden states must be finite numbers".into());
+        }
+        Ok(Hidden { rows, data })
+    }
 }
 
 struct Block {

@@ -1,6 +1,7 @@
 //! What [`super::super::Client`] asks the swarm task to do. Each request carries a oneshot
 //! [`Reply`] that gets a typed [`NetworkError`](crate::network::NetworkError) on failure.
 
+use crate::network::discovery::Topic;
 use libp2p::{Multiaddr, PeerId};
 
 pub use crate::network::connect::Reply;
@@ -17,13 +18,13 @@ pub enum Command {
         peer: PeerId,
         reply: Reply<()>,
     },
-    /// Announce that this node hosts `model`.
+    /// Announce that this node hosts `topic`.
     Provide {
-        model: String,
+        topic: Topic,
     },
-    /// Peers that announce `model`, not counting this node.
+    /// Peers that announce `topic`, not counting this node.
     FindProviders {
-        model: String,
+        topic: Topic,
         reply: Reply<Vec<PeerId>>,
     },
     /// Walk the DHT to fill the routing table; replies when the walk ends.

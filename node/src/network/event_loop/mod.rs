@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use super::addr::{chosen_ip, is_relayed};
 use super::behaviour::{MeshBehaviour, MeshBehaviourEvent};
 use super::connect::{Connects, DialStart, Step};
-use super::discovery::{provider_key, Discovery};
+use super::discovery::{Discovery, Topic};
 use super::peer_table::SharedPeerTable;
 use super::reachability::{directly_reachable, Reach};
 use super::{NetworkConfig, NetworkError, NetworkEvent, Path};
@@ -100,9 +100,8 @@ impl EventLoop {
                 _ = self.shutdown.cancelled() => break,
             }
         }
-        for model in self.discovery.stop_all() {
-            let key = provider_key(&model);
-            self.swarm.behaviour_mut().kad.stop_providing(&key);
+        for topic in self.discovery.stop_all() {
+            self.swarm.behaviour_mut().kad.stop_providing(&topic.key());
         }
         let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
         for peer in peers {
@@ -134,16 +133,12 @@ impl EventLoop {
                 let step = self.connects.connect(peer, connected, reply);
                 self.perform(step);
             }
-            Command::Provide { model } => {
-                let models = self.discovery.provide(model, Instant::now());
-                self.announce(models);
+            Command::Provide { topic } => {
+                let topics = self.discovery.provide(topic, Instant::now());
+                self.announce(topics);
             }
-            Command::FindProviders { model, reply } => {
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .kad
-                    .get_providers(provider_key(&model));
+            Command::FindProviders { topic, reply } => {
+                let id = self.swarm.behaviour_mut().kad.get_providers(topic.key());
                 self.discovery.providers_started(id, reply);
             }
             Command::Bootstrap { reply } => match self.swarm.behaviour_mut().kad.bootstrap() {
@@ -204,15 +199,10 @@ impl EventLoop {
         }
     }
 
-    fn announce(&mut self, models: Vec<String>) {
-        for model in models {
-            if let Err(e) = self
-                .swarm
-                .behaviour_mut()
-                .kad
-                .start_providing(provider_key(&model))
-            {
-                tracing::warn!(%model, "cannot announce: {e}");
+    fn announce(&mut self, topics: Vec<Topic>) {
+        for topic in topics {
+            if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(topic.key()) {
+                tracing::warn!(%topic, "cannot announce: {e}");
             }
         }
     }
