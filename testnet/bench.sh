@@ -7,6 +7,8 @@
 #   kernels:  mesh's quantized matrix kernels alone on SmolLM2's shapes (µs, GB/s, GMAC/s)
 #   server:   `mesh join` and its gateway vs llama-cpp-python's server, the same chats streamed
 #             over HTTP: fresh, repeated and extended
+#   split:    SmolLM2 whole against split across 2 and 3 processes (f32 and f16 hidden states),
+#             as servers streaming the same chats; each stage's peak RSS
 #   rss:      peak RSS of a node hosting both models
 #   embed:    MiniLM in mesh (candle) vs sentence-transformers, same files, same threads
 #   gateway:  a chat completion through a node's OpenAI gateway vs the engine in-process
@@ -14,7 +16,7 @@
 #
 # The reference implementations come from PyPI (llama-cpp-python builds llama.cpp from source,
 # ~15 min on 2 cores, into the venv the tests share; sentence-transformers pulls torch).
-# Usage: testnet/bench.sh [all|network|generate|kernels|server|rss|gateway|embed]
+# Usage: testnet/bench.sh [all|network|generate|kernels|server|split|rss|gateway|embed]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MESH_MODELS="${MESH_MODELS:-$PWD/target/mesh-models}"
@@ -75,6 +77,35 @@ if [ "$what" = all ] || [ "$what" = server ]; then
   "$llama_venv/bin/python" testnet/reference/server_bench.py 5 64 \
     "mesh=$api=smol" "llama.cpp=http://127.0.0.1:7461=smol"
   kill "$mesh_pid" "$llama_pid"; wait "$mesh_pid" "$llama_pid" 2>/dev/null || true
+fi
+if [ "$what" = all ] || [ "$what" = split ]; then
+  # One machine, several processes: what a split costs, not what it gains (memory pooled).
+  start() { # NAME ARGS...: a node on loopback; its ready line in $scratch/NAME.out
+    local name=$1; shift
+    "$mesh" join --json --home "$scratch/$name" --listen /ip4/127.0.0.1/tcp/0 --no-mdns \
+      --api 127.0.0.1:0 --threads "$threads" "$@" >"$scratch/$name.out" 2>"$scratch/$name.log" &
+    echo $! >"$scratch/$name.pid"
+    for _ in $(seq 1 300); do [ -s "$scratch/$name.out" ] && break; sleep 0.1; done
+  }
+  field() { head -1 "$scratch/$1.out" | python3 -c "import json,sys; print(json.load(sys.stdin)$2)"; }
+  start whole --model "smol=$gguf" --prompt-cache-mib 0
+  boot=$(field whole '["listen_addrs"][0]')
+  start s10 --bootstrap "$boot" --model "smol=$gguf" --layers 10..20
+  start s20 --bootstrap "$boot" --model "smol=$gguf" --layers 20..30
+  start s15 --bootstrap "$boot" --model "smol=$gguf" --layers 15..30
+  start h3 --bootstrap "$boot" --model "smol=$gguf" --layers 0..10
+  start h2 --bootstrap "$boot" --model "smol=$gguf" --layers 0..15
+  start h2f16 --bootstrap "$boot" --model "smol=$gguf" --layers 0..15 --split-hidden f16
+  sleep 3
+  "$llama_venv/bin/python" testnet/reference/split_bench.py 5 64 \
+    "whole=$(field whole '["api"]')=0" "split2=$(field h2 '["api"]')=1" \
+    "split2-f16=$(field h2f16 '["api"]')=1" "split3=$(field h3 '["api"]')=2"
+  for name in whole s10 s20 s15 h3 h2; do
+    pid=$(cat "$scratch/$name.pid")
+    echo "{\"bench\": \"split-rss\", \"node\": \"$name\", \"peak_rss_mib\": $(( $(awk '/VmHWM/ {print $2}' "/proc/$pid/status") / 1024 ))}"
+  done
+  for name in whole s10 s20 s15 h3 h2 h2f16; do kill "$(cat "$scratch/$name.pid")"; done
+  wait 2>/dev/null || true
 fi
 if [ "$what" = all ] || [ "$what" = rss ]; then
   # Peak RSS of a node hosting both models, after one chat and one embedding.

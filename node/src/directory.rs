@@ -16,7 +16,8 @@ use crate::serve::Server;
 /// How long one peer may take to hand over its catalog.
 const CATALOG_WAIT: Duration = Duration::from_secs(5);
 
-/// One model on one node.
+/// One model on one node: the whole model, or (when `card.layers` is set) a range of its
+/// layers that the node runs for heads.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Listing {
     pub model: String,
@@ -24,6 +25,23 @@ pub struct Listing {
     /// Calls running or waiting on that node when it answered.
     pub load: u32,
     pub card: ModelCard,
+    /// How this node reaches it (`local`, `direct`, `hole-punched`, `relayed`), when connected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+impl Listing {
+    /// Whether calls can go to it (a stage runs layers for heads, and answers no calls).
+    pub fn callable(&self) -> bool {
+        self.card.layers.is_none()
+    }
+}
+
+/// [`list`], without the ranges of layers: the models calls can go to.
+pub async fn callable(client: &Client, local: Option<&Server>) -> Vec<Listing> {
+    let mut all = list(client, local).await;
+    all.retain(Listing::callable);
+    all
 }
 
 /// Every model this node can see, sorted by model name then peer id. Peers whose catalog does
@@ -34,19 +52,20 @@ pub async fn list(client: &Client, local: Option<&Server>) -> Vec<Listing> {
         .map(|server| {
             server
                 .cards()
+                .chain(server.stage_cards())
                 .map(|card| Listing {
                     model: card.name.clone(),
                     peer_id: me.to_string(),
                     load: server.load(),
                     card: card.clone(),
+                    path: Some(crate::network::Path::Local.as_str().into()),
                 })
                 .collect()
         })
         .unwrap_or_default();
+    let paths = client.peers().await.unwrap_or_default();
     let mut peers: Vec<PeerId> = client.known_peers().await.unwrap_or_default();
-    if let Ok(connected) = client.peers().await {
-        peers.extend(connected.iter().map(|p| p.peer_id));
-    }
+    peers.extend(paths.iter().map(|p| p.peer_id));
     peers.sort();
     peers.dedup();
     peers.retain(|p| *p != me);
@@ -56,12 +75,23 @@ pub async fn list(client: &Client, local: Option<&Server>) -> Vec<Listing> {
     });
     for (peer, result) in join_all(lookups).await {
         match result {
-            Ok(Ok((cards, load))) => out.extend(cards.into_iter().map(|card| Listing {
-                model: card.name.clone(),
-                peer_id: peer.to_string(),
-                load,
-                card,
-            })),
+            Ok(Ok((cards, load))) => {
+                // Asking for the catalog connected it if it was not: read the path after.
+                let path = client
+                    .peers()
+                    .await
+                    .unwrap_or_default()
+                    .into_iter()
+                    .find(|p| p.peer_id == peer)
+                    .map(|p| p.path.as_str().to_string());
+                out.extend(cards.into_iter().map(|card| Listing {
+                    model: card.name.clone(),
+                    peer_id: peer.to_string(),
+                    load,
+                    card,
+                    path: path.clone(),
+                }))
+            }
             Ok(Err(e)) => tracing::debug!(%peer, "no catalog: {e}"),
             Err(_) => tracing::debug!(%peer, "no catalog within {CATALOG_WAIT:?}"),
         }

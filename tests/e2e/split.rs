@@ -437,6 +437,88 @@ async fn a_provider_killed_mid_answer_is_resumed_elsewhere_with_the_same_text() 
     assert!(resumed[0]["tokens"].as_u64().unwrap() >= 5);
     assert_eq!(done["usage"]["completion_tokens"], 120);
     assert_eq!(done["receipt_verified"], true);
+
+    // The same through the OpenAI gateway's stream: a provider dies mid-answer, the SSE
+    // stream goes on without a break.
+    let survivor = if p1.child.try_wait().unwrap().is_none() {
+        p1
+    } else {
+        p2
+    };
+    let p3 = host(None, Some(&boot_of(&survivor)), &[]);
+    let mut providers = [survivor, p3];
+    wait_for_providers(&caller, 2).await;
+    let url = format!("http://127.0.0.1:{}/v1/chat/completions", caller.api_port());
+    let body = serde_json::json!({
+        "model": "smol", "stream": true, "temperature": 0, "max_tokens": 120,
+        "messages": [{"role": "user", "content": STORY}]
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sse = async {
+        use futures::StreamExt;
+        let resp = reqwest::Client::new()
+            .post(url)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let mut stream = resp.bytes_stream();
+        let mut raw = String::new();
+        let mut pieces = 0;
+        while let Some(chunk) = stream.next().await {
+            raw.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            pieces += 1;
+            if pieces == 5 {
+                let _ = tx.send(());
+            }
+        }
+        raw
+    };
+    let killer = async {
+        while rx.try_recv().is_err() {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let busy = if load(&providers[0]).await > 0 { 0 } else { 1 };
+        kill(&mut providers[busy]);
+    };
+    let (raw, ()) = tokio::join!(sse, killer);
+    let streamed: String = raw
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| {
+            let v: serde_json::Value = serde_json::from_str(d).unwrap();
+            assert!(v.get("error").is_none(), "{v}");
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    assert_eq!(streamed, want);
+    assert!(raw.trim_end().ends_with("data: [DONE]"));
+}
+
+fn boot_of(node: &mesh_tests::JoinedNode) -> String {
+    node.addr()
+}
+
+/// Waits until `caller` finds `n` providers of smol in the DHT.
+async fn wait_for_providers(caller: &mesh_tests::JoinedNode, n: usize) {
+    let url = format!("http://127.0.0.1:{}/v1/mesh/models", caller.api_port());
+    for _ in 0..150 {
+        let rows: serde_json::Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+        let hosts = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["model"] == "smol")
+            .count();
+        if hosts >= n {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    panic!("{n} providers never showed up");
 }
 
 fn done_of_ok(events: &[serde_json::Value]) -> bool {

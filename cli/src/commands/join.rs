@@ -225,6 +225,11 @@ fn print_ready(node: &Node, listen: &[Multiaddr], json: bool) -> anyhow::Result<
             "peer_id": node.peer_id().to_string(),
             "listen_addrs": listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "models": cards.iter().map(|c| &c.name).collect::<Vec<_>>(),
+            "stages": node.server().stage_cards().map(|c| serde_json::json!({
+                "model": c.name,
+                "layers": c.layers.map(|l| format!("{}..{}", l.start, l.end)),
+                "sha256": c.sha256,
+            })).collect::<Vec<_>>(),
             "api": node.api_addr().map(|a| format!("http://{a}")),
             "access": node.server().policy(),
         }))?;
@@ -245,8 +250,21 @@ fn print_ready(node: &Node, listen: &[Multiaddr], json: bool) -> anyhow::Result<
         .iter()
         .find(|a| !a.to_string().starts_with("/ip4/127.") && a.to_string().contains("/tcp/"))
         .or_else(|| listen.first());
-    if cards.is_empty() {
+    let stages: Vec<_> = node.server().stage_cards().cloned().collect();
+    if cards.is_empty() && stages.is_empty() {
         outln!("  hosting no models (a DHT peer others can join through)");
+    }
+    for card in &stages {
+        if let Some(l) = card.layers {
+            outln!(
+                "  running layers {}..{} of {} of {} for heads (weights {})",
+                l.start,
+                l.end,
+                l.total,
+                card.name,
+                card.sha256
+            );
+        }
     }
     for card in &cards {
         outln!(

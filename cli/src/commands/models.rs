@@ -38,25 +38,42 @@ pub async fn run(home: Home, find: &FindArgs, json: bool) -> anyhow::Result<Exit
         for row in &rows {
             output::json_line(&serde_json::json!({
                 "model": row.model, "peer_id": row.peer_id, "load": row.load, "card": row.card,
+                "layers": row.card.layers.map(|l| format!("{}..{}", l.start, l.end)),
+                "path": row.path,
             }))?;
         }
     } else if rows.is_empty() {
         outln!("no models found on the mesh");
     } else {
         outln!(
-            "{:<28} {:<9} {:<14} {:<8} PEER",
+            "{:<28} {:<9} {:<14} {:<8} {:<12} {:<13} PEER",
             "MODEL",
             "TASK",
             "ARCH",
-            "QUANT"
+            "QUANT",
+            "LAYERS",
+            "PATH"
         );
-        for Listing { card, peer_id, .. } in &rows {
+        for Listing {
+            card,
+            peer_id,
+            path,
+            ..
+        } in &rows
+        {
+            // A stage runs a range of the model's layers for heads; a node hosting the model
+            // whole (or a head, which serves it whole) shows "all".
+            let layers = card.layers.map_or("all".to_string(), |l| {
+                format!("{}..{} of {}", l.start, l.end, l.total)
+            });
             outln!(
-                "{:<28} {:<9} {:<14} {:<8} {peer_id}",
+                "{:<28} {:<9} {:<14} {:<8} {:<12} {:<13} {peer_id}",
                 output::escape_controls(&card.name, false),
                 format!("{:?}", card.task).to_lowercase(),
                 output::escape_controls(&card.architecture, false),
-                output::escape_controls(&card.quantization, false)
+                output::escape_controls(&card.quantization, false),
+                layers,
+                path.as_deref().unwrap_or("-")
             );
         }
     }

@@ -417,4 +417,111 @@ mod tests {
             );
         }
     }
+
+    fn chat_request(max_tokens: u32) -> mesh_protocol::InferRequest {
+        mesh_protocol::InferRequest {
+            model: "m".into(),
+            input: mesh_protocol::Input::Chat {
+                messages: vec![mesh_protocol::ChatMessage {
+                    role: mesh_protocol::Role::User,
+                    content: "hi".into(),
+                }],
+            },
+            params: mesh_protocol::SamplingParams {
+                max_tokens,
+                ..Default::default()
+            },
+            deadline_ms: None,
+            token: None,
+            resume: None,
+        }
+    }
+
+    #[test]
+    fn only_an_any_generation_lost_mid_answer_with_known_tokens_is_resumed() {
+        let progress = |sampled: Vec<u32>, untracked| Progress {
+            sampled,
+            untracked,
+            weights: Some("ab".into()),
+            resumed: Vec::new(),
+        };
+        let lost = CallError::Network("reset".into());
+        let req = chat_request(10);
+        assert!(may_resume(
+            Target::Any,
+            &req,
+            &lost,
+            &progress(vec![1, 2], false)
+        ));
+        assert!(may_resume(
+            Target::Any,
+            &req,
+            &CallError::Timeout(Duration::from_secs(1)),
+            &progress(vec![1], false)
+        ));
+        // A named node stays named; a refusal would be the same anywhere.
+        let peer = Target::Peer(crate::test_support::random_peer());
+        assert!(!may_resume(peer, &req, &lost, &progress(vec![1], false)));
+        let refused = CallError::Remote(WireError::new(ErrorCode::Internal, "x"));
+        assert!(!may_resume(
+            Target::Any,
+            &req,
+            &refused,
+            &progress(vec![1], false)
+        ));
+        // Text whose tokens are unknown, no tokens yet, or nothing left to sample.
+        assert!(!may_resume(
+            Target::Any,
+            &req,
+            &lost,
+            &progress(vec![1], true)
+        ));
+        assert!(!may_resume(
+            Target::Any,
+            &req,
+            &lost,
+            &progress(vec![], false)
+        ));
+        assert!(!may_resume(
+            Target::Any,
+            &req,
+            &lost,
+            &progress(vec![0; 10], false)
+        ));
+        // Embeddings are never resumed.
+        let mut embed = chat_request(10);
+        embed.input = mesh_protocol::Input::Embed {
+            texts: vec!["a".into()],
+        };
+        assert!(!may_resume(
+            Target::Any,
+            &embed,
+            &lost,
+            &progress(vec![1], false)
+        ));
+    }
+
+    #[test]
+    fn a_resumed_done_counts_every_token_and_names_the_nodes_that_failed() {
+        let mut p = Progress {
+            resumed: vec![ResumedFrom {
+                peer: "12D3KooWx".into(),
+                tokens: 5,
+                error: "reset".into(),
+            }],
+            ..Progress::default()
+        };
+        let usage = mesh_protocol::Usage {
+            prompt_tokens: 3,
+            completion_tokens: 7,
+            ..Default::default()
+        };
+        let done = crate::test_support::done_with(mesh_protocol::FinishReason::Length, usage, 1, 2);
+        let CallEvent::Done { usage, resumed, .. } = p.finish(done, 5) else {
+            panic!("done stays done");
+        };
+        assert_eq!(usage.completion_tokens, 12);
+        assert_eq!(resumed.len(), 1);
+        assert!(p.resumed.is_empty());
+    }
 }

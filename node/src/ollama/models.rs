@@ -37,7 +37,7 @@ pub(super) async fn version() -> Json<Version> {
 /// One card per model name (a model hosted twice is listed once), sorted by name.
 async fn cards(state: &ApiState) -> Vec<ModelCard> {
     let mut by_name = BTreeMap::new();
-    for listing in crate::directory::list(&state.client, Some(&state.server)).await {
+    for listing in crate::directory::callable(&state.client, Some(&state.server)).await {
         by_name.entry(listing.model).or_insert(listing.card);
     }
     by_name.into_values().collect()

@@ -56,7 +56,7 @@ pub(crate) fn router() -> Router<ApiState> {
 
 /// `GET /v1/models`: this node's models and those in the catalogs of the peers it knows.
 async fn models(State(state): State<ApiState>) -> Json<ModelList> {
-    let data = crate::directory::list(&state.client, Some(&state.server))
+    let data = crate::directory::callable(&state.client, Some(&state.server))
         .await
         .into_iter()
         .map(|l| ModelObject {
