@@ -215,6 +215,11 @@ pub struct JoinArgs {
     #[arg(long, value_name = "FORMAT", default_value = "f32", value_parser = parse_hidden)]
     pub split_hidden: mesh_protocol::HiddenFormat,
 
+    /// A capability token a head shows to stages whose policy asks for one (`mtk1.…`, issued
+    /// to this node's peer id by the stages' owner)
+    #[arg(long, value_name = "TOKEN")]
+    pub split_token: Option<String>,
+
     /// Serve this peer (repeatable); without --require-token, serve only listed peers
     #[arg(long, value_name = "PEER_ID")]
     pub allow: Vec<String>,

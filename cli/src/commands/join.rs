@@ -185,9 +185,18 @@ fn load_models(home: &Home, args: &JoinArgs, mesh: &Mesh) -> anyhow::Result<Mode
             }
         }
     }
+    let token = match &args.split_token {
+        Some(text) => Some(
+            mesh_protocol::SignedToken::from_text(text.trim())
+                .map_err(|e| failed(Exit::BadRequest, format!("--split-token: {e}")))?
+                .to_bytes(),
+        ),
+        None => None,
+    };
     let split = SplitOptions {
         allow_relayed: args.split_allow_relayed,
         hidden: args.split_hidden,
+        token,
     };
     let mut models = Models {
         engines: Vec::new(),
@@ -204,7 +213,7 @@ fn load_models(home: &Home, args: &JoinArgs, mesh: &Mesh) -> anyhow::Result<Mode
                 .map_err(bad)?
             {
                 engine::Layers::Head(head) => {
-                    let head = SplitEngine::new(*head, mesh.clone(), split)
+                    let head = SplitEngine::new(*head, mesh.clone(), split.clone())
                         .map_err(|e| failed(Exit::BadRequest, e))?;
                     models.engines.push(std::sync::Arc::new(head));
                 }

@@ -421,6 +421,10 @@ impl Engine for GgufEngine {
         self.encode_prompt(&request.input).map(|_| ())
     }
 
+    fn resumes(&self) -> bool {
+        true
+    }
+
     fn run(
         &self,
         request: &InferRequest,

@@ -107,6 +107,12 @@ pub trait Engine: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Whether the engine can carry on a call another node began (`InferRequest::resume`):
+    /// it must sample by token ids, from the same weights. Others refuse such a request.
+    fn resumes(&self) -> bool {
+        false
+    }
+
     fn run(
         &self,
         request: &InferRequest,

@@ -154,14 +154,17 @@ impl Server {
             }
         }
         let mut hosted_stages = BTreeMap::new();
-        for StageModel { card, model } in stages {
+        for StageModel { mut card, model } in stages {
             mesh_protocol::ids::validate_model_name(&card.name)
                 .map_err(|e| ServeSetupError::BadName(card.name.clone(), e))?;
             if card.layers.is_none() || models.contains_key(&card.name) {
                 return Err(ServeSetupError::DuplicateName(card.name));
             }
+            // A stage's card advertises the sessions it takes, which heads plan by.
+            card.max_concurrency = card.max_concurrency.max(DEFAULT_MAX_STAGE_SESSIONS as u32);
             let signed = sign_card(identity, &card);
-            let stage = HostedStage::new(model, card.clone(), signed, DEFAULT_MAX_STAGE_SESSIONS);
+            let sessions = card.max_concurrency as usize;
+            let stage = HostedStage::new(model, card.clone(), signed, sessions);
             if hosted_stages
                 .insert(card.name.clone(), Arc::new(stage))
                 .is_some()
@@ -301,6 +304,12 @@ impl Server {
                 request.model,
                 hosted.card().task,
                 wants
+            )));
+        }
+        if request.resume.is_some() && !hosted.engine.resumes() {
+            return Err(WireError::bad_request(format!(
+                "model {:?} cannot carry on a call another node began",
+                request.model
             )));
         }
         Ok(hosted.clone())

@@ -33,7 +33,8 @@ use crate::auth::{receipt, unix_now};
 use crate::engine::llama::{Hidden, KvCache, Llama};
 use crate::wire::{read_frame, write_frame, WireIoError};
 
-/// Sessions a stage serves at once, by default; more are refused `overloaded`.
+/// Fewest sessions a stage serves at once (`--concurrency` may raise it); more are refused
+/// `overloaded`. Its card advertises the number, and heads plan by it.
 pub const DEFAULT_MAX_STAGE_SESSIONS: usize = 8;
 /// How long a session may wait for its next frame.
 pub const STAGE_IDLE_TIMEOUT: Duration = Duration::from_secs(60);

@@ -71,12 +71,15 @@ impl Mesh {
 }
 
 /// How a head plans and carries its calls.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SplitOptions {
     /// Use stages reached only through a relay.
     pub allow_relayed: bool,
     /// How hidden states travel between the head and its stages.
     pub hidden: HiddenFormat,
+    /// A capability token the head shows stages whose policy asks for one (issued to the
+    /// head's peer id by the stages' owner).
+    pub token: Option<Vec<u8>>,
 }
 
 impl Default for SplitOptions {
@@ -84,6 +87,7 @@ impl Default for SplitOptions {
         SplitOptions {
             allow_relayed: false,
             hidden: HiddenFormat::F32,
+            token: None,
         }
     }
 }
@@ -250,6 +254,10 @@ impl Engine for SplitEngine {
         self.head.validate(request)
     }
 
+    fn resumes(&self) -> bool {
+        true
+    }
+
     fn run(
         &self,
         request: &InferRequest,
@@ -265,7 +273,7 @@ impl Engine for SplitEngine {
             weights_sha256: self.head.card().sha256.clone(),
             max_positions: capacity as u32,
             format: self.options.hidden,
-            token: None,
+            token: self.options.token.clone(),
         };
         let (hops, failed) = handle.block_on(self.open_hops(&client, &spec))?;
         let head = self.head.llama().expect("checked at new");
