@@ -100,6 +100,10 @@ if [ "$what" = all ] || [ "$what" = split ]; then
   "$llama_venv/bin/python" testnet/reference/split_bench.py 5 64 \
     "whole=$(field whole '["api"]')=0" "split2=$(field h2 '["api"]')=1" \
     "split2-f16=$(field h2f16 '["api"]')=1" "split3=$(field h3 '["api"]')=2"
+  # One hop alone: a stage of the last layer, and that layer computed here.
+  start s29 --bootstrap "$boot" --model "smol=$gguf" --layers 29..30
+  "$bench" hop --bootstrap "$(field s29 '["listen_addrs"][0]')" --gguf "$gguf" --steps 300
+  kill "$(cat "$scratch/s29.pid")"
   for name in whole s10 s20 s15 h3 h2; do
     pid=$(cat "$scratch/$name.pid")
     echo "{\"bench\": \"split-rss\", \"node\": \"$name\", \"peak_rss_mib\": $(( $(awk '/VmHWM/ {print $2}' "/proc/$pid/status") / 1024 ))}"

@@ -26,6 +26,8 @@
 #   NAT_TRANSPORT         what the NATed nodes listen on and bootstrap over:
 #                         tcp, quic or both                                   (both)
 #   NAT_RELAY_ARGS        extra arguments for the relay's `mesh join` (debugging only)
+#   NAT_SPLIT             1: run the split-model checks (SmolLM2 from $MESH_MODELS); 0: skip them (1)
+#   NAT_SPLIT_TIMEOUT     seconds from a split head's start to its first answer or refusal (60)
 #   RUST_LOG              node log filter (default info,mesh_node=debug,libp2p_dcutr=debug,libp2p_relay=debug)
 
 NAT_EXIT_CANNOT_RUN=77
@@ -36,13 +38,18 @@ usage: testnet/testnet.sh nat [--runs N] [--results FILE] [--keep]
 
   Builds a small internet in network namespaces (needs root): a public bootstrap/relay node,
   nodes a and b behind two cone-like NATs, node c behind a symmetric NAT. Runs calls a->b, b->a
-  (must end up hole-punched), a->c and c->a (relayed), prints a table per run and a summary.
+  (must end up hole-punched), a->c and c->a (relayed), then SmolLM2 split by layers (a stage of
+  layers 10..30 next to b): a head next to a must answer through it hole-punched (row a=>b), a
+  head next to c must not plan the relay-only hop by default and answers with
+  --split-allow-relayed (rows c=>b); prints a table per run and a summary.
 
   --runs N        repeat the whole scenario N times on fresh namespaces and node homes (default 1)
-  --results FILE  write per-run results as JSON lines to FILE (kinds: call, pair, run)
+  --results FILE  write per-run results as JSON lines to FILE (kinds: call, pair, latency,
+                  split, failover, run)
   --keep          keep the run directory (node homes, logs, call outputs) and print where it is
 
-  Exit status: 0 every call answered and every cone<->cone pair was hole-punched; 1 otherwise;
+  Exit status: 0 every call answered, every cone<->cone pair was hole-punched and every split
+  check passed; 1 otherwise;
   2 usage error; 77 the lab cannot run here (not root, a missing tool, no network namespaces).
 EOF
 }
@@ -311,19 +318,26 @@ PY
 
 declare -A nat_pid_of=() nat_peer=()
 
-# nat_start_node NAME [extra join args...]: starts `mesh join` in namespace NAME, in the background.
+# A node runs in the namespace of the same name on port 4001 (TCP and UDP) with its API on
+# 127.0.0.1:7440, unless placed elsewhere: `nat_place NAME HOST PORT API_PORT` puts node NAME in
+# host HOST's namespace, next to HOST's own node, on ports of its own (the split checks do).
+declare -A nat_host_of=() nat_port_of=() nat_api_of=()
+nat_place() { nat_host_of[$1]=$2 nat_port_of[$1]=$3 nat_api_of[$1]=$4; }
+nat_ns_of() { echo "${nat_ns[${nat_host_of[$1]:-$1}]}"; }
+
+# nat_start_node NAME [extra join args...]: starts `mesh join` for node NAME, in the background.
 nat_start_node() {
-  local name=$1 ip=0.0.0.0
+  local name=$1 ip=0.0.0.0 port=${nat_port_of[$1]:-4001} api=${nat_api_of[$1]:-7440}
   shift
   [ "$name" = relay ] && ip=198.51.100.10
   [ "$name" = relay2 ] && ip=198.51.100.11
   mkdir -p "$run_dir/$name"
   local listen=()
-  if [ "${name#relay}" != "$name" ] || [ "$NAT_TRANSPORT" != quic ]; then listen+=(--listen "/ip4/$ip/tcp/4001"); fi
-  if [ "${name#relay}" != "$name" ] || [ "$NAT_TRANSPORT" != tcp ]; then listen+=(--listen "/ip4/$ip/udp/4001/quic-v1"); fi
-  RUST_LOG="$nat_rust_log" NO_COLOR=1 ip netns exec "${nat_ns[$name]}" "$mesh" join --json \
+  if [ "${name#relay}" != "$name" ] || [ "$NAT_TRANSPORT" != quic ]; then listen+=(--listen "/ip4/$ip/tcp/$port"); fi
+  if [ "${name#relay}" != "$name" ] || [ "$NAT_TRANSPORT" != tcp ]; then listen+=(--listen "/ip4/$ip/udp/$port/quic-v1"); fi
+  RUST_LOG="$nat_rust_log" NO_COLOR=1 ip netns exec "$(nat_ns_of "$name")" "$mesh" join --json \
     --home "$run_dir/$name" "${listen[@]}" \
-    --no-mdns --api 127.0.0.1:7440 "$@" >"$run_dir/$name.out" 2>"$run_dir/$name.log" &
+    --no-mdns --api "127.0.0.1:$api" "$@" >"$run_dir/$name.out" 2>"$run_dir/$name.log" &
   nat_pid_of[$name]=$!
   nat_pids+=("$!")
   nat_started_ms[$name]=$(nat_now_ms)
@@ -358,7 +372,7 @@ nat_show_logs() {
   else
     nat_say "== log tails of run $nat_run_no (pass --keep to keep every log)"
   fi
-  for name in relay relay2 a b c; do
+  for name in relay relay2 a b c "${nat_split_nodes[@]}"; do
     [ -e "$run_dir/$name.log" ] || continue
     nat_say "--- $name: stderr ($run_dir/$name.log)"
     tail -n 25 "$run_dir/$name.log"
@@ -616,6 +630,225 @@ nat_symmetric_pair() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# A model split by layers across the NATs (`mesh join --layers`). Extra nodes, each in a host's
+# namespace next to that host's own node (which keeps serving echo):
+#
+#   stage-b   behind b's cone NAT         layers 10..30 of SmolLM2 (a stage, found in the DHT)
+#   head-a    behind a's cone NAT         layers 0..10: serves `smol`, runs 10..30 on stage-b
+#   head-c    behind c's symmetric NAT    layers 0..10: stage-b is reachable only through a relay
+#   head-cr   behind c's symmetric NAT    the same with --split-allow-relayed
+#
+# Rows X=>Y: a greedy call to the head on X whose layers 10..30 run on the stage on Y. a=>b must
+# answer with the stage's path hole-punched; c=>b must not be planned by default (the error names
+# stage-b as reachable only through a relay), and answers over the relay with
+# --split-allow-relayed (the same text as a=>b: greedy, the same weights, f32 hidden states).
+
+nat_split_nodes=(stage-b head-a head-c head-cr)
+nat_place stage-b b 4002 7441
+nat_place head-a a 4003 7442
+nat_place head-c c 4004 7443
+nat_place head-cr c 4005 7444
+nat_split_prompt="Name the capital of France."
+nat_split_tokens=16
+
+# nat_split_call HEAD SECS EXPECT SAME_AS: one greedy `mesh infer` of `smol` through head HEAD,
+# addressed to the head itself. EXPECT is the stage path an answer must show (hole-punched,
+# relayed); SAME_AS a file with the text the answer must equal, or "-". Sets s_kind (answered,
+# refused: stage-b left out as reachable only through a relay, fail: anything else), s_path (the
+# stage's path; relayed for a refusal), s_ttfb, s_total, s_text (quoted, shortened) and s_problem
+# (why an answer or refusal is wrong, or the error); s_base.outcome.json holds all of it.
+nat_split_call() {
+  local head=$1 secs=$2 expect=$3 same_as=$4 rc=0
+  nat_call_seq=$((nat_call_seq + 1))
+  s_base="$run_dir/call$nat_call_seq-split-$head"
+  ip netns exec "$(nat_ns_of "$head")" "$mesh" infer --json --no-mdns --home "$run_dir/$head" \
+    "${nat_peer[$head]}" smol --prompt "$nat_split_prompt" --max-tokens "$nat_split_tokens" \
+    --timeout "$secs" >"$s_base.json" 2>"$s_base.log" &
+  nat_call_pid=$!
+  nat_pids+=("$nat_call_pid")
+  wait "$nat_call_pid" || rc=$?
+  nat_call_pid=
+  local line
+  line=$("$nat_py" - "$s_base" "$rc" "${nat_peer[stage-b]}" "$expect" "$same_as" <<'PY'
+import json, re, sys
+base, rc, stage, expect, same_as = sys.argv[1:]
+events = []
+for l in open(base + ".json", errors="replace"):
+    l = l.strip()
+    if l:
+        try:
+            events.append(json.loads(l))
+        except ValueError:
+            pass
+done = next((e for e in events if e.get("event") == "done"), None)
+error = next((e for e in events if e.get("event") == "error"), None)
+text = "".join(e.get("text", "") for e in events if e.get("event") == "delta")
+stages = (done or {}).get("stages") or []
+kind, path, problems = "fail", None, []
+if done is not None:
+    kind = "answered"
+    path = stages[0].get("path") if stages else None
+    if not text.strip():
+        problems.append("empty answer")
+    if len(stages) != 1:
+        problems.append(f"{len(stages)} stages in done, expected 1: {stages}")
+    else:
+        s = stages[0]
+        if s.get("peer") != stage:
+            problems.append(f"stage {s.get('peer')}, expected stage-b {stage}")
+        if s.get("layers") != "10..30":
+            problems.append(f"stage layers {s.get('layers')}, expected 10..30")
+        if s.get("replacement"):
+            problems.append("the stage was a replacement")
+        if not re.fullmatch(r"[0-9a-f]{64}", s.get("receipt_sha256") or ""):
+            problems.append("no stage receipt")
+        if (s.get("steps") or 0) < 2:
+            problems.append(f"{s.get('steps')} steps")
+        if path != expect:
+            problems.append(f"stage path {path}, expected {expect}")
+    if same_as != "-":
+        want = open(same_as).read()
+        if text != want:
+            problems.append(f"text {text!r} differs from a=>b's {want!r}")
+elif error is not None:
+    message = error.get("message") or ""
+    if "no node runs layers 10..30" in message and f"{stage}: reachable only through a relay" in message:
+        kind, path = "refused", "relayed"
+    else:
+        problems.append(f"{error.get('code')}: {message}")
+else:
+    tail = [l.strip() for l in open(base + ".log", errors="replace") if l.strip()]
+    problems.append(f"no answer (exit {rc})" + (f": {tail[-1]}" if tail else ""))
+outcome = {"kind": kind, "path": path, "text": text if done else None, "stages": stages,
+           "error": error, "time_to_first_byte_ms": (done or {}).get("time_to_first_byte_ms"),
+           "total_ms": (done or {}).get("total_ms"), "problem": "; ".join(problems) or None,
+           "exit": int(rc)}
+json.dump(outcome, open(base + ".outcome.json", "w"))
+if done is not None:
+    open(base + ".text", "w").write(text)
+shown = json.dumps(text.strip() if len(text.strip()) <= 48 else text.strip()[:45] + "...")
+s = lambda v: "-" if v is None else str(v)
+print("\t".join([kind, s(path), s(outcome["time_to_first_byte_ms"]), s(outcome["total_ms"]), shown,
+                 (outcome["problem"] or "").replace("\t", " ").replace("\n", " ")]))
+PY
+  )
+  IFS=$'\t' read -r s_kind s_path s_ttfb s_total s_text s_problem <<<"$line" || true
+  s_problem=${s_problem:-}
+  if [ "$s_kind" = fail ] || [ -n "$s_problem" ]; then nat_failed_calls+=("$s_base.json"); fi
+}
+
+# nat_split_until HEAD WANT EXPECT SAME_AS: calls through head HEAD until the outcome is WANT
+# (answered or refused) or something else final, within NAT_SPLIT_TIMEOUT s of the head's start
+# (the stage must be found in the DHT and the path to it settled). Sets the s_* of the last call,
+# s_attempts and s_first_ms (head start to that call's end).
+nat_split_until() {
+  local head=$1 want=$2 expect=$3 same_as=$4 deadline left per
+  deadline=$((nat_started_ms[$head] + NAT_SPLIT_TIMEOUT * 1000))
+  s_attempts=0 s_first_ms=- s_kind=fail s_path=- s_ttfb=- s_total=- s_text='""'
+  s_problem="no call within ${NAT_SPLIT_TIMEOUT} s of the head's start" s_base=
+  while :; do
+    left=$(((deadline - $(nat_now_ms)) / 1000))
+    [ "$left" -ge 1 ] || break
+    per=$((left < NAT_CALL_TIMEOUT ? left : NAT_CALL_TIMEOUT))
+    s_attempts=$((s_attempts + 1))
+    nat_split_call "$head" "$per" "$expect" "$same_as"
+    # An answer is final (right or wrong); so is the refusal asked for.
+    if [ "$s_kind" = answered ] || [ "$s_kind" = "$want" ]; then
+      s_first_ms=$(($(nat_now_ms) - nat_started_ms[$head]))
+      return 0
+    fi
+    sleep 0.5
+  done
+  s_problem="not $want within ${NAT_SPLIT_TIMEOUT} s of the head's start ($s_attempts attempts); last: $s_problem"
+}
+
+# nat_split_record CHECK HEAD_HOST STAGE_HOST OK RESULT: a table row (PATH is the stage's) and a
+# "split" record with the last call's outcome.
+nat_split_record() {
+  local check=$1 from=$2 to=$3 ok=$4 result=$5
+  nat_rows+=("$(printf '%-6s %-16s %-13s %8s %9s  %s' "$from=>$to" "$(nat_nats "$from" "$to")" "$s_path" "$s_ttfb" "$s_total" "$result")")
+  "$nat_py" - "$nat_results" "$nat_run_no" "$check" "$from" "$to" "$(nat_nats "$from" "$to")" "$ok" \
+    "$s_attempts" "$s_first_ms" "${s_base:+$s_base.outcome.json}" "$result" <<'PY'
+import json, sys
+results, run, check, head, stage, nats, ok, attempts, first, outcome, result = sys.argv[1:]
+o = json.load(open(outcome)) if outcome else {}
+rec = {"kind": "split", "run": int(run), "check": check, "head": head, "stage": stage, "nats": nats,
+       "ok": ok == "1", "outcome": o.get("kind"), "path": o.get("path"), "text": o.get("text"),
+       "stages": o.get("stages") or [], "time_to_first_byte_ms": o.get("time_to_first_byte_ms"),
+       "total_ms": o.get("total_ms"), "first_answer_ms": None if first == "-" else int(first),
+       "attempts": int(attempts), "error": (o.get("error") or {}).get("message"), "result": result}
+with open(results, "a") as f:
+    f.write(json.dumps(rec) + "\n")
+PY
+  [ "$ok" = 1 ] || nat_run_failures=$((nat_run_failures + 1))
+}
+
+# nat_split BOOT: the split checks (see above), one head after the other. The nodes they start
+# run until the run ends: stopped here, just before the failover stops relay 1, they made a, b
+# and c notice relay 1's departure over QUIC only by idle timeout (10-15 s, against the
+# failover's 15 s) in 3 of 5 QUIC-only runs.
+nat_split() {
+  local boot=$1 model="smol=$nat_split_model"
+  nat_start_node stage-b --model "$model" --layers 10..30 --bootstrap "$boot"
+  if ! nat_wait_ready stage-b; then
+    s_attempts=0 s_first_ms=- s_path=- s_ttfb=- s_total=- s_base=
+    nat_split_record hole-punched a b 0 "FAIL: stage-b (layers 10..30) not ready"
+    nat_split_record relayed-refused c b 0 "FAIL: stage-b (layers 10..30) not ready"
+    nat_split_record relayed-allowed c b 0 "FAIL: stage-b (layers 10..30) not ready"
+    return 0
+  fi
+  split_line="   split rows X=>Y: the head on X runs layers 0..10 of SmolLM2, the stage on Y 10..30 (stage-b ready $((nat_ready_ms[stage-b] - nat_started_ms[stage-b])) ms after start)"
+
+  # a=>b: cone to cone, the hop must be hole-punched.
+  local a_text=-
+  nat_start_node head-a --model "$model" --layers 0..10 --bootstrap "$boot"
+  if ! nat_wait_ready head-a; then
+    s_attempts=0 s_first_ms=- s_path=- s_ttfb=- s_total=- s_base=
+    nat_split_record hole-punched a b 0 "FAIL: head-a not ready"
+  else
+    nat_split_until head-a answered hole-punched -
+    if [ "$s_kind" = answered ] && [ -z "$s_problem" ]; then
+      a_text="$s_base.text"
+      nat_split_record hole-punched a b 1 "ok: $s_text (1st answer $s_first_ms ms after the head started, $s_attempts attempt(s))"
+    else
+      nat_split_record hole-punched a b 0 "FAIL: $s_problem"
+    fi
+  fi
+
+  # c=>b by default: the only path is the relay, so no plan; the error must say why.
+  nat_start_node head-c --model "$model" --layers 0..10 --bootstrap "$boot"
+  if ! nat_wait_ready head-c; then
+    s_attempts=0 s_first_ms=- s_path=- s_ttfb=- s_total=- s_base=
+    nat_split_record relayed-refused c b 0 "FAIL: head-c not ready"
+  else
+    nat_split_until head-c refused relayed -
+    if [ "$s_kind" = refused ]; then
+      nat_split_record relayed-refused c b 1 "ok: not planned by default, stage-b \"reachable only through a relay\" ($s_first_ms ms after the head started, $s_attempts attempt(s))"
+    elif [ "$s_kind" = answered ]; then
+      nat_split_record relayed-refused c b 0 "FAIL: planned a relay-only hop without --split-allow-relayed ($s_text)"
+    else
+      nat_split_record relayed-refused c b 0 "FAIL: $s_problem"
+    fi
+  fi
+
+  # c=>b with --split-allow-relayed: answers over the relay, with a=>b's text.
+  nat_start_node head-cr --model "$model" --layers 0..10 --split-allow-relayed --bootstrap "$boot"
+  if ! nat_wait_ready head-cr; then
+    s_attempts=0 s_first_ms=- s_path=- s_ttfb=- s_total=- s_base=
+    nat_split_record relayed-allowed c b 0 "FAIL: head-cr not ready"
+  else
+    nat_split_until head-cr answered relayed "$a_text"
+    if [ "$s_kind" = answered ] && [ -z "$s_problem" ]; then
+      local same=""
+      [ "$a_text" = - ] || same=", same text as a=>b"
+      nat_split_record relayed-allowed c b 1 "ok with --split-allow-relayed$same (1st answer $s_first_ms ms after the head started, $s_attempts attempt(s))"
+    else
+      nat_split_record relayed-allowed c b 0 "FAIL: --split-allow-relayed: $s_problem"
+    fi
+  fi
+}
+
+# ---------------------------------------------------------------------------------------------
 # One run of the scenario. Sets nat_run_rc: 0 passed, 1 failed, 2 the lab itself is broken.
 
 nat_run_record() { # OK JOIN_MS ATTEMPTS NOTE
@@ -706,6 +939,9 @@ nat_run() {
   lat_b=$(nat_latency a b || echo "- - -")
   lat_c=$(nat_latency a c || echo "- - -")
 
+  local split_line=""
+  [ "$NAT_SPLIT" = 1 ] && nat_split "$boot"
+
   local failover_line=""
   if ! nat_failover; then nat_run_failures=$((nat_run_failures + 1)); fi
 
@@ -715,6 +951,7 @@ nat_run() {
   printf '%-6s %-16s %-13s %8s %9s  %s\n' PAIR NATS PATH TTFB_MS TOTAL_MS RESULT
   printf '%s\n' "${nat_rows[@]}"
   nat_say "   b's join to the first answered call from a: $([ "$join_ms" = - ] && echo "never" || echo "$join_ms ms") ($attempts attempt(s))"
+  [ -n "$split_line" ] && nat_say "$split_line"
   printf '%s' "$status_lines"
   nat_say "$failover_line"
   read -r p m q <<<"$lat_b"; nat_say "   small calls a->b through a's API, $NAT_LATENCY_CALLS in a row: $p, median $m us, p90 $q us"
@@ -776,6 +1013,20 @@ h = [r["median_us"] for r in lat if r["path"] == "hole-punched"]
 r_ = [r["median_us"] for r in lat if r["path"] == "relayed"]
 if h and r_:
     print(f"   relayed / hole-punched: {statistics.median(r_) / statistics.median(h):.2f}x")
+splits = [r for r in recs if r["kind"] == "split"]
+if splits:
+    parts = []
+    for check, what in (("hole-punched", "a=>b answered hole-punched"),
+                        ("relayed-refused", "c=>b relay-only hop not planned by default"),
+                        ("relayed-allowed", "c=>b answered with --split-allow-relayed")):
+        cs = [r for r in splits if r["check"] == check]
+        parts.append(f"{what} {sum(r['ok'] for r in cs)}/{len(cs)}")
+    print("   split SmolLM2: " + ", ".join(parts))
+    firsts = sorted(r["first_answer_ms"] for r in splits
+                    if r["check"] == "hole-punched" and r["ok"] and r["first_answer_ms"] is not None)
+    if firsts:
+        print(f"   head a's start to its first split answer: p50 {statistics.median(firsts):.0f} ms, "
+              f"max {max(firsts)} ms over {len(firsts)} run(s)")
 PY
 }
 
@@ -819,6 +1070,9 @@ nat_main() {
   NAT_LATENCY_CALLS=${NAT_LATENCY_CALLS:-50}
   NAT_TRANSPORT=${NAT_TRANSPORT:-both}
   case "$NAT_TRANSPORT" in tcp|quic|both) ;; *) nat_warn "NAT_TRANSPORT must be tcp, quic or both"; exit 2 ;; esac
+  NAT_SPLIT=${NAT_SPLIT:-1}
+  case "$NAT_SPLIT" in 0|1) ;; *) nat_warn "NAT_SPLIT must be 0 or 1"; exit 2 ;; esac
+  NAT_SPLIT_TIMEOUT=${NAT_SPLIT_TIMEOUT:-60}
   nat_rust_log=${RUST_LOG:-info,mesh_node=debug,libp2p_dcutr=debug,libp2p_relay=debug}
 
   nat_prefix="mnat$$-"
@@ -837,6 +1091,18 @@ nat_main() {
     mesh="$PWD/target/debug/mesh"
   fi
   [ -x "$mesh" ] || { nat_warn "no mesh binary at $mesh"; exit 1; }
+  if [ "$NAT_SPLIT" = 1 ]; then
+    # The split checks run SmolLM2 from the models directory the tests use (scripts/test.sh
+    # exports MESH_MODELS), fetched as `testnet.sh local` fetches it when it is not there.
+    export MESH_MODELS="${MESH_MODELS:-$PWD/target/mesh-models}"
+    case "$MESH_MODELS" in /*) ;; *) MESH_MODELS="${caller_pwd:-$PWD}/$MESH_MODELS" ;; esac
+    nat_split_model="$MESH_MODELS/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+    if [ ! -f "$nat_split_model" ]; then
+      echo "== fetching SmolLM2 into $MESH_MODELS (the split checks run it; NAT_SPLIT=0 skips them)"
+      "$mesh" model fetch smollm2-135m-instruct >/dev/null 2>&1 || "$mesh" model fetch smollm2-135m-instruct ||
+        { nat_warn "no SmolLM2 at $nat_split_model and it could not be fetched"; exit 1; }
+    fi
+  fi
 
   nat_base=$(mktemp -d "${TMPDIR:-/tmp}/mesh-natlab.XXXXXX")
   if [ -n "$results" ]; then
@@ -864,6 +1130,6 @@ nat_main() {
     [ "$nat_keep" = 1 ] || nat_say "   (pass --keep to keep every node's home and log)"
     exit 1
   fi
-  nat_say "== every call answered and every cone<->cone pair was hole-punched"
+  nat_say "== every call answered and every cone<->cone pair was hole-punched$([ "$NAT_SPLIT" = 1 ] && echo "; the split answered hole-punched and planned no relay-only hop by default" || true)"
   exit 0
 }

@@ -8,7 +8,8 @@
 #                                          a NAT lab in network namespaces (needs root): a public
 #                                          relay, two nodes behind cone-like NATs, one behind a
 #                                          symmetric NAT; calls between them must answer and the
-#                                          cone<->cone pairs must end up hole-punched. See natlab.sh.
+#                                          cone<->cone pairs must end up hole-punched; a model split
+#                                          by layers must answer across them. See natlab.sh.
 #
 # Exit status: 0 when every call answered, 1 when one failed, 2 on a usage error,
 # 77 when the nat lab cannot run here (not root, a missing tool).
@@ -16,7 +17,7 @@ set -euo pipefail
 caller_pwd=$PWD
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,15p' testnet/testnet.sh | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,16p' testnet/testnet.sh | sed 's/^# \{0,1\}//'; exit 2; }
 
 mode="${1:-}"; shift || true
 if [ "$mode" = nat ]; then

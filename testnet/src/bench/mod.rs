@@ -5,6 +5,7 @@ pub mod kernels;
 pub mod load;
 pub mod models;
 pub mod network;
+pub mod split;
 
 /// Calls completed per second with `in_flight` workers calling `call` back to back until
 /// `for_how_long` is up.

@@ -8,6 +8,10 @@
 //!                                                  prompts; writes each prompt to D/CASE.txt
 //!   mesh-bench kernels [--threads N] [--millis M]  mesh's quantized matrix kernels alone on
 //!                                                  SmolLM2's shapes: µs, GB/s, GMAC/s
+//!   mesh-bench hop --bootstrap ADDR --gguf FILE [--steps N]
+//!                                                  one hop of a split model: a one-position
+//!                                                  step to a stage of layers 29..30, against
+//!                                                  the layer here; f32 and f16
 //!   mesh-bench embed [--seconds S]                 MiniLM embeddings/s at batch 1, 8, 32
 //!   mesh-bench gateway [--runs R] [--seconds S]    OpenAI gateway: overhead and requests/s
 //!   mesh-bench load --api URL --via gateway|mesh --model M [--calls N] [--deadline-secs S]
@@ -138,6 +142,22 @@ async fn main() -> anyhow::Result<()> {
             for line in bench::kernels::run(threads, millis) {
                 println!("{line}");
             }
+        }
+        Some("hop") => {
+            // mesh-bench hop --bootstrap ADDR --gguf FILE [--steps N]: ADDR is a stage holding
+            // layers 29..30 of the file.
+            let addr: libp2p::Multiaddr = text_arg(&args, "--bootstrap")?.parse()?;
+            let gguf = std::path::PathBuf::from(text_arg(&args, "--gguf")?);
+            let steps = arg(&args, "--steps", 300)? as usize;
+            let node = mesh_testnet::inprocess::start_node(vec![], vec![addr.clone()]).await;
+            let peer = match addr.iter().last() {
+                Some(libp2p::multiaddr::Protocol::P2p(peer)) => peer,
+                _ => anyhow::bail!("--bootstrap needs a /p2p/ suffix"),
+            };
+            for line in bench::split::hop(&node.client(), peer, &gguf, steps).await? {
+                println!("{line}");
+            }
+            node.shutdown().await;
         }
         Some("gateway") => {
             let runs = arg(&args, "--runs", 10)? as usize;

@@ -4,7 +4,8 @@
 //! and claims chunks from a shared cursor like the workers do, so a worker that the operating
 //! system has descheduled (another process on the core) delays nothing: the others take its
 //! chunks, and the step ends when the last chunk claimed is done. Between steps a worker spins
-//! briefly (a token's steps come every few microseconds), then parks.
+//! briefly (a token's steps come every few microseconds), yielding the core now and then to
+//! any thread that needs it, then parks.
 //!
 //! One step runs at a time. Concurrent calls take turns step by step, in order of arrival, so
 //! two calls on two cores never run four threads.
@@ -162,8 +163,9 @@ impl Pool {
         }
         s.work(job);
         s.open.store(false, SeqCst);
+        let mut spins = 0u32;
         while s.active.load(SeqCst) != 0 {
-            std::hint::spin_loop();
+            spin(&mut spins);
         }
         parking_lot::MutexGuard::unlock_fair(guard);
     }
@@ -179,14 +181,27 @@ impl Drop for Pool {
     }
 }
 
+/// One turn of a busy wait. Every so often it yields the core, so that when the machine has
+/// more runnable threads than cores (other processes, or several nodes on one machine) a
+/// waiting thread does not hold a core a working one needs; with a core to spare, a yield
+/// returns at once.
+#[inline]
+fn spin(spins: &mut u32) {
+    *spins = spins.wrapping_add(1);
+    if spins.is_multiple_of(64) {
+        std::thread::yield_now();
+    } else {
+        std::hint::spin_loop();
+    }
+}
+
 fn worker(s: &Shared) {
     let mut seen = s.epoch.load(SeqCst);
     loop {
         let since = Instant::now();
         let mut spins = 0u32;
         while s.epoch.load(SeqCst) == seen {
-            std::hint::spin_loop();
-            spins = spins.wrapping_add(1);
+            spin(&mut spins);
             if spins.is_multiple_of(256) && since.elapsed() > SPIN {
                 let mut lock = s.park.lock().unwrap_or_else(|p| p.into_inner());
                 s.sleeping.fetch_add(1, SeqCst);
