@@ -22,6 +22,10 @@
 #   NAT_ATTEMPT_TIMEOUT   --timeout of one attempt in that retry loop        (10)
 #   NAT_CALL_TIMEOUT      --timeout of every other call                      (30)
 #   NAT_PUNCH_WAIT        seconds to wait for `mesh peers` to say hole-punched (15)
+#   NAT_RECOVERY_TIMEOUT  seconds after relay 1 stops for a->c to answer again  (30)
+#   NAT_RELAY_STOP        how relay 1 stops: KILL (a crash) or TERM (it shuts down)     (KILL)
+#   NAT_FROZEN_CALLS      `any` calls made while one of two providers is frozen (10)
+#   NAT_FROZEN_LIMIT_MS   each of them must answer within this many ms         (2000)
 #   NAT_LATENCY_CALLS     small calls a->b and a->c timed after the pairs     (50)
 #   NAT_TRANSPORT         what the NATed nodes listen on and bootstrap over:
 #                         tcp, quic or both                                   (both)
@@ -389,18 +393,21 @@ nat_show_logs() {
 # ---------------------------------------------------------------------------------------------
 # Calls
 
-# nat_call FROM TO LABEL TIMEOUT: one `mesh infer` from FROM's namespace through FROM's node.
+# nat_call FROM TO LABEL TIMEOUT [MODEL]: one `mesh infer` from FROM's namespace through FROM's node.
 # LABEL goes into the record's "attempt": join (the a->b retry loop right after b joined; the
 # last one of them answered), first (a pair's first call), final (the call after the punch).
-# Sets c_ok (ok|fail) c_path c_ttfb c_total c_err, and appends a "call" record to the results.
+# MODEL (default echo) is the model called; TO may be `any`.
+# Sets c_ok (ok|fail) c_path c_ttfb c_total c_peer c_wall c_err, and appends a "call" record to
+# the results.
 nat_call() {
-  local from=$1 to=$2 label=$3 secs=$4
+  local from=$1 to=$2 label=$3 secs=$4 model=${5:-echo} target
   nat_call_seq=$((nat_call_seq + 1))
   local base="$run_dir/call$nat_call_seq-$from-$to"
   local started rc=0
+  if [ "$to" = any ]; then target=any; else target=${nat_peer[$to]}; fi
   started=$(nat_now_ms)
   ip netns exec "${nat_ns[$from]}" "$mesh" infer --json --no-mdns --home "$run_dir/$from" \
-    "${nat_peer[$to]}" echo --prompt "hello from $from" --timeout "$secs" >"$base.json" 2>"$base.log" &
+    "$target" "$model" --prompt "hello from $from" --timeout "$secs" >"$base.json" 2>"$base.log" &
   nat_call_pid=$!
   nat_pids+=("$nat_call_pid")
   wait "$nat_call_pid" || rc=$?
@@ -433,7 +440,8 @@ elif text != expect:
     err = f"wrong answer {text!r}, expected {expect!r}"
 done = done or {}
 rec = {"kind": "call", "run": int(run), "pair": pair, "nats": nats, "attempt": label,
-       "ok": err is None, "path": done.get("path"),
+       "ok": err is None, "path": done.get("path"), "peer": done.get("peer"),
+       "wall_ms": int(ended) - int(started),
        "time_to_first_byte_ms": done.get("time_to_first_byte_ms"), "total_ms": done.get("total_ms"),
        "connect_ms": done.get("connect_ms"), "exit": int(rc), "error": err,
        "started_ms": int(started), "ended_ms": int(ended)}
@@ -442,10 +450,11 @@ with open(results, "a") as f:
 def s(v):
     return "-" if v is None else str(v)
 print("\t".join(["ok" if err is None else "fail", s(rec["path"]), s(rec["time_to_first_byte_ms"]),
-                 s(rec["total_ms"]), (err or "").replace("\t", " ").replace("\n", " ")]))
+                 s(rec["total_ms"]), s(rec["peer"]), (err or "").replace("\t", " ").replace("\n", " ")]))
 PY
   )
-  IFS=$'\t' read -r c_ok c_path c_ttfb c_total c_err <<<"$line" || true
+  IFS=$'\t' read -r c_ok c_path c_ttfb c_total c_peer c_err <<<"$line" || true
+  c_wall=$((c_ended_ms - started))
   c_err=${c_err:-}
   [ "$c_ok" = ok ] || nat_failed_calls+=("$base.json")
 }
@@ -505,18 +514,23 @@ sys.exit(0 if ok else 1)
 PY
 }
 
-# nat_failover: stops the first relay and checks the NATed nodes carry on through the second:
-# each must end up holding a reservation with relay2 only, and a->c (symmetric NAT, so relayed)
-# must still answer. Sets failover_line; returns 1 on failure.
+# nat_failover: stops the first relay (NAT_RELAY_STOP: KILL, a crash, by default: its TCP
+# connections are reset by the kernel, its QUIC connections just go silent until their idle
+# timeout; TERM lets it close them) and checks the NATed nodes carry on through the second:
+# the next a->c call answers soon (a "recovery" record), each node ends up holding a
+# reservation with relay2 only, and a->c (symmetric NAT, so relayed) still answers. Sets
+# failover_line; returns 1 on failure.
 nat_failover() {
   local pid=${nat_pid_of[relay]} n i
-  kill -TERM "$pid" 2>/dev/null || true
+  kill "-$NAT_RELAY_STOP" "$pid" 2>/dev/null || true
   for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   kill -KILL "$pid" 2>/dev/null || true
   local t0 waited
   t0=$(nat_now_ms)
+  # The next a->c call, at once: the time from relay 1's end to the first answer.
+  nat_recover relay-stopped "$t0" a c echo
   for n in a b c; do
-    if ! ip netns exec "${nat_ns[$n]}" "$nat_py" - "${nat_peer[relay2]}" 15 <<'PY'
+    if ! ip netns exec "${nat_ns[$n]}" "$nat_py" - "${nat_peer[relay2]}" 25 <<'PY'
 import json, sys, time, urllib.request
 want, secs = sys.argv[1], float(sys.argv[2])
 end = time.time() + secs
@@ -531,7 +545,7 @@ while time.time() < end:
 sys.exit(1)
 PY
     then
-      failover_line="   relay 1 stopped: $n holds no reservation with relay 2 alone after 15 s"
+      failover_line="   relay 1 stopped: $n holds no reservation with relay 2 alone after 25 s"
       return 1
     fi
   done
@@ -544,6 +558,92 @@ PY
   failover_line="   relay 1 stopped: a, b, c on relay 2 alone after $waited ms; a->c answered, $c_path, in $c_total ms"
   printf '{"kind": "failover", "run": %s, "relays_replaced_ms": %s, "call_ok": true, "path": "%s", "total_ms": %s}\n' \
     "$nat_run_no" "$waited" "$c_path" "$c_total" >>"$nat_results"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Recovery (issue 20): how long after an event the next call answers. Each event writes a
+# "recovery" record: the event, whether it passed, the time from the event to the first answer
+# (recovery_ms), and every call's wall time in order.
+
+# nat_recover EVENT T0 FROM TO MODEL: calls FROM->TO (TO may be `any`) one after the other until
+# one answers (at most NAT_RECOVERY_TIMEOUT s after T0, each call bounded by NAT_ATTEMPT_TIMEOUT)
+# and records how long after T0 it answered. Sets r_ms (- if never).
+nat_recover() {
+  local event=$1 t0=$2 from=$3 to=$4 model=$5 walls=() left
+  r_ms=-
+  while :; do
+    left=$(((t0 + NAT_RECOVERY_TIMEOUT * 1000 - $(nat_now_ms)) / 1000))
+    [ "$left" -ge 1 ] || break
+    nat_call "$from" "$to" "$event" "$((left < NAT_ATTEMPT_TIMEOUT ? left : NAT_ATTEMPT_TIMEOUT))" "$model"
+    walls+=("$c_wall")
+    if [ "$c_ok" = ok ]; then r_ms=$((c_ended_ms - t0)); break; fi
+    sleep 0.1
+  done
+  nat_recovery_record "$event" "$([ "$r_ms" = - ] && echo 0 || echo 1)" "$r_ms" "${walls[*]}" \
+    "$from->$to ${c_path:--}"
+  nat_say "   $event: $from->$to answered $([ "$r_ms" = - ] && echo "never (within ${NAT_RECOVERY_TIMEOUT} s)" || echo "$r_ms ms after it") ($((${#walls[@]})) call(s): ${walls[*]} ms)"
+}
+
+nat_recovery_record() { # EVENT OK MS "WALL_MS ..." NOTE
+  "$nat_py" - "$nat_results" "$nat_run_no" "$NAT_TRANSPORT" "$NAT_RELAY_STOP" "$@" <<'PY'
+import json, sys
+results, run, transport, relay_stop, event, ok, ms, walls, note = sys.argv[1:]
+rec = {"kind": "recovery", "run": int(run), "event": event, "ok": ok == "1",
+       "recovery_ms": None if ms == "-" else int(ms),
+       "calls_ms": [int(w) for w in walls.split()], "note": note,
+       "transport": transport, "relay_stop": relay_stop}
+with open(results, "a") as f:
+    f.write(json.dumps(rec) + "\n")
+PY
+}
+
+# nat_frozen: twin-b (next to b) and twin-c (next to c) both host `twin`. Once a lists both,
+# the one a's next `any twin` call goes to is stopped with SIGSTOP (its sockets stay open; it
+# never answers again) and a calls `any twin` NAT_FROZEN_CALLS times:
+# every call must answer, from the other, within NAT_FROZEN_LIMIT_MS. Returns 1 on failure.
+nat_frozen() {
+  local boot=$1 n frozen="" i slow=0 failed=0 walls=() t0
+  for n in twin-b twin-c; do
+    nat_start_node "$n" --model twin=builtin:echo --bootstrap "$boot"
+    nat_wait_ready "$n" || { frozen_line="   frozen provider: $n not ready"; return 1; }
+  done
+  # Once a sees both providers, the one its next call goes to is the one it prefers: frozen.
+  ip netns exec "${nat_ns[a]}" "$nat_py" - <<'PY' || true
+import json, time, urllib.request
+end = time.time() + 30
+while time.time() < end:
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:7440/v1/mesh/models", timeout=5) as r:
+            if sum(row.get("model") == "twin" for row in json.load(r)) >= 2:
+                break
+    except OSError:
+        pass
+    time.sleep(0.2)
+PY
+  nat_call a any warm "$NAT_ATTEMPT_TIMEOUT" twin
+  [ "$c_ok" = ok ] && frozen=$c_peer
+  if [ -z "$frozen" ] || [ "$frozen" = - ]; then
+    frozen_line="   frozen provider: a's \`any twin\` did not answer: $c_err"
+    return 1
+  fi
+  local pid name
+  for name in twin-b twin-c; do [ "${nat_peer[$name]}" = "$frozen" ] && pid=${nat_pid_of[$name]} n=$name; done
+  kill -STOP "$pid"
+  t0=$(nat_now_ms)
+  for i in $(seq 1 "$NAT_FROZEN_CALLS"); do
+    nat_call a any frozen "$NAT_ATTEMPT_TIMEOUT" twin
+    walls+=("$c_wall")
+    if [ "$c_ok" != ok ] || [ "$c_peer" = "$frozen" ]; then failed=$((failed + 1));
+    elif [ "$c_wall" -gt "$NAT_FROZEN_LIMIT_MS" ]; then slow=$((slow + 1)); fi
+  done
+  kill -CONT "$pid" 2>/dev/null || true
+  kill -KILL "${nat_pid_of[twin-b]}" "${nat_pid_of[twin-c]}" 2>/dev/null || true
+  { wait "${nat_pid_of[twin-b]}" "${nat_pid_of[twin-c]}"; } 2>/dev/null || true
+  local answered=$((NAT_FROZEN_CALLS - failed))
+  nat_recovery_record provider-frozen "$([ $failed -eq 0 ] && [ $slow -eq 0 ] && echo 1 || echo 0)" \
+    "$([ "$failed" -eq 0 ] && echo "${walls[0]}" || echo -)" "${walls[*]}" "$n frozen, $answered/$NAT_FROZEN_CALLS answered, $slow over ${NAT_FROZEN_LIMIT_MS} ms"
+  frozen_line="   frozen provider ($n stopped by SIGSTOP): a's \`any twin\` calls answered $answered/$NAT_FROZEN_CALLS, $slow over $NAT_FROZEN_LIMIT_MS ms (${walls[*]} ms)"
+  [ "$failed" -eq 0 ] && [ "$slow" -eq 0 ]
 }
 
 nat_nats() { echo "$(nat_kind_of "$1")->$(nat_kind_of "$2")"; }
@@ -648,6 +748,8 @@ nat_place stage-b b 4002 7441
 nat_place head-a a 4003 7442
 nat_place head-c c 4004 7443
 nat_place head-cr c 4005 7444
+nat_place twin-b b 4006 7445
+nat_place twin-c c 4007 7446
 nat_split_prompt="Name the capital of France."
 nat_split_tokens=16
 
@@ -939,6 +1041,9 @@ nat_run() {
   lat_b=$(nat_latency a b || echo "- - -")
   lat_c=$(nat_latency a c || echo "- - -")
 
+  local frozen_line=""
+  if ! nat_frozen "$boot"; then nat_run_failures=$((nat_run_failures + 1)); fi
+
   local split_line=""
   [ "$NAT_SPLIT" = 1 ] && nat_split "$boot"
 
@@ -953,6 +1058,7 @@ nat_run() {
   nat_say "   b's join to the first answered call from a: $([ "$join_ms" = - ] && echo "never" || echo "$join_ms ms") ($attempts attempt(s))"
   [ -n "$split_line" ] && nat_say "$split_line"
   printf '%s' "$status_lines"
+  nat_say "$frozen_line"
   nat_say "$failover_line"
   read -r p m q <<<"$lat_b"; nat_say "   small calls a->b through a's API, $NAT_LATENCY_CALLS in a row: $p, median $m us, p90 $q us"
   read -r p m q <<<"$lat_c"; nat_say "   small calls a->c through a's API, $NAT_LATENCY_CALLS in a row: $p, median $m us, p90 $q us"
@@ -1027,6 +1133,25 @@ if splits:
     if firsts:
         print(f"   head a's start to its first split answer: p50 {statistics.median(firsts):.0f} ms, "
               f"max {max(firsts)} ms over {len(firsts)} run(s)")
+# Recovery (issue 20): the first call of each kind of trouble, p50 and max over the runs.
+def p50_max(xs):
+    return f"p50 {statistics.median(xs):.0f} ms, max {max(xs)} ms" if xs else "none"
+firsts = [c for c in recs if c["kind"] == "call" and c["attempt"] == "first"]
+for pair in ("a->c", "c->a", "b->a"):
+    cs = [c for c in firsts if c["pair"] == pair and c["ok"]]
+    if cs:
+        print(f"   first call {pair} ({cs[0]['nats']}): wall {p50_max([c['wall_ms'] for c in cs])}; "
+              f"its total {p50_max([c['total_ms'] for c in cs])} (n={len(cs)})")
+rec_ = [r for r in recs if r["kind"] == "recovery"]
+for event, what in (("relay-stopped", "relay 1 stopped: a->c answers again"),
+                    ("provider-frozen", "one of two providers frozen: first `any` call")):
+    rs = [r for r in rec_ if r["event"] == event]
+    if rs:
+        ms = [r["recovery_ms"] for r in rs if r["recovery_ms"] is not None]
+        print(f"   {what} after {p50_max(ms)} ({sum(r['ok'] for r in rs)}/{len(rs)} run(s) within bounds)")
+frozen = [w for r in rec_ if r["event"] == "provider-frozen" for w in r["calls_ms"]]
+if frozen:
+    print(f"   every `any` call while a provider is frozen: {p50_max(frozen)} (n={len(frozen)})")
 PY
 }
 
@@ -1067,6 +1192,11 @@ nat_main() {
   NAT_ATTEMPT_TIMEOUT=${NAT_ATTEMPT_TIMEOUT:-10}
   NAT_CALL_TIMEOUT=${NAT_CALL_TIMEOUT:-30}
   NAT_PUNCH_WAIT=${NAT_PUNCH_WAIT:-15}
+  NAT_RECOVERY_TIMEOUT=${NAT_RECOVERY_TIMEOUT:-30}
+  NAT_RELAY_STOP=${NAT_RELAY_STOP:-KILL}
+  case "$NAT_RELAY_STOP" in TERM|KILL) ;; *) nat_warn "NAT_RELAY_STOP must be TERM or KILL"; exit 2 ;; esac
+  NAT_FROZEN_CALLS=${NAT_FROZEN_CALLS:-10}
+  NAT_FROZEN_LIMIT_MS=${NAT_FROZEN_LIMIT_MS:-2000}
   NAT_LATENCY_CALLS=${NAT_LATENCY_CALLS:-50}
   NAT_TRANSPORT=${NAT_TRANSPORT:-both}
   case "$NAT_TRANSPORT" in tcp|quic|both) ;; *) nat_warn "NAT_TRANSPORT must be tcp, quic or both"; exit 2 ;; esac

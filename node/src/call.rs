@@ -31,6 +31,10 @@ use crate::wire::{read_frame, write_frame, WireIoError};
 /// Attempts at a call whose stream the node dropped unread.
 const CALL_ATTEMPTS: u32 = 8;
 
+/// How long a node may take to answer a catalog request once the stream is open: it answers
+/// at once, however busy its models are.
+pub const CATALOG_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Bytes the in-memory pipe of a local call buffers each way.
 const LOCAL_PIPE_BYTES: usize = 64 * 1024;
 
@@ -288,7 +292,7 @@ impl Calls for Client {
             .open_stream(peer, CATALOG)
             .await
             .map_err(|e| CallError::Network(e.to_string()))?;
-        fetch_catalog(stream, &peer, self.connect_timeout).await
+        fetch_catalog(stream, &peer, CATALOG_TIMEOUT.min(self.connect_timeout)).await
     }
 }
 

@@ -6,6 +6,7 @@ mod cli;
 mod embed;
 mod engine;
 mod gateway;
+mod heal;
 mod identity;
 mod local;
 mod models;

@@ -1,16 +1,19 @@
 //! Which nodes can answer a call, and in what order to try them: [`candidates`] (this node,
-//! the model's providers in the DHT, each checked against its signed catalog) and [`route`]
-//! (the ordering policy).
+//! the model's providers in the DHT, each checked against its signed catalog, the first to
+//! answer) and [`route`] (the ordering policy).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
+use std::time::Duration;
+
+use futures::stream::{FuturesUnordered, StreamExt};
 use libp2p::PeerId;
 use mesh_protocol::{ErrorCode, ModelCard};
 
 use super::failure::CallFailure;
+use super::liveness;
 use super::spec::Target;
 use super::Dispatcher;
-use crate::call::Calls;
 
 /// A node that hosts the model, with its signed card and the load it last advertised.
 #[derive(Debug, Clone, PartialEq)]
@@ -24,8 +27,13 @@ pub struct Candidate {
 /// Round trip assumed for a peer not measured yet, in milliseconds.
 const UNMEASURED_RTT_MS: f64 = 1000.0;
 
+/// Once one provider's catalog has answered, how long the others get before the call goes
+/// on without them: a frozen or far-away provider does not hold every call up.
+pub const CATALOG_GRACE: Duration = Duration::from_millis(250);
+
 /// Nodes that can answer `model`, with its card, least loaded first. This node alone when it
-/// is the target, or when the target is `any` and it hosts the model itself.
+/// is the target, or when the target is `any` and it hosts the model itself. Of the providers
+/// the DHT names, those whose catalogs answer first ([`CATALOG_GRACE`]).
 pub async fn candidates(
     dispatcher: &Dispatcher,
     target: Target,
@@ -60,19 +68,49 @@ pub async fn candidates(
             found
         }
     };
-    let lookups = peers
+    // Providers that recently stopped answering a call are not waited for once another has
+    // answered (they are asked all the same: they may be back).
+    let marked = dispatcher
+        .cache
+        .as_ref()
+        .map(|cache| cache.unresponsive())
+        .unwrap_or_default();
+    let mut pending: HashSet<PeerId> = peers.iter().copied().collect();
+    let mut lookups: FuturesUnordered<_> = peers
         .iter()
-        .map(|peer| async move { (*peer, client.catalog(*peer).await) });
+        .map(|peer| async move { (*peer, liveness::catalog(client, *peer).await) })
+        .collect();
     let mut found = Vec::new();
     let mut last_error = None;
-    for (peer, result) in futures::future::join_all(lookups).await {
+    // The providers that answer first: once one has, the others get CATALOG_GRACE more.
+    let mut cutoff = None;
+    loop {
+        let next = match cutoff {
+            Some(at) => match tokio::time::timeout_at(at, lookups.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    tracing::debug!(
+                        model,
+                        late = lookups.len(),
+                        "providers slower to answer than the first are left out of this call"
+                    );
+                    break;
+                }
+            },
+            None => lookups.next().await,
+        };
+        let Some((peer, result)) = next else { break };
+        pending.remove(&peer);
         match result {
             // A node that runs only some layers of the model does not answer calls for it.
             Ok((cards, load)) => match cards
                 .into_iter()
                 .find(|c| c.name == model && c.layers.is_none())
             {
-                Some(card) => found.push(Candidate { peer, card, load }),
+                Some(card) => {
+                    found.push(Candidate { peer, card, load });
+                    cutoff.get_or_insert_with(|| tokio::time::Instant::now() + CATALOG_GRACE);
+                }
                 None => {
                     last_error = Some(CallFailure::local(
                         ErrorCode::UnknownModel,
@@ -82,6 +120,9 @@ pub async fn candidates(
             },
             Err(e) => last_error = Some(CallFailure::from(&e)),
         }
+        if cutoff.is_some() && pending.iter().all(|p| marked.contains(p)) {
+            break;
+        }
     }
     found.sort_by_key(|c| c.load);
     match (found.is_empty(), last_error) {
@@ -90,7 +131,8 @@ pub async fn candidates(
     }
 }
 
-/// Orders providers best first: least busy (the load a provider advertised in its catalog plus
+/// Orders providers best first: those that did not recently stop answering a call
+/// (`unresponsive`), then the least busy (the load a provider advertised in its catalog plus
 /// the calls this node has running on it), then the shortest measured round trip (libp2p ping;
 /// this node itself counts as 0, a peer not yet measured as 1 s).
 pub fn route(
@@ -98,6 +140,7 @@ pub fn route(
     me: PeerId,
     rtt_ms: &HashMap<PeerId, f64>,
     in_flight: &HashMap<PeerId, u32>,
+    unresponsive: &HashSet<PeerId>,
 ) -> Vec<Candidate> {
     let rtt = |peer: &PeerId| {
         if *peer == me {
@@ -108,8 +151,10 @@ pub fn route(
     };
     let busy = |c: &Candidate| c.load + in_flight.get(&c.peer).copied().unwrap_or(0);
     candidates.sort_by(|a, b| {
-        busy(a)
-            .cmp(&busy(b))
+        let frozen = |c: &Candidate| unresponsive.contains(&c.peer);
+        frozen(a)
+            .cmp(&frozen(b))
+            .then(busy(a).cmp(&busy(b)))
             .then(rtt(&a.peer).total_cmp(&rtt(&b.peer)))
     });
     candidates
@@ -146,12 +191,24 @@ pub(crate) mod tests {
             candidate(far, 0),
             candidate(near, 0),
         ];
-        let order = peers(route(candidates.clone(), peer(), &rtts, &HashMap::new()));
+        let order = peers(route(
+            candidates.clone(),
+            peer(),
+            &rtts,
+            &HashMap::new(),
+            &HashSet::new(),
+        ));
         assert_eq!(order, vec![near, far, unmeasured, busy]);
 
         // Calls this node already runs on `near` count against it.
         let in_flight = [(near, 1)].into_iter().collect();
-        let order = peers(route(candidates, peer(), &rtts, &in_flight));
+        let order = peers(route(
+            candidates,
+            peer(),
+            &rtts,
+            &in_flight,
+            &HashSet::new(),
+        ));
         assert_eq!(order, vec![far, unmeasured, near, busy]);
     }
 
@@ -164,7 +221,13 @@ pub(crate) mod tests {
             candidate(measured, 0),
             candidate(me, 0),
         ];
-        let order = peers(route(candidates, me, &rtts, &HashMap::new()));
+        let order = peers(route(
+            candidates,
+            me,
+            &rtts,
+            &HashMap::new(),
+            &HashSet::new(),
+        ));
         assert_eq!(order, vec![me, measured, unmeasured]);
     }
 
@@ -176,6 +239,7 @@ pub(crate) mod tests {
             me,
             &HashMap::new(),
             &HashMap::new(),
+            &HashSet::new(),
         ));
         assert_eq!(order, vec![a, b, me], "the sort is stable");
     }

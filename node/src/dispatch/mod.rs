@@ -10,6 +10,7 @@
 //! - `candidates`: who can answer ([`candidates()`]), in which order ([`route`]).
 //! - `provider_cache`: recent providers and the calls running on each ([`ProviderCache`]).
 //! - `failure`: why a call failed, and what a front end makes of it ([`CallFailure`]).
+//! - `liveness`: giving up on a provider that stopped answering (a frozen process).
 //! - `relay`: the frames of one call as events, its receipt checked.
 //! - This module: the failover loop. The transport of a call (in-memory to this node's own
 //!   server, or a libp2p stream) is [`crate::call`]'s.
@@ -24,6 +25,7 @@ use tokio::sync::mpsc;
 
 mod candidates;
 mod failure;
+mod liveness;
 mod provider_cache;
 mod relay;
 mod spec;
@@ -36,6 +38,7 @@ pub use spec::{build_request, BadTarget, CallEvent, InferSpec, ResumedFrom, Stag
 use crate::call::{Call, CallError};
 use crate::network::Client;
 use crate::serve::Server;
+use liveness::{unless_unresponsive, Watch};
 use relay::{relay, Attempt, Failed, Sampled};
 
 /// What a node can reach: the mesh through its client, and its own models.
@@ -232,7 +235,10 @@ impl Round<'_> {
             let rtts = round_trips(&dispatcher.client).await;
             match cache {
                 Some(cache) => cache.route_and_claim(found, me, &rtts),
-                None => (route(found, me, &rtts, &HashMap::new()), None),
+                None => (
+                    route(found, me, &rtts, &HashMap::new(), &HashSet::new()),
+                    None,
+                ),
             }
         } else {
             let claim = cache.and_then(|c| found.first().map(|first| c.start_call(first.peer)));
@@ -260,33 +266,53 @@ impl Round<'_> {
                 });
             }
             let idle = Duration::from_millis(spec.deadline_ms);
+            // A call gives up on a node that stops answering: an `any` call marks it and goes
+            // to another; a call to a named node drops the connections to it (they may be
+            // dead while they look open) and tries once more on a fresh one.
+            let named = spec.target != Target::Any;
+            let watch = (peer != me).then_some(Watch {
+                client: &dispatcher.client,
+                peer,
+                marks: cache.map(|c| &**c),
+                disconnect: named,
+            });
             let attempt = Attempt {
                 peer,
                 begin: self.begin,
+                watch,
             };
             let mut sampled = Sampled {
                 tokens: std::mem::take(&mut progress.sampled),
                 untracked: progress.untracked,
             };
-            let outcome = match Call::open(
-                &dispatcher.client,
-                dispatcher.local.as_ref(),
-                peer,
-                &request,
-                idle,
-            )
-            .await
-            {
-                Ok((call, path)) => relay(call, attempt, path, &request, self.events, &mut sampled)
-                    .await
-                    .map_err(|f| match f {
-                        Failed::AskerGone => None,
-                        Failed::Call {
-                            error,
-                            after_output,
-                        } => Some((error, after_output)),
-                    }),
-                Err(error) => Err(Some((error, false))),
+            let open = || {
+                Call::open(
+                    &dispatcher.client,
+                    dispatcher.local.as_ref(),
+                    peer,
+                    &request,
+                    idle,
+                )
+            };
+            let mut opened = unless_unresponsive(watch, open()).await;
+            if let (true, Err(gone)) = (named, &opened) {
+                tracing::info!(%peer, "{gone}; calling it again on a fresh connection");
+                opened = unless_unresponsive(watch, open()).await;
+            }
+            let outcome = match opened {
+                Ok(Ok((call, path))) => {
+                    relay(call, attempt, path, &request, self.events, &mut sampled)
+                        .await
+                        .map_err(|f| match f {
+                            Failed::AskerGone => None,
+                            Failed::Call {
+                                error,
+                                after_output,
+                            } => Some((error, after_output)),
+                        })
+                }
+                Ok(Err(error)) => Err(Some((error, false))),
+                Err(gone) => Err(Some((gone.into(), false))),
             };
             let given = request.resume.as_ref().map_or(0, |r| r.tokens.len()) as u32;
             (progress.sampled, progress.untracked) = (sampled.tokens, sampled.untracked);

@@ -1,8 +1,9 @@
-//! The providers of recent `any` calls, by model, and the calls this node has running on each
-//! provider: shared by the calls of one node (its API's), so repeated calls skip the DHT and
-//! concurrent calls spread over the providers.
+//! The providers of recent `any` calls, by model, the calls this node has running on each
+//! provider, and the providers that recently stopped answering: shared by the calls of one
+//! node (its API's), so repeated calls skip the DHT, concurrent calls spread over the
+//! providers, and a frozen provider is left alone for a while.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,10 @@ use super::candidates::{route, Candidate};
 pub const PROVIDER_CACHE_TTL: Duration = Duration::from_secs(10);
 /// Most models whose providers are cached at once.
 const PROVIDER_CACHE_MODELS: usize = 1024;
+/// A provider that stopped answering a call is tried after every other for this long.
+pub const UNRESPONSIVE_FOR: Duration = Duration::from_secs(30);
+/// Most providers remembered as unresponsive at once.
+const UNRESPONSIVE_PEERS: usize = 1024;
 
 /// The providers of `any` lookups, by model, for [`PROVIDER_CACHE_TTL`]. An entry is dropped
 /// as soon as a call to one of its providers fails on the network.
@@ -22,6 +27,8 @@ pub struct ProviderCache {
     entries: Mutex<HashMap<String, (Instant, Vec<Candidate>)>>,
     /// Calls this node has running on each provider now, added to the load it advertised.
     in_flight: Mutex<HashMap<PeerId, u32>>,
+    /// Providers that stopped answering a call, and when.
+    unresponsive: Mutex<HashMap<PeerId, Instant>>,
 }
 
 /// Counts a call on `peer` in its provider's in-flight total while it lives.
@@ -86,6 +93,32 @@ impl ProviderCache {
         InFlight { cache: self, peer }
     }
 
+    fn marks(&self) -> MutexGuard<'_, HashMap<PeerId, Instant>> {
+        self.unresponsive
+            .lock()
+            .expect("never poisoned: no panics while held")
+    }
+
+    /// `peer` stopped answering a call: it is tried last for [`UNRESPONSIVE_FOR`].
+    pub(crate) fn mark_unresponsive(&self, peer: PeerId) {
+        let mut marks = self.marks();
+        if marks.len() >= UNRESPONSIVE_PEERS {
+            marks.retain(|_, at| at.elapsed() < UNRESPONSIVE_FOR);
+        }
+        if marks.len() < UNRESPONSIVE_PEERS || marks.contains_key(&peer) {
+            marks.insert(peer, Instant::now());
+        }
+    }
+
+    /// The providers marked unresponsive less than [`UNRESPONSIVE_FOR`] ago.
+    pub(crate) fn unresponsive(&self) -> HashSet<PeerId> {
+        self.marks()
+            .iter()
+            .filter(|(_, at)| at.elapsed() < UNRESPONSIVE_FOR)
+            .map(|(peer, _)| *peer)
+            .collect()
+    }
+
     /// Orders `candidates` with [`route`] and counts a call on the first, in one step, so
     /// concurrent calls spread over the providers instead of all picking the same one.
     pub(crate) fn route_and_claim(
@@ -94,8 +127,9 @@ impl ProviderCache {
         me: PeerId,
         rtt_ms: &HashMap<PeerId, f64>,
     ) -> (Vec<Candidate>, Option<InFlight<'_>>) {
+        let unresponsive = self.unresponsive();
         let mut counts = self.counts();
-        let ordered = route(candidates, me, rtt_ms, &counts);
+        let ordered = route(candidates, me, rtt_ms, &counts, &unresponsive);
         let claim = ordered.first().map(|first| {
             *counts.entry(first.peer).or_default() += 1;
             InFlight {
@@ -147,6 +181,34 @@ mod tests {
         assert!(cache.in_flight().is_empty());
         let (_, none) = cache.route_and_claim(Vec::new(), me, &rtts);
         assert!(none.is_none(), "nothing to claim");
+    }
+
+    #[test]
+    fn a_provider_that_stopped_answering_is_tried_last_for_a_while() {
+        let cache = ProviderCache::default();
+        let (me, frozen, slow) = (peer(), peer(), peer());
+        let both = vec![candidate(frozen, 0), candidate(slow, 0)];
+        let rtts = [(frozen, 1.0), (slow, 50.0)].into_iter().collect();
+        cache.mark_unresponsive(frozen);
+        let (order, claim) = cache.route_and_claim(both.clone(), me, &rtts);
+        assert_eq!(order[0].peer, slow, "the nearer one stopped answering");
+        assert_eq!(order[1].peer, frozen, "but it is still a candidate");
+        drop(claim);
+        // Once the mark is old enough, it is nearest first again.
+        *cache.marks().get_mut(&frozen).unwrap() =
+            Instant::now() - UNRESPONSIVE_FOR - Duration::from_millis(1);
+        assert!(cache.unresponsive().is_empty());
+        let (order, _claim) = cache.route_and_claim(both, me, &rtts);
+        assert_eq!(order[0].peer, frozen);
+    }
+
+    #[test]
+    fn unresponsive_marks_are_bounded() {
+        let cache = ProviderCache::default();
+        for _ in 0..UNRESPONSIVE_PEERS + 10 {
+            cache.mark_unresponsive(peer());
+        }
+        assert_eq!(cache.marks().len(), UNRESPONSIVE_PEERS);
     }
 
     #[test]

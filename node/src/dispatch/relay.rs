@@ -10,6 +10,7 @@ use mesh_protocol::receipt::SignedReceipt;
 use mesh_protocol::{InferRequest, InferResponse};
 use tokio::sync::mpsc;
 
+use super::liveness::{unless_unresponsive, Watch};
 use super::spec::StageReport;
 use super::CallEvent;
 use crate::call::{BoxedStream, Call, CallError};
@@ -34,26 +35,29 @@ pub(super) struct Sampled {
     pub(super) untracked: bool,
 }
 
-/// One attempt at the call: the node called, and when the whole call began.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Attempt {
+/// One attempt at the call: the node called, when the whole call began, and whether to give
+/// up on a node that stops answering (when another may take the call over).
+#[derive(Clone, Copy)]
+pub(super) struct Attempt<'a> {
     pub(super) peer: PeerId,
     pub(super) begin: Instant,
+    pub(super) watch: Option<Watch<'a>>,
 }
 
 /// Passes the frames of `call` (`request` on `attempt.peer`, over `path`) on as events,
 /// `connected` first, and returns `done` with the receipt checked. The ids of the tokens the
 /// node says it sampled are appended to `sampled` as their deltas pass, so the call can be
-/// resumed elsewhere if the node fails.
+/// resumed elsewhere if the node fails. With `attempt.watch`, a node silent for a while is
+/// checked, and the call fails when it stopped answering ([`super::liveness`]).
 pub(super) async fn relay(
     mut call: Call<BoxedStream>,
-    attempt: Attempt,
+    attempt: Attempt<'_>,
     path: Path,
     request: &InferRequest,
     events: &mpsc::Sender<CallEvent>,
     sampled: &mut Sampled,
 ) -> Result<CallEvent, Failed> {
-    let Attempt { peer, begin } = attempt;
+    let Attempt { peer, begin, watch } = attempt;
     let connect_ms = begin.elapsed().as_millis() as u64;
     let send = |event| async move { events.send(event).await.map_err(|_| Failed::AskerGone) };
     send(CallEvent::Connected {
@@ -69,10 +73,11 @@ pub(super) async fn relay(
             error,
             after_output,
         };
-        let frame = match call.next().await {
-            Ok(Some(frame)) => frame,
-            Ok(None) => return Err(failed(CallError::Closed)),
-            Err(e) => return Err(failed(e)),
+        let frame = match unless_unresponsive(watch, call.next()).await {
+            Ok(Ok(Some(frame))) => frame,
+            Ok(Ok(None)) => return Err(failed(CallError::Closed)),
+            Ok(Err(e)) => return Err(failed(e)),
+            Err(gone) => return Err(failed(gone.into())),
         };
         let event = match frame {
             InferResponse::Started { queue_ms, .. } => CallEvent::Started { queue_ms },
@@ -196,6 +201,7 @@ mod tests {
         let attempt = Attempt {
             peer: called,
             begin: Instant::now(),
+            watch: None,
         };
         let last = relay(
             call,
@@ -413,6 +419,7 @@ mod tests {
         let attempt = Attempt {
             peer: me,
             begin: Instant::now(),
+            watch: None,
         };
         let last = relay(
             call,

@@ -85,6 +85,7 @@ pub fn build_swarm(
                 // request before the answer to the negotiation: one round trip fewer per call.
                 .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
         })
+        .with_connection_timeout(config.dial_timeout)
         .build();
     Ok((swarm, inbound, opener))
 }

@@ -92,6 +92,21 @@ impl Client {
         self.table.read().is_connected(peer)
     }
 
+    /// The last round trip libp2p's ping measured to `peer`, if connected and measured.
+    pub fn rtt(&self, peer: &PeerId) -> Option<Duration> {
+        self.table.read().rtt(peer)
+    }
+
+    /// Closes every connection to `peer`: a connection on which it stopped answering (its
+    /// relay vanished, its network changed) would otherwise stay up until the transport's
+    /// idle timeout. The next call dials it again.
+    pub async fn disconnect(&self, peer: PeerId) -> Result<(), NetworkError> {
+        self.commands
+            .send(Command::Disconnect { peer })
+            .await
+            .map_err(|_| NetworkError::Stopped)
+    }
+
     /// Announces on the DHT that this node hosts `model`, for as long as it runs.
     pub async fn provide(&self, model: &str) -> Result<(), NetworkError> {
         self.announce(Topic::Model(model.to_string())).await

@@ -18,6 +18,10 @@ use super::NetworkError;
 
 /// Announcements go out again when a new neighbour appears, at most this often.
 pub const REANNOUNCE_AFTER: Duration = Duration::from_secs(2);
+/// Once a provider query has found a host, how long it may go on finding more before it
+/// answers with what it has: a walk that waits on a departed or frozen peer does not hold up
+/// the call (Kademlia would wait for that peer's request to time out).
+pub const PROVIDERS_GRACE: Duration = Duration::from_millis(200);
 
 /// What a node announces in the DHT: a model it serves by name, or some layers of a model's
 /// weights (named by their sha256) that it runs for heads.
@@ -46,16 +50,24 @@ impl std::fmt::Display for Topic {
     }
 }
 
+/// A provider query in progress: the hosts found so far, when the first was, and who waits.
+#[derive(Debug)]
+struct ProviderQuery {
+    found: HashSet<PeerId>,
+    first_found: Option<Instant>,
+    reply: Reply<Vec<PeerId>>,
+}
+
 #[derive(Debug)]
 pub struct Discovery<Q = libp2p::kad::QueryId> {
     local: PeerId,
     provided: HashSet<Topic>,
     last_announce: Option<Instant>,
-    provider_queries: HashMap<Q, (HashSet<PeerId>, Reply<Vec<PeerId>>)>,
+    provider_queries: HashMap<Q, ProviderQuery>,
     bootstrap_queries: HashMap<Q, Reply<()>>,
 }
 
-impl<Q: Hash + Eq> Discovery<Q> {
+impl<Q: Hash + Eq + Clone> Discovery<Q> {
     pub fn new(local: PeerId) -> Self {
         Discovery {
             local,
@@ -85,6 +97,16 @@ impl<Q: Hash + Eq> Discovery<Q> {
         self.announce_all(now)
     }
 
+    /// This node became reachable at a new address (a relay reservation, a confirmed public
+    /// address): every topic is announced again at once, so the DHT's provider records carry
+    /// the address and lookups find the node there.
+    pub fn on_new_address(&mut self, now: Instant) -> Vec<Topic> {
+        if self.provided.is_empty() {
+            return Vec::new();
+        }
+        self.announce_all(now)
+    }
+
     fn announce_all(&mut self, now: Instant) -> Vec<Topic> {
         self.last_announce = Some(now);
         let mut topics: Vec<Topic> = self.provided.iter().cloned().collect();
@@ -97,9 +119,15 @@ impl<Q: Hash + Eq> Discovery<Q> {
         self.provided.drain().collect()
     }
 
-    /// Query `id` looks for hosts of a model; `reply` gets them when the walk ends.
+    /// Query `id` looks for hosts of a model; `reply` gets them when the walk ends, or
+    /// [`PROVIDERS_GRACE`] after the first was found.
     pub fn providers_started(&mut self, id: Q, reply: Reply<Vec<PeerId>>) {
-        self.provider_queries.insert(id, (HashSet::new(), reply));
+        let query = ProviderQuery {
+            found: HashSet::new(),
+            first_found: None,
+            reply,
+        };
+        self.provider_queries.insert(id, query);
     }
 
     /// Query `id` found `providers`: those that are not this node, which the caller dials at
@@ -108,24 +136,51 @@ impl<Q: Hash + Eq> Discovery<Q> {
         &mut self,
         id: &Q,
         providers: impl IntoIterator<Item = PeerId>,
+        now: Instant,
     ) -> Vec<PeerId> {
         let local = self.local;
         let providers: Vec<PeerId> = providers.into_iter().filter(|p| *p != local).collect();
-        if let Some((found, _)) = self.provider_queries.get_mut(id) {
-            found.extend(providers.iter().copied());
+        if let Some(query) = self.provider_queries.get_mut(id) {
+            query.found.extend(providers.iter().copied());
+            if !query.found.is_empty() {
+                query.first_found.get_or_insert(now);
+            }
         }
         providers
     }
 
-    /// Provider query `id` ended: it answers with every host found. The reply waits for the
-    /// whole walk, so a model hosted by several nodes gets all of them (for failover); the
-    /// query timeout (15 s) stays below the client's wait (20 s), so a slow walk still
-    /// answers with what it found.
+    /// When the next provider query is due to answer early, if one is.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.provider_queries
+            .values()
+            .filter_map(|q| q.first_found)
+            .min()
+            .map(|first| first + PROVIDERS_GRACE)
+    }
+
+    /// Answers every provider query whose grace after its first host has passed, with what it
+    /// found; returns their ids, for the caller to end the walks.
+    pub fn answer_due(&mut self, now: Instant) -> Vec<Q> {
+        let due: Vec<Q> = self
+            .provider_queries
+            .iter()
+            .filter(|(_, q)| q.first_found.is_some_and(|t| now >= t + PROVIDERS_GRACE))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &due {
+            self.providers_done(id);
+        }
+        due
+    }
+
+    /// Provider query `id` ended: it answers with every host found (unless it answered
+    /// already). A walk that finds nobody ends by the query timeout (15 s), which stays below
+    /// the client's wait (20 s).
     pub fn providers_done(&mut self, id: &Q) {
-        if let Some((found, reply)) = self.provider_queries.remove(id) {
-            let mut found: Vec<PeerId> = found.into_iter().collect();
+        if let Some(query) = self.provider_queries.remove(id) {
+            let mut found: Vec<PeerId> = query.found.into_iter().collect();
             found.sort();
-            let _ = reply.send(Ok(found));
+            let _ = query.reply.send(Ok(found));
         }
     }
 
@@ -178,7 +233,14 @@ mod tests {
             d.on_new_neighbour(t + Duration::from_secs(4)).is_empty(),
             "the re-announce counts too"
         );
+        assert_eq!(
+            d.on_new_address(t + Duration::from_secs(4)).len(),
+            2,
+            "a new address is announced at once"
+        );
+        assert!(d.on_new_neighbour(t + Duration::from_secs(5)).is_empty());
         assert_eq!(d.stop_all().len(), 2);
+        assert!(d.on_new_address(t + Duration::from_secs(60)).is_empty());
         assert!(d.on_new_neighbour(t + Duration::from_secs(60)).is_empty());
     }
 
@@ -186,22 +248,56 @@ mod tests {
     fn a_provider_query_answers_every_host_but_this_node_once_done() {
         let me = peer();
         let (a, b) = (peer(), peer());
+        let t = Instant::now();
         let mut d = Discovery::<u32>::new(me);
         let (tx, mut rx) = oneshot::channel();
         d.providers_started(1, tx);
-        assert_eq!(d.on_providers(&1, [a, me]), vec![a]);
-        assert_eq!(d.on_providers(&1, [a, b]), vec![a, b]);
-        assert!(rx.try_recv().is_err(), "waits for the whole walk");
+        assert_eq!(d.on_providers(&1, [me], t), Vec::<PeerId>::new());
+        assert_eq!(d.next_due(), None, "only this node found: no grace yet");
+        assert_eq!(d.on_providers(&1, [a, me], t), vec![a]);
+        assert_eq!(d.on_providers(&1, [a, b], t), vec![a, b]);
+        assert!(rx.try_recv().is_err(), "waits for the walk");
         d.providers_done(&1);
         let mut expected = vec![a, b];
         expected.sort();
         assert_eq!(rx.try_recv().unwrap().unwrap(), expected);
         d.providers_done(&1);
         assert_eq!(
-            d.on_providers(&2, [a]),
+            d.on_providers(&2, [a], t),
             vec![a],
             "not ours: still worth a dial"
         );
+    }
+
+    #[test]
+    fn a_provider_query_answers_a_grace_after_its_first_host() {
+        let (a, b) = (peer(), peer());
+        let t = Instant::now();
+        let mut d = Discovery::<u32>::new(peer());
+        let (tx1, mut rx1) = oneshot::channel();
+        let (tx2, mut rx2) = oneshot::channel();
+        d.providers_started(1, tx1);
+        d.providers_started(2, tx2);
+        d.on_providers(&1, [a], t);
+        d.on_providers(&1, [b], t + Duration::from_millis(100));
+        assert_eq!(
+            d.next_due(),
+            Some(t + PROVIDERS_GRACE),
+            "from the first host"
+        );
+        assert!(d.answer_due(t + PROVIDERS_GRACE / 2).is_empty());
+        assert!(rx1.try_recv().is_err());
+        assert_eq!(d.answer_due(t + PROVIDERS_GRACE), vec![1]);
+        let mut both = vec![a, b];
+        both.sort();
+        assert_eq!(rx1.try_recv().unwrap().unwrap(), both);
+        // Query 2 found nobody: it waits for its walk to end, however long.
+        assert_eq!(d.next_due(), None);
+        assert!(d.answer_due(t + Duration::from_secs(60)).is_empty());
+        assert!(rx2.try_recv().is_err());
+        d.providers_done(&1);
+        d.providers_done(&2);
+        assert_eq!(rx2.try_recv().unwrap().unwrap(), Vec::<PeerId>::new());
     }
 
     #[test]

@@ -111,6 +111,26 @@ impl PeerTable {
         false
     }
 
+    /// Whether connection `id` to `peer` is a relayed one that stayed relayed: open for at
+    /// least `long_enough` at `now` with no direct connection to the peer beside it. A hole
+    /// punch that would work has done so by then; its peer sits behind a NAT that does not
+    /// let it (the side that answers a punch gets no event when its dials fail).
+    pub fn stayed_relayed(
+        &self,
+        peer: &PeerId,
+        id: ConnectionId,
+        now: Instant,
+        long_enough: Duration,
+    ) -> bool {
+        let connections = self.connections(peer);
+        let relayed_long = connections.iter().any(|c| {
+            c.id == id
+                && c.path == Path::Relayed
+                && now.saturating_duration_since(c.since) >= long_enough
+        });
+        relayed_long && connections.iter().all(|c| c.path == Path::Relayed)
+    }
+
     /// DCUtR upgraded a relayed connection to `peer`: `id` is the direct one.
     pub fn hole_punched(&mut self, peer: &PeerId, id: ConnectionId) {
         if let Some(c) = self
@@ -160,6 +180,11 @@ impl PeerTable {
         if let Some(p) = self.peers.get_mut(peer) {
             p.rtt = Some(rtt);
         }
+    }
+
+    /// The last round trip measured to `peer`.
+    pub fn rtt(&self, peer: &PeerId) -> Option<Duration> {
+        self.peers.get(peer).and_then(|p| p.rtt)
     }
 
     /// Every connected peer, sorted by peer id (as text), for `mesh peers`.
@@ -215,6 +240,35 @@ mod tests {
 
     const DIRECT: &str = "/ip4/198.51.100.1/tcp/4001";
     const RELAYED: &str = "/ip4/198.51.100.9/tcp/4001/p2p-circuit";
+
+    #[test]
+    fn a_relayed_connection_stayed_relayed_only_when_old_and_alone() {
+        let mut table = PeerTable::default();
+        let (a, b) = (peer(), peer());
+        let t = Instant::now();
+        let later = t + Duration::from_secs(5);
+        let long = Duration::from_secs(3);
+        table.add(a, conn(1), addr(RELAYED), true, t);
+        assert!(table.stayed_relayed(&a, conn(1), later, long));
+        assert!(
+            !table.stayed_relayed(&a, conn(1), t + Duration::from_secs(1), long),
+            "too young"
+        );
+        assert!(
+            !table.stayed_relayed(&a, conn(9), later, long),
+            "unknown connection"
+        );
+        table.add(b, conn(2), addr(RELAYED), true, t);
+        table.add(b, conn(3), addr(DIRECT), false, t);
+        assert!(
+            !table.stayed_relayed(&b, conn(2), later, long),
+            "punched beside it"
+        );
+        assert!(
+            !table.stayed_relayed(&b, conn(3), later, long),
+            "not relayed"
+        );
+    }
 
     #[test]
     fn a_direct_connection_next_to_a_relayed_one_is_hole_punched() {

@@ -1,8 +1,10 @@
 //! The connect state machine: being connected to a peer by its id.
 //!
-//! A connect dials the addresses the swarm knows for the peer. When there are none, or every
-//! dial fails (stale addresses: the peer's relay went away, the peer moved), it asks the DHT
-//! once where the peer is now and dials what that finds. It fails only when no dial and no
+//! A connect dials the addresses the swarm knows for the peer. When there are none, when
+//! every dial fails, or when the dial has not connected within [`LOOKUP_ALONGSIDE_AFTER`]
+//! (stale addresses: the peer's relay went away, the peer moved; such a dial may hang until
+//! its transport gives up), it asks the DHT once where the peer is now and dials what that
+//! finds. It fails only when no dial and no
 //! lookup for the peer remains: several dials may be in flight at once (ours, mDNS's, a
 //! provider query's), and any of them connecting is enough. [`Connects::decide`] is the one
 //! place that chooses between waiting, looking up and failing.
@@ -13,6 +15,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
+use std::time::{Duration, Instant};
 
 use libp2p::swarm::ConnectionId;
 use libp2p::{Multiaddr, PeerId};
@@ -20,14 +23,21 @@ use tokio::sync::oneshot;
 
 use super::NetworkError;
 
+/// A dial that has not connected within this long gets a DHT lookup alongside: when the
+/// addresses held are stale (the relay of a circuit address went away, the peer moved), the
+/// dial may hang until its transport times out, and the lookup finds where the peer is now.
+pub const LOOKUP_ALONGSIDE_AFTER: Duration = Duration::from_millis(500);
+
 /// Where a connect's result goes.
 pub type Reply<T> = oneshot::Sender<Result<T, NetworkError>>;
 
 /// What the swarm task must do next for a connect.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
-    /// Dial the peer at the addresses the swarm knows, unless connected or being dialled;
-    /// report the outcome with [`Connects::dial_started`].
+    /// Dial the peer at the addresses the swarm knows, unless connected, even while another
+    /// behaviour's dial to it is in flight (a hole punch's dial to an address that
+    /// black-holes may hang for its whole timeout); report the outcome with
+    /// [`Connects::dial_started`].
     Dial(PeerId),
     /// Ask the DHT for the peer; report the query with [`Connects::lookup_started`].
     LookUp(PeerId),
@@ -70,6 +80,8 @@ pub struct Connects<Q = libp2p::kad::QueryId> {
     /// of attempts.
     dialing: HashMap<ConnectionId, PeerId>,
     lookups: HashMap<Q, PeerId>,
+    /// Peers being dialled for a connect, and when to look them up alongside the dial.
+    lookup_due: HashMap<PeerId, Instant>,
 }
 
 impl<Q: Hash + Eq> Connects<Q> {
@@ -82,7 +94,47 @@ impl<Q: Hash + Eq> Connects<Q> {
             looked_up: HashSet::new(),
             dialing: HashMap::new(),
             lookups: HashMap::new(),
+            lookup_due: HashMap::new(),
         }
+    }
+
+    /// A dial for a connect to `peer` started at `now`: unless it connects within
+    /// [`LOOKUP_ALONGSIDE_AFTER`], the peer is looked up alongside it.
+    pub fn lookup_later(&mut self, peer: PeerId, now: Instant) {
+        if self.waiting.contains_key(&peer) && !self.looked_up.contains(&peer) {
+            self.lookup_due
+                .entry(peer)
+                .or_insert(now + LOOKUP_ALONGSIDE_AFTER);
+        }
+    }
+
+    /// When the next lookup alongside a dial is due, if one is.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.lookup_due.values().min().copied()
+    }
+
+    /// The lookups due at `now`, for connects still waiting (`connected` says whether a peer
+    /// got connected meanwhile). Each peer is looked up once per connect.
+    pub fn due_lookups(&mut self, now: Instant, connected: impl Fn(&PeerId) -> bool) -> Vec<Step> {
+        let due: Vec<PeerId> = self
+            .lookup_due
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(peer, _)| *peer)
+            .collect();
+        let mut steps = Vec::new();
+        for peer in due {
+            self.lookup_due.remove(&peer);
+            let running = self.lookups.values().any(|p| *p == peer);
+            if self.waiting.contains_key(&peer)
+                && !connected(&peer)
+                && !running
+                && self.looked_up.insert(peer)
+            {
+                steps.push(Step::LookUp(peer));
+            }
+        }
+        steps
     }
 
     /// A dial of `addr` (peer unknown) that will make connection `id`; `reply` gets the peer.
@@ -100,8 +152,10 @@ impl<Q: Hash + Eq> Connects<Q> {
             let _ = reply.send(Err(NetworkError::SelfDial));
             return None;
         }
-        self.waiting.entry(peer).or_default().push(reply);
-        Some(Step::Dial(peer))
+        let waiters = self.waiting.entry(peer).or_default();
+        waiters.push(reply);
+        // One dial per connect: later callers wait on the attempt already under way.
+        (waiters.len() == 1).then_some(Step::Dial(peer))
     }
 
     /// How a [`Step::Dial`] or [`Step::DialAt`] for `peer` started.
@@ -136,6 +190,7 @@ impl<Q: Hash + Eq> Connects<Q> {
             let _ = reply.send(Ok(()));
         }
         self.looked_up.remove(&peer);
+        self.lookup_due.remove(&peer);
         was_addr_dial
     }
 
@@ -191,6 +246,7 @@ impl<Q: Hash + Eq> Connects<Q> {
             return Some(Step::LookUp(peer));
         }
         self.looked_up.remove(&peer);
+        self.lookup_due.remove(&peer);
         for reply in self.waiting.remove(&peer).unwrap_or_default() {
             let error = match &failure {
                 Failure::NoAddresses | Failure::NotFound => NetworkError::NotFound { peer },

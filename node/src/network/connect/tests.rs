@@ -217,3 +217,78 @@ fn an_address_dial_reports_the_peer_or_the_error() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn a_dial_slow_to_connect_gets_a_lookup_alongside_once() {
+    let target = peer();
+    let mut c = Connects::<u32>::new(peer());
+    let t = Instant::now();
+    let (step, mut rx) = connect(&mut c, target);
+    assert_eq!(step, Some(Step::Dial(target)));
+    assert_eq!(c.dial_started(target, DialStart::Started), None);
+    c.lookup_later(target, t);
+    c.on_dialing(conn(1), target);
+    assert_eq!(c.next_due(), Some(t + LOOKUP_ALONGSIDE_AFTER));
+    assert!(c.due_lookups(t, |_| false).is_empty(), "not yet");
+    let due = c.due_lookups(t + LOOKUP_ALONGSIDE_AFTER, |_| false);
+    assert_eq!(due, vec![Step::LookUp(target)]);
+    assert_eq!(c.next_due(), None);
+    c.lookup_started(7, target);
+    // The lookup finds fresh addresses: dialled alongside the hanging dial.
+    let fresh = vec![addr("/ip4/192.0.2.9/tcp/4001")];
+    assert_eq!(
+        c.on_lookup_done(&7, Some(fresh.clone()), false),
+        Some(Step::DialAt(target, fresh))
+    );
+    c.on_dialing(conn(2), target);
+    // The stale dial fails: the fresh one is still in flight, so nothing is decided.
+    assert_eq!(
+        c.on_dial_failed(conn(1), Some(target), false, "timeout"),
+        None
+    );
+    assert!(answer(&mut rx).is_none());
+    c.on_established(conn(2), target);
+    assert!(matches!(answer(&mut rx), Some(Ok(()))));
+}
+
+#[test]
+fn a_dial_that_connects_in_time_gets_no_lookup() {
+    let target = peer();
+    let mut c = Connects::<u32>::new(peer());
+    let t = Instant::now();
+    let (_, mut rx) = connect(&mut c, target);
+    c.dial_started(target, DialStart::Started);
+    c.lookup_later(target, t);
+    c.on_dialing(conn(1), target);
+    c.on_established(conn(1), target);
+    assert!(matches!(answer(&mut rx), Some(Ok(()))));
+    assert_eq!(c.next_due(), None);
+    assert!(c
+        .due_lookups(t + LOOKUP_ALONGSIDE_AFTER, |_| false)
+        .is_empty());
+    // Nor does a peer connected by another dial meanwhile.
+    let other = peer();
+    let _ = connect(&mut c, other);
+    c.lookup_later(other, t);
+    assert!(c
+        .due_lookups(t + LOOKUP_ALONGSIDE_AFTER, |_| true)
+        .is_empty());
+}
+
+#[test]
+fn a_second_connect_to_the_same_peer_waits_on_the_first_dial() {
+    let (me, target) = (peer(), peer());
+    let mut c = Connects::<u32>::new(me);
+    let (first, mut rx1) = connect(&mut c, target);
+    assert_eq!(first, Some(Step::Dial(target)));
+    c.dial_started(target, DialStart::Started);
+    c.on_dialing(conn(1), target);
+    let (second, mut rx2) = connect(&mut c, target);
+    assert_eq!(second, None, "no second dial while the first is under way");
+    c.on_established(conn(1), target);
+    assert!(matches!(answer(&mut rx1), Some(Ok(()))));
+    assert!(matches!(answer(&mut rx2), Some(Ok(()))));
+    // Once answered, a new connect dials again.
+    let (third, _rx3) = connect(&mut c, target);
+    assert_eq!(third, Some(Step::Dial(target)));
+}

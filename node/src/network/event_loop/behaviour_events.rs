@@ -174,7 +174,7 @@ impl EventLoop {
                     providers,
                     ..
                 })) => {
-                    for peer in self.discovery.on_providers(&id, providers) {
+                    for peer in self.discovery.on_providers(&id, providers, Instant::now()) {
                         // The provider's addresses live only as long as this query: dial now.
                         let opts = DialOpts::peer_id(peer)
                             .condition(PeerCondition::DisconnectedAndNotDialing)

@@ -18,6 +18,10 @@ pub enum Command {
         peer: PeerId,
         reply: Reply<()>,
     },
+    /// Close every connection to `peer` (it stopped answering on them).
+    Disconnect {
+        peer: PeerId,
+    },
     /// Announce that this node hosts `topic`.
     Provide {
         topic: Topic,

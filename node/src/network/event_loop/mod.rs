@@ -84,6 +84,10 @@ impl EventLoop {
         loop {
             let push_at = self.reach.push_due();
             let push_deadline = push_at.map_or_else(tokio::time::Instant::now, Into::into);
+            let lookup_at = self.connects.next_due();
+            let lookup_deadline = lookup_at.map_or_else(tokio::time::Instant::now, Into::into);
+            let answer_at = self.discovery.next_due();
+            let answer_deadline = answer_at.map_or_else(tokio::time::Instant::now, Into::into);
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 _ = relay_check.tick() => self.reserve_relays(),
@@ -92,6 +96,25 @@ impl EventLoop {
                     let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
                     tracing::debug!(peers = peers.len(), "pushing our addresses and protocols");
                     self.swarm.behaviour_mut().identify.push(peers);
+                }
+                _ = tokio::time::sleep_until(lookup_deadline), if lookup_at.is_some() => {
+                    let swarm = &self.swarm;
+                    let steps = self
+                        .connects
+                        .due_lookups(Instant::now(), |peer| swarm.is_connected(peer));
+                    for step in steps {
+                        tracing::debug!(?step, "a dial is slow to connect; looking the peer up alongside");
+                        self.perform(Some(step));
+                    }
+                }
+                _ = tokio::time::sleep_until(answer_deadline), if answer_at.is_some() => {
+                    // Provider queries that found hosts a while ago answer with them; their
+                    // walks end here.
+                    for id in self.discovery.answer_due(Instant::now()) {
+                        if let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                            query.finish();
+                        }
+                    }
                 }
                 command = self.commands.recv() => match command {
                     Some(command) => self.on_command(command),
@@ -133,6 +156,10 @@ impl EventLoop {
                 let step = self.connects.connect(peer, connected, reply);
                 self.perform(step);
             }
+            Command::Disconnect { peer } => {
+                tracing::info!(%peer, "closing the connections to a peer that stopped answering on them");
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
             Command::Provide { topic } => {
                 let topics = self.discovery.provide(topic, Instant::now());
                 self.announce(topics);
@@ -173,11 +200,15 @@ impl EventLoop {
             next = match step {
                 Step::Dial(peer) => {
                     let opts = DialOpts::peer_id(peer)
-                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .condition(PeerCondition::Disconnected)
                         .build();
                     let start = dial_start(self.swarm.dial(opts));
-                    if start == DialStart::NoAddresses {
-                        tracing::debug!(%peer, "no known address; looking the peer up in the DHT");
+                    match start {
+                        DialStart::NoAddresses => {
+                            tracing::debug!(%peer, "no known address; looking the peer up in the DHT")
+                        }
+                        DialStart::Started => self.connects.lookup_later(peer, Instant::now()),
+                        DialStart::Refused(_) => {}
                     }
                     self.connects.dial_started(peer, start)
                 }
@@ -250,6 +281,8 @@ impl EventLoop {
                 for listener in self.reach.on_external_confirmed(&address, Instant::now()) {
                     self.swarm.remove_listener(listener);
                 }
+                let topics = self.discovery.on_new_address(Instant::now());
+                self.announce(topics);
             }
             SwarmEvent::ExternalAddrExpired { address } => {
                 tracing::info!(%address, "no longer reachable at");

@@ -25,8 +25,16 @@ use crate::network::addr::is_relayed;
 use crate::network::peer_table::SharedPeerTable;
 use crate::network::Path;
 
-/// A failed hole punch counts for this long: calls meanwhile run on the relay at once.
+/// A failed hole punch counts for this long, across reconnections (the peer's NAT does not
+/// change because a relay restarted): calls meanwhile run on the relay at once.
 const PUNCH_FAILURE_MEMORY: Duration = Duration::from_secs(600);
+/// A relayed connection that closes after this long with no direct connection beside it
+/// counts as a failed hole punch (see [`PeerTable::stayed_relayed`]).
+///
+/// [`PeerTable::stayed_relayed`]: crate::network::peer_table::PeerTable::stayed_relayed
+const PUNCH_GIVEN_UP_AFTER: Duration = Duration::from_secs(3);
+/// Most peers whose failed hole punch is remembered.
+const PUNCH_FAILURES_KEPT: usize = 4096;
 
 pub struct Behaviour {
     config: Config,
@@ -67,10 +75,21 @@ impl Behaviour {
         self.release(peer);
     }
 
-    /// DCUtR gave up on `peer`: calls to it run on the relay.
+    /// DCUtR gave up on `peer`: calls to it run on the relay, now and for
+    /// [`PUNCH_FAILURE_MEMORY`].
     pub fn hole_punch_failed(&mut self, peer: PeerId) {
-        self.punch_failed.insert(peer, Instant::now());
+        self.remember_punch_failure(peer);
         self.release(peer);
+    }
+
+    fn remember_punch_failure(&mut self, peer: PeerId) {
+        if self.punch_failed.len() >= PUNCH_FAILURES_KEPT {
+            self.punch_failed
+                .retain(|_, failed| failed.elapsed() < PUNCH_FAILURE_MEMORY);
+        }
+        if self.punch_failed.len() < PUNCH_FAILURES_KEPT {
+            self.punch_failed.insert(peer, Instant::now());
+        }
     }
 
     fn add_connection(
@@ -117,7 +136,7 @@ impl Behaviour {
             let punch_failed = self
                 .punch_failed
                 .get(&request.peer)
-                .is_some_and(|failed| failed.elapsed() < PUNCH_FAILURE_MEMORY && *failed >= since);
+                .is_some_and(|failed| failed.elapsed() < PUNCH_FAILURE_MEMORY);
             if !punch_failed && Instant::now() < wait_until {
                 tracing::debug!(peer = %request.peer, "call waits for a hole punch");
                 self.held.push((wait_until, request));
@@ -187,9 +206,18 @@ impl NetworkBehaviour for Behaviour {
             ..
         }) = event
         {
-            if self.table.write().remove(&peer_id, connection_id) {
-                self.punch_failed.remove(&peer_id);
+            let stayed_relayed = self.table.read().stayed_relayed(
+                &peer_id,
+                connection_id,
+                std::time::Instant::now(),
+                PUNCH_GIVEN_UP_AFTER,
+            );
+            if stayed_relayed {
+                // Its next connection (through another relay, say) does not wait for a punch.
+                tracing::debug!(peer = %peer_id, "a relayed connection never got a hole punch; not waiting for one next time");
+                self.remember_punch_failure(peer_id);
             }
+            self.table.write().remove(&peer_id, connection_id);
             // Held requests go to the remaining connection, or fail as not connected.
             self.release(peer_id);
         }
