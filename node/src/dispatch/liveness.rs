@@ -168,7 +168,10 @@ mod tests {
     #[test]
     fn a_long_path_gets_a_longer_check() {
         assert_eq!(probe_timeout_for(None), PROBE_TIMEOUT);
-        assert_eq!(probe_timeout_for(Some(Duration::from_millis(20))), PROBE_TIMEOUT);
+        assert_eq!(
+            probe_timeout_for(Some(Duration::from_millis(20))),
+            PROBE_TIMEOUT
+        );
         assert_eq!(
             probe_timeout_for(Some(Duration::from_millis(400))),
             Duration::from_millis(1600)
