@@ -39,14 +39,22 @@ pub async fn start(
 ) -> Result<Node, ClientNodeError> {
     let mut bootstrap = reach.bootstrap.clone();
     let mut identity = identity;
-    if let Some(local) = LocalApi::find(home).await {
-        if bootstrap.is_empty() {
-            bootstrap = loopback_first(local.status());
+    match LocalApi::find(home).await {
+        Ok(Some(local)) => {
+            if bootstrap.is_empty() {
+                bootstrap = loopback_first(local.status());
+            }
+            // The node running here already holds this key; a second swarm with the same
+            // peer id could not even dial it. This short-lived node takes a key of its own.
+            if local.status().peer_id == identity.peer_id().to_string() {
+                tracing::debug!("a node with this key runs here; using a temporary key");
+                identity = NodeIdentity::generate();
+            }
         }
-        // The node running here already holds this key; a second swarm with the same peer
-        // id could not even dial it. This short-lived node takes a key of its own.
-        if local.status().peer_id == identity.peer_id().to_string() {
-            tracing::debug!("a node with this key runs here; using a temporary key");
+        Ok(None) => {}
+        Err(e) => {
+            // A node runs here (likely with this key) but refuses this command's API key.
+            tracing::warn!("{e}; going on without it, with a temporary key");
             identity = NodeIdentity::generate();
         }
     }

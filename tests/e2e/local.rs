@@ -152,6 +152,20 @@ fn an_api_off_loopback_needs_a_key_and_then_every_route_needs_it() {
         "{}",
         stdout(&out)
     );
+    // A key that does not match (a node.json edited, or stale) is an authorization failure
+    // that says so, not "no node is running".
+    let recorded = std::fs::read_to_string(&node_json).unwrap();
+    let mut info: serde_json::Value = serde_json::from_str(&recorded).unwrap();
+    info["api_key"] = serde_json::Value::from("wrong");
+    std::fs::write(&node_json, serde_json::to_vec(&info).unwrap()).unwrap();
+    let out = mesh(&["peers", "--home", &a.home_dir(), "--json"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("refused this command's API key"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::write(&node_json, recorded).unwrap();
     // The banner tells the truth about who can reach it.
     let a_text = a.stderr();
     assert!(a_text.contains("off loopback"), "{a_text}");

@@ -4,7 +4,6 @@ use std::io::Read;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use mesh_node::api::client::LocalApi;
 use mesh_node::dispatch::{self, CallEvent, FailureClass, InferSpec, Target};
 use mesh_node::Home;
 use mesh_protocol::SamplingParams;
@@ -19,7 +18,7 @@ pub async fn run(home: Home, args: &InferArgs, json: bool) -> anyhow::Result<Exi
 
     // Through the node running here (it calls with its own key), else a short-lived node.
     let local = if args.find.bootstrap.is_empty() {
-        LocalApi::find(&home).await
+        super::running_node(&home).await?
     } else {
         None
     };

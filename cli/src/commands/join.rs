@@ -18,12 +18,16 @@ use crate::args::JoinArgs;
 use crate::output::{self, failed, Exit};
 
 pub async fn run(home: Home, args: &JoinArgs, json: bool) -> anyhow::Result<ExitCode> {
-    if let Some(running) = LocalApi::find(&home).await {
+    let running = match LocalApi::find(&home).await {
+        Ok(Some(running)) => Some(format!("pid {}", running.info().pid)),
+        Ok(None) => None,
+        Err(refused) => Some(refused.to_string()),
+    };
+    if let Some(which) = running {
         return Err(failed(
             Exit::Failure,
             format!(
-                "a node (pid {}) is already running with home {}; give this one its own --home",
-                running.info().pid,
+                "a node ({which}) is already running with home {}; give this one its own --home",
                 home.root().display()
             ),
         ));

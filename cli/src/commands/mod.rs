@@ -32,6 +32,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The node running with `home`, through its API (`None`: none runs); a node that refuses
+/// this command's API key is an authorization failure (exit 4), not "no node".
+pub async fn running_node(home: &Home) -> anyhow::Result<Option<mesh_node::api::client::LocalApi>> {
+    mesh_node::api::client::LocalApi::find(home)
+        .await
+        .map_err(|e| output::failed(output::Exit::Unauthorized, e.to_string()))
+}
+
 pub fn load_identity(home: &Home) -> anyhow::Result<NodeIdentity> {
     NodeIdentity::load_or_create(&home.key_path())
         .with_context(|| format!("loading the node key in {}", home.root().display()))

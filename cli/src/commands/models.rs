@@ -4,7 +4,6 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use mesh_node::api::client::LocalApi;
 use mesh_node::directory::{self, Listing};
 use mesh_node::Home;
 
@@ -13,7 +12,7 @@ use crate::output;
 
 pub async fn run(home: Home, find: &FindArgs, json: bool) -> anyhow::Result<ExitCode> {
     let local = match find.bootstrap.is_empty() {
-        true => LocalApi::find(&home).await,
+        true => super::running_node(&home).await?,
         false => None,
     };
     let rows = match local {

@@ -2,13 +2,12 @@
 
 use std::process::ExitCode;
 
-use mesh_node::api::client::LocalApi;
 use mesh_node::Home;
 
 use crate::output::{self, failed, Exit};
 
 pub async fn run(home: Home, json: bool) -> anyhow::Result<ExitCode> {
-    let Some(node) = LocalApi::find(&home).await else {
+    let Some(node) = super::running_node(&home).await? else {
         return Err(failed(
             Exit::Network,
             format!(

@@ -48,6 +48,11 @@ pub enum ApiClientError {
         api: std::net::SocketAddr,
         status: reqwest::StatusCode,
     },
+    #[error("the node running with this home (its API at {api}) refused this command's API key ({status}): the key in its node.json or ${API_KEY_ENV} must be the node's --api-key")]
+    Refused {
+        api: std::net::SocketAddr,
+        status: reqwest::StatusCode,
+    },
     #[error("the node's API at {api} sent a body that does not decode: {source}")]
     Body {
         api: std::net::SocketAddr,
@@ -65,10 +70,15 @@ pub struct LocalApi {
 }
 
 impl LocalApi {
-    /// The node running with `home`, if its API answers and is that node.
-    pub async fn find(home: &Home) -> Option<LocalApi> {
-        let info = home.read_runtime()?;
-        let api = info.api?;
+    /// The node running with `home`, if its API answers and is that node; an error when a
+    /// node answers there but refuses this command's API key (it runs, but cannot be used).
+    pub async fn find(home: &Home) -> Result<Option<LocalApi>, ApiClientError> {
+        let Some(info) = home.read_runtime() else {
+            return Ok(None);
+        };
+        let Some(api) = info.api else {
+            return Ok(None);
+        };
         let key = info
             .api_key
             .clone()
@@ -76,31 +86,42 @@ impl LocalApi {
             .filter(|k| !k.is_empty());
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(key) = key {
-            let mut value =
-                reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")).ok()?;
+            let Ok(mut value) = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+            else {
+                return Ok(None);
+            };
             value.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, value);
         }
-        let http = reqwest::Client::builder()
+        let Ok(http) = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .default_headers(headers)
             .build()
-            .ok()?;
-        let status: Status = http
+        else {
+            return Ok(None);
+        };
+        let probe = http
             .get(format!("http://{api}/v1/mesh/status"))
             .timeout(STATUS_TIMEOUT)
             .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        (status.peer_id == info.peer_id).then_some(LocalApi {
+            .await;
+        // Nothing listening, or something that is not this node: no node runs here.
+        let Ok(response) = probe else {
+            return Ok(None);
+        };
+        let code = response.status();
+        if code == reqwest::StatusCode::UNAUTHORIZED || code == reqwest::StatusCode::FORBIDDEN {
+            return Err(ApiClientError::Refused { api, status: code });
+        }
+        let Ok(status) = response.json::<Status>().await else {
+            return Ok(None);
+        };
+        Ok((status.peer_id == info.peer_id).then_some(LocalApi {
             api,
             http,
             info,
             status,
-        })
+        }))
     }
 
     /// What the node wrote to `node.json`.
