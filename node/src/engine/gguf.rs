@@ -134,6 +134,16 @@ fn file_type_name(t: u32) -> Option<&'static str> {
     })
 }
 
+/// A GGUF file's sha256, the file opened, and its metadata and tensor index read.
+fn open_gguf(path: &Path) -> Result<(String, File, gguf_file::Content), String> {
+    let sha256 =
+        crate::models::sha256_file(path).map_err(|e| format!("cannot read the file: {e}"))?;
+    let mut file = File::open(path).map_err(|e| format!("cannot open the file: {e}"))?;
+    let content = gguf_file::Content::read(&mut file)
+        .map_err(|e| format!("not a readable GGUF file (corrupt or truncated?): {e}"))?;
+    Ok((sha256, file, content))
+}
+
 fn meta_str(ct: &gguf_file::Content, key: &str) -> Option<String> {
     ct.metadata.get(key)?.to_string().ok().cloned()
 }
@@ -170,11 +180,7 @@ pub fn load_stage(
     layers: std::ops::Range<usize>,
 ) -> Result<(ModelCard, Arc<Llama>), String> {
     let started = Instant::now();
-    let sha256 =
-        crate::models::sha256_file(path).map_err(|e| format!("cannot read the file: {e}"))?;
-    let mut file = File::open(path).map_err(|e| format!("cannot open the file: {e}"))?;
-    let content = gguf_file::Content::read(&mut file)
-        .map_err(|e| format!("not a readable GGUF file (corrupt or truncated?): {e}"))?;
+    let (sha256, mut file, content) = open_gguf(path)?;
     let config = super::llama::LlamaConfig::from_gguf(&content)?;
     if layers.start == 0 || layers.start >= layers.end || layers.end > config.layers {
         return Err(format!(
@@ -237,11 +243,7 @@ impl GgufEngine {
         layers: Option<std::ops::Range<usize>>,
     ) -> Result<GgufEngine, String> {
         let started = Instant::now();
-        let sha256 =
-            crate::models::sha256_file(path).map_err(|e| format!("cannot read the file: {e}"))?;
-        let mut file = File::open(path).map_err(|e| format!("cannot open the file: {e}"))?;
-        let content = gguf_file::Content::read(&mut file)
-            .map_err(|e| format!("not a readable GGUF file (corrupt or truncated?): {e}"))?;
+        let (sha256, mut file, content) = open_gguf(path)?;
         let arch = meta_str(&content, "general.architecture")
             .ok_or("the GGUF file names no general.architecture")?;
         let context_length = meta_u32(&content, &format!("{arch}.context_length")).unwrap_or(2048);
