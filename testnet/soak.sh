@@ -123,9 +123,12 @@ wait "$loop_pid" 2>/dev/null || true
 loop_pid=""
 kill -0 "${node_pid[caller]}" 2>/dev/null || { echo "soak: the caller node died"; tail -20 "$run/caller.log"; exit 1; }
 
-python3 - "$calls" "$samples" "$min_success" "$kills" "$minutes" "${results:-}" <<'PY'
+# Calls whose DHT lookup named no live provider, answered by asking the connected nodes.
+fallbacks=$(grep -c "asking the connected nodes" "$run/caller.log" || true)
+
+python3 - "$calls" "$samples" "$min_success" "$kills" "$minutes" "${results:-}" "$fallbacks" <<'PY'
 import json, statistics, sys
-calls_path, samples_path, min_success, kills, minutes, results = sys.argv[1:7]
+calls_path, samples_path, min_success, kills, minutes, results, fallbacks = sys.argv[1:8]
 calls = [l.split() for l in open(calls_path) if l.strip()]
 ok = [float(c[1]) * 1000 for c in calls if c[0] == "ok"]
 fail = [c for c in calls if c[0] == "fail"]
@@ -143,6 +146,7 @@ kb_ok = kb_last <= kb_first * 1.5 + 16 * 1024
 summary = {
     "minutes": int(minutes), "calls": total, "answered": len(ok), "failed": len(fail),
     "success_pct": round(rate, 3), "churn_events": int(kills),
+    "lookups_falling_back_to_connected_nodes": int(fallbacks or 0),
     "latency_ms_p50": round(statistics.median(ok), 1) if ok else None,
     "latency_ms_p99": round(sorted(ok)[int(len(ok) * 0.99) - 1], 1) if len(ok) >= 100 else None,
     "caller_fd_first_third_max": fd_first, "caller_fd_last_third_max": fd_last,

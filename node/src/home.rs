@@ -24,6 +24,16 @@ pub enum HomeError {
         "data directory {path} has mode {mode:03o}; it must not be writable by others: run `chmod 700 {path}`"
     )]
     Insecure { path: PathBuf, mode: u32 },
+    #[error(
+        "data directory {path} belongs to user {owner}, not to this user ({me}): whoever owns it can replace its key and files. Use a home of your own (--home or $MESH_HOME)"
+    )]
+    NotOwned { path: PathBuf, owner: u32, me: u32 },
+}
+
+/// This process's effective user id.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
 }
 
 /// A node's data directory, created with mode 0700 if missing.
@@ -69,6 +79,14 @@ impl Home {
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o022 != 0 {
             return Err(HomeError::Insecure { path: root, mode });
+        }
+        let (owner, me) = (std::os::unix::fs::MetadataExt::uid(&meta), effective_uid());
+        if owner != me {
+            return Err(HomeError::NotOwned {
+                path: root,
+                owner,
+                me,
+            });
         }
         Ok(Home { root })
     }
@@ -198,6 +216,28 @@ mod tests {
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
         let err = Home::open(&dir).unwrap_err().to_string();
         assert!(err.contains("chmod 700"), "{err}");
+    }
+
+    #[test]
+    fn refuses_a_directory_another_user_owns() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("h");
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        let (other, dir) = if effective_uid() == 0 {
+            // As root: give the directory to `nobody`.
+            std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
+            (65534, dir)
+        } else {
+            // Not root: `/` belongs to root and is not writable by others.
+            (0, PathBuf::from("/"))
+        };
+        let err = Home::open(&dir).unwrap_err();
+        assert!(
+            matches!(err, HomeError::NotOwned { owner, .. } if owner == other),
+            "{err}"
+        );
+        assert!(err.to_string().contains("not to this user"), "{err}");
     }
 
     #[test]

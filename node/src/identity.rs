@@ -18,6 +18,11 @@ pub enum IdentityError {
          if you trust it, run `chmod 600 {path}`, else delete it to create a new identity"
     )]
     Insecure { path: PathBuf, mode: u32 },
+    #[error(
+        "key file {path} belongs to user {owner}, not to this user ({me}): whoever owns it \
+         knows its secret. Use a home of your own"
+    )]
+    NotOwned { path: PathBuf, owner: u32, me: u32 },
     #[error("cannot read key file {path}: {source}")]
     Read {
         path: PathBuf,
@@ -66,11 +71,23 @@ impl NodeIdentity {
             path: path.to_path_buf(),
             source,
         };
-        let mode = fs::metadata(path).map_err(read_err)?.permissions().mode() & 0o777;
+        let meta = fs::metadata(path).map_err(read_err)?;
+        let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
             return Err(IdentityError::Insecure {
                 path: path.to_path_buf(),
                 mode,
+            });
+        }
+        let (owner, me) = (
+            std::os::unix::fs::MetadataExt::uid(&meta),
+            crate::home::effective_uid(),
+        );
+        if owner != me {
+            return Err(IdentityError::NotOwned {
+                path: path.to_path_buf(),
+                owner,
+                me,
             });
         }
         let text = fs::read_to_string(path).map_err(read_err)?;
@@ -190,6 +207,24 @@ mod tests {
         let err = NodeIdentity::load_or_create(&path).unwrap_err();
         assert!(matches!(err, IdentityError::Insecure { mode: 0o644, .. }));
         assert!(err.to_string().contains("chmod 600"));
+    }
+
+    #[test]
+    fn a_key_another_user_owns_is_refused() {
+        if crate::home::effective_uid() != 0 {
+            // Only root can give a file away; without it there is no such file to make.
+            eprintln!("skipped: needs root to chown");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("node.key");
+        NodeIdentity::create(&path).unwrap();
+        std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+        let err = NodeIdentity::load(&path).unwrap_err();
+        assert!(
+            matches!(err, IdentityError::NotOwned { owner: 65534, .. }),
+            "{err}"
+        );
     }
 
     #[test]

@@ -674,3 +674,47 @@ fn a_head_and_stages_loaded_apart_compute_what_the_whole_model_computes() {
         assert!(head.forward_layers(&mut c1, &mut h).is_err());
     }
 }
+
+#[test]
+fn the_real_files_header_reads_the_same_through_mesh_as_through_candle() {
+    use candle_core::quantized::gguf_file::Content;
+    use mesh_node::engine::{gguf_header, gguf_meta::TextModel};
+
+    let path = smollm2();
+    let len = std::fs::metadata(&path).unwrap().len();
+    let ours = gguf_header::read(&mut std::fs::File::open(&path).unwrap()).unwrap();
+    let candles = Content::read(&mut std::fs::File::open(&path).unwrap()).unwrap();
+    assert_eq!(ours.tensor_data_offset, candles.tensor_data_offset);
+    assert_eq!(ours.tensor_infos.len(), 272);
+    for (name, info) in &candles.tensor_infos {
+        assert_eq!(
+            format!("{:?}", ours.tensor_infos[name]),
+            format!("{info:?}")
+        );
+    }
+    assert_eq!(ours.metadata.len(), candles.metadata.len());
+    for (key, value) in &candles.metadata {
+        assert_eq!(
+            format!("{:?}", ours.metadata[key]),
+            format!("{value:?}"),
+            "{key}"
+        );
+    }
+    assert_eq!(gguf_header::check_tensors(&ours, len), Ok(()));
+    // The same file cut short by one byte: its last tensor is named before anything is read.
+    let err = gguf_header::check_tensors(&ours, len - 1).unwrap_err();
+    assert!(err.contains("past the end"), "{err}");
+    let candle_sum: u64 = candles
+        .tensor_infos
+        .values()
+        .map(|t| t.shape.elem_count() as u64)
+        .sum();
+    assert_eq!(gguf_header::parameters(&ours), candle_sum);
+
+    let model = TextModel::from_gguf(&ours).unwrap();
+    assert_eq!(model.architecture, "llama");
+    assert_eq!(model.context_length, 8192);
+    assert!(model.template.is_some());
+    assert_eq!(model.tokenizer.token_to_id("<|im_end|>"), Some(2));
+    assert!(model.stop_ids.contains(&2), "{:?}", model.stop_ids);
+}

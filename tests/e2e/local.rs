@@ -455,3 +455,118 @@ s = HTTPServer(("127.0.0.1", 0), H); print(s.server_port, flush=True); s.serve_f
     );
     assert!(!text.contains('\x1b') && !text.contains('\r'), "{text:?}");
 }
+
+/// A child process killed when dropped, so that a failing test leaves none behind.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A process that answers HTTP on `port` as node `peer_id` would (security review, finding
+/// 14), and writes every request it gets to `log`. Returns it once it listens.
+fn squatter(port: u16, peer_id: &str, log: &Path) -> Killed {
+    let script = r#"
+import http.server, json, sys
+port, peer, log = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+class H(http.server.BaseHTTPRequestHandler):
+    def answer(self):
+        n = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(n).decode(errors="replace")
+        with open(log, "a") as f:
+            f.write(f"{self.command} {self.path} {self.headers.get('authorization')} {body}\n")
+        out = json.dumps({"peer_id": peer, "listen_addrs": [], "models": [], "load": 0}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+    do_GET = do_POST = answer
+    def log_message(self, *a): pass
+srv = http.server.HTTPServer(("127.0.0.1", port), H)
+print("listening", flush=True)
+srv.serve_forever()
+"#;
+    let mut child = std::process::Command::new("python3")
+        .args([
+            "-c",
+            script,
+            &port.to_string(),
+            peer_id,
+            log.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3 runs");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let child = Killed(child);
+    assert_eq!(line.trim(), "listening");
+    child
+}
+
+#[test]
+fn a_process_on_a_dead_nodes_api_port_is_sent_no_prompt() {
+    let mut a = JoinedNode::start(&["--model", "echo=builtin:echo", "--api-key", "s3cret"]);
+    let (home, port, peer) = (a.home_dir(), a.api_port(), a.peer_id());
+    let node_json = Path::new(&home).join("node.json");
+    // The node dies without cleaning up: node.json stays, naming its port and pid.
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    assert!(node_json.exists());
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("requests.log");
+    let fake = squatter(port, &peer, &log);
+    let infer = |prompt: &str| {
+        mesh(&[
+            "infer",
+            "--home",
+            &home,
+            "--no-mdns",
+            "--timeout",
+            "5",
+            "any",
+            "echo",
+            "--prompt",
+            prompt,
+        ])
+    };
+
+    // The pid in node.json is dead: no node of this home runs, and the port is not asked.
+    let out = infer("first secret");
+    assert!(!out.status.success());
+    let seen = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(seen, "", "the squatter was sent: {seen}");
+
+    // The pid is alive again (here: the squatter's own, as if reused). The squatter answers
+    // the status with the node's peer id but cannot sign the challenge: refused, exit 4.
+    let recorded = std::fs::read_to_string(&node_json).unwrap();
+    let mut info: serde_json::Value = serde_json::from_str(&recorded).unwrap();
+    info["pid"] = serde_json::Value::from(fake.0.id());
+    std::fs::write(&node_json, serde_json::to_vec(&info).unwrap()).unwrap();
+    let out = infer("second secret");
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("cannot prove"), "{}", stderr(&out));
+    let seen = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !seen.contains("secret\n") && !seen.contains("second"),
+        "{seen}"
+    );
+    assert!(!seen.contains("/v1/mesh/infer"), "{seen}");
+    assert!(seen.starts_with("GET /v1/mesh/status?challenge="), "{seen}");
+    // `mesh join` with that home says what is wrong instead of "already running".
+    let (code, text) = join_fails(
+        &["--home", &home, "--api", &format!("127.0.0.1:{port}")],
+        &[],
+    );
+    assert_ne!(code, Some(0));
+    assert!(text.contains("cannot prove"), "{text}");
+}

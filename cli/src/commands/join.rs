@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
-use mesh_node::api::client::LocalApi;
+use mesh_node::api::client::{ApiClientError, LocalApi};
 use mesh_node::auth::policy::AccessFlags;
 use mesh_node::auth::{Access, AccessConfig};
 use mesh_node::engine::{self, SharedEngine};
@@ -21,6 +21,9 @@ pub async fn run(home: Home, args: &JoinArgs, json: bool) -> anyhow::Result<Exit
     let running = match LocalApi::find(&home).await {
         Ok(Some(running)) => Some(format!("pid {}", running.info().pid)),
         Ok(None) => None,
+        Err(impostor @ ApiClientError::Impostor { .. }) => {
+            return Err(failed(Exit::Failure, impostor.to_string()))
+        }
         Err(refused) => Some(refused.to_string()),
     };
     if let Some(which) = running {

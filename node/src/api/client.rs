@@ -1,9 +1,11 @@
 //! A typed client of a running node's HTTP API, for the short-lived commands (`mesh infer`,
 //! `mesh peers`, `mesh models`, and `mesh join`'s check for a node already running).
 //!
-//! The node is found through its `node.json` in the data directory and confirmed by
-//! `GET /v1/mesh/status` (a stale file may name a port another node now uses). Every request's
-//! timeout and the NDJSON decoding of `/v1/mesh/infer` live here, in one place.
+//! The node is found through its `node.json` in the data directory: the process it names must
+//! be alive, and `GET /v1/mesh/status` must answer with that node's peer id and its signature
+//! of a fresh challenge ([`super::proof`]), so a stale file, another node on the port, or a
+//! process that took the port after the node died is never sent a prompt or a token. Every
+//! request's timeout and the NDJSON decoding of `/v1/mesh/infer` live here, in one place.
 //!
 //! When the node requires an API key, every request carries it as `Authorization: Bearer`:
 //! the key recorded in `node.json` (private to the home's owner), else `$MESH_API_KEY`.
@@ -53,6 +55,12 @@ pub enum ApiClientError {
         api: std::net::SocketAddr,
         status: reqwest::StatusCode,
     },
+    #[error("the server on {api}, where this home's node.json says its node serves its API, answers as node {peer_id} but cannot prove it holds that node's key: nothing was sent to it. Stop whatever listens there, or remove the stale {node_json}")]
+    Impostor {
+        api: std::net::SocketAddr,
+        peer_id: String,
+        node_json: String,
+    },
     #[error("the node's API at {api} sent a body that does not decode: {source}")]
     Body {
         api: std::net::SocketAddr,
@@ -79,6 +87,10 @@ impl LocalApi {
         let Some(api) = info.api else {
             return Ok(None);
         };
+        if !process_alive(info.pid) {
+            // The node died without removing its file: nothing of this home runs there.
+            return Ok(None);
+        }
         let key = info
             .api_key
             .clone()
@@ -100,8 +112,12 @@ impl LocalApi {
         else {
             return Ok(None);
         };
+        let challenge = super::proof::challenge();
         let probe = http
-            .get(format!("http://{api}/v1/mesh/status"))
+            .get(format!(
+                "http://{api}/v1/mesh/status?challenge={}",
+                hex::encode(challenge)
+            ))
             .timeout(STATUS_TIMEOUT)
             .send()
             .await;
@@ -116,7 +132,18 @@ impl LocalApi {
         let Ok(status) = response.json::<Status>().await else {
             return Ok(None);
         };
-        Ok((status.peer_id == info.peer_id).then_some(LocalApi {
+        if status.peer_id != info.peer_id {
+            // Another node took the port since: this home's node is not running.
+            return Ok(None);
+        }
+        if !super::proof::verify(&info.peer_id, &challenge, status.proof.as_deref()) {
+            return Err(ApiClientError::Impostor {
+                api,
+                peer_id: info.peer_id,
+                node_json: home.control_file().display().to_string(),
+            });
+        }
+        Ok(Some(LocalApi {
             api,
             http,
             info,
@@ -224,6 +251,16 @@ impl LocalApi {
     }
 }
 
+/// Whether process `pid` is alive (on Linux, from `/proc`; elsewhere assumed, and the
+/// challenge alone decides).
+fn process_alive(pid: u32) -> bool {
+    if cfg!(target_os = "linux") {
+        std::path::Path::new(&format!("/proc/{pid}")).exists()
+    } else {
+        true
+    }
+}
+
 /// Splits a byte stream into newline-terminated lines, none longer than [`MAX_EVENT_LINE`].
 #[derive(Default)]
 struct NdjsonLines {
@@ -253,6 +290,13 @@ impl NdjsonLines {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn this_process_is_alive_and_a_pid_past_the_kernel_limit_is_not() {
+        assert!(process_alive(std::process::id()));
+        // Linux pids stop at 2^22.
+        assert!(!process_alive(u32::MAX));
+    }
 
     #[test]
     fn lines_split_across_chunks_come_out_whole() {

@@ -7,12 +7,13 @@
 
 pub mod client;
 pub mod guard;
+pub mod proof;
 pub(crate) mod state;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -40,6 +41,15 @@ pub struct Status {
     /// The ranges of layers this node runs for heads, with their sessions open now.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stages: Vec<crate::serve::StageStatus>,
+    /// The node key's signature of the `challenge` the request carried ([`proof`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof: Option<String>,
+}
+
+/// `GET /v1/mesh/status?challenge=HEX`: the 32 bytes the node signs to prove who it is.
+#[derive(Debug, Default, Deserialize)]
+struct StatusQuery {
+    challenge: Option<String>,
 }
 
 pub use guard::ApiAccess;
@@ -96,7 +106,19 @@ impl IntoResponse for ApiError {
     }
 }
 
-async fn status(State(state): State<ApiState>) -> Result<Json<Status>, ApiError> {
+async fn status(
+    State(state): State<ApiState>,
+    Query(query): Query<StatusQuery>,
+) -> Result<Response, ApiError> {
+    let challenge = match query.challenge.as_deref().map(proof::parse_challenge) {
+        None => None,
+        Some(Some(challenge)) => Some(challenge),
+        Some(None) => {
+            let message = "challenge must be 32 bytes in hex (64 characters)";
+            let body = serde_json::json!({ "error": { "message": message, "type": "invalid_request_error" } });
+            return Ok((StatusCode::BAD_REQUEST, Json(body)).into_response());
+        }
+    };
     let listen_addrs = state
         .client
         .listen_addrs()
@@ -115,7 +137,9 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Status>, ApiError>
                 .await
                 .map_err(|e| ApiError(e.to_string()))?,
         ),
-    }))
+        proof: challenge.map(|c| state.server.prove_local(&c)),
+    })
+    .into_response())
 }
 
 /// `GET /v1/mesh/models`: every model this node can see, with its host, load and card.

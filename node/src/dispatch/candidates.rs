@@ -1,6 +1,7 @@
 //! Which nodes can answer a call, and in what order to try them: [`candidates`] (this node,
 //! the model's providers in the DHT, each checked against its signed catalog, the first to
-//! answer) and [`route`] (the ordering policy).
+//! answer; when none of them answers, the nodes this node is connected to) and [`route`]
+//! (the ordering policy).
 
 use std::collections::{HashMap, HashSet};
 
@@ -33,7 +34,9 @@ pub const CATALOG_GRACE: Duration = Duration::from_millis(250);
 
 /// Nodes that can answer `model`, with its card, least loaded first. This node alone when it
 /// is the target, or when the target is `any` and it hosts the model itself. Of the providers
-/// the DHT names, those whose catalogs answer first ([`CATALOG_GRACE`]).
+/// the DHT names, those whose catalogs answer first ([`CATALOG_GRACE`]). When none of them
+/// hosts it (the DHT's records can all be of nodes that left), up to [`CONNECTED_FALLBACK`] of
+/// the nodes this node is connected to are asked the same way.
 pub async fn candidates(
     dispatcher: &Dispatcher,
     target: Target,
@@ -56,18 +59,63 @@ pub async fn candidates(
             if let Some(local) = local {
                 return Ok(vec![local]);
             }
-            let found = client.find_providers(model).await.map_err(|e| {
+            // An empty answer is not the end: the connected nodes are asked below.
+            client.find_providers(model).await.map_err(|e| {
                 CallFailure::network(ErrorCode::Internal, format!("network failure: {e}"))
-            })?;
-            if found.is_empty() {
-                return Err(CallFailure::local(
-                    ErrorCode::UnknownModel,
-                    format!("no node on the mesh announces model {model:?}"),
-                ));
-            }
-            found
+            })?
         }
     };
+    let (mut found, last_error) = ask_catalogs(dispatcher, model, &peers).await;
+    if found.is_empty() && target == Target::Any {
+        // No provider the DHT named answered: its records may all be of nodes that left. The
+        // nodes this node is connected to are alive; ask those not asked yet.
+        let asked: HashSet<PeerId> = peers.iter().copied().collect();
+        let connected = client.peers().await.unwrap_or_default();
+        let others = not_asked(connected.iter().map(|p| p.peer_id), &asked);
+        if !others.is_empty() {
+            tracing::info!(
+                model,
+                named = peers.len(),
+                connected = others.len(),
+                "no provider the DHT named answered; asking the connected nodes"
+            );
+            // When they do not host it either, the DHT's answer is the one to report.
+            found = ask_catalogs(dispatcher, model, &others).await.0;
+        }
+    }
+    found.sort_by_key(|c| c.load);
+    match (found.is_empty(), last_error) {
+        (true, Some(e)) => Err(e),
+        (true, None) => Err(CallFailure::local(
+            ErrorCode::UnknownModel,
+            format!("no node on the mesh announces model {model:?}"),
+        )),
+        _ => Ok(found),
+    }
+}
+
+/// Most connected nodes asked for their catalogs when no provider the DHT named answered.
+pub const CONNECTED_FALLBACK: usize = 32;
+
+/// The connected peers not asked yet, at most [`CONNECTED_FALLBACK`].
+fn not_asked(connected: impl IntoIterator<Item = PeerId>, asked: &HashSet<PeerId>) -> Vec<PeerId> {
+    let mut seen = HashSet::new();
+    connected
+        .into_iter()
+        .filter(|p| !asked.contains(p) && seen.insert(*p))
+        .take(CONNECTED_FALLBACK)
+        .collect()
+}
+
+/// Asks `peers` for their catalogs at once and keeps those that host `model` whole, with
+/// the first to answer and those that answer within [`CATALOG_GRACE`] after it; with the last
+/// failure seen.
+async fn ask_catalogs(
+    dispatcher: &Dispatcher,
+    model: &str,
+    peers: &[PeerId],
+) -> (Vec<Candidate>, Option<CallFailure>) {
+    let client = &dispatcher.client;
     // Providers that recently stopped answering a call are not waited for once another has
     // answered (they are asked all the same: they may be back).
     let marked = dispatcher
@@ -124,11 +172,7 @@ pub async fn candidates(
             break;
         }
     }
-    found.sort_by_key(|c| c.load);
-    match (found.is_empty(), last_error) {
-        (true, Some(e)) => Err(e),
-        _ => Ok(found),
-    }
+    (found, last_error)
 }
 
 /// Orders providers best first: those that did not recently stop answering a call
@@ -166,6 +210,17 @@ pub(crate) mod tests {
     use mesh_protocol::Task;
 
     pub(crate) use crate::test_support::random_peer as peer;
+
+    #[test]
+    fn the_fallback_asks_each_connected_node_not_asked_yet_once_and_a_bounded_number() {
+        let (a, b, c) = (peer(), peer(), peer());
+        let asked: HashSet<PeerId> = [a].into_iter().collect();
+        // A peer with two connections is listed twice; a peer asked already is skipped.
+        assert_eq!(not_asked([a, b, c, b], &asked), vec![b, c]);
+        let many: Vec<PeerId> = (0..100).map(|_| peer()).collect();
+        let chosen = not_asked(many.iter().copied(), &HashSet::new());
+        assert_eq!(chosen, many[..CONNECTED_FALLBACK].to_vec());
+    }
 
     pub(crate) fn candidate(peer: PeerId, load: u32) -> Candidate {
         Candidate {

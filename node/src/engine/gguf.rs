@@ -10,13 +10,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::quantized::gguf_file;
-use candle_core::quantized::tokenizer::TokenizerFromGguf;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::{quantized_gemma3, quantized_qwen3};
 use mesh_protocol::{ErrorCode, FinishReason, InferRequest, Input, ModelCard, Task, WireError};
 use tokenizers::Tokenizer;
 use tokio_util::sync::CancellationToken;
 
+use super::gguf_header;
+use super::gguf_meta::{meta_str, meta_u32, TextModel};
 use super::llama::{KvCache, Llama, Parts, PREFILL_CHUNK};
 use super::prompt_cache::PromptCache;
 use super::sample::Sampler;
@@ -134,41 +135,19 @@ fn file_type_name(t: u32) -> Option<&'static str> {
     })
 }
 
-/// A GGUF file's sha256, the file opened, and its metadata and tensor index read.
+/// A GGUF file's sha256, the file opened, and its metadata and tensor index read and checked
+/// against the file's size.
 fn open_gguf(path: &Path) -> Result<(String, File, gguf_file::Content), String> {
     let sha256 =
         crate::models::sha256_file(path).map_err(|e| format!("cannot read the file: {e}"))?;
     let mut file = File::open(path).map_err(|e| format!("cannot open the file: {e}"))?;
-    let content = gguf_file::Content::read(&mut file)
-        .map_err(|e| format!("not a readable GGUF file (corrupt or truncated?): {e}"))?;
+    let content = gguf_header::read(&mut file)?;
+    let len = file
+        .metadata()
+        .map_err(|e| format!("cannot read the file: {e}"))?
+        .len();
+    gguf_header::check_tensors(&content, len)?;
     Ok((sha256, file, content))
-}
-
-fn meta_str(ct: &gguf_file::Content, key: &str) -> Option<String> {
-    ct.metadata.get(key)?.to_string().ok().cloned()
-}
-
-fn meta_u32(ct: &gguf_file::Content, key: &str) -> Option<u32> {
-    let v = ct.metadata.get(key)?;
-    v.to_u32()
-        .ok()
-        .or_else(|| v.to_u64().ok().map(|x| x as u32))
-        .or_else(|| v.to_i32().ok().map(|x| x as u32))
-}
-
-/// SmolLM2's `pre = smollm` is not among candle's presets: its tokenizer splits digits one by
-/// one, then applies byte-level BPE without a prefix space.
-fn fix_pre_tokenizer(tokenizer: &mut Tokenizer, pre: &str) {
-    use tokenizers::pre_tokenizers::{
-        byte_level::ByteLevel, digits::Digits, sequence::Sequence, PreTokenizerWrapper,
-    };
-    if pre == "smollm" {
-        let seq = Sequence::new(vec![
-            PreTokenizerWrapper::Digits(Digits::new(true)),
-            PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
-        ]);
-        tokenizer.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(seq)));
-    }
 }
 
 /// The layers `layers` of the llama model in `path`, without its ends, for a node that runs
@@ -194,11 +173,7 @@ pub fn load_stage(
     };
     let model = Llama::load_parts(&content, &mut file, options.weight_format, &parts)
         .map_err(|e| format!("cannot load the llama weights: {e}"))?;
-    let parameters: u64 = content
-        .tensor_infos
-        .values()
-        .map(|t| t.shape.elem_count() as u64)
-        .sum();
+    let parameters = gguf_header::parameters(&content);
     tracing::info!(
         model = name,
         layers = ?layers,
@@ -244,48 +219,19 @@ impl GgufEngine {
     ) -> Result<GgufEngine, String> {
         let started = Instant::now();
         let (sha256, mut file, content) = open_gguf(path)?;
-        let arch = meta_str(&content, "general.architecture")
-            .ok_or("the GGUF file names no general.architecture")?;
-        let context_length = meta_u32(&content, &format!("{arch}.context_length")).unwrap_or(2048);
-        let parameters: u64 = content
-            .tensor_infos
-            .values()
-            .map(|t| t.shape.elem_count() as u64)
-            .sum();
+        let parameters = gguf_header::parameters(&content);
         let quantization = meta_u32(&content, "general.file_type")
             .and_then(file_type_name)
             .map(str::to_string)
             .unwrap_or_else(|| "unknown".into());
-        let license = meta_str(&content, "general.license");
-
-        let mut tokenizer = Tokenizer::from_gguf(&content)
-            .map_err(|e| format!("cannot build the tokenizer from the GGUF metadata: {e}"))?;
-        fix_pre_tokenizer(
-            &mut tokenizer,
-            &meta_str(&content, "tokenizer.ggml.pre").unwrap_or_default(),
-        );
-        let token_text = |key: &str| {
-            meta_u32(&content, key)
-                .and_then(|id| tokenizer.id_to_token(id))
-                .unwrap_or_default()
-        };
-        let (bos, eos) = (
-            token_text("tokenizer.ggml.bos_token_id"),
-            token_text("tokenizer.ggml.eos_token_id"),
-        );
-        let template = meta_str(&content, "tokenizer.chat_template")
-            .map(|t| ChatTemplate::new(&t, &bos, &eos))
-            .transpose()?;
-        let mut stop_ids: Vec<u32> = meta_u32(&content, "tokenizer.ggml.eos_token_id")
-            .into_iter()
-            .chain(
-                ["<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<|eot_id|>"]
-                    .iter()
-                    .filter_map(|t| tokenizer.token_to_id(t)),
-            )
-            .collect();
-        stop_ids.sort_unstable();
-        stop_ids.dedup();
+        let TextModel {
+            architecture: arch,
+            context_length,
+            tokenizer,
+            template,
+            stop_ids,
+            license,
+        } = TextModel::from_gguf(&content)?;
 
         let device = Device::Cpu;
         let format = options.weight_format;

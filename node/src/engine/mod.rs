@@ -2,6 +2,8 @@
 //!
 //! - [`builtin`]: small deterministic models for tests and demos without model files.
 //! - [`gguf`]: text generation from GGUF files: tokenizer, template, sampling loop.
+//! - [`gguf_header`]: a GGUF file's metadata and tensor index, read and checked before any weight.
+//! - [`gguf_meta`]: a text model's tokenizer, chat template, stop tokens and context, from that metadata.
 //! - [`llama`]: mesh's own forward pass for llama-family GGUF, by ranges of layers.
 //! - [`prompt_cache`]: recent calls' key-value caches, reused by prompts that share a prefix.
 //! - [`sample`]: the next token from logits (greedy, temperature, top-k, top-p).
@@ -15,6 +17,8 @@ pub mod bert;
 pub mod builtin;
 pub mod cpu;
 pub mod gguf;
+pub mod gguf_header;
+pub mod gguf_meta;
 pub mod llama;
 pub mod prompt_cache;
 pub mod sample;

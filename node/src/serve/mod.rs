@@ -124,6 +124,11 @@ pub struct Server {
 }
 
 impl Server {
+    /// This node's answer to a local command's challenge ([`crate::api::proof`]).
+    pub fn prove_local(&self, challenge: &[u8; crate::api::proof::CHALLENGE_LEN]) -> String {
+        crate::api::proof::prove(&self.identity, challenge)
+    }
+
     pub fn new(
         identity: &NodeIdentity,
         engines: Vec<SharedEngine>,
