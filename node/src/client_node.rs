@@ -113,7 +113,6 @@ mod tests {
             load: 0,
             network: None,
             stages: vec![],
-            proof: None,
         };
         let chosen = loopback_first(&status);
         assert_eq!(

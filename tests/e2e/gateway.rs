@@ -399,3 +399,42 @@ async fn a_client_hanging_up_a_stream_cancels_the_remote_generation() {
         n.shutdown().await;
     }
 }
+
+/// Both nodes run Kademlia in client mode, so neither stores the other's provider records and
+/// the DHT names no provider of `echo`; but the caller holds a connection to the provider (its
+/// bootstrap peer). `any` finds it among the connected nodes (issue 15's churn soak: the DHT's
+/// records can all be of nodes that left while live providers are connected).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_the_dht_does_not_name_is_found_among_the_connected_nodes() {
+    let mut config = loopback_config(vec![]);
+    config.network.dht_server = false;
+    let provider = Node::start(
+        NodeIdentity::generate(),
+        builtin_engines(&[("echo", "echo")]),
+        config,
+    )
+    .await
+    .expect("provider starts");
+    let mut config = loopback_config(vec![tcp_addr(&provider).await]);
+    config.network.dht_server = false;
+    config.api = Some("127.0.0.1:0".parse().unwrap());
+    let caller = Node::start(NodeIdentity::generate(), Vec::new(), config)
+        .await
+        .expect("caller starts");
+    let client = caller.client();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !client.is_connected(&provider.peer_id()) {
+        assert!(std::time::Instant::now() < deadline, "never connected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The DHT indeed names nobody.
+    assert_eq!(client.find_providers("echo").await.unwrap(), Vec::new());
+    let (status, body) = chat(&reqwest::Client::new(), &caller, "echo", "who hosts echo?").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "echo: who hosts echo?"
+    );
+    caller.shutdown().await;
+    provider.shutdown().await;
+}

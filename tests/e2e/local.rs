@@ -478,7 +478,8 @@ class H(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(n).decode(errors="replace")
         with open(log, "a") as f:
             f.write(f"{self.command} {self.path} {self.headers.get('authorization')} {body}\n")
-        out = json.dumps({"peer_id": peer, "listen_addrs": [], "models": [], "load": 0}).encode()
+        # It knows the node's peer id (that is public) but not its key: a signature of zeros.
+        out = json.dumps({"peer_id": peer, "proof": "00" * 64, "listen_addrs": [], "models": [], "load": 0}).encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(out)))
@@ -514,10 +515,24 @@ srv.serve_forever()
 }
 
 #[test]
-fn a_process_on_a_dead_nodes_api_port_is_sent_no_prompt() {
+fn a_process_on_a_dead_nodes_api_port_is_sent_no_prompt_and_no_key() {
     let mut a = JoinedNode::start(&["--model", "echo=builtin:echo", "--api-key", "s3cret"]);
     let (home, port, peer) = (a.home_dir(), a.api_port(), a.peer_id());
     let node_json = Path::new(&home).join("node.json");
+    // The one route without the key: the peer id and a signature of the challenge, no more.
+    let host = [("host", "127.0.0.1")];
+    let challenge = format!("/v1/mesh/whoami?challenge={}", "ab".repeat(32));
+    let (status, body) = raw_http(port, "GET", &challenge, &host, "");
+    assert_eq!(status, 200, "{body}");
+    let whoami: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let mut keys: Vec<&String> = whoami.as_object().unwrap().keys().collect();
+    keys.sort();
+    assert_eq!(keys, ["peer_id", "proof"]);
+    assert_eq!(whoami["peer_id"], peer.as_str());
+    let (status, _) = raw_http(port, "GET", "/v1/mesh/whoami", &host, "");
+    assert_eq!(status, 400);
+    let (status, _) = raw_http(port, "GET", "/v1/mesh/status", &host, "");
+    assert_eq!(status, 401);
     // The node dies without cleaning up: node.json stays, naming its port and pid.
     a.child.kill().unwrap();
     a.child.wait().unwrap();
@@ -555,13 +570,18 @@ fn a_process_on_a_dead_nodes_api_port_is_sent_no_prompt() {
     let out = infer("second secret");
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
     assert!(stderr(&out).contains("cannot prove"), "{}", stderr(&out));
+    // It was asked to prove who it is, without the API key, and sent nothing else.
     let seen = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(seen.lines().count(), 1, "{seen}");
+    assert!(seen.starts_with("GET /v1/mesh/whoami?challenge="), "{seen}");
     assert!(
-        !seen.contains("secret\n") && !seen.contains("second"),
+        seen.contains(" None "),
+        "an Authorization header was sent: {seen}"
+    );
+    assert!(
+        !seen.contains("s3cret") && !seen.contains("second"),
         "{seen}"
     );
-    assert!(!seen.contains("/v1/mesh/infer"), "{seen}");
-    assert!(seen.starts_with("GET /v1/mesh/status?challenge="), "{seen}");
     // `mesh join` with that home says what is wrong instead of "already running".
     let (code, text) = join_fails(
         &["--home", &home, "--api", &format!("127.0.0.1:{port}")],

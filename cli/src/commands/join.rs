@@ -21,8 +21,8 @@ pub async fn run(home: Home, args: &JoinArgs, json: bool) -> anyhow::Result<Exit
     let running = match LocalApi::find(&home).await {
         Ok(Some(running)) => Some(format!("pid {}", running.info().pid)),
         Ok(None) => None,
-        Err(impostor @ ApiClientError::Impostor { .. }) => {
-            return Err(failed(Exit::Failure, impostor.to_string()))
+        Err(e @ (ApiClientError::Impostor { .. } | ApiClientError::Unproven { .. })) => {
+            return Err(failed(Exit::Failure, e.to_string()))
         }
         Err(refused) => Some(refused.to_string()),
     };

@@ -9,7 +9,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(seen) = mesh_node::engine::gguf_meta::inspect(data) {
-        // Each tensor in the index takes at least 24 bytes of the file.
-        assert!(seen.tensors as u64 * 24 <= data.len() as u64);
+        // Each tensor in the index takes at least 20 bytes of the file (GGUF v1: 4-byte lengths).
+        assert!(seen.tensors as u64 * 20 <= data.len() as u64);
     }
 });

@@ -2,10 +2,11 @@
 //! `mesh peers`, `mesh models`, and `mesh join`'s check for a node already running).
 //!
 //! The node is found through its `node.json` in the data directory: the process it names must
-//! be alive, and `GET /v1/mesh/status` must answer with that node's peer id and its signature
-//! of a fresh challenge ([`super::proof`]), so a stale file, another node on the port, or a
-//! process that took the port after the node died is never sent a prompt or a token. Every
-//! request's timeout and the NDJSON decoding of `/v1/mesh/infer` live here, in one place.
+//! be alive, and `GET /v1/mesh/whoami` (the one route that needs no API key) must answer with
+//! that node's peer id and its signature of a fresh challenge ([`super::proof`]). So a stale
+//! file, another node on the port, or a process that took the port after the node died is
+//! never sent a prompt, a token or the API key. Every request's timeout and the NDJSON
+//! decoding of `/v1/mesh/infer` live here, in one place.
 //!
 //! When the node requires an API key, every request carries it as `Authorization: Bearer`:
 //! the key recorded in `node.json` (private to the home's owner), else `$MESH_API_KEY`.
@@ -61,6 +62,11 @@ pub enum ApiClientError {
         peer_id: String,
         node_json: String,
     },
+    #[error("the server on {api}, where this home's node.json says its node serves its API, does not prove which node it is (no {}): either the node runs an older mesh (restart it with this version) or something else took its port. Nothing was sent to it; if no node runs, remove the stale {node_json}", super::guard::WHOAMI_PATH)]
+    Unproven {
+        api: std::net::SocketAddr,
+        node_json: String,
+    },
     #[error("the node's API at {api} sent a body that does not decode: {source}")]
     Body {
         api: std::net::SocketAddr,
@@ -91,6 +97,52 @@ impl LocalApi {
             // The node died without removing its file: nothing of this home runs there.
             return Ok(None);
         }
+        // First the node proves who it is, on the one route that needs no key: nothing else,
+        // the key included, goes to a server that cannot.
+        let Ok(plain) = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+        else {
+            return Ok(None);
+        };
+        let challenge = super::proof::challenge();
+        let asked = plain
+            .get(format!(
+                "http://{api}{}?challenge={}",
+                super::guard::WHOAMI_PATH,
+                hex::encode(challenge)
+            ))
+            .timeout(STATUS_TIMEOUT)
+            .send()
+            .await;
+        // Nothing listening: no node runs here.
+        let Ok(answer) = asked else {
+            return Ok(None);
+        };
+        let node_json = || home.control_file().display().to_string();
+        if answer.status() == reqwest::StatusCode::NOT_FOUND {
+            return Err(ApiClientError::Unproven {
+                api,
+                node_json: node_json(),
+            });
+        }
+        let Ok(whoami) = answer.json::<super::Whoami>().await else {
+            return Err(ApiClientError::Unproven {
+                api,
+                node_json: node_json(),
+            });
+        };
+        if whoami.peer_id != info.peer_id {
+            // Another node took the port since: this home's node is not running.
+            return Ok(None);
+        }
+        if !super::proof::verify(&info.peer_id, &challenge, Some(&whoami.proof)) {
+            return Err(ApiClientError::Impostor {
+                api,
+                peer_id: info.peer_id,
+                node_json: node_json(),
+            });
+        }
         let key = info
             .api_key
             .clone()
@@ -112,17 +164,12 @@ impl LocalApi {
         else {
             return Ok(None);
         };
-        let challenge = super::proof::challenge();
-        let probe = http
-            .get(format!(
-                "http://{api}/v1/mesh/status?challenge={}",
-                hex::encode(challenge)
-            ))
+        let Ok(response) = http
+            .get(format!("http://{api}/v1/mesh/status"))
             .timeout(STATUS_TIMEOUT)
             .send()
-            .await;
-        // Nothing listening, or something that is not this node: no node runs here.
-        let Ok(response) = probe else {
+            .await
+        else {
             return Ok(None);
         };
         let code = response.status();
@@ -132,17 +179,6 @@ impl LocalApi {
         let Ok(status) = response.json::<Status>().await else {
             return Ok(None);
         };
-        if status.peer_id != info.peer_id {
-            // Another node took the port since: this home's node is not running.
-            return Ok(None);
-        }
-        if !super::proof::verify(&info.peer_id, &challenge, status.proof.as_deref()) {
-            return Err(ApiClientError::Impostor {
-                api,
-                peer_id: info.peer_id,
-                node_json: home.control_file().display().to_string(),
-            });
-        }
         Ok(Some(LocalApi {
             api,
             http,
@@ -251,14 +287,18 @@ impl LocalApi {
     }
 }
 
-/// Whether process `pid` is alive (on Linux, from `/proc`; elsewhere assumed, and the
-/// challenge alone decides).
+/// Whether process `pid` is alive: it exists, whether or not this user may signal it.
 fn process_alive(pid: u32) -> bool {
-    if cfg!(target_os = "linux") {
-        std::path::Path::new(&format!("/proc/{pid}")).exists()
-    } else {
-        true
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        // 0 and negative ids name process groups, not a process.
+        return false;
     }
+    // SAFETY: signal 0 checks for the process and sends nothing.
+    let sent = unsafe { libc::kill(pid, 0) };
+    sent == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// Splits a byte stream into newline-terminated lines, none longer than [`MAX_EVENT_LINE`].
@@ -294,8 +334,12 @@ mod tests {
     #[test]
     fn this_process_is_alive_and_a_pid_past_the_kernel_limit_is_not() {
         assert!(process_alive(std::process::id()));
-        // Linux pids stop at 2^22.
+        // Linux pids stop at 2^22; 0 would mean this process group.
+        assert!(!process_alive(1 << 23));
+        assert!(!process_alive(0));
         assert!(!process_alive(u32::MAX));
+        // pid 1 is alive, whoever owns it.
+        assert!(process_alive(1));
     }
 
     #[test]

@@ -152,7 +152,10 @@ impl Guard {
                 .into());
             }
         }
-        if let Some(key) = &self.key {
+        // The one route that needs no key: the node proving who it is, so that a local command
+        // checks that before it sends the key (api::proof).
+        let proof_only = request.method() == Method::GET && request.uri().path() == WHOAMI_PATH;
+        if let (Some(key), false) = (&self.key, proof_only) {
             let given = headers
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
@@ -173,6 +176,10 @@ impl Guard {
         Ok(())
     }
 }
+
+/// The route that answers without the API key: the node's peer id and its signature of the
+/// caller's challenge, nothing else ([`super::proof`]).
+pub const WHOAMI_PATH: &str = "/v1/mesh/whoami";
 
 /// Applies the checks to every route of `router`.
 pub(crate) fn apply(router: Router, guard: Arc<Guard>) -> Router {

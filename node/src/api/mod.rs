@@ -41,15 +41,36 @@ pub struct Status {
     /// The ranges of layers this node runs for heads, with their sessions open now.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stages: Vec<crate::serve::StageStatus>,
-    /// The node key's signature of the `challenge` the request carried ([`proof`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub proof: Option<String>,
 }
 
-/// `GET /v1/mesh/status?challenge=HEX`: the 32 bytes the node signs to prove who it is.
+/// `GET /v1/mesh/whoami?challenge=HEX`: the 32 bytes the node signs to prove who it is.
 #[derive(Debug, Default, Deserialize)]
-struct StatusQuery {
+struct WhoamiQuery {
     challenge: Option<String>,
+}
+
+/// What `GET /v1/mesh/whoami` returns: the node's peer id, and the node key's signature of the
+/// challenge ([`proof`]). The one route that answers without the API key; it tells nothing
+/// the mesh does not know (the peer id) and signs only under its own context.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Whoami {
+    pub peer_id: String,
+    pub proof: String,
+}
+
+async fn whoami(State(state): State<ApiState>, Query(query): Query<WhoamiQuery>) -> Response {
+    match query.challenge.as_deref().and_then(proof::parse_challenge) {
+        Some(challenge) => Json(Whoami {
+            peer_id: state.client.local_peer_id().to_string(),
+            proof: proof::prove(state.server.identity(), &challenge),
+        })
+        .into_response(),
+        None => {
+            let message = "give a challenge: 32 bytes in hex (64 characters), as ?challenge=HEX";
+            let body = serde_json::json!({ "error": { "message": message, "type": "invalid_request_error" } });
+            (StatusCode::BAD_REQUEST, Json(body)).into_response()
+        }
+    }
 }
 
 pub use guard::ApiAccess;
@@ -65,6 +86,7 @@ pub async fn serve(
     let guard = Arc::new(guard::Guard::new(listener.local_addr()?, &access));
     let app = Router::new()
         .route("/v1/mesh/status", get(status))
+        .route(guard::WHOAMI_PATH, get(whoami))
         .route("/v1/mesh/peers", get(peers))
         .route("/v1/mesh/models", get(models))
         .route("/v1/mesh/infer", axum::routing::post(infer))
@@ -86,7 +108,7 @@ pub async fn serve(
 pub async fn bind(addr: SocketAddr, access: &ApiAccess) -> Result<tokio::net::TcpListener, String> {
     if !addr.ip().is_loopback() && access.key.as_deref().is_none_or(str::is_empty) {
         return Err(format!(
-            "refusing to serve the API on {addr} without a key: off loopback, anyone who can              reach it would act as this node's owner. Set one with --api-key KEY (or the              MESH_API_KEY environment variable), or keep the API on loopback with --api 127.0.0.1:7440"
+            "refusing to serve the API on {addr} without a key: off loopback, anyone who can reach it would act as this node's owner. Set one with --api-key KEY (or the MESH_API_KEY environment variable), or keep the API on loopback with --api 127.0.0.1:7440"
         ));
     }
     tokio::net::TcpListener::bind(addr).await.map_err(|e| {
@@ -106,19 +128,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-async fn status(
-    State(state): State<ApiState>,
-    Query(query): Query<StatusQuery>,
-) -> Result<Response, ApiError> {
-    let challenge = match query.challenge.as_deref().map(proof::parse_challenge) {
-        None => None,
-        Some(Some(challenge)) => Some(challenge),
-        Some(None) => {
-            let message = "challenge must be 32 bytes in hex (64 characters)";
-            let body = serde_json::json!({ "error": { "message": message, "type": "invalid_request_error" } });
-            return Ok((StatusCode::BAD_REQUEST, Json(body)).into_response());
-        }
-    };
+async fn status(State(state): State<ApiState>) -> Result<Json<Status>, ApiError> {
     let listen_addrs = state
         .client
         .listen_addrs()
@@ -137,9 +147,7 @@ async fn status(
                 .await
                 .map_err(|e| ApiError(e.to_string()))?,
         ),
-        proof: challenge.map(|c| state.server.prove_local(&c)),
-    })
-    .into_response())
+    }))
 }
 
 /// `GET /v1/mesh/models`: every model this node can see, with its host, load and card.

@@ -15,6 +15,7 @@ use super::failure::CallFailure;
 use super::liveness;
 use super::spec::Target;
 use super::Dispatcher;
+use crate::call::{CallError, Calls};
 
 /// A node that hosts the model, with its signed card and the load it last advertised.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,7 +37,7 @@ pub const CATALOG_GRACE: Duration = Duration::from_millis(250);
 /// is the target, or when the target is `any` and it hosts the model itself. Of the providers
 /// the DHT names, those whose catalogs answer first ([`CATALOG_GRACE`]). When none of them
 /// hosts it (the DHT's records can all be of nodes that left), up to [`CONNECTED_FALLBACK`] of
-/// the nodes this node is connected to are asked the same way.
+/// the nodes this node is connected to are asked too, each within the probe timeout.
 pub async fn candidates(
     dispatcher: &Dispatcher,
     target: Target,
@@ -65,7 +66,7 @@ pub async fn candidates(
             })?
         }
     };
-    let (mut found, last_error) = ask_catalogs(dispatcher, model, &peers).await;
+    let (mut found, last_error) = ask_catalogs(dispatcher, model, &peers, Asked::Named).await;
     if found.is_empty() && target == Target::Any {
         // No provider the DHT named answered: its records may all be of nodes that left. The
         // nodes this node is connected to are alive; ask those not asked yet.
@@ -80,7 +81,9 @@ pub async fn candidates(
                 "no provider the DHT named answered; asking the connected nodes"
             );
             // When they do not host it either, the DHT's answer is the one to report.
-            found = ask_catalogs(dispatcher, model, &others).await.0;
+            found = ask_catalogs(dispatcher, model, &others, Asked::Connected)
+                .await
+                .0;
         }
     }
     found.sort_by_key(|c| c.load);
@@ -97,15 +100,44 @@ pub async fn candidates(
 /// Most connected nodes asked for their catalogs when no provider the DHT named answered.
 pub const CONNECTED_FALLBACK: usize = 32;
 
-/// The connected peers not asked yet, at most [`CONNECTED_FALLBACK`].
+/// The connected peers not asked yet: at most [`CONNECTED_FALLBACK`], chosen at random, so
+/// that a node with more connections than that reaches all of them over a few lookups.
 fn not_asked(connected: impl IntoIterator<Item = PeerId>, asked: &HashSet<PeerId>) -> Vec<PeerId> {
+    use rand::seq::SliceRandom;
     let mut seen = HashSet::new();
-    connected
+    let mut others: Vec<PeerId> = connected
         .into_iter()
         .filter(|p| !asked.contains(p) && seen.insert(*p))
-        .take(CONNECTED_FALLBACK)
-        .collect()
+        .collect();
+    others.shuffle(&mut rand::thread_rng());
+    others.truncate(CONNECTED_FALLBACK);
+    others
 }
+
+/// Whose catalogs are asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Asked {
+    /// Providers the DHT named: a connection that does not answer is closed and the catalog
+    /// asked again on a fresh one ([`liveness::catalog`]).
+    Named,
+    /// Nodes this node is connected to for other reasons (relays, the bootstrap node): each
+    /// gets the probe's time on the connection it has, which is never closed for being slow.
+    Connected,
+}
+
+async fn ask_one(client: &crate::network::Client, peer: PeerId, asked: Asked) -> Catalog {
+    match asked {
+        Asked::Named => liveness::catalog(client, peer).await,
+        Asked::Connected => {
+            let limit = liveness::probe_timeout(client, &peer);
+            tokio::time::timeout(limit, client.catalog(peer))
+                .await
+                .unwrap_or(Err(CallError::Timeout(limit)))
+        }
+    }
+}
+
+type Catalog = Result<(Vec<ModelCard>, u32), CallError>;
 
 /// Asks `peers` for their catalogs at once and keeps those that host `model` whole, with
 /// the first to answer and those that answer within [`CATALOG_GRACE`] after it; with the last
@@ -114,6 +146,7 @@ async fn ask_catalogs(
     dispatcher: &Dispatcher,
     model: &str,
     peers: &[PeerId],
+    asked: Asked,
 ) -> (Vec<Candidate>, Option<CallFailure>) {
     let client = &dispatcher.client;
     // Providers that recently stopped answering a call are not waited for once another has
@@ -126,7 +159,7 @@ async fn ask_catalogs(
     let mut pending: HashSet<PeerId> = peers.iter().copied().collect();
     let mut lookups: FuturesUnordered<_> = peers
         .iter()
-        .map(|peer| async move { (*peer, liveness::catalog(client, *peer).await) })
+        .map(|peer| async move { (*peer, ask_one(client, *peer, asked).await) })
         .collect();
     let mut found = Vec::new();
     let mut last_error = None;
@@ -193,7 +226,12 @@ pub fn route(
             rtt_ms.get(peer).copied().unwrap_or(UNMEASURED_RTT_MS)
         }
     };
-    let busy = |c: &Candidate| c.load + in_flight.get(&c.peer).copied().unwrap_or(0);
+    // `load` is the provider's own word: a hostile figure saturates rather than overflowing
+    // (which would panic with the provider cache's lock held, or wrap to look idle).
+    let busy = |c: &Candidate| {
+        c.load
+            .saturating_add(in_flight.get(&c.peer).copied().unwrap_or(0))
+    };
     candidates.sort_by(|a, b| {
         let frozen = |c: &Candidate| unresponsive.contains(&c.peer);
         frozen(a)
@@ -216,10 +254,25 @@ pub(crate) mod tests {
         let (a, b, c) = (peer(), peer(), peer());
         let asked: HashSet<PeerId> = [a].into_iter().collect();
         // A peer with two connections is listed twice; a peer asked already is skipped.
-        assert_eq!(not_asked([a, b, c, b], &asked), vec![b, c]);
+        let mut chosen = not_asked([a, b, c, b], &asked);
+        chosen.sort();
+        let mut expected = vec![b, c];
+        expected.sort();
+        assert_eq!(chosen, expected);
+        // Of 100, 32 distinct ones, and not always the same 32.
         let many: Vec<PeerId> = (0..100).map(|_| peer()).collect();
-        let chosen = not_asked(many.iter().copied(), &HashSet::new());
-        assert_eq!(chosen, many[..CONNECTED_FALLBACK].to_vec());
+        let first: HashSet<PeerId> = not_asked(many.iter().copied(), &HashSet::new())
+            .into_iter()
+            .collect();
+        assert_eq!(first.len(), CONNECTED_FALLBACK);
+        assert!(first.iter().all(|p| many.contains(p)));
+        let differs = (0..20).any(|_| {
+            let again: HashSet<PeerId> = not_asked(many.iter().copied(), &HashSet::new())
+                .into_iter()
+                .collect();
+            again != first
+        });
+        assert!(differs, "every lookup asked the same 32 nodes");
     }
 
     pub(crate) fn candidate(peer: PeerId, load: u32) -> Candidate {
@@ -265,6 +318,22 @@ pub(crate) mod tests {
             &HashSet::new(),
         ));
         assert_eq!(order, vec![far, unmeasured, near, busy]);
+    }
+
+    #[test]
+    fn a_load_of_u32_max_is_the_busiest_not_an_overflow() {
+        let (liar, honest) = (peer(), peer());
+        let candidates = vec![candidate(liar, u32::MAX), candidate(honest, 5)];
+        // This node has a call running on the liar: the sum saturates.
+        let in_flight = [(liar, 1)].into_iter().collect();
+        let order = peers(route(
+            candidates,
+            peer(),
+            &HashMap::new(),
+            &in_flight,
+            &HashSet::new(),
+        ));
+        assert_eq!(order, vec![honest, liar]);
     }
 
     #[test]

@@ -16,8 +16,6 @@ use crate::dispatch::InferSpec;
 use crate::openai::chat::{collect_answer, Answer};
 use crate::openai::spec_for_any;
 
-const NS_PER_MS: u64 = 1_000_000;
-
 pub(super) async fn embed(
     State(state): State<ApiState>,
     headers: HeaderMap,
@@ -64,8 +62,8 @@ fn embed_body(model: &str, answer: Answer) -> EmbedResponse {
     EmbedResponse {
         model: tag_name(model_name(model)),
         embeddings: answer.vectors,
-        total_duration: answer.total_ms * NS_PER_MS,
-        load_duration: answer.connect_ms * NS_PER_MS,
+        total_duration: super::lines::ns(answer.total_ms),
+        load_duration: super::lines::ns(answer.connect_ms),
         prompt_eval_count: answer.usage.prompt_tokens,
     }
 }

@@ -23,6 +23,11 @@ pub(crate) enum Kind {
 
 const NS_PER_MS: u64 = 1_000_000;
 
+/// Milliseconds as Ollama's nanoseconds; a remote node's absurd figure saturates.
+pub(crate) fn ns(ms: u64) -> u64 {
+    ms.saturating_mul(NS_PER_MS)
+}
+
 /// The statistics of a finished call, from its `done` event: the whole call as this node
 /// timed it (`total_duration`), reaching the serving node (`load_duration`: mesh's models stay
 /// loaded, so this is the time before the node could start), and the serving node's compute,
@@ -30,12 +35,12 @@ const NS_PER_MS: u64 = 1_000_000;
 pub(crate) fn stats(finish: FinishReason, usage: &Usage, connect_ms: u64, total_ms: u64) -> Stats {
     Stats {
         done_reason: done_reason(finish).into(),
-        total_duration: total_ms * NS_PER_MS,
-        load_duration: connect_ms * NS_PER_MS,
+        total_duration: ns(total_ms),
+        load_duration: ns(connect_ms),
         prompt_eval_count: usage.prompt_tokens,
-        prompt_eval_duration: usage.time_to_first_token_ms * NS_PER_MS,
+        prompt_eval_duration: ns(usage.time_to_first_token_ms),
         eval_count: usage.completion_tokens,
-        eval_duration: usage.total_ms.saturating_sub(usage.time_to_first_token_ms) * NS_PER_MS,
+        eval_duration: ns(usage.total_ms.saturating_sub(usage.time_to_first_token_ms)),
     }
 }
 
@@ -191,6 +196,22 @@ mod tests {
     use crate::test_support::{delta, done_with};
     use mesh_protocol::{ErrorCode, WireError};
     use serde_json::{json, Value};
+
+    #[test]
+    fn a_serving_nodes_absurd_figures_saturate_instead_of_overflowing() {
+        let usage = Usage {
+            prompt_tokens: u32::MAX,
+            completion_tokens: u32::MAX,
+            cached_tokens: 0,
+            time_to_first_token_ms: u64::MAX,
+            total_ms: u64::MAX,
+        };
+        let s = stats(FinishReason::Stop, &usage, 3, 7);
+        assert_eq!(s.prompt_eval_duration, u64::MAX);
+        assert_eq!(s.eval_duration, 0);
+        assert_eq!((s.total_duration, s.load_duration), (7_000_000, 3_000_000));
+        assert_eq!(s.eval_count, u32::MAX);
+    }
 
     fn framer(kind: Kind) -> LineFramer {
         LineFramer {

@@ -226,7 +226,8 @@ impl Usage {
         Usage {
             completion_tokens,
             prompt_tokens,
-            total_tokens: prompt_tokens + completion_tokens,
+            // Both come from the serving node: a hostile one's figures saturate.
+            total_tokens: prompt_tokens.saturating_add(completion_tokens),
             prompt_tokens_details: None,
         }
     }

@@ -192,7 +192,7 @@ impl From<&mesh_protocol::Usage> for ResponsesUsage {
             input_tokens_details: InputTokensDetails::default(),
             output_tokens: u.completion_tokens,
             output_tokens_details: OutputTokensDetails::default(),
-            total_tokens: u.prompt_tokens + u.completion_tokens,
+            total_tokens: u.prompt_tokens.saturating_add(u.completion_tokens),
         }
     }
 }

@@ -267,3 +267,17 @@ fn model_lists_round_trip() {
     assert_eq!(serde_json::to_string(&list).unwrap(), old.to_string());
     assert_eq!(serde_json::from_value::<ModelList>(old).unwrap(), list);
 }
+
+#[test]
+fn token_totals_from_a_hostile_node_saturate() {
+    assert_eq!(Usage::new(u32::MAX, 7).total_tokens, u32::MAX);
+    let usage = mesh_protocol::Usage {
+        prompt_tokens: u32::MAX,
+        completion_tokens: u32::MAX,
+        ..Default::default()
+    };
+    assert_eq!(
+        super::responses::ResponsesUsage::from(&usage).total_tokens,
+        u32::MAX
+    );
+}

@@ -124,9 +124,9 @@ pub struct Server {
 }
 
 impl Server {
-    /// This node's answer to a local command's challenge ([`crate::api::proof`]).
-    pub fn prove_local(&self, challenge: &[u8; crate::api::proof::CHALLENGE_LEN]) -> String {
-        crate::api::proof::prove(&self.identity, challenge)
+    /// The node key this server signs with.
+    pub fn identity(&self) -> &NodeIdentity {
+        &self.identity
     }
 
     pub fn new(

@@ -101,7 +101,15 @@ impl LlamaConfig {
             Some("linear") => number(ct, &key("rope.scaling.factor")).unwrap_or(1.0) as f32,
             Some(other) => return Err(format!("RoPE scaling {other:?} is not supported")),
         };
-        let context = number(ct, &key("context_length")).unwrap_or(2048.0) as usize;
+        let context = number(ct, &key("context_length")).unwrap_or(2048.0);
+        let most = crate::engine::gguf_meta::MAX_CONTEXT as f64;
+        if !(1.0..=most).contains(&context) || context.fract() != 0.0 {
+            return Err(format!(
+                "{} = {context} is not a usable context (1 to {most} tokens)",
+                key("context_length")
+            ));
+        }
+        let context = context as usize;
         Ok(LlamaConfig {
             rms_eps: number(ct, &key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5) as f32,
             rope_theta: number(ct, &key("rope.freq_base")).unwrap_or(10_000.0) as f32,
@@ -115,7 +123,7 @@ impl LlamaConfig {
             head_dim,
             rope_dims,
             rope_linear_scale,
-            context: context.max(1),
+            context,
         })
     }
 
@@ -196,5 +204,14 @@ mod tests {
         assert!(LlamaConfig::from_gguf(&content(&m))
             .unwrap_err()
             .contains("yarn"));
+        // A context of 0, past 16 Mi tokens, or not whole is refused, not truncated.
+        for bad in [Value::U32(0), Value::U64(1 << 40), Value::F32(8.5)] {
+            let mut m = smollm2();
+            m.retain(|(k, _)| *k != "llama.context_length");
+            m.push(("llama.context_length", bad));
+            assert!(LlamaConfig::from_gguf(&content(&m))
+                .unwrap_err()
+                .contains("llama.context_length"));
+        }
     }
 }
