@@ -120,11 +120,12 @@ impl LocalApi {
             return Ok(None);
         };
         let node_json = || home.control_file().display().to_string();
-        if answer.status() == reqwest::StatusCode::NOT_FOUND {
-            return Err(ApiClientError::Unproven {
-                api,
-                node_json: node_json(),
-            });
+        let code = answer.status();
+        if code == reqwest::StatusCode::SERVICE_UNAVAILABLE
+            || code == reqwest::StatusCode::TOO_MANY_REQUESTS
+        {
+            // The node is there but at its limit of requests: say so, do not call it an impostor.
+            return Err(ApiClientError::Status { api, status: code });
         }
         let Ok(whoami) = answer.json::<super::Whoami>().await else {
             return Err(ApiClientError::Unproven {
@@ -164,21 +165,31 @@ impl LocalApi {
         else {
             return Ok(None);
         };
-        let Ok(response) = http
+        // The node has proven it runs: from here a failure is this node's, not "no node".
+        let response = http
             .get(format!("http://{api}/v1/mesh/status"))
             .timeout(STATUS_TIMEOUT)
             .send()
             .await
-        else {
-            return Ok(None);
-        };
+            .map_err(|source| ApiClientError::Unreachable { api, source })?;
         let code = response.status();
         if code == reqwest::StatusCode::UNAUTHORIZED || code == reqwest::StatusCode::FORBIDDEN {
             return Err(ApiClientError::Refused { api, status: code });
         }
-        let Ok(status) = response.json::<Status>().await else {
-            return Ok(None);
-        };
+        if !code.is_success() {
+            return Err(ApiClientError::Status { api, status: code });
+        }
+        let status = response
+            .json::<Status>()
+            .await
+            .map_err(|source| ApiClientError::Body { api, source })?;
+        if status.peer_id != info.peer_id {
+            // Another server between the two requests: it proved nothing.
+            return Err(ApiClientError::Unproven {
+                api,
+                node_json: node_json(),
+            });
+        }
         Ok(Some(LocalApi {
             api,
             http,

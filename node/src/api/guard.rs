@@ -9,7 +9,8 @@
 //! 2. A request other than `GET`/`HEAD`/`OPTIONS` that carries an `Origin` must come from one
 //!    of those hosts, else `403`: a browser page elsewhere cannot drive the node.
 //! 3. With an API key, every route needs `Authorization: Bearer <key>` (compared in constant
-//!    time), else `401`.
+//!    time), else `401`; all but `GET` [`WHOAMI_PATH`], where the node proves who it is to the
+//!    local commands before they send the key (the `Host` check and the bounds still apply).
 //! 4. At most [`MAX_CONCURRENT_REQUESTS`] requests are served at once (a streamed answer holds
 //!    its place until its body ends); more are shed at once with `503` and `Retry-After`.
 //! 5. Request bodies are at most [`MAX_REQUEST_BODY`] bytes, else `413`.
@@ -439,6 +440,35 @@ mod tests {
         let refused = g.check(&request("GET", &[host])).unwrap_err();
         let response = refusal("/v1/models", &refused);
         assert_eq!(response.headers()[header::WWW_AUTHENTICATE], "Bearer");
+    }
+
+    #[test]
+    fn only_a_get_of_whoami_itself_goes_without_the_key() {
+        let g = guard("127.0.0.1:7440", &[], Some("s3cret"));
+        let at = |method: &str, uri: &str, host: &str| {
+            let request = Request::builder()
+                .method(method)
+                .uri(uri)
+                .header("host", host)
+                .body(Body::empty())
+                .unwrap();
+            g.check(&request)
+                .map_or_else(|e| e.status().as_u16(), |()| 200)
+        };
+        let whoami = format!("{WHOAMI_PATH}?challenge={}", "ab".repeat(32));
+        assert_eq!(at("GET", &whoami, "localhost"), 200);
+        assert_eq!(at("GET", WHOAMI_PATH, "localhost"), 200);
+        // Not another method, another path that starts the same, or a foreign Host.
+        for (method, uri) in [
+            ("HEAD", WHOAMI_PATH),
+            ("POST", WHOAMI_PATH),
+            ("GET", "/v1/mesh/whoami/"),
+            ("GET", "/v1/mesh/whoamix"),
+            ("GET", "/v1/mesh/status"),
+        ] {
+            assert_eq!(at(method, uri, "localhost"), 401, "{method} {uri}");
+        }
+        assert_eq!(at("GET", &whoami, "evil.example"), 421);
     }
 
     #[tokio::test]

@@ -1,6 +1,6 @@
 //! The running node proves to the local commands that it is the node of their home: the
-//! command sends a fresh random challenge with `GET /v1/mesh/status`, and the node signs it
-//! with its node key. The peer id in `node.json` names that key, so a process that took the
+//! command sends a fresh random challenge with `GET /v1/mesh/whoami` (the one route that needs
+//! no API key), and the node signs it with its node key. The peer id in `node.json` names that key, so a process that took the
 //! API's port after the node died (security review, finding 14) cannot answer, and gets
 //! neither the prompt nor the token.
 
