@@ -36,6 +36,18 @@ pub fn meta_u32(content: &Content, key: &str) -> Option<u32> {
     }
 }
 
+/// The context `<arch>.context_length` declares: 2048 when absent, an error naming the key when
+/// it is not a whole number from 1 to [`MAX_CONTEXT`]. Every load path reads it here.
+pub fn context_length(content: &Content, architecture: &str) -> Result<u32, String> {
+    let key = format!("{architecture}.context_length");
+    match content.metadata.get(&key) {
+        None => Ok(DEFAULT_CONTEXT),
+        Some(_) => meta_u32(content, &key)
+            .filter(|&c| c > 0 && u64::from(c) <= MAX_CONTEXT)
+            .ok_or_else(|| format!("{key} is not a usable context (1 to {MAX_CONTEXT} tokens)")),
+    }
+}
+
 /// What a text model's file says about how to talk to it.
 pub struct TextModel {
     pub architecture: String,
@@ -68,15 +80,7 @@ impl TextModel {
     pub fn from_gguf(content: &Content) -> Result<TextModel, String> {
         let architecture = meta_str(content, "general.architecture")
             .ok_or("the GGUF file names no general.architecture")?;
-        let context_key = format!("{architecture}.context_length");
-        let context_length = match content.metadata.get(&context_key) {
-            None => DEFAULT_CONTEXT,
-            Some(_) => meta_u32(content, &context_key)
-                .filter(|&c| c > 0 && u64::from(c) <= MAX_CONTEXT)
-                .ok_or_else(|| {
-                    format!("{context_key} is not a usable context (1 to {MAX_CONTEXT} tokens)")
-                })?,
-        };
+        let context_length = context_length(content, &architecture)?;
         let mut tokenizer = Tokenizer::from_gguf(content)
             .map_err(|e| format!("cannot build the tokenizer from the GGUF metadata: {e}"))?;
         fix_pre_tokenizer(

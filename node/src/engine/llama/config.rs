@@ -101,15 +101,7 @@ impl LlamaConfig {
             Some("linear") => number(ct, &key("rope.scaling.factor")).unwrap_or(1.0) as f32,
             Some(other) => return Err(format!("RoPE scaling {other:?} is not supported")),
         };
-        let context = number(ct, &key("context_length")).unwrap_or(2048.0);
-        let most = crate::engine::gguf_meta::MAX_CONTEXT as f64;
-        if !(1.0..=most).contains(&context) || context.fract() != 0.0 {
-            return Err(format!(
-                "{} = {context} is not a usable context (1 to {most} tokens)",
-                key("context_length")
-            ));
-        }
-        let context = context as usize;
+        let context = crate::engine::gguf_meta::context_length(ct, &arch)? as usize;
         Ok(LlamaConfig {
             rms_eps: number(ct, &key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5) as f32,
             rope_theta: number(ct, &key("rope.freq_base")).unwrap_or(10_000.0) as f32,
