@@ -239,6 +239,15 @@ pub struct JoinArgs {
     /// The access policy of one model, NAME=open|allow|token (repeatable; overrides the default)
     #[arg(long, value_name = "NAME=POLICY")]
     pub model_policy: Vec<String>,
+
+    /// Calls through this node's API go only to this provider: for every model (PEER_ID) or
+    /// for one (MODEL=PEER_ID) (repeatable; this node is always trusted)
+    #[arg(long, value_name = "[MODEL=]PEER_ID")]
+    pub trust_provider: Vec<String>,
+
+    /// A file of trusted providers, one [MODEL=]PEER_ID per line (`#` comments)
+    #[arg(long, value_name = "PATH")]
+    pub trust_providers_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -246,8 +255,13 @@ pub struct InferArgs {
     /// The peer id of the node to call, or `any` for any node that hosts the model
     pub peer: String,
 
-    /// The model name, as the node announces it
+    /// The model name, as the node announces it; NAME@sha256:HEX pins its weights
     pub model: String,
+
+    /// Use only a provider whose signed card names these weights (sha256, hex); known models
+    /// are pinned to theirs without it
+    #[arg(long, value_name = "HEX")]
+    pub sha256: Option<String>,
 
     /// The prompt (or, for an embedding model, a text to embed; repeatable) [default: stdin]
     #[arg(long, short)]

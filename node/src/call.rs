@@ -52,6 +52,9 @@ pub enum CallError {
     Closed,
     #[error("no answer from the node within {0:?}")]
     Timeout(Duration),
+    /// No first frame within the patience of a call another provider could take.
+    #[error("the node sent nothing within {0:?}; another provider can take the call")]
+    Stalled(Duration),
     #[error("bad frame from the node: {0}")]
     Protocol(String),
     #[error("network failure: {0}")]
@@ -68,6 +71,9 @@ impl From<WireIoError> for CallError {
             WireIoError::Io(e) => CallError::Network(e.to_string()),
             WireIoError::Truncated => CallError::Closed,
             WireIoError::Frame(e) => CallError::Protocol(e.to_string()),
+            e @ (WireIoError::NoRequest(_) | WireIoError::TooSlow { .. }) => {
+                CallError::Network(e.to_string())
+            }
         }
     }
 }

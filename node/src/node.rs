@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use libp2p::{Multiaddr, PeerId};
 use mesh_protocol::ModelCard;
-use tokio::sync::{broadcast, Semaphore};
+use tokio::sync::broadcast;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -15,12 +15,13 @@ use crate::identity::NodeIdentity;
 use crate::network::{Client, NetworkConfig};
 use crate::serve::{accept, ServeConfig, ServeSetupError, Server, StageModel};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct NodeConfig {
     pub network: NetworkConfig,
     pub serve: ServeConfig,
-    /// Inbound streams served at once, over all peers; more are refused `overloaded`.
-    pub max_inbound_streams: usize,
+    /// Inbound streams served at once: over all peers, per peer, and for catalogs; more are
+    /// refused `overloaded`.
+    pub streams: crate::serve::StreamLimits,
     /// Where to serve the HTTP API (loopback by default); `None` for no API.
     pub api: Option<std::net::SocketAddr>,
     /// A key every route of the API requires as `Authorization: Bearer <key>`; needed to
@@ -28,19 +29,8 @@ pub struct NodeConfig {
     pub api_key: Option<String>,
     /// Extra names the API answers to as `Host`, besides loopback and its bound address.
     pub api_hosts: Vec<String>,
-}
-
-impl Default for NodeConfig {
-    fn default() -> Self {
-        NodeConfig {
-            network: NetworkConfig::default(),
-            serve: ServeConfig::default(),
-            max_inbound_streams: 256,
-            api: None,
-            api_key: None,
-            api_hosts: Vec::new(),
-        }
-    }
+    /// The providers `any` calls through the API may use, by model (`--trust-provider`).
+    pub trust: crate::dispatch::ProviderTrust,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,7 +101,7 @@ impl Node {
         tasks.spawn(accept(
             inbound_streams,
             server.clone(),
-            Arc::new(Semaphore::new(config.max_inbound_streams)),
+            config.streams,
             shutdown.clone(),
         ));
 
@@ -119,8 +109,10 @@ impl Node {
         let api_key_required = access.key.is_some();
         if let Some(listener) = api_listener {
             let (client, server, shutdown) = (client.clone(), server.clone(), shutdown.clone());
+            let trust = Arc::new(config.trust.clone());
             tasks.spawn(async move {
-                if let Err(e) = crate::api::serve(listener, client, server, access, shutdown).await
+                if let Err(e) =
+                    crate::api::serve(listener, client, server, access, trust, shutdown).await
                 {
                     tracing::error!("the HTTP API stopped: {e}");
                 }

@@ -7,6 +7,7 @@ mod embed;
 mod engine;
 mod gateway;
 mod heal;
+mod hostile;
 mod identity;
 mod local;
 mod models;

@@ -32,6 +32,7 @@ pub async fn run(home: Home, args: &InferArgs, json: bool) -> anyhow::Result<Exi
                 client: node.client(),
                 local: None,
                 cache: None,
+                trust: Default::default(),
             };
             client_node = Some(node);
             dispatcher.dispatch(ask)
@@ -188,6 +189,7 @@ fn build_ask(args: &InferArgs) -> anyhow::Result<InferSpec> {
         token,
         target,
         model: args.model.clone(),
+        weights: args.sha256.clone(),
         prompts,
         system: args.system.clone(),
         messages: Vec::new(),

@@ -59,6 +59,7 @@ pub async fn run(home: Home, args: &JoinArgs, json: bool) -> anyhow::Result<Exit
     config.api = Some(args.api);
     config.api_key = args.api_key.clone().filter(|k| !k.is_empty());
     config.api_hosts = args.api_host.clone();
+    config.trust = provider_trust(args)?;
     if !args.api.ip().is_loopback() && config.api_key.is_some() {
         tracing::warn!(
             api = %args.api,
@@ -142,6 +143,22 @@ fn access_config(home: &Home, args: &JoinArgs) -> anyhow::Result<AccessConfig> {
         model_policy: args.model_policy.clone(),
     };
     AccessConfig::from_file_and_flags(home.root(), &flags).map_err(|e| failed(Exit::BadRequest, e))
+}
+
+/// The providers `any` calls through the API may use: `--trust-provider`, then the file.
+fn provider_trust(args: &JoinArgs) -> anyhow::Result<mesh_node::dispatch::ProviderTrust> {
+    let mut trust = mesh_node::dispatch::ProviderTrust::default();
+    for entry in &args.trust_provider {
+        trust
+            .add(entry)
+            .map_err(|e| failed(Exit::BadRequest, format!("--trust-provider: {e}")))?;
+    }
+    if let Some(path) = &args.trust_providers_file {
+        trust
+            .add_file(path)
+            .map_err(|e| failed(Exit::BadRequest, format!("--trust-providers-file: {e}")))?;
+    }
+    Ok(trust)
 }
 
 /// What `mesh join` hosts: whole models (and split models' heads), and ranges of layers.

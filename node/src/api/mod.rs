@@ -81,6 +81,7 @@ pub async fn serve(
     client: Client,
     server: Arc<Server>,
     access: ApiAccess,
+    trust: Arc<crate::dispatch::ProviderTrust>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let guard = Arc::new(guard::Guard::new(listener.local_addr()?, &access));
@@ -96,6 +97,7 @@ pub async fn serve(
             client,
             server,
             providers: Default::default(),
+            trust,
         });
     let app = guard::apply(app, guard);
     axum::serve(listener, app)

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use crate::dispatch::{Dispatcher, ProviderCache};
+use crate::dispatch::{Dispatcher, ProviderCache, ProviderTrust};
 use crate::network::Client;
 use crate::serve::Server;
 
@@ -15,6 +15,8 @@ pub(crate) struct ApiState {
     pub(crate) client: Client,
     pub(crate) server: Arc<Server>,
     pub(crate) providers: Arc<ProviderCache>,
+    /// The providers `any` calls through the API are restricted to (`--trust-provider`).
+    pub(crate) trust: Arc<ProviderTrust>,
 }
 
 impl ApiState {
@@ -24,6 +26,7 @@ impl ApiState {
             client: self.client.clone(),
             local: Some(self.server.clone()),
             cache: Some(self.providers.clone()),
+            trust: self.trust.clone(),
         }
     }
 }

@@ -138,6 +138,9 @@ pub struct PolicySummary {
 /// Decides, for each call, whether its caller may use the model it names.
 pub struct Authorizer {
     me: PeerId,
+    /// Every model hosted is open only to the allow lists: a caller not on them is refused
+    /// from its peer id alone.
+    allow_only: bool,
     config: AccessConfig,
     allow: HashSet<PeerId>,
     trusted: HashSet<PeerId>,
@@ -187,8 +190,11 @@ impl Authorizer {
             quota::Quotas::open(config.quota_file.clone()).map_err(AccessSetupError::Quota)?;
         let mut trusted: HashSet<PeerId> = config.trusted_issuers.iter().copied().collect();
         trusted.insert(me);
+        let allow_only =
+            !hosted.is_empty() && hosted.iter().all(|m| config.access_for(m) == Access::Allow);
         Ok(Authorizer {
             me,
+            allow_only,
             allow: config.allow.iter().copied().collect(),
             trusted,
             allow_file,
@@ -224,6 +230,13 @@ impl Authorizer {
                 .map(|p| p.to_string())
                 .collect(),
         }
+    }
+
+    /// Whether `peer` may call some model here, judged from its peer id alone (before its
+    /// request is read): false only when every model hosted is `allow` and the peer is on no
+    /// allow list. A `token` model takes anyone's token, so it is never judged this early.
+    pub fn may_call_any(&self, peer: &PeerId) -> bool {
+        *peer == self.me || !self.allow_only || self.on_allow_list(peer)
     }
 
     fn on_allow_list(&self, peer: &PeerId) -> bool {

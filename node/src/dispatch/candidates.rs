@@ -14,6 +14,7 @@ use mesh_protocol::{ErrorCode, ModelCard};
 use super::failure::CallFailure;
 use super::liveness;
 use super::spec::Target;
+use super::trust::{Admission, Excluded};
 use super::Dispatcher;
 use crate::call::{CallError, Calls};
 
@@ -38,22 +39,39 @@ pub const CATALOG_GRACE: Duration = Duration::from_millis(250);
 /// the DHT names, those whose catalogs answer first ([`CATALOG_GRACE`]). When none of them
 /// hosts it (the DHT's records can all be of nodes that left), up to [`CONNECTED_FALLBACK`] of
 /// the nodes this node is connected to are asked too, each within the probe timeout.
+///
+/// Only providers `admission` admits count (pinned weights, trusted providers): when the DHT
+/// names only providers it leaves out, the connected nodes are asked too, and when none is
+/// left the failure says why each was left out.
 pub async fn candidates(
     dispatcher: &Dispatcher,
     target: Target,
     model: &str,
+    admission: &Admission,
 ) -> Result<Vec<Candidate>, CallFailure> {
     let client = &dispatcher.client;
     let me = client.local_peer_id();
     let local = dispatcher.local_candidate(model);
+    let mut excluded = Vec::new();
+    let local = match local.map(|l| admission.admits(&l).map(|()| l)) {
+        Some(Ok(local)) => Some(local),
+        Some(Err(why)) => {
+            excluded.push(why);
+            None
+        }
+        None => None,
+    };
     let peers = match target {
         Target::Peer(peer) if peer == me => {
-            return local.map(|l| vec![l]).ok_or_else(|| {
-                CallFailure::local(
-                    ErrorCode::UnknownModel,
-                    format!("this node does not host model {model:?}"),
-                )
-            })
+            return local
+                .map(|l| vec![l])
+                .ok_or_else(|| match excluded.is_empty() {
+                    true => CallFailure::local(
+                        ErrorCode::UnknownModel,
+                        format!("this node does not host model {model:?}"),
+                    ),
+                    false => refusal(admission, model, &excluded),
+                })
         }
         Target::Peer(peer) => vec![peer],
         Target::Any => {
@@ -66,7 +84,9 @@ pub async fn candidates(
             })?
         }
     };
-    let (mut found, last_error) = ask_catalogs(dispatcher, model, &peers, Asked::Named).await;
+    let (found, last_error) = ask_catalogs(dispatcher, model, &peers, Asked::Named).await;
+    let (mut found, left_out) = admission.filter(found);
+    excluded.extend(left_out);
     if found.is_empty() && target == Target::Any {
         // No provider the DHT named answered: its records may all be of nodes that left. The
         // nodes this node is connected to are alive; ask those not asked yet.
@@ -81,13 +101,15 @@ pub async fn candidates(
                 "no provider the DHT named answered; asking the connected nodes"
             );
             // When they do not host it either, the DHT's answer is the one to report.
-            found = ask_catalogs(dispatcher, model, &others, Asked::Connected)
-                .await
-                .0;
+            let more = ask_catalogs(dispatcher, model, &others, Asked::Connected).await;
+            let (more, left_out) = admission.filter(more.0);
+            found = more;
+            excluded.extend(left_out);
         }
     }
     found.sort_by_key(|c| c.load);
     match (found.is_empty(), last_error) {
+        (true, _) if !excluded.is_empty() => Err(refusal(admission, model, &excluded)),
         (true, Some(e)) => Err(e),
         (true, None) => Err(CallFailure::local(
             ErrorCode::UnknownModel,
@@ -95,6 +117,12 @@ pub async fn candidates(
         )),
         _ => Ok(found),
     }
+}
+
+/// The failure of a lookup whose every provider `admission` left out.
+fn refusal(admission: &Admission, model: &str, excluded: &[Excluded]) -> CallFailure {
+    let why = admission.refusal(model, excluded);
+    CallFailure::local(why.code, why.message)
 }
 
 /// Most connected nodes asked for their catalogs when no provider the DHT named answered.
@@ -154,7 +182,7 @@ async fn ask_catalogs(
     let marked = dispatcher
         .cache
         .as_ref()
-        .map(|cache| cache.unresponsive())
+        .map(|cache| cache.backed_off())
         .unwrap_or_default();
     let mut pending: HashSet<PeerId> = peers.iter().copied().collect();
     let mut lookups: FuturesUnordered<_> = peers
@@ -208,16 +236,24 @@ async fn ask_catalogs(
     (found, last_error)
 }
 
-/// Orders providers best first: those that did not recently stop answering a call
-/// (`unresponsive`), then the least busy (the load a provider advertised in its catalog plus
-/// the calls this node has running on it), then the shortest measured round trip (libp2p ping;
+/// Most load a provider's report counts for: past it, every provider is as busy as another.
+pub const MAX_CREDIBLE_LOAD: u32 = 4096;
+
+/// Orders providers best first: those not backed off for misbehaving (`backed_off`: it
+/// stopped answering, stalled, refused, or denied the model it announced), then the least busy
+/// (the load a provider advertised in its catalog, capped at [`MAX_CREDIBLE_LOAD`], plus the
+/// calls this node has running on it), then the shortest measured round trip (libp2p ping;
 /// this node itself counts as 0, a peer not yet measured as 1 s).
+///
+/// A provider's load is its own word, so a liar can claim to be idle: what bounds the harm is
+/// this node's own measurement (a provider that then stalls or refuses is backed off), and the
+/// calls this node has running on it, which count whatever it claims.
 pub fn route(
     mut candidates: Vec<Candidate>,
     me: PeerId,
     rtt_ms: &HashMap<PeerId, f64>,
     in_flight: &HashMap<PeerId, u32>,
-    unresponsive: &HashSet<PeerId>,
+    backed_off: &HashSet<PeerId>,
 ) -> Vec<Candidate> {
     let rtt = |peer: &PeerId| {
         if *peer == me {
@@ -230,12 +266,13 @@ pub fn route(
     // (which would panic with the provider cache's lock held, or wrap to look idle).
     let busy = |c: &Candidate| {
         c.load
+            .min(MAX_CREDIBLE_LOAD)
             .saturating_add(in_flight.get(&c.peer).copied().unwrap_or(0))
     };
     candidates.sort_by(|a, b| {
-        let frozen = |c: &Candidate| unresponsive.contains(&c.peer);
-        frozen(a)
-            .cmp(&frozen(b))
+        let marked = |c: &Candidate| backed_off.contains(&c.peer);
+        marked(a)
+            .cmp(&marked(b))
             .then(busy(a).cmp(&busy(b)))
             .then(rtt(&a.peer).total_cmp(&rtt(&b.peer)))
     });

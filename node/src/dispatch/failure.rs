@@ -116,7 +116,7 @@ impl From<&CallError> for CallFailure {
     fn from(e: &CallError) -> CallFailure {
         match e {
             CallError::Remote(w) => CallFailure::remote(w.clone()),
-            CallError::Timeout(_) => {
+            CallError::Timeout(_) | CallError::Stalled(_) => {
                 CallFailure::network(ErrorCode::DeadlineExceeded, e.to_string())
             }
             other => CallFailure::network(ErrorCode::Internal, other.to_string()),

@@ -145,7 +145,7 @@ pub async fn unless_unresponsive<F: Future>(
                 Err(_) => {
                     tracing::info!(peer = %watch.peer, "node stopped answering; giving up on it");
                     if let Some(marks) = watch.marks {
-                        marks.mark_unresponsive(watch.peer);
+                        marks.back_off(watch.peer, super::provider_cache::Misbehaviour::Unresponsive);
                     }
                     if watch.disconnect {
                         drop_connections(watch.client, watch.peer).await;

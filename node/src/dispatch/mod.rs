@@ -10,6 +10,7 @@
 //! - `candidates`: who can answer ([`candidates()`]), in which order ([`route`]).
 //! - `provider_cache`: recent providers and the calls running on each ([`ProviderCache`]).
 //! - `failure`: why a call failed, and what a front end makes of it ([`CallFailure`]).
+//! - `trust`: which providers a call may use: pinned weights, trusted providers.
 //! - `liveness`: giving up on a provider that stopped answering (a frozen process).
 //! - `relay`: the frames of one call as events, its receipt checked.
 //! - This module: the failover loop. The transport of a call (in-memory to this node's own
@@ -29,11 +30,13 @@ mod liveness;
 mod provider_cache;
 mod relay;
 mod spec;
+pub mod trust;
 
 pub use candidates::{candidates, route, Candidate};
 pub use failure::{CallFailure, FailureClass, Origin};
-pub use provider_cache::{ProviderCache, PROVIDER_CACHE_TTL};
+pub use provider_cache::{Misbehaviour, ProviderCache, PROVIDER_CACHE_TTL};
 pub use spec::{build_request, BadTarget, CallEvent, InferSpec, ResumedFrom, StageReport, Target};
+pub use trust::{Admission, ProviderTrust};
 
 use crate::call::{Call, CallError};
 use crate::network::Client;
@@ -48,10 +51,21 @@ pub struct Dispatcher {
     pub local: Option<Arc<Server>>,
     /// Recently found providers, shared by the calls of one node (the API's).
     pub cache: Option<Arc<ProviderCache>>,
+    /// The providers `any` calls are restricted to, by model name.
+    pub trust: Arc<ProviderTrust>,
 }
 
 /// Events a dispatched call queues for its consumer before it waits for them.
 const EVENT_QUEUE: usize = 64;
+
+/// How long past its deadline a call is given up on this side. The serving node keeps the
+/// same deadline and says so itself, with a better message, unless it is gone or stalling.
+const DEADLINE_GRACE: Duration = Duration::from_millis(500);
+
+/// How long an `any` call waits for a provider's first frame (`started`, sent when compute
+/// starts) when another provider could take the call: a stalling provider, or one whose queue
+/// is long, is left for the next. The last provider gets the rest of the deadline.
+pub const FIRST_FRAME_PATIENCE: Duration = Duration::from_secs(5);
 
 impl Dispatcher {
     /// Starts `spec` on the mesh: every step arrives on the receiver, the last being `done` or
@@ -62,11 +76,22 @@ impl Dispatcher {
         tokio::spawn(async move {
             // A consumer that hangs up ends the call at once, even while it waits for a
             // node's next frame (dropping the call resets its stream: the node cancels).
+            // The deadline bounds the whole call: lookups, failovers, every node's answer.
+            let deadline = Duration::from_millis(spec.deadline_ms) + DEADLINE_GRACE;
             tokio::select! {
-                last = run(&dispatcher, &spec, &tx) => {
-                    if let Ok(last) = last {
-                        let _ = tx.send(last).await;
-                    }
+                last = tokio::time::timeout(deadline, run(&dispatcher, &spec, &tx)) => {
+                    let last = match last {
+                        Ok(Ok(last)) => last,
+                        Ok(Err(AskerGone)) => return,
+                        Err(_) => CallEvent::Error(CallFailure::local(
+                            ErrorCode::DeadlineExceeded,
+                            format!(
+                                "the call did not finish within its deadline of {} ms",
+                                spec.deadline_ms
+                            ),
+                        )),
+                    };
+                    let _ = tx.send(last).await;
                 }
                 () = tx.closed() => {}
             }
@@ -101,39 +126,105 @@ struct AfterFailure {
 
 /// The failover policy. Only a failure before any output is retried (the asker must never
 /// see two answers), and only when another node may do better: the network failed, the node
-/// closed the stream, or it was overloaded. Its other refusals (bad request, unauthorized,
-/// unknown model, deadline) would be the same anywhere.
+/// closed the stream, it was overloaded, it stalled before its first frame, or it refused
+/// (`unauthorized`, or `unknown_model` for a model it announced: a hostile node can break a
+/// name that way, and an honest one may be closed to this caller while another is open). A
+/// bad request or a deadline would be the same anywhere.
 fn after_failure(error: &CallError, after_output: bool) -> AfterFailure {
     let lost = matches!(error, CallError::Network(_) | CallError::Closed);
-    let overloaded = matches!(
-        error,
-        CallError::Remote(WireError {
-            code: ErrorCode::Overloaded,
-            ..
-        })
-    );
+    let refused = matches!(error, CallError::Stalled(_))
+        || matches!(
+            error,
+            CallError::Remote(WireError {
+                code: ErrorCode::Overloaded | ErrorCode::Unauthorized | ErrorCode::UnknownModel,
+                ..
+            })
+        );
     AfterFailure {
-        try_next: !after_output && (lost || overloaded),
+        try_next: !after_output && (lost || refused),
         forget_providers: lost,
     }
 }
 
+/// What a failure says of the provider, for backing it off.
+fn misbehaviour(error: &CallError) -> Option<Misbehaviour> {
+    match error {
+        CallError::Stalled(_) => Some(Misbehaviour::Stalled),
+        CallError::Remote(WireError { code, .. }) => match code {
+            ErrorCode::Unauthorized => Some(Misbehaviour::Refused),
+            ErrorCode::UnknownModel => Some(Misbehaviour::DeniedModel),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The call `spec` asks for with its model field split from its pin, the pin checked against
+/// `spec.weights`, and what the call accepts of a provider.
+fn admitted(
+    dispatcher: &Dispatcher,
+    spec: &InferSpec,
+) -> Result<(InferSpec, Admission), CallFailure> {
+    let bad = |e: WireError| CallFailure::local(e.code, e.message);
+    let (name, pin) = trust::split_pinned(&spec.model).map_err(bad)?;
+    let weights = match &spec.weights {
+        Some(hex) => Some(
+            trust::parse_sha256(hex)
+                .map_err(|why| bad(WireError::bad_request(format!("the pinned weights {why}"))))?,
+        ),
+        None => None,
+    };
+    let pin = match (pin, weights) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(bad(WireError::bad_request(format!(
+                "model {:?} pins weights {a}, and the call pins {b}",
+                spec.model
+            ))))
+        }
+        (a, b) => a.or(b),
+    };
+    // A named node is the caller's choice: only the pin applies to it.
+    let open = ProviderTrust::default();
+    let trust = match spec.target {
+        Target::Any => &*dispatcher.trust,
+        Target::Peer(_) => &open,
+    };
+    let me = dispatcher.client.local_peer_id();
+    let admission = Admission::new(name, pin.clone(), trust, me);
+    let spec = InferSpec {
+        model: name.to_string(),
+        weights: pin,
+        ..spec.clone()
+    };
+    Ok((spec, admission))
+}
+
 /// Runs `spec` to the end, sending every step but the last to `events`, and returns the last
-/// (`done` or `error`). Tries the next provider when one fails before its first output. When
-/// every provider remembered from an earlier lookup has failed that way, asks the DHT once more
-/// and tries the providers it had not tried yet. A generation whose provider fails after it
-/// began is resumed on another provider of the same weights, from the tokens it had sampled.
+/// (`done` or `error`). Only providers the call admits are used ([`trust`]). Tries the next
+/// provider when one fails before its first output. When every provider remembered from an
+/// earlier lookup has failed that way, asks the DHT once more and tries the providers it had
+/// not tried yet. A generation whose provider fails after it began is resumed on another
+/// provider of the same weights, from the tokens it had sampled.
 async fn run(
     dispatcher: &Dispatcher,
     spec: &InferSpec,
     events: &mpsc::Sender<CallEvent>,
 ) -> Result<CallEvent, AskerGone> {
     let begin = Instant::now();
+    let (spec, admission) = match admitted(dispatcher, spec) {
+        Ok(admitted) => admitted,
+        Err(failure) => return Ok(CallEvent::Error(failure)),
+    };
+    let spec = &spec;
     let cache = dispatcher
         .cache
         .as_ref()
         .filter(|_| spec.target == Target::Any);
-    let mut remembered = cache.and_then(|c| c.get(&spec.model));
+    // Remembered providers were found for another call, perhaps with another pin.
+    let mut remembered = cache
+        .and_then(|c| c.get(&spec.model))
+        .map(|found| admission.filter(found).0)
+        .filter(|found| !found.is_empty());
     let mut tried = HashSet::new();
     let mut progress = Progress::default();
     let mut lost = None;
@@ -144,7 +235,7 @@ async fn run(
         let from_cache = remembered.is_some();
         let found = match remembered.take() {
             Some(found) => found,
-            None => match candidates(dispatcher, spec.target, &spec.model).await {
+            None => match candidates(dispatcher, spec.target, &spec.model, &admission).await {
                 Ok(found) => {
                     if let Some(cache) = cache {
                         cache.put(&spec.model, &found);
@@ -248,7 +339,8 @@ impl Round<'_> {
             ErrorCode::UnknownModel,
             format!("no node answered for model {:?}", spec.model),
         ));
-        for Candidate { peer, card, .. } in ordered {
+        let count = ordered.len();
+        for (index, Candidate { peer, card, .. }) in ordered.into_iter().enumerate() {
             tried.insert(peer);
             // The first candidate was counted when it was chosen; a failover counts here.
             let _counted = claimed.take().or_else(|| cache.map(|c| c.start_call(peer)));
@@ -294,7 +386,17 @@ impl Round<'_> {
                     idle,
                 )
             };
-            let mut opened = unless_unresponsive(watch, open()).await;
+            // Opening a remote call waits for its first frame. When another provider waits
+            // behind this one, a stall passes the call on.
+            let patience =
+                (spec.target == Target::Any && index + 1 < count).then_some(FIRST_FRAME_PATIENCE);
+            let first_try = unless_unresponsive(watch, open());
+            let mut opened = match patience {
+                Some(patience) => tokio::time::timeout(patience, first_try)
+                    .await
+                    .unwrap_or(Ok(Err(CallError::Stalled(patience)))),
+                None => first_try.await,
+            };
             if let (true, Err(gone)) = (named, &opened) {
                 tracing::info!(%peer, "{gone}; calling it again on a fresh connection");
                 opened = unless_unresponsive(watch, open()).await;
@@ -329,6 +431,10 @@ impl Round<'_> {
             let next = after_failure(&error, began);
             if let (Some(cache), true) = (cache, next.forget_providers) {
                 cache.forget(&spec.model);
+            }
+            if let (Some(cache), Some(why), false) = (cache, misbehaviour(&error), began) {
+                tracing::info!(%peer, ?why, "backing the provider off: {error}");
+                cache.back_off(peer, why);
             }
             if began {
                 if !may_resume(spec.target, &request, &error, progress) {
@@ -408,15 +514,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_failures_before_output_that_another_node_may_not_have_fail_over() {
+    fn only_failures_before_output_that_another_node_may_mend_fail_over() {
         let remote = |code| CallError::Remote(WireError::new(code, "x"));
         let cases = [
             (CallError::Network("no route".into()), true, true),
             (CallError::Closed, true, true),
             (remote(ErrorCode::Overloaded), true, false),
             (remote(ErrorCode::BadRequest), false, false),
-            (remote(ErrorCode::Unauthorized), false, false),
-            (remote(ErrorCode::UnknownModel), false, false),
+            (remote(ErrorCode::Unauthorized), true, false),
+            (remote(ErrorCode::UnknownModel), true, false),
+            (CallError::Stalled(Duration::from_secs(5)), true, false),
             (remote(ErrorCode::DeadlineExceeded), false, false),
             (remote(ErrorCode::Internal), false, false),
             (CallError::Timeout(Duration::from_secs(1)), false, false),

@@ -1,7 +1,8 @@
 //! The providers of recent `any` calls, by model, the calls this node has running on each
-//! provider, and the providers that recently stopped answering: shared by the calls of one
-//! node (its API's), so repeated calls skip the DHT, concurrent calls spread over the
-//! providers, and a frozen provider is left alone for a while.
+//! provider, and the providers backed off for misbehaving: shared by the calls of one node
+//! (its API's), so repeated calls skip the DHT, concurrent calls spread over the providers,
+//! and a frozen, refusing or stalling provider is left alone for a while (as Petals bans a
+//! failing server).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
@@ -17,8 +18,33 @@ pub const PROVIDER_CACHE_TTL: Duration = Duration::from_secs(10);
 const PROVIDER_CACHE_MODELS: usize = 1024;
 /// A provider that stopped answering a call is tried after every other for this long.
 pub const UNRESPONSIVE_FOR: Duration = Duration::from_secs(30);
-/// Most providers remembered as unresponsive at once.
-const UNRESPONSIVE_PEERS: usize = 1024;
+/// Most providers backed off at once.
+const BACKED_OFF_PEERS: usize = 1024;
+
+/// Why a provider is backed off: it is tried after every other provider for
+/// [`Misbehaviour::back_off`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Misbehaviour {
+    /// It stopped answering mid-call, and did not answer a check of its catalog.
+    Unresponsive,
+    /// It sent nothing in the first frame's time while another provider was waiting.
+    Stalled,
+    /// It refused the call (`unauthorized`): its policy, or a hostile node breaking a name.
+    Refused,
+    /// It announced the model, then said it does not host it.
+    DeniedModel,
+}
+
+impl Misbehaviour {
+    /// How long a provider is tried last after this.
+    pub fn back_off(self) -> Duration {
+        match self {
+            Misbehaviour::Unresponsive | Misbehaviour::Stalled => UNRESPONSIVE_FOR,
+            Misbehaviour::Refused => Duration::from_secs(120),
+            Misbehaviour::DeniedModel => Duration::from_secs(300),
+        }
+    }
+}
 
 /// The providers of `any` lookups, by model, for [`PROVIDER_CACHE_TTL`]. An entry is dropped
 /// as soon as a call to one of its providers fails on the network.
@@ -27,8 +53,8 @@ pub struct ProviderCache {
     entries: Mutex<HashMap<String, (Instant, Vec<Candidate>)>>,
     /// Calls this node has running on each provider now, added to the load it advertised.
     in_flight: Mutex<HashMap<PeerId, u32>>,
-    /// Providers that stopped answering a call, and when.
-    unresponsive: Mutex<HashMap<PeerId, Instant>>,
+    /// Providers backed off, and until when.
+    backed_off: Mutex<HashMap<PeerId, Instant>>,
 }
 
 /// Counts a call on `peer` in its provider's in-flight total while it lives.
@@ -94,27 +120,32 @@ impl ProviderCache {
     }
 
     fn marks(&self) -> MutexGuard<'_, HashMap<PeerId, Instant>> {
-        self.unresponsive
+        self.backed_off
             .lock()
             .expect("never poisoned: no panics while held")
     }
 
-    /// `peer` stopped answering a call: it is tried last for [`UNRESPONSIVE_FOR`].
-    pub(crate) fn mark_unresponsive(&self, peer: PeerId) {
+    /// `peer` misbehaved: it is tried last for as long as `why` earns
+    /// ([`Misbehaviour::back_off`]), or longer if an earlier mark says so.
+    pub(crate) fn back_off(&self, peer: PeerId, why: Misbehaviour) {
+        let now = Instant::now();
+        let until = now + why.back_off();
         let mut marks = self.marks();
-        if marks.len() >= UNRESPONSIVE_PEERS {
-            marks.retain(|_, at| at.elapsed() < UNRESPONSIVE_FOR);
+        if marks.len() >= BACKED_OFF_PEERS {
+            marks.retain(|_, until| *until > now);
         }
-        if marks.len() < UNRESPONSIVE_PEERS || marks.contains_key(&peer) {
-            marks.insert(peer, Instant::now());
+        if marks.len() < BACKED_OFF_PEERS || marks.contains_key(&peer) {
+            let mark = marks.entry(peer).or_insert(until);
+            *mark = (*mark).max(until);
         }
     }
 
-    /// The providers marked unresponsive less than [`UNRESPONSIVE_FOR`] ago.
-    pub(crate) fn unresponsive(&self) -> HashSet<PeerId> {
+    /// The providers backed off now.
+    pub(crate) fn backed_off(&self) -> HashSet<PeerId> {
+        let now = Instant::now();
         self.marks()
             .iter()
-            .filter(|(_, at)| at.elapsed() < UNRESPONSIVE_FOR)
+            .filter(|(_, until)| **until > now)
             .map(|(peer, _)| *peer)
             .collect()
     }
@@ -127,9 +158,9 @@ impl ProviderCache {
         me: PeerId,
         rtt_ms: &HashMap<PeerId, f64>,
     ) -> (Vec<Candidate>, Option<InFlight<'_>>) {
-        let unresponsive = self.unresponsive();
+        let backed_off = self.backed_off();
         let mut counts = self.counts();
-        let ordered = route(candidates, me, rtt_ms, &counts, &unresponsive);
+        let ordered = route(candidates, me, rtt_ms, &counts, &backed_off);
         let claim = ordered.first().map(|first| {
             *counts.entry(first.peer).or_default() += 1;
             InFlight {
@@ -189,26 +220,38 @@ mod tests {
         let (me, frozen, slow) = (peer(), peer(), peer());
         let both = vec![candidate(frozen, 0), candidate(slow, 0)];
         let rtts = [(frozen, 1.0), (slow, 50.0)].into_iter().collect();
-        cache.mark_unresponsive(frozen);
+        cache.back_off(frozen, Misbehaviour::Unresponsive);
         let (order, claim) = cache.route_and_claim(both.clone(), me, &rtts);
         assert_eq!(order[0].peer, slow, "the nearer one stopped answering");
         assert_eq!(order[1].peer, frozen, "but it is still a candidate");
         drop(claim);
         // Once the mark is old enough, it is nearest first again.
-        *cache.marks().get_mut(&frozen).unwrap() =
-            Instant::now() - UNRESPONSIVE_FOR - Duration::from_millis(1);
-        assert!(cache.unresponsive().is_empty());
+        *cache.marks().get_mut(&frozen).unwrap() = Instant::now() - Duration::from_millis(1);
+        assert!(cache.backed_off().is_empty());
         let (order, _claim) = cache.route_and_claim(both, me, &rtts);
         assert_eq!(order[0].peer, frozen);
     }
 
     #[test]
-    fn unresponsive_marks_are_bounded() {
+    fn back_off_marks_are_bounded() {
         let cache = ProviderCache::default();
-        for _ in 0..UNRESPONSIVE_PEERS + 10 {
-            cache.mark_unresponsive(peer());
+        for _ in 0..BACKED_OFF_PEERS + 10 {
+            cache.back_off(peer(), Misbehaviour::Stalled);
         }
-        assert_eq!(cache.marks().len(), UNRESPONSIVE_PEERS);
+        assert_eq!(cache.marks().len(), BACKED_OFF_PEERS);
+    }
+
+    #[test]
+    fn a_longer_back_off_is_not_shortened_by_a_shorter_one() {
+        let cache = ProviderCache::default();
+        let liar = peer();
+        cache.back_off(liar, Misbehaviour::DeniedModel);
+        let long = cache.marks()[&liar];
+        cache.back_off(liar, Misbehaviour::Stalled);
+        assert_eq!(cache.marks()[&liar], long);
+        assert!(Misbehaviour::DeniedModel.back_off() > Misbehaviour::Refused.back_off());
+        assert!(Misbehaviour::Refused.back_off() > Misbehaviour::Stalled.back_off());
+        assert!(cache.backed_off().contains(&liar));
     }
 
     #[test]

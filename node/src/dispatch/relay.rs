@@ -180,6 +180,7 @@ mod tests {
         InferSpec {
             target: Target::Any,
             model: model.into(),
+            weights: None,
             prompts: prompts.iter().map(|p| p.to_string()).collect(),
             system: None,
             messages: Vec::new(),

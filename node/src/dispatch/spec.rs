@@ -78,7 +78,12 @@ impl<'de> Deserialize<'de> for Target {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InferSpec {
     pub target: Target,
+    /// The model's name, or `NAME@sha256:HEX` to pin the weights ([`super::trust`]).
     pub model: String,
+    /// The weights the call is pinned to (sha256, hex): a provider whose signed card names
+    /// other weights is not used. Absent from the JSON when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<String>,
     /// The prompt for a generation model; the texts to embed for an embedding model.
     #[serde(default)]
     pub prompts: Vec<String>,

@@ -63,9 +63,10 @@ fn token(headers: &HeaderMap) -> Result<Option<SignedToken>, OllamaError> {
 /// The cards of the nodes that host `model` (404 when none does), checked to be of `task`
 /// (a 400 otherwise, with the message a call would get).
 async fn lookup(state: &ApiState, model: &str, task: Task) -> Result<Vec<ModelCard>, OllamaError> {
-    let found = crate::dispatch::candidates(&state.dispatcher(), Target::Any, model)
-        .await
-        .map_err(OllamaError::from_mesh)?;
+    let found =
+        crate::dispatch::candidates(&state.dispatcher(), Target::Any, model, &Default::default())
+            .await
+            .map_err(OllamaError::from_mesh)?;
     let cards: Vec<ModelCard> = found.into_iter().map(|c| c.card).collect();
     let Some(first) = cards.first() else {
         return Err(OllamaError::from_mesh(CallFailure::local(

@@ -134,14 +134,31 @@ pub(super) async fn collect(events: mpsc::Receiver<CallEvent>) -> Result<Answer,
     collect_answer(events).await.map_err(OpenAiError::from_mesh)
 }
 
-/// Reads a call's events to the end.
+/// The most text a whole (non-streaming) answer may hold: far past any honest answer of a
+/// call's token limit, and a bound on what a provider that floods deltas can make this node
+/// buffer.
+pub const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
+
+/// Reads a call's events to the end. An answer past [`MAX_ANSWER_BYTES`] is a failure (and
+/// dropping the events cancels the call).
 pub(crate) async fn collect_answer(
     mut events: mpsc::Receiver<CallEvent>,
 ) -> Result<Answer, CallFailure> {
     let (mut text, mut vectors) = (String::new(), Vec::new());
     while let Some(event) = events.recv().await {
         match event {
-            CallEvent::Delta { text: t } => text.push_str(&t),
+            CallEvent::Delta { text: t } => {
+                if text.len().saturating_add(t.len()) > MAX_ANSWER_BYTES {
+                    return Err(CallFailure::network(
+                        ErrorCode::Internal,
+                        format!(
+                            "the provider's answer passed {} MiB; the call was dropped",
+                            MAX_ANSWER_BYTES >> 20
+                        ),
+                    ));
+                }
+                text.push_str(&t)
+            }
             CallEvent::Embeddings { vectors: v } => vectors = v,
             CallEvent::Done {
                 finish_reason,
@@ -253,6 +270,29 @@ mod tests {
             message(json!({ "model": "m", "messages": [{ "role": "tool", "content": "x" }] })),
             r#"unsupported message role "tool""#
         );
+    }
+
+    #[tokio::test]
+    async fn an_answer_past_the_cap_is_a_failure_and_drops_the_call() {
+        let (tx, rx) = mpsc::channel(8);
+        let sender = tokio::spawn(async move {
+            let piece = "x".repeat(1 << 20);
+            for _ in 0..MAX_ANSWER_BYTES / piece.len() + 2 {
+                if tx
+                    .send(CallEvent::Delta {
+                        text: piece.clone(),
+                    })
+                    .await
+                    .is_err()
+                {
+                    return true;
+                }
+            }
+            false
+        });
+        let failure = collect_answer(rx).await.err().expect("a failure");
+        assert!(failure.message.contains("16 MiB"), "{}", failure.message);
+        assert!(sender.await.unwrap(), "the call's events were dropped");
     }
 
     #[tokio::test]

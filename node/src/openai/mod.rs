@@ -77,6 +77,7 @@ pub(crate) fn spec_for_any(model: &str, task: Task) -> InferSpec {
     InferSpec {
         target: Target::Any,
         model: model.to_string(),
+        weights: None,
         prompts: Vec::new(),
         system: None,
         messages: Vec::new(),

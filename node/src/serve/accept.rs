@@ -1,11 +1,13 @@
 //! Inbound streams to their handlers, in the manner of iroh's `Router`.
 //!
-//! The stream's protocol id picks the handler ([`Protocol`]), and a bound on the streams
-//! served at once (over all peers) keeps a flood from taking the node down: past it, an
-//! inference stream is answered `overloaded` at once and a catalog stream is dropped. The
-//! transport only hands streams over; it knows nothing of serving.
+//! The stream's protocol id picks the handler ([`Protocol`]), and bounds on the streams served
+//! at once keep a flood from taking the node down ([`StreamLimits`]): per peer, so one peer
+//! cannot take every place; over all peers; and a pool of their own for catalogs. Past a
+//! bound, an inference stream is answered `overloaded` at once and a catalog stream is
+//! dropped. The transport only hands streams over; it knows nothing of serving.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -64,33 +66,117 @@ impl Server {
     }
 }
 
-/// Answers an inference stream the node has no room for: `overloaded`, then a close.
-async fn refuse_overloaded<S: AsyncWrite + Unpin>(mut stream: S) {
-    let busy = InferResponse::Error(WireError::new(
-        ErrorCode::Overloaded,
-        "this node is serving its maximum number of streams",
-    ));
+/// How many inbound streams are served at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamLimits {
+    /// Inference and stage streams, over all peers.
+    pub streams: usize,
+    /// Inference and stage streams of one peer: one peer alone cannot take every place.
+    pub per_peer: usize,
+    /// Catalog streams, over all peers: a pool of their own, so a flood of calls leaves
+    /// routing working, and the reverse.
+    pub catalogs: usize,
+    /// Catalog streams of one peer.
+    pub catalogs_per_peer: usize,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        StreamLimits {
+            streams: 256,
+            per_peer: 32,
+            catalogs: 64,
+            catalogs_per_peer: 4,
+        }
+    }
+}
+
+/// The streams each peer has open, by pool; a place is given back when its [`Place`] drops.
+#[derive(Default)]
+struct PeerStreams {
+    open: Mutex<HashMap<(PeerId, Pool), usize>>,
+}
+
+/// Which pool a stream counts in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Pool {
+    Calls,
+    Catalogs,
+}
+
+/// One stream's place in its peer's count.
+struct Place {
+    streams: Arc<PeerStreams>,
+    key: (PeerId, Pool),
+}
+
+impl PeerStreams {
+    fn open(&self) -> std::sync::MutexGuard<'_, HashMap<(PeerId, Pool), usize>> {
+        self.open
+            .lock()
+            .expect("never poisoned: no panics while held")
+    }
+
+    /// A place for one more stream of `peer` in `pool`, if it has fewer than `limit` open.
+    fn take(self: &Arc<Self>, peer: PeerId, pool: Pool, limit: usize) -> Option<Place> {
+        let mut open = self.open();
+        let count = open.entry((peer, pool)).or_default();
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(Place {
+            streams: self.clone(),
+            key: (peer, pool),
+        })
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut open = self.streams.open();
+        if let Some(count) = open.get_mut(&self.key) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Answers an inference stream it will not serve with `error`, then closes it.
+async fn refuse<S: AsyncWrite + Unpin>(mut stream: S, error: WireError) {
+    let refusal = InferResponse::Error(error);
     let refuse = async {
-        let _ = write_frame(&mut stream, &busy, DEFAULT_MAX_FRAME_LEN).await;
+        let _ = write_frame(&mut stream, &refusal, DEFAULT_MAX_FRAME_LEN).await;
         let _ = stream.close().await;
     };
     let _ = tokio::time::timeout(REFUSAL_TIMEOUT, refuse).await;
 }
 
-/// Serves `incoming` streams `(peer, protocol id, stream)`, each on its own task, at most
-/// `limit` at once, until `shutdown` (then the streams still being served are aborted).
+/// Serves `incoming` streams `(peer, protocol id, stream)`, each on its own task, within
+/// `limits`, until `shutdown` (then the streams still being served are aborted).
+///
+/// Every check here is made before the stream is read, and costs no place: the peer's own
+/// count ([`StreamLimits::per_peer`]); on a node whose every model is closed to all but its
+/// allow lists, the caller's peer id against them; then a place in the node-wide pool. An
+/// inference stream refused here is told why (`overloaded` or `unauthorized`), within a
+/// bounded number of refusals in flight; any other is dropped.
 pub async fn accept<P, S>(
     mut incoming: mpsc::Receiver<(PeerId, P, S)>,
     server: Arc<Server>,
-    limit: Arc<Semaphore>,
+    limits: StreamLimits,
     shutdown: CancellationToken,
 ) where
     P: AsRef<str>,
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut calls = JoinSet::new();
+    let streams = Arc::new(Semaphore::new(limits.streams));
+    let catalogs = Arc::new(Semaphore::new(limits.catalogs));
+    let per_peer = Arc::new(PeerStreams::default());
     // Served streams plus at most this many refusals in flight.
-    let refusal_cap = limit.available_permits() + REFUSAL_HEADROOM;
+    let refusal_cap = limits.streams + limits.catalogs + REFUSAL_HEADROOM;
     loop {
         tokio::select! {
             next = incoming.recv() => {
@@ -99,17 +185,45 @@ pub async fn accept<P, S>(
                     tracing::debug!(%peer, protocol = id.as_ref(), "stream of a protocol not served");
                     continue;
                 };
-                match limit.clone().try_acquire_owned() {
+                let may_refuse = protocol == Protocol::Infer && calls.len() < refusal_cap;
+                let (pool, pool_limit, places) = match protocol {
+                    Protocol::Catalog => (Pool::Catalogs, limits.catalogs_per_peer, &catalogs),
+                    Protocol::Infer | Protocol::Stage => (Pool::Calls, limits.per_peer, &streams),
+                };
+                if pool == Pool::Calls && !server.auth.may_call_any(&peer) {
+                    tracing::debug!(%peer, "stream from a peer no model here allows");
+                    if may_refuse {
+                        calls.spawn(refuse(stream, WireError::new(
+                            ErrorCode::Unauthorized,
+                            "this node serves only the peers on its allow lists",
+                        )));
+                    }
+                    continue;
+                }
+                let Some(place) = per_peer.take(peer, pool, pool_limit) else {
+                    tracing::debug!(%peer, ?protocol, "the peer has its most streams open");
+                    if may_refuse {
+                        calls.spawn(refuse(stream, WireError::new(
+                            ErrorCode::Overloaded,
+                            format!("this node serves at most {pool_limit} streams of one peer at once"),
+                        )));
+                    }
+                    continue;
+                };
+                match places.clone().try_acquire_owned() {
                     Ok(permit) => {
                         let server = server.clone();
                         calls.spawn(async move {
                             server.serve(protocol, peer, stream).await;
-                            drop(permit);
+                            drop((permit, place));
                         });
                     }
                     // Refusals are bounded too; past that bound the stream is dropped (reset).
-                    Err(_) if protocol == Protocol::Infer && calls.len() < refusal_cap => {
-                        calls.spawn(refuse_overloaded(stream));
+                    Err(_) if may_refuse => {
+                        calls.spawn(refuse(stream, WireError::new(
+                            ErrorCode::Overloaded,
+                            "this node is serving its maximum number of streams",
+                        )));
                     }
                     Err(_) => {}
                 }
@@ -119,4 +233,29 @@ pub async fn accept<P, S>(
         }
     }
     calls.abort_all();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::random_peer;
+
+    #[test]
+    fn a_peer_gets_its_own_bounded_count_in_each_pool() {
+        let streams = Arc::new(PeerStreams::default());
+        let (a, b) = (random_peer(), random_peer());
+        let first = streams.take(a, Pool::Calls, 2).unwrap();
+        let second = streams.take(a, Pool::Calls, 2).unwrap();
+        assert!(streams.take(a, Pool::Calls, 2).is_none(), "a's third call");
+        assert!(streams.take(b, Pool::Calls, 2).is_some(), "b counts apart");
+        assert!(
+            streams.take(a, Pool::Catalogs, 1).is_some(),
+            "catalogs count apart"
+        );
+        drop(first);
+        let third = streams.take(a, Pool::Calls, 2);
+        assert!(third.is_some(), "a place given back is taken again");
+        drop((second, third));
+        assert!(streams.open().is_empty(), "no entry outlives its streams");
+    }
 }

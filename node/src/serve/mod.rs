@@ -43,9 +43,9 @@ use mesh_protocol::{
 use crate::auth::{AccessConfig, AccessSetupError, Authorizer, PolicySummary};
 use crate::engine::SharedEngine;
 use crate::identity::NodeIdentity;
-use crate::wire::{read_frame, write_frame};
+use crate::wire::{read_frame_paced, write_frame, REQUEST_PACE};
 
-pub use accept::{accept, Protocol, REFUSAL_HEADROOM, REFUSAL_TIMEOUT};
+pub use accept::{accept, Protocol, StreamLimits, REFUSAL_HEADROOM, REFUSAL_TIMEOUT};
 pub use hosted::HostedModel;
 pub use stage::{
     HostedStage, StageStatus, DEFAULT_MAX_STAGE_SESSIONS, MAX_STAGE_SESSION, STAGE_IDLE_TIMEOUT,
@@ -245,13 +245,9 @@ impl Server {
     {
         let (mut rd, mut wr) = stream.split();
         let max = self.config.max_frame_len;
-        match tokio::time::timeout(
-            self.config.request_timeout,
-            read_frame::<CatalogRequest, _>(&mut rd, max),
-        )
-        .await
-        {
-            Ok(Ok(Some(_))) => {
+        let pace = REQUEST_PACE.within(self.config.request_timeout);
+        match read_frame_paced::<CatalogRequest, _>(&mut rd, max, pace).await {
+            Ok(Some(_)) => {
                 let response = CatalogResponse {
                     cards: self
                         .models
@@ -269,9 +265,8 @@ impl Server {
                     Err(_) => tracing::debug!("catalog reply timed out"),
                 }
             }
-            Ok(Ok(None)) => {}
-            Ok(Err(e)) => tracing::debug!("bad catalog request: {e}"),
-            Err(_) => tracing::debug!("catalog request timed out"),
+            Ok(None) => {}
+            Err(e) => tracing::debug!("bad or late catalog request: {e}"),
         }
         frames::close(&mut wr).await;
     }

@@ -32,7 +32,7 @@ use super::{ServeConfig, Server};
 use crate::auth::receipt::{self, ServedCall};
 use crate::auth::{unix_now, Grant, Refusal};
 use crate::engine::Output;
-use crate::wire::{read_frame, WireIoError};
+use crate::wire::{read_frame_paced, WireIoError, REQUEST_PACE};
 
 /// One inference stream being served.
 pub(super) struct InferSession<'s, R, W> {
@@ -194,23 +194,18 @@ where
     async fn read_request(&mut self) -> Result<InferRequest, CallEnd> {
         let config = &self.server.config;
         let peer = self.peer;
-        let read = read_frame::<InferRequest, _>(&mut self.rd, config.max_frame_len);
-        match tokio::time::timeout(config.request_timeout, read).await {
-            Ok(Ok(Some(request))) => Ok(request),
-            Ok(Ok(None)) => Err(CallEnd::CallerGone),
-            Ok(Err(WireIoError::Io(e))) => {
+        let pace = REQUEST_PACE.within(config.request_timeout);
+        match read_frame_paced::<InferRequest, _>(&mut self.rd, config.max_frame_len, pace).await {
+            Ok(Some(request)) => Ok(request),
+            Ok(None) => Err(CallEnd::CallerGone),
+            Err(WireIoError::Io(e)) => {
                 tracing::debug!(%peer, "stream failed before the request: {e}");
                 Err(CallEnd::CallerGone)
             }
-            Ok(Err(e)) => {
-                tracing::info!(%peer, "malformed request: {e}");
+            Err(e) => {
+                tracing::info!(%peer, "malformed or late request: {e}");
                 Err(WireError::bad_request(e.to_string()).into())
             }
-            Err(_) => Err(WireError::bad_request(format!(
-                "no request frame within {:?}",
-                config.request_timeout
-            ))
-            .into()),
         }
     }
 

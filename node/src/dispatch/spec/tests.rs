@@ -13,6 +13,7 @@ fn spec(prompts: &[&str]) -> InferSpec {
     InferSpec {
         target: Target::Any,
         model: "m".into(),
+        weights: None,
         prompts: prompts.iter().map(|p| p.to_string()).collect(),
         system: None,
         messages: Vec::new(),

@@ -5,13 +5,13 @@ use std::sync::Arc;
 use libp2p::PeerId;
 use mesh_protocol::ids::{CATALOG_PROTOCOL, INFER_PROTOCOL};
 use mesh_protocol::{CatalogRequest, CatalogResponse, ErrorCode, InferResponse, SignedModelCard};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{chat, compute_stopped, server, stranger, text, words, Caller, Pipe, WAIT};
 use crate::identity::verify_by_peer;
-use crate::serve::{accept, ServeConfig, Server};
+use crate::serve::{accept, ServeConfig, Server, StreamLimits};
 use crate::wire::write_frame;
 
 /// An accept loop serving `server` with at most `limit` streams at once.
@@ -23,14 +23,19 @@ struct Router {
 
 impl Router {
     fn start(server: &Arc<Server>, limit: usize) -> Router {
-        let (streams, incoming) = mpsc::channel(8);
+        Self::with_limits(
+            server,
+            StreamLimits {
+                streams: limit,
+                ..StreamLimits::default()
+            },
+        )
+    }
+
+    fn with_limits(server: &Arc<Server>, limits: StreamLimits) -> Router {
+        let (streams, incoming) = mpsc::channel(64);
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(accept(
-            incoming,
-            server.clone(),
-            Arc::new(Semaphore::new(limit)),
-            shutdown.clone(),
-        ));
+        let task = tokio::spawn(accept(incoming, server.clone(), limits, shutdown.clone()));
         Router {
             streams,
             shutdown,
@@ -40,8 +45,13 @@ impl Router {
 
     /// Opens a stream of protocol `id` to the loop.
     async fn open(&self, id: &'static str) -> Caller {
+        self.open_as(stranger(), id).await
+    }
+
+    /// Opens a stream of protocol `id` to the loop, as `peer`.
+    async fn open_as(&self, peer: PeerId, id: &'static str) -> Caller {
         let (caller, far) = Caller::unserved();
-        self.streams.send((stranger(), id, far)).await.unwrap();
+        self.streams.send((peer, id, far)).await.unwrap();
         caller
     }
 }
@@ -77,7 +87,7 @@ async fn streams_go_to_the_handler_their_protocol_names() {
 }
 
 #[tokio::test]
-async fn streams_past_the_limit_get_overloaded_and_catalogs_are_dropped() {
+async fn streams_past_the_limit_get_overloaded_and_catalogs_keep_their_own_pool() {
     let (server, _) = server(&[("slow", "echo?delay_ms=20", 4)], ServeConfig::default());
     let router = Router::start(&server, 1);
     let mut running = router.open(INFER_PROTOCOL).await;
@@ -102,11 +112,95 @@ async fn streams_past_the_limit_get_overloaded_and_catalogs_are_dropped() {
     }
     assert!(refused.frame().await.is_none(), "then the stream closes");
 
+    // Catalogs have a pool of their own: routing keeps working while calls are full.
     let mut catalog = router.open(CATALOG_PROTOCOL).await;
-    // The request may or may not be written before the stream is dropped.
-    let _ = write_frame(&mut catalog.wr, &CatalogRequest {}, 1024).await;
-    assert!(catalog.next::<CatalogResponse>().await.is_none());
+    write_frame(&mut catalog.wr, &CatalogRequest {}, 1024)
+        .await
+        .unwrap();
+    let response: CatalogResponse = catalog.next().await.expect("a catalog");
+    assert_eq!(response.load, 1);
     assert_eq!(server.runs("slow"), 1);
+}
+
+#[tokio::test]
+async fn a_full_catalog_pool_drops_catalog_streams_and_leaves_calls_alone() {
+    let (server, _) = server(&[("echo", "echo", 4)], ServeConfig::default());
+    let limits = StreamLimits {
+        catalogs: 2,
+        ..StreamLimits::default()
+    };
+    let router = Router::with_limits(&server, limits);
+    // Two silent catalog streams of two peers hold the pool.
+    let _held = [
+        router.open_as(stranger(), CATALOG_PROTOCOL).await,
+        router.open_as(stranger(), CATALOG_PROTOCOL).await,
+    ];
+    let mut dropped = router.open(CATALOG_PROTOCOL).await;
+    let _ = write_frame(&mut dropped.wr, &CatalogRequest {}, 1024).await;
+    assert!(dropped.next::<CatalogResponse>().await.is_none());
+    let mut call = router.open(INFER_PROTOCOL).await;
+    call.send(&chat("echo", "still")).await;
+    assert_eq!(text(&call.rest().await), "echo: still");
+}
+
+#[tokio::test]
+async fn one_peer_past_its_share_is_refused_while_another_is_served() {
+    let (server, _) = server(&[("slow", "echo?delay_ms=20", 8)], ServeConfig::default());
+    let limits = StreamLimits {
+        per_peer: 2,
+        ..StreamLimits::default()
+    };
+    let router = Router::with_limits(&server, limits);
+    let greedy = stranger();
+    // Two streams that announce nothing: they hold the greedy peer's two places.
+    let _silent = [
+        router.open_as(greedy, INFER_PROTOCOL).await,
+        router.open_as(greedy, INFER_PROTOCOL).await,
+    ];
+    let mut third = router.open_as(greedy, INFER_PROTOCOL).await;
+    match third.frame().await {
+        Some(InferResponse::Error(e)) => {
+            assert_eq!(e.code, ErrorCode::Overloaded);
+            assert!(e.message.contains("of one peer"), "{}", e.message);
+        }
+        other => panic!("expected overloaded, got {other:?}"),
+    }
+    let mut honest = router.open_as(stranger(), INFER_PROTOCOL).await;
+    honest.send(&chat("slow", "served")).await;
+    assert_eq!(text(&honest.rest().await), "echo: served");
+}
+
+#[tokio::test]
+async fn a_node_closed_to_all_but_its_allow_list_refuses_others_before_reading() {
+    let friend = stranger();
+    let access = crate::auth::AccessConfig {
+        default: crate::auth::Access::Allow,
+        allow: vec![friend],
+        ..Default::default()
+    };
+    let config = ServeConfig {
+        access,
+        ..Default::default()
+    };
+    let (server, _) = server(&[("echo", "echo", 1)], config);
+    let router = Router::with_limits(
+        &server,
+        StreamLimits {
+            streams: 1,
+            ..StreamLimits::default()
+        },
+    );
+    // The stranger's stream is refused without taking the node's one place...
+    let mut refused = router.open(INFER_PROTOCOL).await;
+    match refused.frame().await {
+        Some(InferResponse::Error(e)) => assert_eq!(e.code, ErrorCode::Unauthorized),
+        other => panic!("expected unauthorized, got {other:?}"),
+    }
+    // ...so the friend is served.
+    let mut served = router.open_as(friend, INFER_PROTOCOL).await;
+    served.send(&chat("echo", "friend")).await;
+    assert_eq!(text(&served.rest().await), "echo: friend");
+    assert_eq!(server.runs("echo"), 1);
 }
 
 #[tokio::test]
