@@ -476,3 +476,197 @@ async fn hundreds_of_stalled_streams_from_one_peer_leave_others_served_on_open_a
     attacker.shutdown().await;
     target.shutdown().await;
 }
+
+/// A node that allows only `friend`, hosting the echo model, listening on 127.0.0.1.
+async fn closed_node(friend: PeerId) -> Node {
+    let access = AccessConfig {
+        default: Access::Allow,
+        allow: vec![friend],
+        ..AccessConfig::default()
+    };
+    node(&[("echo", "echo")], vec![], access, false).await
+}
+
+/// Calls `model` on `target` from `caller`: the answer's text, or the failure.
+async fn call_text(
+    caller: &Node,
+    target: PeerId,
+    model: &str,
+    prompt: &str,
+) -> Result<String, String> {
+    let dispatcher = mesh_node::dispatch::Dispatcher {
+        client: caller.client(),
+        local: None,
+        cache: None,
+        trust: Default::default(),
+    };
+    let spec = serde_json::from_value(json!({
+        "target": target.to_string(), "model": model, "prompts": [prompt], "deadline_ms": 20000
+    }))
+    .unwrap();
+    let mut events = dispatcher.dispatch(spec);
+    let mut text = String::new();
+    while let Some(event) = events.recv().await {
+        match event {
+            mesh_node::dispatch::CallEvent::Delta { text: t } => text.push_str(&t),
+            mesh_node::dispatch::CallEvent::Done { .. } => return Ok(text),
+            mesh_node::dispatch::CallEvent::Error(e) => return Err(e.to_string()),
+            _ => {}
+        }
+    }
+    Err("no answer".into())
+}
+
+/// The TCP port `node` listens on.
+async fn tcp_port(node: &Node) -> u16 {
+    tcp_addr(node)
+        .await
+        .iter()
+        .find_map(|p| match p {
+            libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
+            _ => None,
+        })
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_tcp_flood_from_one_ip_leaves_room_for_a_fresh_caller() {
+    let friend = NodeIdentity::generate();
+    let target = closed_node(friend.peer_id()).await;
+    let port = tcp_port(&target).await;
+    // 200 sockets from 127.0.0.2 that never begin a handshake (more than the node's 64
+    // pending handshakes in all).
+    let mut flood = Vec::new();
+    for _ in 0..200 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        if let Ok(stream) = socket.connect(([127, 0, 0, 1], port).into()).await {
+            flood.push(stream);
+        }
+    }
+    assert!(flood.len() >= 100, "{} sockets opened", flood.len());
+    // A fresh caller from another IP joins and is answered during the flood.
+    let mut config = loopback_config(vec![tcp_addr(&target).await]);
+    config.network.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    let caller = Node::start(friend, Vec::new(), config)
+        .await
+        .expect("the caller joins during the flood");
+    assert_eq!(
+        call_text(&caller, target.peer_id(), "echo", "past the flood").await,
+        Ok("echo: past the flood".to_string())
+    );
+    // The node cuts a handshake that never comes (the transport's timeout): every flood
+    // socket is closed by the node, not left to hold a place.
+    let closed = futures::future::join_all(flood.iter_mut().map(|s| async move {
+        let mut byte = [0u8; 1];
+        let read = tokio::io::AsyncReadExt::read(s, &mut byte);
+        matches!(
+            tokio::time::timeout(Duration::from_secs(30), read).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }))
+    .await;
+    assert!(
+        closed.iter().all(|c| *c),
+        "some half-open sockets were kept"
+    );
+    caller.shutdown().await;
+    target.shutdown().await;
+}
+
+/// A bare libp2p peer with a fresh peer id that dials `target` from 127.0.0.2 and holds the
+/// connection: one of many throwaway identities.
+async fn sybil(target: Multiaddr) -> Option<libp2p::Swarm<libp2p::swarm::dummy::Behaviour>> {
+    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default(),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
+        .ok()?
+        .with_behaviour(|_| libp2p::swarm::dummy::Behaviour)
+        .ok()?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .build();
+    // Listening on 127.0.0.2 makes its dials leave from that address (port reuse).
+    swarm
+        .listen_on("/ip4/127.0.0.2/tcp/0".parse().unwrap())
+        .ok()?;
+    swarm.dial(target).ok()?;
+    Some(swarm)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hundred_sybils_from_one_ip_leave_the_node_able_to_dial_out_and_serve_its_friend() {
+    let friend = NodeIdentity::generate();
+    let target = closed_node(friend.peer_id()).await;
+    let addr = tcp_addr(&target).await;
+    let mut swarms = Vec::new();
+    for _ in 0..300 {
+        if let Some(s) = sybil(addr.clone()).await {
+            swarms.push(s);
+        }
+    }
+    // Drive every sybil until its dial settles (connected, or refused by the node).
+    let (connected, refused) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let stop = CancellationToken::new();
+    for mut swarm in swarms {
+        let (connected, refused, stop) = (connected.clone(), refused.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut counted = false;
+            loop {
+                let event = tokio::select! {
+                    e = swarm.select_next_some() => e,
+                    () = stop.cancelled() => return,
+                };
+                match event {
+                    libp2p::swarm::SwarmEvent::ConnectionEstablished { .. } if !counted => {
+                        counted = true;
+                        connected.fetch_add(1, Ordering::SeqCst);
+                    }
+                    libp2p::swarm::SwarmEvent::ConnectionClosed { .. } if counted => {
+                        counted = false;
+                        connected.fetch_sub(1, Ordering::SeqCst);
+                        refused.fetch_add(1, Ordering::SeqCst);
+                    }
+                    libp2p::swarm::SwarmEvent::OutgoingConnectionError { .. } => {
+                        refused.fetch_add(1, Ordering::SeqCst);
+                    }
+                    _ => {}
+                }
+            }
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while connected.load(Ordering::SeqCst) + refused.load(Ordering::SeqCst) < 300 {
+        assert!(Instant::now() < deadline, "the sybils' dials never settled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let held = connected.load(Ordering::SeqCst);
+    eprintln!("sybils holding a connection: {held} of 300");
+    assert!(held > 0 && held <= 64, "one IP holds {held} connections");
+
+    // The node still dials out...
+    let other = node(&[("echo", "echo")], vec![], AccessConfig::default(), false).await;
+    let dialled = target.client().dial(tcp_addr(&other).await).await;
+    assert_eq!(
+        dialled.ok(),
+        Some(other.peer_id()),
+        "the node cannot dial out"
+    );
+    // ...and its friend, from another IP, is served.
+    let mut config = loopback_config(vec![addr]);
+    config.network.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    let caller = Node::start(friend, Vec::new(), config)
+        .await
+        .expect("the friend joins");
+    assert_eq!(
+        call_text(&caller, target.peer_id(), "echo", "among sybils").await,
+        Ok("echo: among sybils".to_string())
+    );
+    stop.cancel();
+    caller.shutdown().await;
+    other.shutdown().await;
+    target.shutdown().await;
+}

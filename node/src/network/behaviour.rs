@@ -21,6 +21,7 @@ pub const KAD: StreamProtocol = StreamProtocol::new(KAD_PROTOCOL);
 #[derive(NetworkBehaviour)]
 pub struct MeshBehaviour {
     pub limits: connection_limits::Behaviour,
+    pub inbound: super::inbound_guard::InboundGuard,
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
     pub kad: kad::Behaviour<super::provider_store::ProviderStore>,
@@ -170,6 +171,12 @@ fn build_behaviour(
 
     Ok(MeshBehaviour {
         limits: connection_limits::Behaviour::new(limits),
+        inbound: super::inbound_guard::InboundGuard::new(
+            super::inbound_guard::InboundLimits::for_totals(
+                config.max_pending,
+                config.max_connections,
+            ),
+        ),
         identify,
         ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15))),
         kad,

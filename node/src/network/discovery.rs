@@ -23,6 +23,9 @@ pub const REANNOUNCE_AFTER: Duration = Duration::from_secs(2);
 /// the call (Kademlia would wait for that peer's request to time out).
 pub const PROVIDERS_GRACE: Duration = Duration::from_millis(200);
 
+/// Most providers one lookup keeps (and dials).
+pub const MAX_PROVIDERS_PER_QUERY: usize = 32;
+
 /// What a node announces in the DHT: a model it serves by name, or some layers of a model's
 /// weights (named by their sha256) that it runs for heads.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -130,8 +133,10 @@ impl<Q: Hash + Eq + Clone> Discovery<Q> {
         self.provider_queries.insert(id, query);
     }
 
-    /// Query `id` found `providers`: those that are not this node, which the caller dials at
-    /// once (their addresses live only as long as the query).
+    /// Query `id` found `providers`: those that are new and not this node, which the caller
+    /// dials at once (their addresses live only as long as the query), up to
+    /// [`MAX_PROVIDERS_PER_QUERY`] in all: a key full of hostile records cannot make one
+    /// lookup dial without end.
     pub fn on_providers(
         &mut self,
         id: &Q,
@@ -139,14 +144,27 @@ impl<Q: Hash + Eq + Clone> Discovery<Q> {
         now: Instant,
     ) -> Vec<PeerId> {
         let local = self.local;
-        let providers: Vec<PeerId> = providers.into_iter().filter(|p| *p != local).collect();
-        if let Some(query) = self.provider_queries.get_mut(id) {
-            query.found.extend(providers.iter().copied());
-            if !query.found.is_empty() {
-                query.first_found.get_or_insert(now);
+        let Some(query) = self.provider_queries.get_mut(id) else {
+            // A walk answered already: what it finds is still worth a dial, within the bound.
+            return providers
+                .into_iter()
+                .filter(|p| *p != local)
+                .take(MAX_PROVIDERS_PER_QUERY)
+                .collect();
+        };
+        let mut new = Vec::new();
+        for provider in providers {
+            if query.found.len() >= MAX_PROVIDERS_PER_QUERY {
+                break;
+            }
+            if provider != local && query.found.insert(provider) {
+                new.push(provider);
             }
         }
-        providers
+        if !query.found.is_empty() {
+            query.first_found.get_or_insert(now);
+        }
+        new
     }
 
     /// When the next provider query is due to answer early, if one is.
@@ -255,7 +273,11 @@ mod tests {
         assert_eq!(d.on_providers(&1, [me], t), Vec::<PeerId>::new());
         assert_eq!(d.next_due(), None, "only this node found: no grace yet");
         assert_eq!(d.on_providers(&1, [a, me], t), vec![a]);
-        assert_eq!(d.on_providers(&1, [a, b], t), vec![a, b]);
+        assert_eq!(
+            d.on_providers(&1, [a, b], t),
+            vec![b],
+            "only new hosts are dialled"
+        );
         assert!(rx.try_recv().is_err(), "waits for the walk");
         d.providers_done(&1);
         let mut expected = vec![a, b];
@@ -266,6 +288,27 @@ mod tests {
             d.on_providers(&2, [a], t),
             vec![a],
             "not ours: still worth a dial"
+        );
+    }
+
+    #[test]
+    fn a_provider_query_keeps_and_dials_a_bounded_number_of_hosts() {
+        let mut d = Discovery::<u32>::new(peer());
+        let (tx, mut rx) = oneshot::channel();
+        d.providers_started(1, tx);
+        let t = Instant::now();
+        let flood: Vec<PeerId> = (0..500).map(|_| peer()).collect();
+        let dialled = d.on_providers(&1, flood.iter().copied(), t);
+        assert_eq!(dialled.len(), MAX_PROVIDERS_PER_QUERY);
+        assert!(d.on_providers(&1, [peer()], t).is_empty(), "full");
+        d.providers_done(&1);
+        assert_eq!(
+            rx.try_recv().unwrap().unwrap().len(),
+            MAX_PROVIDERS_PER_QUERY
+        );
+        assert_eq!(
+            d.on_providers(&9, flood.iter().copied(), t).len(),
+            MAX_PROVIDERS_PER_QUERY
         );
     }
 

@@ -26,6 +26,7 @@ mod connect;
 mod discovery;
 mod error;
 pub mod event_loop;
+pub mod inbound_guard;
 mod peer_table;
 mod provider_store;
 mod reachability;

@@ -10,30 +10,93 @@
 //! Here a new provider of a full key takes the slot of the record refreshed longest ago (the
 //! one that expires first). A live provider republishes every third of the TTL, so its record
 //! stays fresh; a departed one stops, so its record is the first to go. The node's own record
-//! is never given up. A flood of fresh records from throwaway peer ids can still push others
-//! out, as it could fill the list before; bounding what one peer or address may announce is
-//! the hostile-peers work.
+//! is never given up.
+//!
+//! What a remote peer announces is bounded, so that no peer can fill the store:
+//!
+//! - the node's own records live apart from remote ones ([`ProviderStore`] holds two
+//!   `MemoryStore`s), so remote keys filling the store never stop the node announcing its own;
+//! - one remote peer provides at most [`MAX_KEYS_PER_PROVIDER`] keys here;
+//! - a record keeps at most [`MAX_ADDRESSES_PER_RECORD`] addresses (the packet may carry
+//!   hundreds; mesh raised Kademlia's packet size for long provider lists).
+//!
+//! A flood of fresh records from many throwaway peer ids can still push others out of one
+//! key's list, as it could fill the list before; the per-IP connection caps bound how many
+//! peer ids one machine brings.
 
 use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
 
-use libp2p::kad::store::{MemoryStore, RecordStore, Result};
+use libp2p::kad::store::{Error, MemoryStore, RecordStore, Result};
 use libp2p::kad::{ProviderRecord, Record, RecordKey};
 use libp2p::PeerId;
 
+/// Most keys one remote peer provides in this store.
+pub const MAX_KEYS_PER_PROVIDER: usize = 32;
+/// Most addresses kept with one provider record.
+pub const MAX_ADDRESSES_PER_RECORD: usize = 8;
+
 pub struct ProviderStore {
-    inner: MemoryStore,
+    /// This node's own provider records.
+    own: MemoryStore,
+    /// Everyone else's, and value records.
+    remote: MemoryStore,
     local: PeerId,
     max_providers_per_key: usize,
+    /// The keys each remote peer provides here (some may have expired or been pushed out:
+    /// they are pruned when the peer is next counted).
+    by_provider: HashMap<PeerId, HashSet<RecordKey>>,
 }
 
 impl ProviderStore {
     pub fn new(local: PeerId, config: libp2p::kad::store::MemoryStoreConfig) -> ProviderStore {
         let max_providers_per_key = config.max_providers_per_key;
         ProviderStore {
-            inner: MemoryStore::with_config(local, config),
+            own: MemoryStore::with_config(local, config.clone()),
+            remote: MemoryStore::with_config(local, config),
             local,
             max_providers_per_key,
+            by_provider: HashMap::new(),
         }
+    }
+
+    /// The live keys `peer` provides here, pruning those whose record is gone or expired.
+    fn keys_of(&mut self, peer: &PeerId) -> usize {
+        let now = Instant::now();
+        let Some(keys) = self.by_provider.get_mut(peer) else {
+            return 0;
+        };
+        let remote = &self.remote;
+        keys.retain(|key| {
+            remote
+                .providers(key)
+                .iter()
+                .any(|r| r.provider == *peer && !r.is_expired(now))
+        });
+        let n = keys.len();
+        if n == 0 {
+            self.by_provider.remove(peer);
+        }
+        n
+    }
+
+    fn add_remote(&mut self, mut record: ProviderRecord) -> Result<()> {
+        record.addresses.truncate(MAX_ADDRESSES_PER_RECORD);
+        let providers = self.remote.providers(&record.key);
+        let known = providers.iter().any(|p| p.provider == record.provider);
+        if !known && self.keys_of(&record.provider) >= MAX_KEYS_PER_PROVIDER {
+            return Err(Error::MaxProvidedKeys);
+        }
+        if !known && providers.len() >= self.max_providers_per_key {
+            if let Some(stalest) = providers.iter().min_by_key(|p| p.expires) {
+                self.remote.remove_provider(&record.key, &stalest.provider);
+            }
+        }
+        let (key, provider) = (record.key.clone(), record.provider);
+        self.remote.add_provider(record)?;
+        self.by_provider.entry(provider).or_default().insert(key);
+        Ok(())
     }
 }
 
@@ -42,46 +105,51 @@ impl RecordStore for ProviderStore {
     type ProvidedIter<'a> = <MemoryStore as RecordStore>::ProvidedIter<'a>;
 
     fn get(&self, k: &RecordKey) -> Option<Cow<'_, Record>> {
-        self.inner.get(k)
+        self.remote.get(k)
     }
 
     fn put(&mut self, r: Record) -> Result<()> {
-        self.inner.put(r)
+        self.remote.put(r)
     }
 
     fn remove(&mut self, k: &RecordKey) {
-        self.inner.remove(k)
+        self.remote.remove(k)
     }
 
     fn records(&self) -> Self::RecordsIter<'_> {
-        self.inner.records()
+        self.remote.records()
     }
 
     fn add_provider(&mut self, record: ProviderRecord) -> Result<()> {
-        let providers = self.inner.providers(&record.key);
-        let known = providers.iter().any(|p| p.provider == record.provider);
-        if !known && providers.len() >= self.max_providers_per_key {
-            let stalest = providers
-                .iter()
-                .filter(|p| p.provider != self.local)
-                .min_by_key(|p| p.expires);
-            if let Some(stalest) = stalest {
-                self.inner.remove_provider(&record.key, &stalest.provider);
-            }
+        if record.provider == self.local {
+            self.own.add_provider(record)
+        } else {
+            self.add_remote(record)
         }
-        self.inner.add_provider(record)
     }
 
     fn providers(&self, key: &RecordKey) -> Vec<ProviderRecord> {
-        self.inner.providers(key)
+        let mut all = self.own.providers(key);
+        all.extend(self.remote.providers(key));
+        all
     }
 
     fn provided(&self) -> Self::ProvidedIter<'_> {
-        self.inner.provided()
+        self.own.provided()
     }
 
     fn remove_provider(&mut self, k: &RecordKey, p: &PeerId) {
-        self.inner.remove_provider(k, p)
+        if *p == self.local {
+            self.own.remove_provider(k, p)
+        } else {
+            self.remote.remove_provider(k, p);
+            if let Some(keys) = self.by_provider.get_mut(p) {
+                keys.remove(k);
+                if keys.is_empty() {
+                    self.by_provider.remove(p);
+                }
+            }
+        }
     }
 }
 
@@ -153,5 +221,57 @@ mod tests {
         let held = holders(&s, &key);
         assert!(held.contains(&me) && held.contains(&newcomer), "{held:?}");
         assert_eq!(s.provided().count(), 1);
+    }
+
+    #[test]
+    fn one_remote_peer_provides_a_bounded_number_of_keys_and_its_addresses_are_capped() {
+        let me = random_peer();
+        let mut s = store(me, 100);
+        let greedy = random_peer();
+        let key = |n: usize| RecordKey::new(&format!("/mesh/model/1/m{n}"));
+        for n in 0..MAX_KEYS_PER_PROVIDER {
+            let mut r = record(&key(n), greedy, 900);
+            r.addresses = (0..500)
+                .map(|port| format!("/ip4/192.0.2.1/tcp/{port}").parse().unwrap())
+                .collect();
+            s.add_provider(r).unwrap();
+        }
+        assert!(matches!(
+            s.add_provider(record(&key(999), greedy, 900)),
+            Err(Error::MaxProvidedKeys)
+        ));
+        assert!(s.providers(&key(0))[0].addresses.len() <= MAX_ADDRESSES_PER_RECORD);
+        // A refresh of a key it has is fine; another peer is not held back.
+        s.add_provider(record(&key(0), greedy, 900)).unwrap();
+        s.add_provider(record(&key(999), random_peer(), 900))
+            .unwrap();
+        // A record that expired frees its place.
+        s.add_provider(record(&key(1), greedy, 0)).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        s.add_provider(record(&key(1000), greedy, 900)).unwrap();
+    }
+
+    #[test]
+    fn remote_keys_filling_the_store_leave_room_for_the_nodes_own() {
+        let me = random_peer();
+        let mut s = ProviderStore::new(
+            me,
+            libp2p::kad::store::MemoryStoreConfig {
+                max_records: 4,
+                ..Default::default()
+            },
+        );
+        for n in 0..4 {
+            let key = RecordKey::new(&format!("/mesh/model/1/r{n}"));
+            s.add_provider(record(&key, random_peer(), 900)).unwrap();
+        }
+        let full = RecordKey::new(&"/mesh/model/1/one-more");
+        assert!(s.add_provider(record(&full, random_peer(), 900)).is_err());
+        let mine = RecordKey::new(&"/mesh/model/1/mine");
+        s.add_provider(record(&mine, me, 900)).unwrap();
+        assert_eq!(holders(&s, &mine), vec![me]);
+        assert_eq!(s.provided().count(), 1);
+        s.remove_provider(&mine, &me);
+        assert_eq!(s.provided().count(), 0);
     }
 }

@@ -12,6 +12,24 @@ use crate::network::behaviour::{MeshBehaviourEvent, KAD};
 use crate::network::reachability::{circuits_through, Reserved};
 use crate::network::{NetworkEvent, Path};
 
+/// Most addresses of one peer taken from identify, and kept in its routing-table entry.
+pub const MAX_ADDRS_PER_PEER: usize = 8;
+
+/// How many addresses the routing table holds for `peer`.
+fn kad_addresses(
+    kad: &mut kad::Behaviour<crate::network::provider_store::ProviderStore>,
+    peer: &libp2p::PeerId,
+) -> usize {
+    kad.kbucket(*peer)
+        .and_then(|bucket| {
+            bucket
+                .iter()
+                .find(|entry| entry.node.key.preimage() == peer)
+                .map(|entry| entry.node.value.iter().count())
+        })
+        .unwrap_or(0)
+}
+
 impl EventLoop {
     pub(super) fn on_behaviour_event(&mut self, event: MeshBehaviourEvent) {
         match event {
@@ -20,10 +38,19 @@ impl EventLoop {
                 info,
                 connection_id,
             }) => {
+                // A peer may list (and push) any number of addresses: the first few count.
+                let listen_addrs: Vec<Multiaddr> = info
+                    .listen_addrs
+                    .iter()
+                    .filter(|a| !is_unspecified(a))
+                    .take(MAX_ADDRS_PER_PEER)
+                    .cloned()
+                    .collect();
                 tracing::debug!(
                     peer = %peer_id,
                     dht_server = info.protocols.contains(&KAD),
-                    addrs = ?info.listen_addrs,
+                    addrs = ?listen_addrs,
+                    listed = info.listen_addrs.len(),
                     "identified"
                 );
                 let path = self.table.read().path_of(&peer_id, connection_id);
@@ -31,14 +58,19 @@ impl EventLoop {
                 let offers_relay = info.protocols.contains(&relay::HOP_PROTOCOL_NAME);
                 if self
                     .reach
-                    .on_identified(peer_id, relayed, offers_relay, &info.listen_addrs)
+                    .on_identified(peer_id, relayed, offers_relay, &listen_addrs)
                 {
                     self.reserve_relays();
                 }
                 if info.protocols.contains(&KAD) {
-                    for addr in info.listen_addrs.iter().filter(|a| !is_unspecified(a)) {
-                        let kad = &mut self.swarm.behaviour_mut().kad;
-                        kad.add_address(&peer_id, addr.clone());
+                    let kad = &mut self.swarm.behaviour_mut().kad;
+                    // Pushes add addresses to the routing table's entry: past the bound, the
+                    // entry starts again from the latest list.
+                    if kad_addresses(kad, &peer_id) + listen_addrs.len() > MAX_ADDRS_PER_PEER {
+                        kad.remove_peer(&peer_id);
+                    }
+                    for addr in listen_addrs {
+                        kad.add_address(&peer_id, addr);
                     }
                 }
                 self.table.write().set_agent(&peer_id, info.agent_version);
@@ -121,7 +153,10 @@ impl EventLoop {
             relay::client::Event::OutboundCircuitEstablished {
                 relay_peer_id,
                 limit,
-            } => tracing::debug!(relay = %relay_peer_id, ?limit, "circuit to a peer opened"),
+            } => {
+                tracing::debug!(relay = %relay_peer_id, ?limit, "circuit to a peer opened");
+                self.reach.circuit_worked(&relay_peer_id);
+            }
             relay::client::Event::InboundCircuitEstablished { src_peer_id, limit } => {
                 tracing::debug!(peer = %src_peer_id, ?limit, "circuit from a peer opened")
             }
