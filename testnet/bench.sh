@@ -12,11 +12,14 @@
 #   rss:      peak RSS of a node hosting both models
 #   embed:    MiniLM in mesh (candle) vs sentence-transformers, same files, same threads
 #   gateway:  a chat completion through a node's OpenAI gateway vs the engine in-process
+#   hostile:  a `mesh join` process under each hostile-peer attack (half-open TCP flood, 300
+#             sybils, stalled streams, lying providers): an honest caller's calls before, during
+#             and after, and the node's peak RSS during the attack
 # Prints JSON lines; docs/benchmarks.md quotes them.
 #
 # The reference implementations come from PyPI (llama-cpp-python builds llama.cpp from source,
 # ~15 min on 2 cores, into the venv the tests share; sentence-transformers pulls torch).
-# Usage: testnet/bench.sh [all|network|generate|kernels|server|split|rss|gateway|embed]
+# Usage: testnet/bench.sh [all|network|generate|kernels|server|split|rss|gateway|embed|hostile]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MESH_MODELS="${MESH_MODELS:-$PWD/target/mesh-models}"
@@ -128,6 +131,9 @@ if [ "$what" = all ] || [ "$what" = rss ]; then
 fi
 if [ "$what" = all ] || [ "$what" = gateway ]; then
   "$bench" gateway --runs 10 --seconds 5
+fi
+if [ "$what" = all ] || [ "$what" = hostile ]; then
+  "$bench" hostile --mesh "$mesh" --seconds 5
 fi
 if [ "$what" = all ] || [ "$what" = embed ]; then
   "$bench" embed --seconds 5

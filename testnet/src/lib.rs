@@ -2,8 +2,10 @@
 //!
 //! - [`inprocess`]: real libp2p nodes in this process, for tests and benchmarks.
 //! - [`bench`]: what `mesh-bench` measures.
+//! - [`attack`]: hostile peers, for tests and benchmarks.
 //!
 //! `testnet/testnet.sh` drives `mesh` processes.
 
+pub mod attack;
 pub mod bench;
 pub mod inprocess;

@@ -2,165 +2,19 @@
 //! that refuse, stall or lie about their weights next to an honest one, and a peer that opens
 //! stalled streams by the hundred. Honest callers are served throughout.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use futures::{AsyncWriteExt, StreamExt};
 use libp2p::{Multiaddr, PeerId};
 use mesh_node::auth::{Access, AccessConfig};
-use mesh_node::wire::{read_frame, write_frame};
 use mesh_node::{Node, NodeIdentity};
-use mesh_protocol::frame::{encode_body, DEFAULT_MAX_FRAME_LEN};
-use mesh_protocol::ids::{CATALOG_PROTOCOL, INFER_PROTOCOL};
-use mesh_protocol::{
-    CatalogRequest, CatalogResponse, ErrorCode, FinishReason, InferRequest, InferResponse,
-    ModelCard, SignedModelCard, Usage, WireError,
-};
+use mesh_testnet::attack::{self, hostile, Act};
 use mesh_testnet::inprocess::{builtin_engines, loopback_config, tcp_addr};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-/// What a hostile provider does with the calls it gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Act {
-    /// Reads the request and never answers, holding the stream open.
-    Stall,
-    /// Answers at once, from weights other than the ones its name stands for.
-    Lie,
-    /// Says it does not host the model it announced.
-    Deny,
-}
-
-/// A provider built from mesh's network crate, not from its server: it announces `model` in
-/// the DHT with a card it signs itself, claims to be idle, and does `act` with every call.
-struct Hostile {
-    peer: PeerId,
-    /// The swarm's task runs while a client of it lives.
-    _client: mesh_node::network::Client,
-    calls: Arc<AtomicUsize>,
-    shutdown: CancellationToken,
-}
-
-impl Drop for Hostile {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-async fn hostile(act: Act, model: &str, sha256: &str, bootstrap: Multiaddr) -> Hostile {
-    let identity = NodeIdentity::generate();
-    let config = loopback_config(vec![bootstrap.clone()]).network;
-    let shutdown = CancellationToken::new();
-    let (client, mut inbound, event_loop) =
-        mesh_node::network::new(&identity, &config, shutdown.clone()).expect("a swarm");
-    let mut events = client.events();
-    tokio::spawn(event_loop.run());
-    // As a node does: announce once listening on every address, so the records carry them,
-    // and once the bootstrap node is in the routing table, so they reach it.
-    let mut listening = 0;
-    while listening < config.listen.len() {
-        if let Ok(mesh_node::network::NetworkEvent::Listening(_)) = events.recv().await {
-            listening += 1;
-        }
-    }
-    let boot_peer = client.dial(bootstrap).await.expect("joins");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !client.known_peers().await.unwrap().contains(&boot_peer) {
-        assert!(
-            Instant::now() < deadline,
-            "the bootstrap node never entered the table"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    client.provide(model).await.expect("announces");
-    let card = ModelCard {
-        name: model.into(),
-        task: mesh_protocol::Task::Generate,
-        architecture: "llama".into(),
-        parameters: 0,
-        quantization: "Q4_1".into(),
-        context_length: 2048,
-        embedding_dims: None,
-        sha256: sha256.into(),
-        license: None,
-        max_concurrency: 64,
-        layers: None,
-    };
-    let bytes = encode_body(&card).unwrap();
-    let signed = SignedModelCard {
-        signature: identity
-            .sign(&SignedModelCard::signed_message(&bytes))
-            .to_vec(),
-        card: bytes,
-    };
-    let calls = Arc::new(AtomicUsize::new(0));
-    let counted = calls.clone();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        loop {
-            let (_, protocol, mut stream) = tokio::select! {
-                next = inbound.recv() => match next { Some(s) => s, None => return },
-                () = stop.cancelled() => return,
-            };
-            if protocol.as_ref() == CATALOG_PROTOCOL {
-                let signed = signed.clone();
-                tokio::spawn(async move {
-                    let _ = read_frame::<CatalogRequest, _>(&mut stream, 1024).await;
-                    let answer = CatalogResponse {
-                        cards: vec![signed],
-                        load: 0,
-                    };
-                    let _ = write_frame(&mut stream, &answer, DEFAULT_MAX_FRAME_LEN).await;
-                    let _ = stream.close().await;
-                });
-                continue;
-            }
-            if protocol.as_ref() != INFER_PROTOCOL {
-                continue;
-            }
-            counted.fetch_add(1, Ordering::SeqCst);
-            let request = read_frame::<InferRequest, _>(&mut stream, DEFAULT_MAX_FRAME_LEN).await;
-            let frames = match (act, request) {
-                (Act::Stall, _) => {
-                    held.push(stream);
-                    continue;
-                }
-                (Act::Lie, Ok(Some(request))) => vec![
-                    InferResponse::Started {
-                        model: request.model,
-                        queue_ms: 0,
-                    },
-                    InferResponse::Delta {
-                        text: "a lie".into(),
-                        tokens: Vec::new(),
-                    },
-                    InferResponse::Done {
-                        finish_reason: FinishReason::Stop,
-                        usage: Usage::default(),
-                        receipt: None,
-                        stages: Vec::new(),
-                    },
-                ],
-                (Act::Deny, _) | (Act::Lie, _) => vec![InferResponse::Error(WireError::new(
-                    ErrorCode::UnknownModel,
-                    "not here",
-                ))],
-            };
-            for frame in frames {
-                let _ = write_frame(&mut stream, &frame, DEFAULT_MAX_FRAME_LEN).await;
-            }
-            let _ = stream.close().await;
-        }
-    });
-    Hostile {
-        _client: client,
-        peer: identity.peer_id(),
-        calls,
-        shutdown,
-    }
-}
+/// Where the attackers connect from: another loopback address than the honest nodes'.
+const SYBIL_IP: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
 
 async fn node(
     engines: &[(&str, &str)],
@@ -180,23 +34,9 @@ async fn node(
 
 /// Waits until the DHT names `count` providers of `model` to `node`.
 async fn until_providers(node: &Node, model: &str, count: usize) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let found = node
-            .client()
-            .find_providers(model)
-            .await
-            .unwrap_or_default();
-        if found.len() >= count {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the DHT names {} of {count} providers",
-            found.len()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    attack::until_providers(&node.client(), model, count, Duration::from_secs(20))
+        .await
+        .unwrap();
 }
 
 /// One `/v1/mesh/infer` call: its `done` or `error` event.
@@ -388,19 +228,7 @@ async fn hundreds_of_stalled_streams_from_one_peer_leave_others_served_on_open_a
     .expect("caller starts");
 
     // 300 streams that announce a 1 MiB request and send nothing more.
-    let client = attacker.client();
-    let mut stalled = Vec::new();
-    for _ in 0..300 {
-        let protocol = libp2p::StreamProtocol::new(INFER_PROTOCOL);
-        match client.open_stream(target.peer_id(), protocol).await {
-            Ok(mut stream) => {
-                let _ = stream.write_all(&[0x80, 0x80, 0x40]).await;
-                let _ = stream.flush().await;
-                stalled.push(stream);
-            }
-            Err(_) => break,
-        }
-    }
+    let mut stalled = attack::stalled_streams(&attacker.client(), target.peer_id(), 300).await;
     assert!(
         stalled.len() >= 100,
         "the attack opened {} streams",
@@ -455,17 +283,7 @@ async fn hundreds_of_stalled_streams_from_one_peer_leave_others_served_on_open_a
         );
     }
     // Streams past the attacker's share were refused at once: it holds no more than its share.
-    let answered = futures::stream::iter(stalled.iter_mut())
-        .filter_map(|s| async move {
-            let r = tokio::time::timeout(
-                Duration::from_millis(200),
-                read_frame::<InferResponse, _>(s, DEFAULT_MAX_FRAME_LEN),
-            )
-            .await;
-            matches!(r, Ok(Ok(Some(InferResponse::Error(_))))).then_some(())
-        })
-        .count()
-        .await;
+    let answered = attack::refused(&mut stalled, Duration::from_millis(200)).await;
     assert!(
         answered >= stalled.len() - 32,
         "{answered} of {} stalled streams were refused",
@@ -536,14 +354,7 @@ async fn a_half_open_tcp_flood_from_one_ip_leaves_room_for_a_fresh_caller() {
     let port = tcp_port(&target).await;
     // 200 sockets from 127.0.0.2 that never begin a handshake (more than the node's 64
     // pending handshakes in all).
-    let mut flood = Vec::new();
-    for _ in 0..200 {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
-        if let Ok(stream) = socket.connect(([127, 0, 0, 1], port).into()).await {
-            flood.push(stream);
-        }
-    }
+    let mut flood = attack::half_open(SYBIL_IP, ([127, 0, 0, 1], port).into(), 200).await;
     assert!(flood.len() >= 100, "{} sockets opened", flood.len());
     // A fresh caller from another IP joins and is answered during the flood.
     let mut config = loopback_config(vec![tcp_addr(&target).await]);
@@ -574,29 +385,6 @@ async fn a_half_open_tcp_flood_from_one_ip_leaves_room_for_a_fresh_caller() {
     target.shutdown().await;
 }
 
-/// A bare libp2p peer with a fresh peer id that dials `target` from 127.0.0.2 and holds the
-/// connection: one of many throwaway identities.
-async fn sybil(target: Multiaddr) -> Option<libp2p::Swarm<libp2p::swarm::dummy::Behaviour>> {
-    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(
-            libp2p::tcp::Config::default(),
-            libp2p::noise::Config::new,
-            libp2p::yamux::Config::default,
-        )
-        .ok()?
-        .with_behaviour(|_| libp2p::swarm::dummy::Behaviour)
-        .ok()?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
-        .build();
-    // Listening on 127.0.0.2 makes its dials leave from that address (port reuse).
-    swarm
-        .listen_on("/ip4/127.0.0.2/tcp/0".parse().unwrap())
-        .ok()?;
-    swarm.dial(target).ok()?;
-    Some(swarm)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hundred_sybils_from_one_ip_leave_the_node_able_to_dial_out_and_serve_its_friend() {
     let friend = NodeIdentity::generate();
@@ -604,46 +392,19 @@ async fn three_hundred_sybils_from_one_ip_leave_the_node_able_to_dial_out_and_se
     let addr = tcp_addr(&target).await;
     let mut swarms = Vec::new();
     for _ in 0..300 {
-        if let Some(s) = sybil(addr.clone()).await {
+        if let Some(s) = attack::sybil(addr.clone(), SYBIL_IP).await {
             swarms.push(s);
         }
     }
     // Drive every sybil until its dial settles (connected, or refused by the node).
-    let (connected, refused) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let stop = CancellationToken::new();
-    for mut swarm in swarms {
-        let (connected, refused, stop) = (connected.clone(), refused.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut counted = false;
-            loop {
-                let event = tokio::select! {
-                    e = swarm.select_next_some() => e,
-                    () = stop.cancelled() => return,
-                };
-                match event {
-                    libp2p::swarm::SwarmEvent::ConnectionEstablished { .. } if !counted => {
-                        counted = true;
-                        connected.fetch_add(1, Ordering::SeqCst);
-                    }
-                    libp2p::swarm::SwarmEvent::ConnectionClosed { .. } if counted => {
-                        counted = false;
-                        connected.fetch_sub(1, Ordering::SeqCst);
-                        refused.fetch_add(1, Ordering::SeqCst);
-                    }
-                    libp2p::swarm::SwarmEvent::OutgoingConnectionError { .. } => {
-                        refused.fetch_add(1, Ordering::SeqCst);
-                    }
-                    _ => {}
-                }
-            }
-        });
-    }
+    let counts = attack::hold_sybils(swarms, &stop);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while connected.load(Ordering::SeqCst) + refused.load(Ordering::SeqCst) < 300 {
+    while counts.settled() < 300 {
         assert!(Instant::now() < deadline, "the sybils' dials never settled");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let held = connected.load(Ordering::SeqCst);
+    let held = counts.connected();
     eprintln!("sybils holding a connection: {held} of 300");
     assert!(held > 0 && held <= 64, "one IP holds {held} connections");
 

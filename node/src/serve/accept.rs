@@ -158,8 +158,9 @@ async fn refuse<S: AsyncWrite + Unpin>(mut stream: S, error: WireError) {
 /// `limits`, until `shutdown` (then the streams still being served are aborted).
 ///
 /// Every check here is made before the stream is read, and costs no place: the peer's own
-/// count ([`StreamLimits::per_peer`]); on a node whose every model is closed to all but its
-/// allow lists, the caller's peer id against them; then a place in the node-wide pool. An
+/// count ([`StreamLimits::per_peer`]); for an inference stream on a node whose every model is
+/// closed to all but its allow lists, the caller's peer id against them; then a place in the
+/// node-wide pool. An
 /// inference stream refused here is told why (`overloaded` or `unauthorized`), within a
 /// bounded number of refusals in flight; any other is dropped.
 pub async fn accept<P, S>(
@@ -190,12 +191,13 @@ pub async fn accept<P, S>(
                     Protocol::Catalog => (Pool::Catalogs, limits.catalogs_per_peer, &catalogs),
                     Protocol::Infer | Protocol::Stage => (Pool::Calls, limits.per_peer, &streams),
                 };
-                if pool == Pool::Calls && !server.auth.may_call_any(&peer) {
+                // A stage stream is refused in its own protocol, by the stage session.
+                if protocol == Protocol::Infer && !server.auth.may_call_any(&peer) {
                     tracing::debug!(%peer, "stream from a peer no model here allows");
                     if may_refuse {
                         calls.spawn(refuse(stream, WireError::new(
                             ErrorCode::Unauthorized,
-                            "this node serves only the peers on its allow lists",
+                            format!("not on the allow list: peer {peer} may call no model on this node"),
                         )));
                     }
                     continue;

@@ -1,6 +1,7 @@
 //! Measurement helpers for `mesh-bench`.
 
 pub mod gateway;
+pub mod hostile;
 pub mod kernels;
 pub mod load;
 pub mod models;

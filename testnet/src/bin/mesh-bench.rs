@@ -14,6 +14,11 @@
 //!                                                  the layer here; f32 and f16
 //!   mesh-bench embed [--seconds S]                 MiniLM embeddings/s at batch 1, 8, 32
 //!   mesh-bench gateway [--runs R] [--seconds S]    OpenAI gateway: overhead and requests/s
+//!   mesh-bench hostile --mesh PATH [--seconds S] [--attacks a,b]
+//!                                                  a `mesh join` process under each attack
+//!                                                  (half-open, sybils, stalled-streams,
+//!                                                  liars): honest calls before, during and
+//!                                                  after; the node's peak RSS
 //!   mesh-bench load --api URL --via gateway|mesh --model M [--calls N] [--deadline-secs S]
 //!                                                  N calls at once at a running node's API;
 //!                                                  exits 1 if one failed or hung
@@ -69,6 +74,17 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
+        Some("hostile") => {
+            let mesh = std::path::PathBuf::from(text_arg(&args, "--mesh")?);
+            let seconds = Duration::from_secs(arg(&args, "--seconds", 5)?);
+            let attacks: Vec<&str> = match text_arg(&args, "--attacks") {
+                Ok(list) => list.split(',').collect(),
+                Err(_) => bench::hostile::ATTACKS.to_vec(),
+            };
+            for line in bench::hostile::run(&mesh, &attacks, seconds).await? {
+                println!("{line}");
+            }
+        }
         Some("network") => {
             let calls = arg(&args, "--calls", 2000)? as usize;
             let seconds = Duration::from_secs(arg(&args, "--seconds", 5)?);

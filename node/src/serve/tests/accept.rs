@@ -193,7 +193,14 @@ async fn a_node_closed_to_all_but_its_allow_list_refuses_others_before_reading()
     // The stranger's stream is refused without taking the node's one place...
     let mut refused = router.open(INFER_PROTOCOL).await;
     match refused.frame().await {
-        Some(InferResponse::Error(e)) => assert_eq!(e.code, ErrorCode::Unauthorized),
+        Some(InferResponse::Error(e)) => {
+            assert_eq!(e.code, ErrorCode::Unauthorized);
+            assert!(
+                e.message.starts_with("not on the allow list"),
+                "{}",
+                e.message
+            );
+        }
         other => panic!("expected unauthorized, got {other:?}"),
     }
     // ...so the friend is served.

@@ -1,0 +1,325 @@
+//! Attackers for tests and benchmarks, built from mesh's own crates and libp2p: what a hostile
+//! peer can do to a node, reproduced for real (docs/security.md, "Hostile peers").
+//!
+//! - [`hostile`]: a provider that announces a model and then stalls, denies it, or answers from
+//!   other weights ([`Act`]).
+//! - [`half_open`]: TCP sockets to a node's port that never begin a handshake.
+//! - [`sybil`] and [`hold_sybils`]: throwaway peer ids that dial a node and hold the connection.
+//! - [`stalled_streams`]: inference streams that announce a 1 MiB request and send nothing more.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{AsyncWriteExt, StreamExt};
+use libp2p::{Multiaddr, PeerId};
+use mesh_node::wire::{read_frame, write_frame};
+use mesh_node::NodeIdentity;
+use mesh_protocol::frame::{encode_body, DEFAULT_MAX_FRAME_LEN};
+use mesh_protocol::ids::{CATALOG_PROTOCOL, INFER_PROTOCOL};
+use mesh_protocol::{
+    CatalogRequest, CatalogResponse, ErrorCode, FinishReason, InferRequest, InferResponse,
+    ModelCard, SignedModelCard, Usage, WireError,
+};
+use tokio_util::sync::CancellationToken;
+
+/// What a hostile provider does with the calls it gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    /// Reads the request and never answers, holding the stream open.
+    Stall,
+    /// Answers at once, from weights other than the ones its name stands for.
+    Lie,
+    /// Says it does not host the model it announced.
+    Deny,
+}
+
+/// A provider built from mesh's network crate, not from its server: it announces `model` in
+/// the DHT with a card it signs itself, claims to be idle, and does `act` with every call.
+pub struct Hostile {
+    pub peer: PeerId,
+    /// The swarm's task runs while a client of it lives.
+    _client: mesh_node::network::Client,
+    /// Inference calls it received.
+    pub calls: Arc<AtomicUsize>,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Hostile {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub async fn hostile(act: Act, model: &str, sha256: &str, bootstrap: Multiaddr) -> Hostile {
+    let identity = NodeIdentity::generate();
+    let config = crate::inprocess::loopback_config(vec![bootstrap.clone()]).network;
+    let shutdown = CancellationToken::new();
+    let (client, mut inbound, event_loop) =
+        mesh_node::network::new(&identity, &config, shutdown.clone()).expect("a swarm");
+    let mut events = client.events();
+    tokio::spawn(event_loop.run());
+    // As a node does: announce once listening on every address, so the records carry them,
+    // and once the bootstrap node is in the routing table, so they reach it.
+    let mut listening = 0;
+    while listening < config.listen.len() {
+        if let Ok(mesh_node::network::NetworkEvent::Listening(_)) = events.recv().await {
+            listening += 1;
+        }
+    }
+    let boot_peer = client.dial(bootstrap).await.expect("joins");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !client.known_peers().await.unwrap().contains(&boot_peer) {
+        assert!(
+            Instant::now() < deadline,
+            "the bootstrap node never entered the table"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    client.provide(model).await.expect("announces");
+    let card = ModelCard {
+        name: model.into(),
+        task: mesh_protocol::Task::Generate,
+        architecture: "llama".into(),
+        parameters: 0,
+        quantization: "Q4_1".into(),
+        context_length: 2048,
+        embedding_dims: None,
+        sha256: sha256.into(),
+        license: None,
+        max_concurrency: 64,
+        layers: None,
+    };
+    let bytes = encode_body(&card).unwrap();
+    let signed = SignedModelCard {
+        signature: identity
+            .sign(&SignedModelCard::signed_message(&bytes))
+            .to_vec(),
+        card: bytes,
+    };
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (_, protocol, mut stream) = tokio::select! {
+                next = inbound.recv() => match next { Some(s) => s, None => return },
+                () = stop.cancelled() => return,
+            };
+            if protocol.as_ref() == CATALOG_PROTOCOL {
+                let signed = signed.clone();
+                tokio::spawn(async move {
+                    let _ = read_frame::<CatalogRequest, _>(&mut stream, 1024).await;
+                    let answer = CatalogResponse {
+                        cards: vec![signed],
+                        load: 0,
+                    };
+                    let _ = write_frame(&mut stream, &answer, DEFAULT_MAX_FRAME_LEN).await;
+                    let _ = stream.close().await;
+                });
+                continue;
+            }
+            if protocol.as_ref() != INFER_PROTOCOL {
+                continue;
+            }
+            counted.fetch_add(1, Ordering::SeqCst);
+            let request = read_frame::<InferRequest, _>(&mut stream, DEFAULT_MAX_FRAME_LEN).await;
+            let frames = match (act, request) {
+                (Act::Stall, _) => {
+                    held.push(stream);
+                    continue;
+                }
+                (Act::Lie, Ok(Some(request))) => vec![
+                    InferResponse::Started {
+                        model: request.model,
+                        queue_ms: 0,
+                    },
+                    InferResponse::Delta {
+                        text: "a lie".into(),
+                        tokens: Vec::new(),
+                    },
+                    InferResponse::Done {
+                        finish_reason: FinishReason::Stop,
+                        usage: Usage::default(),
+                        receipt: None,
+                        stages: Vec::new(),
+                    },
+                ],
+                (Act::Deny, _) | (Act::Lie, _) => vec![InferResponse::Error(WireError::new(
+                    ErrorCode::UnknownModel,
+                    "not here",
+                ))],
+            };
+            for frame in frames {
+                let _ = write_frame(&mut stream, &frame, DEFAULT_MAX_FRAME_LEN).await;
+            }
+            let _ = stream.close().await;
+        }
+    });
+    Hostile {
+        _client: client,
+        peer: identity.peer_id(),
+        calls,
+        shutdown,
+    }
+}
+
+/// Opens up to `count` TCP connections from `from` to `to` that never begin a handshake.
+pub async fn half_open(from: IpAddr, to: SocketAddr, count: usize) -> Vec<tokio::net::TcpStream> {
+    let mut sockets = Vec::new();
+    for _ in 0..count {
+        let socket = match from {
+            IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+            IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+        };
+        let Ok(socket) = socket else { break };
+        if socket.bind(SocketAddr::new(from, 0)).is_err() {
+            break;
+        }
+        if let Ok(stream) = socket.connect(to).await {
+            sockets.push(stream);
+        }
+    }
+    sockets
+}
+
+/// A bare libp2p peer with a fresh peer id that dials `target` from `from` and holds the
+/// connection: one of many throwaway identities.
+pub async fn sybil(
+    target: Multiaddr,
+    from: IpAddr,
+) -> Option<libp2p::Swarm<libp2p::swarm::dummy::Behaviour>> {
+    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default(),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
+        .ok()?
+        .with_behaviour(|_| libp2p::swarm::dummy::Behaviour)
+        .ok()?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+        .build();
+    // Listening on `from` makes its dials leave from that address (port reuse).
+    let listen = Multiaddr::from(from).with(libp2p::multiaddr::Protocol::Tcp(0));
+    swarm.listen_on(listen).ok()?;
+    swarm.dial(target).ok()?;
+    Some(swarm)
+}
+
+/// How many sybils hold a connection, and how many were refused or lost one.
+#[derive(Debug, Clone, Default)]
+pub struct SybilCounts {
+    pub connected: Arc<AtomicUsize>,
+    pub refused: Arc<AtomicUsize>,
+}
+
+impl SybilCounts {
+    pub fn connected(&self) -> usize {
+        self.connected.load(Ordering::SeqCst)
+    }
+
+    pub fn settled(&self) -> usize {
+        self.connected() + self.refused.load(Ordering::SeqCst)
+    }
+}
+
+/// Drives every sybil until `stop`, counting the connections they hold.
+pub fn hold_sybils(
+    swarms: Vec<libp2p::Swarm<libp2p::swarm::dummy::Behaviour>>,
+    stop: &CancellationToken,
+) -> SybilCounts {
+    let counts = SybilCounts::default();
+    for mut swarm in swarms {
+        let (counts, stop) = (counts.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut counted = false;
+            loop {
+                let event = tokio::select! {
+                    e = swarm.select_next_some() => e,
+                    () = stop.cancelled() => return,
+                };
+                match event {
+                    libp2p::swarm::SwarmEvent::ConnectionEstablished { .. } if !counted => {
+                        counted = true;
+                        counts.connected.fetch_add(1, Ordering::SeqCst);
+                    }
+                    libp2p::swarm::SwarmEvent::ConnectionClosed { .. } if counted => {
+                        counted = false;
+                        counts.connected.fetch_sub(1, Ordering::SeqCst);
+                        counts.refused.fetch_add(1, Ordering::SeqCst);
+                    }
+                    libp2p::swarm::SwarmEvent::OutgoingConnectionError { .. } => {
+                        counts.refused.fetch_add(1, Ordering::SeqCst);
+                    }
+                    _ => {}
+                }
+            }
+        });
+    }
+    counts
+}
+
+/// Opens up to `count` inference streams to `target` that announce a 1 MiB request and send
+/// nothing more; stops at the first stream that cannot be opened.
+pub async fn stalled_streams(
+    client: &mesh_node::network::Client,
+    target: PeerId,
+    count: usize,
+) -> Vec<libp2p::Stream> {
+    let mut stalled = Vec::new();
+    for _ in 0..count {
+        let protocol = libp2p::StreamProtocol::new(INFER_PROTOCOL);
+        match client.open_stream(target, protocol).await {
+            Ok(mut stream) => {
+                // 1 MiB, as an unsigned varint.
+                let _ = stream.write_all(&[0x80, 0x80, 0x40]).await;
+                let _ = stream.flush().await;
+                stalled.push(stream);
+            }
+            Err(_) => break,
+        }
+    }
+    stalled
+}
+
+/// How many of `streams` the node answered with an `error` frame within `wait` each.
+pub async fn refused(streams: &mut [libp2p::Stream], wait: Duration) -> usize {
+    futures::stream::iter(streams.iter_mut())
+        .filter_map(|s| async move {
+            let r = tokio::time::timeout(
+                wait,
+                read_frame::<InferResponse, _>(s, DEFAULT_MAX_FRAME_LEN),
+            )
+            .await;
+            matches!(r, Ok(Ok(Some(InferResponse::Error(_))))).then_some(())
+        })
+        .count()
+        .await
+}
+
+/// Waits until `node`'s DHT names `count` providers of `model`, for at most `within`.
+pub async fn until_providers(
+    client: &mesh_node::network::Client,
+    model: &str,
+    count: usize,
+    within: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let found = client.find_providers(model).await.unwrap_or_default();
+        if found.len() >= count {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "the DHT names {} of {count} providers",
+                found.len()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
