@@ -4,7 +4,10 @@
 //! - [`hostile`]: a provider that announces a model and then stalls, denies it, or answers from
 //!   other weights ([`Act`]).
 //! - [`half_open`]: TCP sockets to a node's port that never begin a handshake.
-//! - [`sybil`] and [`hold_sybils`]: throwaway peer ids that dial a node and hold the connection.
+//! - [`sybil`], [`hold_sybils`], [`sybils_in_waves`]: throwaway peer ids that dial a node and
+//!   hold the connection.
+//! - [`Netns`]: a network namespace joined to this one by a veth pair, so attackers come from
+//!   another IP than the honest nodes (libp2p on loopback always dials from 127.0.0.1).
 //! - [`stalled_streams`]: inference streams that announce a 1 MiB request and send nothing more.
 
 use std::net::{IpAddr, SocketAddr};
@@ -185,12 +188,10 @@ pub async fn half_open(from: IpAddr, to: SocketAddr, count: usize) -> Vec<tokio:
     sockets
 }
 
-/// A bare libp2p peer with a fresh peer id that dials `target` from `from` and holds the
-/// connection: one of many throwaway identities.
-pub async fn sybil(
-    target: Multiaddr,
-    from: IpAddr,
-) -> Option<libp2p::Swarm<libp2p::swarm::dummy::Behaviour>> {
+/// A bare libp2p peer with a fresh peer id that dials `target` and holds the connection: one
+/// of many throwaway identities. libp2p picks the source IP itself (on loopback always
+/// 127.0.0.1), so sybils from another IP run in a network namespace ([`Netns::run`]).
+pub async fn sybil(target: Multiaddr) -> Option<libp2p::Swarm<libp2p::swarm::dummy::Behaviour>> {
     let mut swarm = libp2p::SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_tcp(
@@ -203,9 +204,6 @@ pub async fn sybil(
         .ok()?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
         .build();
-    // Listening on `from` makes its dials leave from that address (port reuse).
-    let listen = Multiaddr::from(from).with(libp2p::multiaddr::Protocol::Tcp(0));
-    swarm.listen_on(listen).ok()?;
     swarm.dial(target).ok()?;
     Some(swarm)
 }
@@ -227,12 +225,12 @@ impl SybilCounts {
     }
 }
 
-/// Drives every sybil until `stop`, counting the connections they hold.
+/// Drives every sybil until `stop`, counting the connections they hold in `counts`.
 pub fn hold_sybils(
     swarms: Vec<libp2p::Swarm<libp2p::swarm::dummy::Behaviour>>,
     stop: &CancellationToken,
-) -> SybilCounts {
-    let counts = SybilCounts::default();
+    counts: &SybilCounts,
+) {
     for mut swarm in swarms {
         let (counts, stop) = (counts.clone(), stop.clone());
         tokio::spawn(async move {
@@ -259,6 +257,32 @@ pub fn hold_sybils(
                 }
             }
         });
+    }
+}
+
+/// `count` sybils dialling `target` in waves of `wave` (a burst would mostly be turned away by
+/// the pending-handshake limits; waves reach the established limits), held until `stop`.
+pub async fn sybils_in_waves(
+    target: &Multiaddr,
+    count: usize,
+    wave: usize,
+    stop: &CancellationToken,
+) -> SybilCounts {
+    let counts = SybilCounts::default();
+    let mut started = 0;
+    while started < count && !stop.is_cancelled() {
+        let mut swarms = Vec::new();
+        for _ in 0..wave.min(count - started) {
+            if let Some(s) = sybil(target.clone()).await {
+                swarms.push(s);
+            }
+        }
+        started += wave;
+        hold_sybils(swarms, stop, &counts);
+        let settled = Instant::now() + Duration::from_secs(5);
+        while counts.settled() < started.min(count) && Instant::now() < settled {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     counts
 }
@@ -321,5 +345,102 @@ pub async fn until_providers(
             ));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A network namespace joined to this one by a veth pair: this side `203.0.113.(4k+1)/30`, the
+/// namespace's side `203.0.113.(4k+2)` (a documentation range). Needs root and `ip`; deleted on
+/// drop.
+pub struct Netns {
+    name: String,
+    host: std::net::Ipv4Addr,
+    inside: std::net::Ipv4Addr,
+}
+
+impl Netns {
+    /// A fresh namespace, or why there cannot be one here.
+    pub fn create() -> Result<Netns, String> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("network namespaces need root".into());
+        }
+        let k = (std::process::id() as usize + NEXT.fetch_add(1, Ordering::SeqCst)) % 64;
+        let name = format!("mhst{}-{k}", std::process::id() % 100_000);
+        let (outer, inner) = (
+            format!("vh{k}x{}", std::process::id() % 10_000),
+            format!("vn{k}"),
+        );
+        let host = std::net::Ipv4Addr::new(203, 0, 113, (4 * k + 1) as u8);
+        let inside = std::net::Ipv4Addr::new(203, 0, 113, (4 * k + 2) as u8);
+        let ns = Netns { name, host, inside };
+        let ip = |args: &[&str]| -> Result<(), String> {
+            let out = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .map_err(|e| format!("cannot run ip: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "ip {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
+        };
+        let (host_cidr, inside_cidr) = (format!("{host}/30"), format!("{inside}/30"));
+        let name = ns.name.as_str();
+        ip(&["netns", "add", name])?;
+        ip(&[
+            "link", "add", &outer, "type", "veth", "peer", "name", &inner, "netns", name,
+        ])?;
+        ip(&["addr", "add", &host_cidr, "dev", &outer])?;
+        ip(&["link", "set", &outer, "up"])?;
+        ip(&["-n", name, "addr", "add", &inside_cidr, "dev", &inner])?;
+        ip(&["-n", name, "link", "set", &inner, "up"])?;
+        ip(&["-n", name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// This side's address, which a node listens on to be reached from the namespace.
+    pub fn host_ip(&self) -> std::net::Ipv4Addr {
+        self.host
+    }
+
+    /// The namespace's address: where what runs inside comes from.
+    pub fn inside_ip(&self) -> std::net::Ipv4Addr {
+        self.inside
+    }
+
+    /// Runs `work` on a thread of its own inside the namespace, on a runtime of its own.
+    pub fn run<F, Fut, T>(&self, work: F) -> std::thread::JoinHandle<Result<T, String>>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = T>,
+        T: Send + 'static,
+    {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+            // This thread only: its sockets are the namespace's from here on.
+            if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+                return Err(format!("setns: {}", std::io::Error::last_os_error()));
+            }
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            Ok(runtime.block_on(work()))
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes its end of the veth pair, and so the pair.
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }

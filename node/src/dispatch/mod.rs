@@ -419,7 +419,12 @@ impl Round<'_> {
             let given = request.resume.as_ref().map_or(0, |r| r.tokens.len()) as u32;
             (progress.sampled, progress.untracked) = (sampled.tokens, sampled.untracked);
             let (error, after_output) = match outcome {
-                Ok(done) => return Ok(Attempts::Ended(progress.finish(done, given))),
+                Ok(done) => {
+                    if let Some(cache) = cache {
+                        cache.answered(&peer);
+                    }
+                    return Ok(Attempts::Ended(progress.finish(done, given)));
+                }
                 Err(None) => return Err(AskerGone),
                 Err(Some(failed)) => failed,
             };

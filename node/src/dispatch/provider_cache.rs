@@ -35,8 +35,19 @@ pub enum Misbehaviour {
     DeniedModel,
 }
 
+/// The longest a provider is backed off, however often it misbehaved.
+pub const MAX_BACK_OFF: Duration = Duration::from_secs(3600);
+
+/// A provider's back-off: until when, and how many times it misbehaved since it last answered.
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    until: Instant,
+    strikes: u32,
+}
+
 impl Misbehaviour {
-    /// How long a provider is tried last after this.
+    /// How long a provider is tried last after this, the first time; each time again before
+    /// it answers a call doubles it, up to [`MAX_BACK_OFF`].
     pub fn back_off(self) -> Duration {
         match self {
             Misbehaviour::Unresponsive | Misbehaviour::Stalled => UNRESPONSIVE_FOR,
@@ -53,8 +64,8 @@ pub struct ProviderCache {
     entries: Mutex<HashMap<String, (Instant, Vec<Candidate>)>>,
     /// Calls this node has running on each provider now, added to the load it advertised.
     in_flight: Mutex<HashMap<PeerId, u32>>,
-    /// Providers backed off, and until when.
-    backed_off: Mutex<HashMap<PeerId, Instant>>,
+    /// Providers backed off: until when, and how often they misbehaved.
+    backed_off: Mutex<HashMap<PeerId, Mark>>,
 }
 
 /// Counts a call on `peer` in its provider's in-flight total while it lives.
@@ -119,25 +130,39 @@ impl ProviderCache {
         InFlight { cache: self, peer }
     }
 
-    fn marks(&self) -> MutexGuard<'_, HashMap<PeerId, Instant>> {
+    fn marks(&self) -> MutexGuard<'_, HashMap<PeerId, Mark>> {
         self.backed_off
             .lock()
             .expect("never poisoned: no panics while held")
     }
 
     /// `peer` misbehaved: it is tried last for as long as `why` earns
-    /// ([`Misbehaviour::back_off`]), or longer if an earlier mark says so.
+    /// ([`Misbehaviour::back_off`]), doubled for each earlier strike since it last answered
+    /// (at most [`MAX_BACK_OFF`]), and never less than an earlier mark still holds it.
     pub(crate) fn back_off(&self, peer: PeerId, why: Misbehaviour) {
         let now = Instant::now();
-        let until = now + why.back_off();
         let mut marks = self.marks();
-        if marks.len() >= BACKED_OFF_PEERS {
-            marks.retain(|_, until| *until > now);
+        if marks.len() >= BACKED_OFF_PEERS && !marks.contains_key(&peer) {
+            marks.retain(|_, mark| mark.until > now);
         }
-        if marks.len() < BACKED_OFF_PEERS || marks.contains_key(&peer) {
-            let mark = marks.entry(peer).or_insert(until);
-            *mark = (*mark).max(until);
+        if marks.len() >= BACKED_OFF_PEERS && !marks.contains_key(&peer) {
+            return;
         }
+        let mark = marks.entry(peer).or_insert(Mark {
+            until: now,
+            strikes: 0,
+        });
+        mark.strikes = mark.strikes.saturating_add(1);
+        let doubled = why
+            .back_off()
+            .saturating_mul(1u32 << (mark.strikes - 1).min(16))
+            .min(MAX_BACK_OFF);
+        mark.until = mark.until.max(now + doubled);
+    }
+
+    /// `peer` answered a call: its strikes are forgiven.
+    pub(crate) fn answered(&self, peer: &PeerId) {
+        self.marks().remove(peer);
     }
 
     /// The providers backed off now.
@@ -145,7 +170,7 @@ impl ProviderCache {
         let now = Instant::now();
         self.marks()
             .iter()
-            .filter(|(_, until)| **until > now)
+            .filter(|(_, mark)| mark.until > now)
             .map(|(peer, _)| *peer)
             .collect()
     }
@@ -226,7 +251,7 @@ mod tests {
         assert_eq!(order[1].peer, frozen, "but it is still a candidate");
         drop(claim);
         // Once the mark is old enough, it is nearest first again.
-        *cache.marks().get_mut(&frozen).unwrap() = Instant::now() - Duration::from_millis(1);
+        cache.marks().get_mut(&frozen).unwrap().until = Instant::now() - Duration::from_millis(1);
         assert!(cache.backed_off().is_empty());
         let (order, _claim) = cache.route_and_claim(both, me, &rtts);
         assert_eq!(order[0].peer, frozen);
@@ -246,12 +271,39 @@ mod tests {
         let cache = ProviderCache::default();
         let liar = peer();
         cache.back_off(liar, Misbehaviour::DeniedModel);
-        let long = cache.marks()[&liar];
+        let long = cache.marks()[&liar].until;
         cache.back_off(liar, Misbehaviour::Stalled);
-        assert_eq!(cache.marks()[&liar], long);
+        assert!(cache.marks()[&liar].until >= long);
         assert!(Misbehaviour::DeniedModel.back_off() > Misbehaviour::Refused.back_off());
         assert!(Misbehaviour::Refused.back_off() > Misbehaviour::Stalled.back_off());
         assert!(cache.backed_off().contains(&liar));
+    }
+
+    #[test]
+    fn each_strike_doubles_the_back_off_until_the_provider_answers() {
+        let cache = ProviderCache::default();
+        let staller = peer();
+        let left = |cache: &ProviderCache| cache.marks()[&staller].until - Instant::now();
+        cache.back_off(staller, Misbehaviour::Stalled);
+        assert!(left(&cache) <= UNRESPONSIVE_FOR);
+        cache.back_off(staller, Misbehaviour::Stalled);
+        assert!(
+            left(&cache) > UNRESPONSIVE_FOR * 3 / 2,
+            "{:?}",
+            left(&cache)
+        );
+        for _ in 0..40 {
+            cache.back_off(staller, Misbehaviour::DeniedModel);
+        }
+        assert!(left(&cache) <= MAX_BACK_OFF);
+        assert!(left(&cache) > MAX_BACK_OFF - Duration::from_secs(5));
+        cache.answered(&staller);
+        assert!(cache.backed_off().is_empty());
+        cache.back_off(staller, Misbehaviour::Stalled);
+        assert!(
+            left(&cache) <= UNRESPONSIVE_FOR,
+            "forgiven: a first strike again"
+        );
     }
 
     #[test]

@@ -3,15 +3,19 @@
 //! and after the attack, and the node's peak RSS during it.
 //!
 //! - `half-open`: TCP sockets from 127.0.0.2 that never begin a handshake, 200 more every second.
-//! - `sybils`: 300 throwaway peer ids from 127.0.0.2, each holding a connection.
+//! - `sybils`: 300 throwaway peer ids from a network namespace of their own (another IP), in
+//!   waves of 30, each holding a connection (needs root).
 //! - `stalled-streams`: one peer keeps up to 300 inference streams open that announce a 1 MiB
 //!   request and send nothing, opening new ones every second.
 //! - `liars`: providers that stall and that deny the model, announcing the node's model with
 //!   its weights; the honest caller's calls are `any` calls through a provider cache (as the
-//!   gateway makes them), not calls to the node by name.
+//!   gateway makes them, a fresh cache each phase), not calls to the node by name. Its phases
+//!   are three times as long, since a staller costs one call its 5 s of patience.
 //!
 //! The honest caller is in this process, on 127.0.0.1; its calls are the echo model's one-token
-//! answer, one after another.
+//! answer, one after another. Against the connection floods (`half-open`, `sybils`) each call
+//! is made by a fresh node that joins through the target first (a new connection is what those
+//! attacks deny); against the others, by one node over its connection.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -41,17 +45,26 @@ pub const ATTACKS: [&str; 4] = ["half-open", "sybils", "stalled-streams", "liars
 struct Target {
     child: Child,
     peer: PeerId,
+    /// Its address on 127.0.0.1.
     addr: Multiaddr,
+    /// Its address facing the attackers' namespace, if any.
+    also: Option<Multiaddr>,
     _home: tempfile::TempDir,
 }
 
 impl Target {
-    fn start(mesh: &Path) -> anyhow::Result<Target> {
+    /// Listening on 127.0.0.1, and on `also` if given.
+    fn start(mesh: &Path, also: Option<std::net::Ipv4Addr>) -> anyhow::Result<Target> {
         use std::io::BufRead;
         let home = tempfile::tempdir()?;
-        let mut child = Command::new(mesh)
+        let mut command = Command::new(mesh);
+        command
             .args(["join", "--json", "--no-mdns", "--api", "127.0.0.1:0"])
-            .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0"]);
+        if let Some(ip) = also {
+            command.args(["--listen", &format!("/ip4/{ip}/tcp/0")]);
+        }
+        let mut child = command
             .args(["--model", "echo=builtin:echo"])
             .arg("--home")
             .arg(home.path().join("h"))
@@ -65,14 +78,28 @@ impl Target {
         std::thread::spawn(move || for _ in lines {});
         let ready: serde_json::Value = serde_json::from_str(&first)?;
         let peer: PeerId = ready["peer_id"].as_str().context("peer_id")?.parse()?;
-        let addr: Multiaddr = ready["listen_addrs"][0]
-            .as_str()
-            .context("a listen address")?
-            .parse()?;
+        let addrs: Vec<Multiaddr> = ready["listen_addrs"]
+            .as_array()
+            .context("listen addresses")?
+            .iter()
+            .filter_map(|a| a.as_str()?.parse().ok())
+            .collect();
+        let on = |ip: std::net::Ipv4Addr| {
+            addrs
+                .iter()
+                .find(|a| a.iter().any(|p| p == libp2p::multiaddr::Protocol::Ip4(ip)))
+                .cloned()
+        };
+        let addr = on(std::net::Ipv4Addr::LOCALHOST).context("a loopback address")?;
+        let also = match also {
+            Some(ip) => Some(on(ip).context("the namespace-facing address")?),
+            None => None,
+        };
         Ok(Target {
             child,
             peer,
             addr,
+            also,
             _home: home,
         })
     }
@@ -117,6 +144,7 @@ impl Phase {
             "answered": self.answered, "failed": self.failed,
             "p50_us": stats.as_ref().map(|s| s.p50_us),
             "p99_us": stats.as_ref().map(|s| s.p99_us),
+            "max_us": self.latencies.iter().max().map(|d| d.as_micros() as u64),
             "peak_rss_kib": peak_rss_kib,
         })
     }
@@ -127,6 +155,9 @@ impl Phase {
 enum Caller<'a> {
     Named(&'a Node, PeerId),
     Any(&'a Node),
+    /// A fresh node for every call, which joins through the target and calls it: what a
+    /// connection flood stands in the way of.
+    Fresh(&'a Node, Multiaddr, PeerId),
 }
 
 impl Caller<'_> {
@@ -135,9 +166,16 @@ impl Caller<'_> {
             Caller::Named(node, target) => {
                 let (client, request) = (node.client(), tiny_request());
                 let call = client.call(*target, &request, Duration::from_secs(10));
-                let Ok(Ok(mut call)) = tokio::time::timeout(Duration::from_secs(10), call).await
-                else {
-                    return false;
+                let mut call = match tokio::time::timeout(Duration::from_secs(10), call).await {
+                    Ok(Ok(call)) => call,
+                    Ok(Err(e)) => {
+                        eprintln!("an honest call failed: {e}");
+                        return false;
+                    }
+                    Err(_) => {
+                        eprintln!("an honest call got no answer within 10 s");
+                        return false;
+                    }
                 };
                 loop {
                     match call.next().await {
@@ -146,6 +184,32 @@ impl Caller<'_> {
                         Err(_) => return false,
                     }
                 }
+            }
+            Caller::Fresh(_, addr, target) => {
+                let mut config = loopback_config(vec![addr.clone()]);
+                // A client, as `mesh infer` starts one: no listener, so its dials take fresh
+                // ports (no port reuse, which collides on loopback under a flood of sockets).
+                config.network.listen = Vec::new();
+                config.network.dht_server = false;
+                let joined = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    Node::start(NodeIdentity::generate(), Vec::new(), config),
+                )
+                .await;
+                let node = match joined {
+                    Ok(Ok(node)) => node,
+                    Ok(Err(e)) => {
+                        eprintln!("a fresh caller could not join: {e}");
+                        return false;
+                    }
+                    Err(_) => {
+                        eprintln!("a fresh caller could not join within 10 s");
+                        return false;
+                    }
+                };
+                let answered = Box::pin(Caller::Named(&node, *target).once(any)).await;
+                node.shutdown().await;
+                answered
             }
             Caller::Any(_) => {
                 let spec: InferSpec = serde_json::from_value(serde_json::json!({
@@ -169,7 +233,7 @@ impl Caller<'_> {
     /// Calls one after another for `length`.
     async fn phase(&self, length: Duration) -> Phase {
         let node = match self {
-            Caller::Named(node, _) | Caller::Any(node) => node,
+            Caller::Named(node, _) | Caller::Any(node) | Caller::Fresh(node, ..) => node,
         };
         let any = Dispatcher {
             client: node.client(),
@@ -220,6 +284,7 @@ fn sample_rss(target: &Target, stop: CancellationToken) -> tokio::task::JoinHand
 async fn attack(
     name: &str,
     target: &Target,
+    netns: Option<&attack::Netns>,
     stop: CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<serde_json::Value>> {
     let (addr, peer, port) = (
@@ -241,23 +306,29 @@ async fn attack(
             serde_json::json!({ "sockets_opened": held.len() })
         }),
         "sybils" => {
-            let mut swarms = Vec::new();
-            for _ in 0..300 {
-                if let Some(s) = attack::sybil(addr.clone(), ATTACKER_IP).await {
-                    swarms.push(s);
-                }
-            }
-            let counts = attack::hold_sybils(swarms, &stop);
-            tokio::spawn(async move {
-                let mut most = 0;
-                while !stop.is_cancelled() {
+            // From the namespace: another IP than the honest callers' (see `Netns`).
+            let netns = netns.context("the sybils need a network namespace")?;
+            let to = target.also.clone().context("no namespace-facing address")?;
+            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+            let inside = stop.clone();
+            let thread = netns.run(move || async move {
+                let counts = attack::sybils_in_waves(&to, 300, 30, &inside).await;
+                let _ = ready_tx.send(());
+                let mut most = counts.connected();
+                while !inside.is_cancelled() {
                     most = most.max(counts.connected());
                     tokio::select! {
                         () = tokio::time::sleep(Duration::from_millis(100)) => {}
-                        () = stop.cancelled() => {}
+                        () = inside.cancelled() => {}
                     }
                 }
-                serde_json::json!({ "sybils": 300, "most_connected": most })
+                most
+            });
+            let _ = ready_rx.await;
+            tokio::task::spawn_blocking(move || match thread.join() {
+                Ok(Ok(most)) => serde_json::json!({ "sybils": 300, "most_connected": most }),
+                Ok(Err(e)) => serde_json::json!({ "sybils_error": e }),
+                Err(_) => serde_json::json!({ "sybils_error": "the thread panicked" }),
             })
         }
         "stalled-streams" => {
@@ -317,7 +388,11 @@ pub async fn run(
 ) -> anyhow::Result<Vec<serde_json::Value>> {
     let mut out = Vec::new();
     for name in attacks {
-        let target = Target::start(mesh)?;
+        let netns = match *name {
+            "sybils" => Some(attack::Netns::create().map_err(anyhow::Error::msg)?),
+            _ => None,
+        };
+        let target = Target::start(mesh, netns.as_ref().map(|n| n.host_ip()))?;
         let caller = Node::start(
             NodeIdentity::generate(),
             Vec::new(),
@@ -326,7 +401,14 @@ pub async fn run(
         .await?;
         let how = match *name {
             "liars" => Caller::Any(&caller),
+            "half-open" | "sybils" => Caller::Fresh(&caller, target.addr.clone(), target.peer),
             _ => Caller::Named(&caller, target.peer),
+        };
+        // A liar costs its first-frame patience (5 s) once: the phases are long enough to see
+        // what the calls after it cost.
+        let length = match *name {
+            "liars" => length * 3,
+            _ => length,
         };
         // Warm up: the connection, the provider cache.
         how.phase(Duration::from_millis(500)).await;
@@ -335,7 +417,7 @@ pub async fn run(
 
         let stop = CancellationToken::new();
         let rss = sample_rss(&target, stop.clone());
-        let running = attack(name, &target, stop.clone()).await?;
+        let running = attack(name, &target, netns.as_ref(), stop.clone()).await?;
         if *name == "liars" {
             attack::until_providers(&caller.client(), "echo", 3, Duration::from_secs(20))
                 .await
