@@ -257,7 +257,7 @@ mod tests {
         let mut s = ProviderStore::new(
             me,
             libp2p::kad::store::MemoryStoreConfig {
-                max_records: 4,
+                max_provided_keys: 4,
                 ..Default::default()
             },
         );

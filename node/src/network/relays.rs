@@ -262,7 +262,7 @@ mod tests {
         for (p, ip) in [(near, 10), (far, 11), (proven, 12)] {
             relays.offer(p, &[addr(&format!("/ip4/198.51.100.{ip}/tcp/4001"))]);
         }
-        for _ in 0..8 {
+        for _ in 0..3 {
             relays.circuit_worked(&proven);
         }
         let rtts: HashMap<PeerId, f64> = [(near, 5.0), (far, 200.0), (proven, 200.0)]
@@ -277,7 +277,7 @@ mod tests {
         let count = |p| drawn.get(&p).copied().unwrap_or(0);
         assert!(count(far) > 0, "{drawn:?}");
         assert!(count(near) > count(proven), "{drawn:?}");
-        assert!(count(proven) > count(far) * 3, "{drawn:?}");
+        assert!(count(proven) > count(far) * 2, "{drawn:?}");
         assert!(weight(None, 0) > 0.0 && weight(Some(1e9), 0) > 0.0);
     }
 

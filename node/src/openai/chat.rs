@@ -277,7 +277,8 @@ mod tests {
         let (tx, rx) = mpsc::channel(8);
         let sender = tokio::spawn(async move {
             let piece = "x".repeat(1 << 20);
-            for _ in 0..MAX_ANSWER_BYTES / piece.len() + 2 {
+            // More than the cap and the channel's room together: the sender must see the drop.
+            for _ in 0..MAX_ANSWER_BYTES / piece.len() + 32 {
                 if tx
                     .send(CallEvent::Delta {
                         text: piece.clone(),
