@@ -36,6 +36,8 @@ pub enum Act {
     Lie,
     /// Says it does not host the model it announced.
     Deny,
+    /// Answers, and reports the largest numbers it can: load, token counts and timings.
+    Inflate,
 }
 
 /// A provider built from mesh's network crate, not from its server: it announces `model` in
@@ -117,7 +119,7 @@ pub async fn hostile(act: Act, model: &str, sha256: &str, bootstrap: Multiaddr) 
                     let _ = read_frame::<CatalogRequest, _>(&mut stream, 1024).await;
                     let answer = CatalogResponse {
                         cards: vec![signed],
-                        load: 0,
+                        load: if act == Act::Inflate { u32::MAX } else { 0 },
                     };
                     let _ = write_frame(&mut stream, &answer, DEFAULT_MAX_FRAME_LEN).await;
                     let _ = stream.close().await;
@@ -150,10 +152,31 @@ pub async fn hostile(act: Act, model: &str, sha256: &str, bootstrap: Multiaddr) 
                         stages: Vec::new(),
                     },
                 ],
-                (Act::Deny, _) | (Act::Lie, _) => vec![InferResponse::Error(WireError::new(
-                    ErrorCode::UnknownModel,
-                    "not here",
-                ))],
+                (Act::Inflate, Ok(Some(request))) => vec![
+                    InferResponse::Started {
+                        model: request.model,
+                        queue_ms: u64::MAX,
+                    },
+                    InferResponse::Delta {
+                        text: "inflated".into(),
+                        tokens: vec![u32::MAX; 4],
+                    },
+                    InferResponse::Done {
+                        finish_reason: FinishReason::Stop,
+                        usage: Usage {
+                            prompt_tokens: u32::MAX,
+                            completion_tokens: u32::MAX,
+                            cached_tokens: u32::MAX,
+                            time_to_first_token_ms: u64::MAX,
+                            total_ms: u64::MAX,
+                        },
+                        receipt: None,
+                        stages: Vec::new(),
+                    },
+                ],
+                (Act::Deny | Act::Lie | Act::Inflate, _) => vec![InferResponse::Error(
+                    WireError::new(ErrorCode::UnknownModel, "not here"),
+                )],
             };
             for frame in frames {
                 let _ = write_frame(&mut stream, &frame, DEFAULT_MAX_FRAME_LEN).await;

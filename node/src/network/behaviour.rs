@@ -59,7 +59,7 @@ pub fn build_swarm(
         open_queue: config.command_queue,
         hole_punch_wait: config.hole_punch_wait,
     };
-    let (streams, inbound, opener) = streams::Behaviour::new(streams_config, table);
+    let (streams, inbound, opener) = streams::Behaviour::new(streams_config, table.clone());
     let mut streams = Some(streams);
     let transport = |e: &dyn std::fmt::Display| BuildError::Transport(e.to_string());
     let swarm = SwarmBuilder::with_existing_identity(identity.keypair().clone())
@@ -77,7 +77,7 @@ pub fn build_swarm(
         .map_err(|e| transport(&e))?
         .with_behaviour(|key, relay_client| {
             let streams = streams.take().expect("the behaviour is built once");
-            build_behaviour(key, relay_client, streams, config).map_err(|e| e.into())
+            build_behaviour(key, relay_client, streams, table.clone(), config).map_err(|e| e.into())
         })
         .map_err(|e| BuildError::Behaviour(e.to_string()))?
         .with_swarm_config(|c| {
@@ -95,6 +95,7 @@ fn build_behaviour(
     key: &libp2p::identity::Keypair,
     relay_client: relay::client::Behaviour,
     streams: streams::Behaviour,
+    table: SharedPeerTable,
     config: &NetworkConfig,
 ) -> Result<MeshBehaviour, std::io::Error> {
     let peer_id = key.public().to_peer_id();
@@ -176,6 +177,7 @@ fn build_behaviour(
                 config.max_pending,
                 config.max_connections,
             ),
+            table,
         ),
         identify,
         ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15))),

@@ -8,6 +8,10 @@
 //!   (the relay bounds its own circuits).
 //! - **An inbound share.** Inbound connections may take at most [`InboundLimits::inbound`] of
 //!   the established slots, so outbound dials (bootstrap, providers, relays) always have room.
+//!   When the share is full, a new inbound connection takes the place of the oldest inbound
+//!   connection that has carried no mesh stream in [`IDLE_BEFORE_EVICTION`] or more (throwaway
+//!   identities that only hold a connection are the first to go); with none such, it is
+//!   refused.
 //!
 //! A handshake that never completes is cut by the transport's timeout (the swarm's connection
 //! timeout, `NetworkConfig::dial_timeout`, applies to inbound upgrades too).
@@ -15,20 +19,26 @@
 //! [`InboundLedger`] is the bookkeeping, tested without a network; [`InboundGuard`] is the
 //! behaviour that applies it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::IpAddr;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use libp2p::core::transport::PortUse;
 use libp2p::core::{Endpoint, Multiaddr};
 use libp2p::swarm::{
-    dummy, ConnectionClosed, ConnectionDenied, ConnectionId, FromSwarm, ListenFailure,
-    NetworkBehaviour, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
+    dummy, CloseConnection, ConnectionClosed, ConnectionDenied, ConnectionId, FromSwarm,
+    ListenFailure, NetworkBehaviour, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
 };
 use libp2p::PeerId;
 
 use super::addr::{ip_of, is_relayed};
+use super::peer_table::SharedPeerTable;
+
+/// An inbound connection open this long with no mesh stream on it may give its place to a new
+/// one when the inbound share is full.
+pub const IDLE_BEFORE_EVICTION: Duration = Duration::from_secs(10);
 
 /// The bounds on inbound connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,12 +77,29 @@ pub enum Refused {
     InboundShare { count: u32 },
 }
 
+/// One established inbound connection.
+#[derive(Debug, Clone, Copy)]
+struct Established {
+    peer: PeerId,
+    ip: Option<IpAddr>,
+    since: Instant,
+}
+
+/// What to do with a new inbound connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// It fits.
+    Yes,
+    /// It takes the place of this idle one, which is to be closed.
+    InPlaceOf(PeerId, ConnectionId),
+}
+
 /// The inbound connections in their handshake and established, by IP.
 #[derive(Debug, Default)]
 pub struct InboundLedger {
     limits: Option<InboundLimits>,
     pending: HashMap<ConnectionId, Option<IpAddr>>,
-    established: HashMap<ConnectionId, Option<IpAddr>>,
+    established: HashMap<ConnectionId, Established>,
     pending_by_ip: HashMap<IpAddr, u32>,
     established_by_ip: HashMap<IpAddr, u32>,
 }
@@ -122,25 +149,54 @@ impl InboundLedger {
         Ok(())
     }
 
-    /// The connection's handshake completed: it becomes established, if there is room.
-    pub fn establish(&mut self, id: ConnectionId, ip: Option<IpAddr>) -> Result<(), Refused> {
+    /// The connection's handshake completed: it becomes established, if there is room. When
+    /// the inbound share is full, the oldest connection idle for [`IDLE_BEFORE_EVICTION`]
+    /// (`streams_on` says how many mesh streams a connection carried; `None`: unknown) gives
+    /// its place, and is to be closed.
+    pub fn establish(
+        &mut self,
+        id: ConnectionId,
+        peer: PeerId,
+        ip: Option<IpAddr>,
+        now: Instant,
+        streams_on: impl Fn(&PeerId, ConnectionId) -> Option<u64>,
+    ) -> Result<Admit, Refused> {
         if let Some(pending_ip) = self.pending.remove(&id) {
             count_down(&mut self.pending_by_ip, pending_ip);
         }
         let limits = self.limits();
-        let inbound = self.established.len() as u32;
-        if inbound >= limits.inbound {
-            return Err(Refused::InboundShare { count: inbound });
-        }
         if let Some(ip) = ip {
             let count = self.established_by_ip.get(&ip).copied().unwrap_or(0);
             if count >= limits.established_per_ip {
                 return Err(Refused::EstablishedPerIp { ip, count });
             }
         }
+        let mut admit = Admit::Yes;
+        let inbound = self.established.len() as u32;
+        if inbound >= limits.inbound {
+            let idle = self
+                .established
+                .iter()
+                .filter(|(_, e)| now.saturating_duration_since(e.since) >= IDLE_BEFORE_EVICTION)
+                .filter(|(victim, e)| streams_on(&e.peer, **victim) == Some(0))
+                .min_by_key(|(_, e)| e.since)
+                .map(|(victim, e)| (*victim, e.peer));
+            let Some((victim, victim_peer)) = idle else {
+                return Err(Refused::InboundShare { count: inbound });
+            };
+            self.forget(victim);
+            admit = Admit::InPlaceOf(victim_peer, victim);
+        }
         count_up(&mut self.established_by_ip, ip);
-        self.established.insert(id, ip);
-        Ok(())
+        self.established.insert(
+            id,
+            Established {
+                peer,
+                ip,
+                since: now,
+            },
+        );
+        Ok(admit)
     }
 
     /// The connection is gone, wherever it was.
@@ -148,8 +204,8 @@ impl InboundLedger {
         if let Some(ip) = self.pending.remove(&id) {
             count_down(&mut self.pending_by_ip, ip);
         }
-        if let Some(ip) = self.established.remove(&id) {
-            count_down(&mut self.established_by_ip, ip);
+        if let Some(e) = self.established.remove(&id) {
+            count_down(&mut self.established_by_ip, e.ip);
         }
     }
 
@@ -159,15 +215,21 @@ impl InboundLedger {
     }
 }
 
-/// The behaviour applying an [`InboundLedger`] to the swarm's inbound connections.
+/// The behaviour applying an [`InboundLedger`] to the swarm's inbound connections, reading
+/// from the peer table which connections carried mesh streams.
 pub struct InboundGuard {
     ledger: InboundLedger,
+    table: SharedPeerTable,
+    /// Idle connections that gave their place, to close.
+    evict: VecDeque<(PeerId, ConnectionId)>,
 }
 
 impl InboundGuard {
-    pub fn new(limits: InboundLimits) -> InboundGuard {
+    pub fn new(limits: InboundLimits, table: SharedPeerTable) -> InboundGuard {
         InboundGuard {
             ledger: InboundLedger::new(limits),
+            table,
+            evict: VecDeque::new(),
         }
     }
 }
@@ -203,13 +265,26 @@ impl NetworkBehaviour for InboundGuard {
     fn handle_established_inbound_connection(
         &mut self,
         id: ConnectionId,
-        _: PeerId,
+        peer: PeerId,
         local_addr: &Multiaddr,
         remote_addr: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        self.ledger
-            .establish(id, source_ip(local_addr, remote_addr))
+        let table = self.table.read();
+        let admit = self
+            .ledger
+            .establish(
+                id,
+                peer,
+                source_ip(local_addr, remote_addr),
+                Instant::now(),
+                |peer, id| table.streams_on(peer, id),
+            )
             .map_err(denied)?;
+        drop(table);
+        if let Admit::InPlaceOf(victim_peer, victim) = admit {
+            tracing::debug!(peer = %victim_peer, "an idle inbound connection gives its place to a new one");
+            self.evict.push_back((victim_peer, victim));
+        }
         Ok(dummy::ConnectionHandler)
     }
 
@@ -244,7 +319,13 @@ impl NetworkBehaviour for InboundGuard {
     }
 
     fn poll(&mut self, _: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
-        Poll::Pending
+        match self.evict.pop_front() {
+            Some((peer_id, id)) => Poll::Ready(ToSwarm::CloseConnection {
+                peer_id,
+                connection: CloseConnection::One(id),
+            }),
+            None => Poll::Pending,
+        }
     }
 }
 
@@ -288,17 +369,30 @@ mod tests {
         ledger.begin(ConnectionId::new_unchecked(5), ip(1)).unwrap();
     }
 
+    /// Establishes `id` from `ip` at `now`, every connection having carried `streams`.
+    fn establish(
+        ledger: &mut InboundLedger,
+        id: ConnectionId,
+        ip: Option<IpAddr>,
+        now: Instant,
+        streams: u64,
+    ) -> Result<Admit, Refused> {
+        let peer = crate::test_support::random_peer();
+        ledger.establish(id, peer, ip, now, |_, _| Some(streams))
+    }
+
     #[test]
     fn established_connections_are_capped_per_ip_and_in_all() {
         let mut ledger = InboundLedger::new(LIMITS);
         let id = ConnectionId::new_unchecked;
+        let now = Instant::now();
         for n in 1..=2 {
             ledger.begin(id(n), ip(1)).unwrap();
-            ledger.establish(id(n), ip(1)).unwrap();
+            assert_eq!(establish(&mut ledger, id(n), ip(1), now, 1), Ok(Admit::Yes));
         }
         ledger.begin(id(3), ip(1)).unwrap();
         assert!(matches!(
-            ledger.establish(id(3), ip(1)),
+            establish(&mut ledger, id(3), ip(1), now, 1),
             Err(Refused::EstablishedPerIp { count: 2, .. })
         ));
         // The refused one's handshake place was given back: two more may begin.
@@ -306,15 +400,64 @@ mod tests {
         ledger.begin(id(5), ip(1)).unwrap();
         ledger.forget(id(4));
         ledger.forget(id(5));
-        ledger.establish(id(6), ip(2)).unwrap();
-        // Three inbound in all: a fourth is refused whatever its IP.
+        establish(&mut ledger, id(6), ip(2), now, 1).unwrap();
+        // Three inbound in all, each carrying streams: a fourth is refused whatever its IP.
         assert_eq!(
-            ledger.establish(id(7), ip(3)),
+            establish(&mut ledger, id(7), ip(3), now, 1),
             Err(Refused::InboundShare { count: 3 })
         );
         ledger.forget(id(1));
-        ledger.establish(id(7), ip(3)).unwrap();
+        establish(&mut ledger, id(7), ip(3), now, 1).unwrap();
         assert_eq!(ledger.counts(), (3, 0));
+    }
+
+    #[test]
+    fn a_full_share_gives_the_oldest_idle_connections_place_to_a_new_one() {
+        let mut ledger = InboundLedger::new(LIMITS);
+        let id = ConnectionId::new_unchecked;
+        let start = Instant::now();
+        let busy = crate::test_support::random_peer();
+        // Three connections: the first carries streams, the two others never did.
+        ledger
+            .establish(id(1), busy, ip(1), start, |_, _| Some(0))
+            .unwrap();
+        let idle_old = crate::test_support::random_peer();
+        ledger
+            .establish(id(2), idle_old, ip(2), start, |_, _| Some(0))
+            .unwrap();
+        let idle_new = crate::test_support::random_peer();
+        let later = start + Duration::from_secs(1);
+        ledger
+            .establish(id(3), idle_new, ip(3), later, |_, _| Some(0))
+            .unwrap();
+        let streams = |peer: &PeerId, _| Some(if *peer == busy { 5 } else { 0 });
+
+        // Too soon: nobody has been idle long enough.
+        let soon = start + IDLE_BEFORE_EVICTION / 2;
+        let newcomer = crate::test_support::random_peer();
+        assert_eq!(
+            ledger.establish(id(4), newcomer, ip(4), soon, streams),
+            Err(Refused::InboundShare { count: 3 })
+        );
+        // Later: the oldest idle one gives its place; the busy one, older still, stays.
+        let late = start + IDLE_BEFORE_EVICTION * 2;
+        assert_eq!(
+            ledger.establish(id(5), newcomer, ip(4), late, streams),
+            Ok(Admit::InPlaceOf(idle_old, id(2)))
+        );
+        assert_eq!(ledger.counts(), (3, 0));
+        // A connection the table does not know is not evicted on a guess.
+        let unknown = |peer: &PeerId, _| (*peer == busy).then_some(5);
+        assert_eq!(
+            ledger.establish(
+                id(6),
+                crate::test_support::random_peer(),
+                ip(5),
+                late,
+                unknown
+            ),
+            Err(Refused::InboundShare { count: 3 })
+        );
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub struct Connection {
     pub remote: Multiaddr,
     /// When it was established.
     pub since: Instant,
+    /// Mesh streams (calls, catalogs, stage sessions) opened on it, either way.
+    pub streams: u64,
 }
 
 #[derive(Debug, Default)]
@@ -93,8 +95,30 @@ impl PeerTable {
                 path,
                 remote,
                 since: now,
+                streams: 0,
             });
         path
+    }
+
+    /// A mesh stream opened on connection `id` to `peer`.
+    pub fn stream_opened(&mut self, peer: &PeerId, id: ConnectionId) {
+        if let Some(c) = self
+            .peers
+            .get_mut(peer)
+            .and_then(|p| p.connections.iter_mut().find(|c| c.id == id))
+        {
+            c.streams = c.streams.saturating_add(1);
+        }
+    }
+
+    /// The mesh streams opened on connection `id` to `peer`, if it is open.
+    pub fn streams_on(&self, peer: &PeerId, id: ConnectionId) -> Option<u64> {
+        self.peers
+            .get(peer)?
+            .connections
+            .iter()
+            .find(|c| c.id == id)
+            .map(|c| c.streams)
     }
 
     /// Forgets a closed connection; true when it was the peer's last one (the peer, with its

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::control::{OpenError, OpenRequest, Opener};
-use super::handler::{Handler, Open};
+use super::handler::{Accepted, Handler, Open};
 use super::{Config, Inbound};
 use crate::network::addr::is_relayed;
 use crate::network::peer_table::SharedPeerTable;
@@ -144,6 +144,7 @@ impl Behaviour {
                 return;
             }
         }
+        self.table.write().stream_opened(&request.peer, id);
         self.events.push_back(ToSwarm::NotifyHandler {
             peer_id: request.peer,
             handler: NotifyHandler::One(id),
@@ -225,11 +226,14 @@ impl NetworkBehaviour for Behaviour {
 
     fn on_connection_handler_event(
         &mut self,
-        _: PeerId,
-        _: ConnectionId,
-        event: THandlerOutEvent<Self>,
+        peer: PeerId,
+        connection: ConnectionId,
+        Accepted(streams): THandlerOutEvent<Self>,
     ) {
-        match event {}
+        let mut table = self.table.write();
+        for _ in 0..streams.min(64) {
+            table.stream_opened(&peer, connection);
+        }
     }
 
     fn poll(

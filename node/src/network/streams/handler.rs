@@ -34,7 +34,13 @@ pub struct Handler {
     protocols: Vec<StreamProtocol>,
     queue: mpsc::Sender<Inbound>,
     pending: VecDeque<Open>,
+    /// Inbound streams accepted and not yet reported to the behaviour.
+    accepted: u32,
 }
+
+/// What a connection tells the behaviour: it accepted this many inbound streams.
+#[derive(Debug)]
+pub struct Accepted(pub u32);
 
 impl Handler {
     /// The handler of a connection to `peer`, accepting `protocols` into `queue`.
@@ -48,6 +54,7 @@ impl Handler {
             protocols,
             queue,
             pending: VecDeque::new(),
+            accepted: 0,
         }
     }
 }
@@ -93,7 +100,7 @@ pub struct OpenInfo {
 
 impl ConnectionHandler for Handler {
     type FromBehaviour = Open;
-    type ToBehaviour = Infallible;
+    type ToBehaviour = Accepted;
     type InboundProtocol = Negotiate;
     type OutboundProtocol = Negotiate;
     type InboundOpenInfo = ();
@@ -112,6 +119,10 @@ impl ConnectionHandler for Handler {
         &mut self,
         _: &mut Context<'_>,
     ) -> Poll<ConnectionHandlerEvent<Self::OutboundProtocol, OpenInfo, Self::ToBehaviour>> {
+        if self.accepted > 0 {
+            let accepted = std::mem::take(&mut self.accepted);
+            return Poll::Ready(ConnectionHandlerEvent::NotifyBehaviour(Accepted(accepted)));
+        }
         match self.pending.pop_front() {
             Some(open) => Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest {
                 protocol: SubstreamProtocol::new(
@@ -139,11 +150,12 @@ impl ConnectionHandler for Handler {
             ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound {
                 protocol: (stream, protocol),
                 ..
-            }) => {
-                if let Err(e) = self.queue.try_send((self.peer, protocol, stream)) {
-                    tracing::warn!(peer = %self.peer, "inbound stream queue full ({e}); dropping a stream");
+            }) => match self.queue.try_send((self.peer, protocol, stream)) {
+                Ok(()) => self.accepted = self.accepted.saturating_add(1),
+                Err(e) => {
+                    tracing::warn!(peer = %self.peer, "inbound stream queue full ({e}); dropping a stream")
                 }
-            }
+            },
             ConnectionEvent::FullyNegotiatedOutbound(FullyNegotiatedOutbound {
                 protocol: (stream, _),
                 info,
