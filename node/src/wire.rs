@@ -217,17 +217,7 @@ mod tests {
 
     /// A frame prefix announcing `len` bytes.
     fn prefix(len: usize) -> Vec<u8> {
-        let mut out = Vec::new();
-        let mut n = len as u64;
-        loop {
-            let byte = (n & 0x7f) as u8;
-            n >>= 7;
-            if n == 0 {
-                out.push(byte);
-                return out;
-            }
-            out.push(byte | 0x80);
-        }
+        mesh_protocol::frame::encode_prefix(len as u64)
     }
 
     const FAST: Pace = Pace {

@@ -36,12 +36,16 @@ pub fn encode_frame<T: Serialize>(value: &T, max_len: usize) -> Result<Vec<u8>, 
             max: max_len,
         });
     }
-    let mut prefix = unsigned_varint::encode::u64_buffer();
-    let prefix = unsigned_varint::encode::u64(body.len() as u64, &mut prefix);
-    let mut out = Vec::with_capacity(prefix.len() + body.len());
-    out.extend_from_slice(prefix);
+    let mut out = encode_prefix(body.len() as u64);
     out.extend_from_slice(&body);
     Ok(out)
+}
+
+/// The length prefix of a frame whose body is `len` bytes: an unsigned varint. (A sender may
+/// announce any length; a reader refuses one above its limit before reading the body.)
+pub fn encode_prefix(len: u64) -> Vec<u8> {
+    let mut buf = unsigned_varint::encode::u64_buffer();
+    unsigned_varint::encode::u64(len, &mut buf).to_vec()
 }
 
 /// The CBOR encoding of `value`, without a prefix (also used for signed payloads).
@@ -146,6 +150,19 @@ pub fn decode_frame<T: DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prefix_encodes_what_it_decodes_to() {
+        for len in [0u64, 1, 127, 128, 300, 1 << 20, 64 << 20] {
+            let prefix = encode_prefix(len);
+            assert_eq!(
+                decode_prefix(&prefix, usize::MAX).unwrap(),
+                Some((len as usize, prefix.len())),
+                "{len}"
+            );
+        }
+        assert_eq!(encode_prefix(1 << 20), [0x80, 0x80, 0x40]);
+    }
 
     #[test]
     fn prefix_needs_more_bytes() {

@@ -322,8 +322,9 @@ pub async fn stalled_streams(
         let protocol = libp2p::StreamProtocol::new(INFER_PROTOCOL);
         match client.open_stream(target, protocol).await {
             Ok(mut stream) => {
-                // 1 MiB, as an unsigned varint.
-                let _ = stream.write_all(&[0x80, 0x80, 0x40]).await;
+                let _ = stream
+                    .write_all(&mesh_protocol::frame::encode_prefix(1 << 20))
+                    .await;
                 let _ = stream.flush().await;
                 stalled.push(stream);
             }

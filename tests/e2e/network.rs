@@ -206,7 +206,7 @@ async fn malformed_and_oversized_frames_get_bad_request_and_the_node_keeps_servi
     }
 
     // A prefix announcing 64 MiB: refused before the node reads or allocates it.
-    let mut huge = unsigned_varint_prefix(64 << 20);
+    let mut huge = mesh_protocol::frame::encode_prefix(64 << 20);
     huge.extend_from_slice(&[0u8; 32]);
     match raw_exchange(&c, a.peer_id(), &huge).await {
         Some(InferResponse::Error(e)) => {
@@ -246,19 +246,6 @@ async fn malformed_and_oversized_frames_get_bad_request_and_the_node_keeps_servi
     assert_eq!(text, "echo: ok");
     c.shutdown().await;
     a.shutdown().await;
-}
-
-fn unsigned_varint_prefix(mut n: u64) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let byte = (n & 0x7f) as u8;
-        n >>= 7;
-        if n == 0 {
-            out.push(byte);
-            return out;
-        }
-        out.push(byte | 0x80);
-    }
 }
 
 /// A serving node A, a caller C, and a call from C to A that has started and would take

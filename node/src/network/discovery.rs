@@ -133,9 +133,9 @@ impl<Q: Hash + Eq + Clone> Discovery<Q> {
         self.provider_queries.insert(id, query);
     }
 
-    /// Query `id` found `providers`: those that are new and not this node, which the caller
-    /// dials at once (their addresses live only as long as the query), up to
-    /// [`MAX_PROVIDERS_PER_QUERY`] in all: a key full of hostile records cannot make one
+    /// Query `id` found `providers`: those that are not this node, which the caller dials at
+    /// once (their addresses live only as long as the query), among at most
+    /// [`MAX_PROVIDERS_PER_QUERY`] kept in all: a key full of hostile records cannot make one
     /// lookup dial without end.
     pub fn on_providers(
         &mut self,
@@ -152,19 +152,23 @@ impl<Q: Hash + Eq + Clone> Discovery<Q> {
                 .take(MAX_PROVIDERS_PER_QUERY)
                 .collect();
         };
-        let mut new = Vec::new();
+        // Every kept host this step reports is dialled, again if it was before: a report may
+        // carry addresses an earlier one lacked (the dial is skipped while one is under way).
+        let mut dial = Vec::new();
         for provider in providers {
-            if query.found.len() >= MAX_PROVIDERS_PER_QUERY {
-                break;
+            if provider == local {
+                continue;
             }
-            if provider != local && query.found.insert(provider) {
-                new.push(provider);
+            let kept = query.found.contains(&provider)
+                || (query.found.len() < MAX_PROVIDERS_PER_QUERY && query.found.insert(provider));
+            if kept && !dial.contains(&provider) {
+                dial.push(provider);
             }
         }
         if !query.found.is_empty() {
             query.first_found.get_or_insert(now);
         }
-        new
+        dial
     }
 
     /// When the next provider query is due to answer early, if one is.
@@ -275,8 +279,8 @@ mod tests {
         assert_eq!(d.on_providers(&1, [a, me], t), vec![a]);
         assert_eq!(
             d.on_providers(&1, [a, b], t),
-            vec![b],
-            "only new hosts are dialled"
+            vec![a, b],
+            "a host reported again is dialled again"
         );
         assert!(rx.try_recv().is_err(), "waits for the walk");
         d.providers_done(&1);
@@ -301,6 +305,11 @@ mod tests {
         let dialled = d.on_providers(&1, flood.iter().copied(), t);
         assert_eq!(dialled.len(), MAX_PROVIDERS_PER_QUERY);
         assert!(d.on_providers(&1, [peer()], t).is_empty(), "full");
+        assert_eq!(
+            d.on_providers(&1, [flood[0]], t),
+            vec![flood[0]],
+            "a kept host reported again is dialled again"
+        );
         d.providers_done(&1);
         assert_eq!(
             rx.try_recv().unwrap().unwrap().len(),
