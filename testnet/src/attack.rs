@@ -73,7 +73,19 @@ pub async fn hostile(act: Act, model: &str, sha256: &str, bootstrap: Multiaddr) 
             listening += 1;
         }
     }
-    let boot_peer = client.dial(bootstrap).await.expect("joins");
+    // libp2p dials from the port it listens on; on loopback that 4-tuple can still be in
+    // TIME_WAIT from an earlier connection (EADDRINUSE): try again.
+    let mut attempt = 0;
+    let boot_peer = loop {
+        match client.dial(bootstrap.clone()).await {
+            Ok(peer) => break peer,
+            Err(e) => {
+                attempt += 1;
+                assert!(attempt < 5, "the hostile peer cannot join: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
     while !client.known_peers().await.unwrap().contains(&boot_peer) {
         assert!(
