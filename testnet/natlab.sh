@@ -581,7 +581,28 @@ nat_recover() {
   done
   nat_recovery_record "$event" "$([ "$r_ms" = - ] && echo 0 || echo 1)" "$r_ms" "${walls[*]}" \
     "$from->$to ${c_path:--}"
+  [ "$r_ms" = - ] && nat_network_views "$from" "$to"
   nat_say "   $event: $from->$to answered $([ "$r_ms" = - ] && echo "never (within ${NAT_RECOVERY_TIMEOUT} s)" || echo "$r_ms ms after it") ($((${#walls[@]})) call(s): ${walls[*]} ms)"
+}
+
+# nat_network_views NAME...: what each node says of its network (reachability, external
+# addresses, relays held) and of its peers (path and addresses), for a failure's diagnosis.
+nat_network_views() {
+  local name
+  for name in "$@"; do
+    nat_say "   -- $name's view of the network (GET /v1/mesh/status, /v1/mesh/peers):"
+    ip netns exec "$(nat_ns_of "$name")" "$nat_py" - "${nat_api_of[$name]:-7440}" <<'PY' || true
+import json, sys, urllib.request
+api = sys.argv[1]
+for path in ("status", "peers"):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{api}/v1/mesh/{path}", timeout=5) as r:
+            body = json.load(r)
+        print(f"      {path}: {json.dumps(body.get('network', body) if path == 'status' else body)[:4000]}")
+    except OSError as e:
+        print(f"      {path}: unavailable ({e})")
+PY
+  done
 }
 
 nat_recovery_record() { # EVENT OK MS "WALL_MS ..." NOTE

@@ -38,6 +38,8 @@ pub enum Act {
     Deny,
     /// Answers, and reports the largest numbers it can: load, token counts and timings.
     Inflate,
+    /// Claims to be idle, and answers every call after this long.
+    Slow(Duration),
 }
 
 /// A provider built from mesh's network crate, not from its server: it announces `model` in
@@ -148,7 +150,7 @@ pub async fn hostile(act: Act, model: &str, sha256: &str, bootstrap: Multiaddr) 
                     held.push(stream);
                     continue;
                 }
-                (Act::Lie, Ok(Some(request))) => vec![
+                (Act::Lie | Act::Slow(_), Ok(Some(request))) => vec![
                     InferResponse::Started {
                         model: request.model,
                         queue_ms: 0,
@@ -186,14 +188,22 @@ pub async fn hostile(act: Act, model: &str, sha256: &str, bootstrap: Multiaddr) 
                         stages: Vec::new(),
                     },
                 ],
-                (Act::Deny | Act::Lie | Act::Inflate, _) => vec![InferResponse::Error(
-                    WireError::new(ErrorCode::UnknownModel, "not here"),
-                )],
+                (Act::Deny | Act::Lie | Act::Inflate | Act::Slow(_), _) => {
+                    vec![InferResponse::Error(WireError::new(
+                        ErrorCode::UnknownModel,
+                        "not here",
+                    ))]
+                }
             };
-            for frame in frames {
-                let _ = write_frame(&mut stream, &frame, DEFAULT_MAX_FRAME_LEN).await;
-            }
-            let _ = stream.close().await;
+            tokio::spawn(async move {
+                if let Act::Slow(wait) = act {
+                    tokio::time::sleep(wait).await;
+                }
+                for frame in frames {
+                    let _ = write_frame(&mut stream, &frame, DEFAULT_MAX_FRAME_LEN).await;
+                }
+                let _ = stream.close().await;
+            });
         }
     });
     Hostile {

@@ -93,25 +93,7 @@ async fn every_call_reaches_the_honest_provider_past_refusing_stalling_denying_a
     until_providers(&caller, "m", 5).await;
     // The honest node is busy with a long call, so the others, which claim to be idle (or
     // are), come first: every kind of misbehaviour is met before the honest node answers.
-    let busy = mesh_node::dispatch::Dispatcher {
-        client: caller.client(),
-        local: None,
-        cache: None,
-        trust: Default::default(),
-    };
-    let long = vec!["word"; 2000].join(" ");
-    let mut keep_busy = busy.dispatch(
-        serde_json::from_value(json!({
-            "target": honest.peer_id().to_string(), "model": "slow",
-            "prompts": [long], "deadline_ms": 120000, "params": { "max_tokens": 4000, "temperature": 0.0 }
-        }))
-        .unwrap(),
-    );
-    while !matches!(
-        keep_busy.recv().await,
-        Some(mesh_node::dispatch::CallEvent::Started { .. })
-    ) {}
-    assert_eq!(honest.server().load(), 1);
+    let keep_busy = keep_busy(&caller, &honest, "slow").await;
 
     let api = caller.api_addr().unwrap();
     let http = reqwest::Client::new();
@@ -169,6 +151,90 @@ async fn every_call_reaches_the_honest_provider_past_refusing_stalling_denying_a
     drop(keep_busy);
     caller.shutdown().await;
     refuser.shutdown().await;
+    honest.shutdown().await;
+}
+
+/// Keeps `provider` busy with one long call from a dispatcher of `caller`'s (no cache), so the
+/// load it reports is 1, until the returned receiver drops.
+async fn keep_busy(
+    caller: &Node,
+    provider: &Node,
+    model: &str,
+) -> tokio::sync::mpsc::Receiver<mesh_node::dispatch::CallEvent> {
+    let busy = mesh_node::dispatch::Dispatcher {
+        client: caller.client(),
+        local: None,
+        cache: None,
+        trust: Default::default(),
+    };
+    let long = vec!["word"; 2000].join(" ");
+    let mut events = busy.dispatch(
+        serde_json::from_value(json!({
+            "target": provider.peer_id().to_string(), "model": model,
+            "prompts": [long], "deadline_ms": 120000, "params": { "max_tokens": 4000, "temperature": 0.0 }
+        }))
+        .unwrap(),
+    );
+    while !matches!(
+        events.recv().await,
+        Some(mesh_node::dispatch::CallEvent::Started { .. })
+    ) {}
+    assert_eq!(provider.server().load(), 1);
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_claims_to_be_idle_but_answers_slowly_gets_one_call_then_comes_last() {
+    let open = AccessConfig::default();
+    let honest = node(
+        &[("m", "echo"), ("slow", "echo?delay_ms=50")],
+        vec![],
+        open.clone(),
+        false,
+    )
+    .await;
+    let boot = tcp_addr(&honest).await;
+    let weights = honest.cards()[0].sha256.clone();
+    // Claims the honest weights and load 0, and makes every call wait 1.5 s for its first
+    // frame: no stall (that would take 5 s), just slow.
+    let slowpoke = hostile(
+        Act::Slow(Duration::from_millis(1500)),
+        "m",
+        &weights,
+        boot.clone(),
+    )
+    .await;
+    let caller = node(&[], vec![boot], open, true).await;
+    until_providers(&caller, "m", 2).await;
+    // The honest node reports load 1: on claims alone, the slow one would get every call.
+    let _busy = keep_busy(&caller, &honest, "slow").await;
+
+    let api = caller.api_addr().unwrap();
+    let http = reqwest::Client::new();
+    let mut peers = Vec::new();
+    for i in 0..6 {
+        let done = mesh_infer(
+            &http,
+            api,
+            json!({ "target": "any", "model": "m", "prompts": [format!("call {i}")], "deadline_ms": 30000 }),
+        )
+        .await;
+        assert_eq!(done["event"], "done", "call {i}: {done}");
+        peers.push(done["peer"].as_str().unwrap().to_string());
+        let (status, body) = chat(&http, api, "m").await;
+        assert_eq!(status, 200, "gateway call {i}: {body}");
+        assert_eq!(body["choices"][0]["message"]["content"], "echo: hi");
+    }
+    // Its claim won the first call; what this node measured decided every one after it.
+    assert_eq!(peers[0], slowpoke.peer.to_string());
+    assert!(
+        peers[1..]
+            .iter()
+            .all(|p| *p == honest.peer_id().to_string()),
+        "{peers:?}"
+    );
+    assert_eq!(slowpoke.calls.load(Ordering::SeqCst), 1);
+    caller.shutdown().await;
     honest.shutdown().await;
 }
 

@@ -239,21 +239,36 @@ async fn ask_catalogs(
 /// Most load a provider's report counts for: past it, every provider is as busy as another.
 pub const MAX_CREDIBLE_LOAD: u32 = 4096;
 
+/// How much slower than the fastest candidate a provider's measured first frame may be before
+/// it is tried after every provider that is not: this many times the fastest, plus
+/// [`SLOW_MARGIN_MS`].
+pub const SLOW_RATIO: f64 = 2.0;
+/// The margin added to [`SLOW_RATIO`] times the fastest first frame, in milliseconds: below it,
+/// differences are noise, and the load reports decide.
+pub const SLOW_MARGIN_MS: f64 = 250.0;
+
 /// Orders providers best first: those not backed off for misbehaving (`backed_off`: it
-/// stopped answering, stalled, refused, or denied the model it announced), then the least busy
-/// (the load a provider advertised in its catalog, capped at [`MAX_CREDIBLE_LOAD`], plus the
-/// calls this node has running on it), then the shortest measured round trip (libp2p ping;
-/// this node itself counts as 0, a peer not yet measured as 1 s).
+/// stopped answering, stalled, refused, or denied the model it announced), then those not
+/// measured slow, then the least busy (the load a provider advertised in its catalog, capped
+/// at [`MAX_CREDIBLE_LOAD`], plus the calls this node has running on it), then the shortest
+/// measured round trip (libp2p ping; this node itself counts as 0, a peer not yet measured as
+/// 1 s).
 ///
-/// A provider's load is its own word, so a liar can claim to be idle: what bounds the harm is
-/// this node's own measurement (a provider that then stalls or refuses is backed off), and the
-/// calls this node has running on it, which count whatever it claims.
+/// A provider's load is its own word, so a liar can claim to be idle. It is weighed against
+/// what this node measured: `first_frame_ms` holds the time recent calls waited for each
+/// provider's first frame (the provider's queue and prompt processing, seen from here). A
+/// provider measured more than [`SLOW_RATIO`] times the fastest candidate plus
+/// [`SLOW_MARGIN_MS`] is slow: whatever load it claims, it comes after the others. A provider
+/// not measured yet counts as fast (it is tried, and so measured), so one slow measurement
+/// never hides an untried provider. A provider that stalls or refuses is backed off, and the
+/// calls this node has running on a provider count whatever it claims.
 pub fn route(
     mut candidates: Vec<Candidate>,
     me: PeerId,
     rtt_ms: &HashMap<PeerId, f64>,
     in_flight: &HashMap<PeerId, u32>,
     backed_off: &HashSet<PeerId>,
+    first_frame_ms: &HashMap<PeerId, f64>,
 ) -> Vec<Candidate> {
     let rtt = |peer: &PeerId| {
         if *peer == me {
@@ -269,10 +284,18 @@ pub fn route(
             .min(MAX_CREDIBLE_LOAD)
             .saturating_add(in_flight.get(&c.peer).copied().unwrap_or(0))
     };
+    let first_frame = |c: &Candidate| first_frame_ms.get(&c.peer).copied().unwrap_or(0.0);
+    let fastest = candidates
+        .iter()
+        .map(first_frame)
+        .min_by(f64::total_cmp)
+        .unwrap_or(0.0);
+    let slow = |c: &Candidate| first_frame(c) > SLOW_RATIO * fastest + SLOW_MARGIN_MS;
     candidates.sort_by(|a, b| {
         let marked = |c: &Candidate| backed_off.contains(&c.peer);
         marked(a)
             .cmp(&marked(b))
+            .then(slow(a).cmp(&slow(b)))
             .then(busy(a).cmp(&busy(b)))
             .then(rtt(&a.peer).total_cmp(&rtt(&b.peer)))
     });
@@ -342,6 +365,7 @@ pub(crate) mod tests {
             &rtts,
             &HashMap::new(),
             &HashSet::new(),
+            &HashMap::new(),
         ));
         assert_eq!(order, vec![near, far, unmeasured, busy]);
 
@@ -353,6 +377,7 @@ pub(crate) mod tests {
             &rtts,
             &in_flight,
             &HashSet::new(),
+            &HashMap::new(),
         ));
         assert_eq!(order, vec![far, unmeasured, near, busy]);
     }
@@ -369,6 +394,7 @@ pub(crate) mod tests {
             &HashMap::new(),
             &in_flight,
             &HashSet::new(),
+            &HashMap::new(),
         ));
         assert_eq!(order, vec![honest, liar]);
     }
@@ -388,6 +414,7 @@ pub(crate) mod tests {
             &rtts,
             &HashMap::new(),
             &HashSet::new(),
+            &HashMap::new(),
         ));
         assert_eq!(order, vec![me, measured, unmeasured]);
     }
@@ -401,7 +428,54 @@ pub(crate) mod tests {
             &HashMap::new(),
             &HashMap::new(),
             &HashSet::new(),
+            &HashMap::new(),
         ));
         assert_eq!(order, vec![a, b, me], "the sort is stable");
+    }
+
+    #[test]
+    fn a_provider_measured_slow_comes_after_the_others_whatever_load_it_claims() {
+        let (liar, honest, untried) = (peer(), peer(), peer());
+        let route_with = |candidates: Vec<Candidate>, first_frames: &[(PeerId, f64)]| {
+            peers(route(
+                candidates,
+                peer(),
+                &HashMap::new(),
+                &HashMap::new(),
+                &HashSet::new(),
+                &first_frames.iter().copied().collect(),
+            ))
+        };
+        // Claims to be idle, answered its last call's first frame after 3 s; the honest
+        // provider says it is busy and answered in 40 ms.
+        let both = vec![candidate(liar, 0), candidate(honest, 3)];
+        assert_eq!(
+            route_with(both.clone(), &[(liar, 3000.0), (honest, 40.0)]),
+            vec![honest, liar]
+        );
+        // Not measured yet, the honest one counts as fast: it is tried before the slow one.
+        assert_eq!(
+            route_with(both.clone(), &[(liar, 3000.0)]),
+            vec![honest, liar]
+        );
+        // Nothing measured: the claims decide.
+        assert_eq!(route_with(both, &[]), vec![liar, honest]);
+        // Within the margin, differences are noise and load decides.
+        let close = vec![
+            candidate(honest, 2),
+            candidate(untried, 0),
+            candidate(liar, 1),
+        ];
+        assert_eq!(
+            route_with(close, &[(honest, 300.0), (liar, 200.0), (untried, 1.0)]),
+            vec![untried, liar, honest]
+        );
+        // Every one slow in absolute terms, none slower than twice the fastest plus the
+        // margin: the claims decide.
+        let slow_model = vec![candidate(honest, 1), candidate(liar, 0)];
+        assert_eq!(
+            route_with(slow_model, &[(honest, 2000.0), (liar, 2600.0)]),
+            vec![liar, honest]
+        );
     }
 }

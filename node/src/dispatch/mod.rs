@@ -325,9 +325,16 @@ impl Round<'_> {
         let (ordered, mut claimed) = if found.len() > 1 {
             let rtts = round_trips(&dispatcher.client).await;
             match cache {
-                Some(cache) => cache.route_and_claim(found, me, &rtts),
+                Some(cache) => cache.route_and_claim(&spec.model, found, me, &rtts),
                 None => (
-                    route(found, me, &rtts, &HashMap::new(), &HashSet::new()),
+                    route(
+                        found,
+                        me,
+                        &rtts,
+                        &HashMap::new(),
+                        &HashSet::new(),
+                        &HashMap::new(),
+                    ),
                     None,
                 ),
             }
@@ -390,6 +397,7 @@ impl Round<'_> {
             // behind this one, a stall passes the call on.
             let patience =
                 (spec.target == Target::Any && index + 1 < count).then_some(FIRST_FRAME_PATIENCE);
+            let opening = Instant::now();
             let first_try = unless_unresponsive(watch, open());
             let mut opened = match patience {
                 Some(patience) => tokio::time::timeout(patience, first_try)
@@ -403,6 +411,9 @@ impl Round<'_> {
             }
             let outcome = match opened {
                 Ok(Ok((call, path))) => {
+                    if let Some(cache) = cache {
+                        cache.first_frame(peer, &spec.model, opening.elapsed());
+                    }
                     relay(call, attempt, path, &request, self.events, &mut sampled)
                         .await
                         .map_err(|f| match f {

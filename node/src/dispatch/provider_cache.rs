@@ -1,8 +1,9 @@
 //! The providers of recent `any` calls, by model, the calls this node has running on each
-//! provider, and the providers backed off for misbehaving: shared by the calls of one node
-//! (its API's), so repeated calls skip the DHT, concurrent calls spread over the providers,
-//! and a frozen, refusing or stalling provider is left alone for a while (as Petals bans a
-//! failing server).
+//! provider, the providers backed off for misbehaving, and how long each provider made recent
+//! calls wait for their first frame: shared by the calls of one node (its API's), so repeated
+//! calls skip the DHT, concurrent calls spread over the providers, a frozen, refusing or
+//! stalling provider is left alone for a while (as Petals bans a failing server), and one that
+//! claims to be idle but answers slowly is tried after the fast ones.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
@@ -20,6 +21,12 @@ const PROVIDER_CACHE_MODELS: usize = 1024;
 pub const UNRESPONSIVE_FOR: Duration = Duration::from_secs(30);
 /// Most providers backed off at once.
 const BACKED_OFF_PEERS: usize = 1024;
+/// How long a first-frame measurement counts: after it, the provider is measured afresh.
+pub const FIRST_FRAME_TTL: Duration = Duration::from_secs(120);
+/// Most (provider, model) first-frame measurements kept at once.
+const FIRST_FRAME_ENTRIES: usize = 4096;
+/// The weight of a new first-frame measurement in the running average.
+const FIRST_FRAME_ALPHA: f64 = 0.5;
 
 /// Why a provider is backed off: it is tried after every other provider for
 /// [`Misbehaviour::back_off`].
@@ -66,6 +73,9 @@ pub struct ProviderCache {
     in_flight: Mutex<HashMap<PeerId, u32>>,
     /// Providers backed off: until when, and how often they misbehaved.
     backed_off: Mutex<HashMap<PeerId, Mark>>,
+    /// The time recent calls to each provider of a model waited for their first frame, in
+    /// milliseconds (a running average), and when it was last measured.
+    first_frames: Mutex<HashMap<(PeerId, String), (Instant, f64)>>,
 }
 
 /// Counts a call on `peer` in its provider's in-flight total while it lives.
@@ -175,17 +185,57 @@ impl ProviderCache {
             .collect()
     }
 
-    /// Orders `candidates` with [`route`] and counts a call on the first, in one step, so
-    /// concurrent calls spread over the providers instead of all picking the same one.
+    fn first_frames(&self) -> MutexGuard<'_, HashMap<(PeerId, String), (Instant, f64)>> {
+        self.first_frames
+            .lock()
+            .expect("never poisoned: no panics while held")
+    }
+
+    /// A call of `model` on `peer` waited `waited` for its first frame.
+    pub(crate) fn first_frame(&self, peer: PeerId, model: &str, waited: Duration) {
+        let now = Instant::now();
+        let ms = waited.as_secs_f64() * 1000.0;
+        let mut entries = self.first_frames();
+        let key = (peer, model.to_string());
+        if entries.len() >= FIRST_FRAME_ENTRIES && !entries.contains_key(&key) {
+            entries.retain(|_, (at, _)| now.duration_since(*at) < FIRST_FRAME_TTL);
+            if entries.len() >= FIRST_FRAME_ENTRIES {
+                return;
+            }
+        }
+        let average = match entries.get(&key) {
+            Some((at, old)) if now.duration_since(*at) < FIRST_FRAME_TTL => {
+                FIRST_FRAME_ALPHA * ms + (1.0 - FIRST_FRAME_ALPHA) * old
+            }
+            _ => ms,
+        };
+        entries.insert(key, (now, average));
+    }
+
+    /// The first-frame averages of `model`'s providers measured in the last
+    /// [`FIRST_FRAME_TTL`], in milliseconds.
+    pub(crate) fn first_frames_of(&self, model: &str) -> HashMap<PeerId, f64> {
+        self.first_frames()
+            .iter()
+            .filter(|((_, m), (at, _))| m == model && at.elapsed() < FIRST_FRAME_TTL)
+            .map(|((peer, _), (_, ms))| (*peer, *ms))
+            .collect()
+    }
+
+    /// Orders the `candidates` for `model` with [`route`] and counts a call on the first, in
+    /// one step, so concurrent calls spread over the providers instead of all picking the
+    /// same one.
     pub(crate) fn route_and_claim(
         &self,
+        model: &str,
         candidates: Vec<Candidate>,
         me: PeerId,
         rtt_ms: &HashMap<PeerId, f64>,
     ) -> (Vec<Candidate>, Option<InFlight<'_>>) {
         let backed_off = self.backed_off();
+        let first_frames = self.first_frames_of(model);
         let mut counts = self.counts();
-        let ordered = route(candidates, me, rtt_ms, &counts, &backed_off);
+        let ordered = route(candidates, me, rtt_ms, &counts, &backed_off, &first_frames);
         let claim = ordered.first().map(|first| {
             *counts.entry(first.peer).or_default() += 1;
             InFlight {
@@ -226,16 +276,16 @@ mod tests {
         let (me, a, b) = (peer(), peer(), peer());
         let both = vec![candidate(a, 0), candidate(b, 0)];
         let rtts = [(a, 1.0), (b, 2.0)].into_iter().collect();
-        let (order, first) = cache.route_and_claim(both.clone(), me, &rtts);
+        let (order, first) = cache.route_and_claim("m", both.clone(), me, &rtts);
         assert_eq!(order[0].peer, a, "the nearer one first");
         assert!(first.is_some());
         // `a` now has a call running: the next call goes to `b`.
-        let (order, second) = cache.route_and_claim(both.clone(), me, &rtts);
+        let (order, second) = cache.route_and_claim("m", both.clone(), me, &rtts);
         assert_eq!(order[0].peer, b);
         assert_eq!(cache.in_flight(), [(a, 1), (b, 1)].into_iter().collect());
         drop((first, second));
         assert!(cache.in_flight().is_empty());
-        let (_, none) = cache.route_and_claim(Vec::new(), me, &rtts);
+        let (_, none) = cache.route_and_claim("m", Vec::new(), me, &rtts);
         assert!(none.is_none(), "nothing to claim");
     }
 
@@ -246,14 +296,14 @@ mod tests {
         let both = vec![candidate(frozen, 0), candidate(slow, 0)];
         let rtts = [(frozen, 1.0), (slow, 50.0)].into_iter().collect();
         cache.back_off(frozen, Misbehaviour::Unresponsive);
-        let (order, claim) = cache.route_and_claim(both.clone(), me, &rtts);
+        let (order, claim) = cache.route_and_claim("m", both.clone(), me, &rtts);
         assert_eq!(order[0].peer, slow, "the nearer one stopped answering");
         assert_eq!(order[1].peer, frozen, "but it is still a candidate");
         drop(claim);
         // Once the mark is old enough, it is nearest first again.
         cache.marks().get_mut(&frozen).unwrap().until = Instant::now() - Duration::from_millis(1);
         assert!(cache.backed_off().is_empty());
-        let (order, _claim) = cache.route_and_claim(both, me, &rtts);
+        let (order, _claim) = cache.route_and_claim("m", both, me, &rtts);
         assert_eq!(order[0].peer, frozen);
     }
 
@@ -338,5 +388,54 @@ mod tests {
         assert_eq!(cache.get("m0"), None, "an expired entry is not returned");
         cache.put("one-too-many", &found);
         assert!(cache.get("one-too-many").is_some());
+    }
+
+    #[test]
+    fn first_frames_are_averaged_per_model_bounded_and_forgotten() {
+        let cache = ProviderCache::default();
+        let (slow, fast) = (peer(), peer());
+        cache.first_frame(slow, "m", Duration::from_millis(3000));
+        cache.first_frame(slow, "m", Duration::from_millis(1000));
+        cache.first_frame(fast, "m", Duration::from_millis(20));
+        cache.first_frame(slow, "other", Duration::from_millis(5));
+        let m = cache.first_frames_of("m");
+        assert_eq!(m.len(), 2);
+        assert!((m[&slow] - 2000.0).abs() < 1e-6, "a running average");
+        assert!((m[&fast] - 20.0).abs() < 1e-6);
+        assert_eq!(cache.first_frames_of("other").len(), 1, "per model");
+
+        // The slow provider claiming to be idle comes after the fast one claiming to be busy.
+        let (order, _claim) = cache.route_and_claim(
+            "m",
+            vec![candidate(slow, 0), candidate(fast, 7)],
+            peer(),
+            &HashMap::new(),
+        );
+        assert_eq!(
+            order.iter().map(|c| c.peer).collect::<Vec<_>>(),
+            vec![fast, slow]
+        );
+
+        // An old measurement is not used, and is not averaged into a new one.
+        for (at, _) in cache.first_frames().values_mut() {
+            *at = Instant::now() - FIRST_FRAME_TTL - Duration::from_millis(1);
+        }
+        assert!(cache.first_frames_of("m").is_empty());
+        cache.first_frame(slow, "m", Duration::from_millis(10));
+        assert!((cache.first_frames_of("m")[&slow] - 10.0).abs() < 1e-6);
+
+        // Full of live entries: a new provider is not measured; expired ones make room.
+        let cache = ProviderCache::default();
+        for i in 0..FIRST_FRAME_ENTRIES {
+            cache.first_frame(peer(), &format!("m{i}"), Duration::from_millis(1));
+        }
+        let newcomer = peer();
+        cache.first_frame(newcomer, "m", Duration::from_millis(1));
+        assert!(cache.first_frames_of("m").is_empty());
+        cache.first_frames().values_mut().next().unwrap().0 =
+            Instant::now() - FIRST_FRAME_TTL - Duration::from_millis(1);
+        cache.first_frame(newcomer, "m", Duration::from_millis(1));
+        assert_eq!(cache.first_frames_of("m").len(), 1);
+        assert!(cache.first_frames().len() <= FIRST_FRAME_ENTRIES);
     }
 }

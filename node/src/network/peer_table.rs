@@ -211,6 +211,14 @@ impl PeerTable {
         self.peers.get(peer).and_then(|p| p.rtt)
     }
 
+    /// The last round trip measured to every connected peer that has one, in milliseconds.
+    pub fn round_trips_ms(&self) -> std::collections::HashMap<PeerId, f64> {
+        self.peers
+            .iter()
+            .filter_map(|(peer, p)| Some((*peer, p.rtt?.as_secs_f64() * 1000.0)))
+            .collect()
+    }
+
     /// Every connected peer, sorted by peer id (as text), for `mesh peers`.
     pub fn summaries(&self) -> Vec<PeerSummary> {
         let mut out: Vec<PeerSummary> = self

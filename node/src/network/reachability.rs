@@ -67,11 +67,22 @@ impl Reach {
     }
 
     /// The relays to listen through now: none while the node is directly reachable.
-    pub fn to_reserve(&self, directly_reachable: bool, now: Instant) -> Vec<(PeerId, Multiaddr)> {
+    /// Relays are drawn weighted by the round trips measured to them (`rtt_ms`).
+    pub fn to_reserve(
+        &self,
+        directly_reachable: bool,
+        now: Instant,
+        rtt_ms: &std::collections::HashMap<PeerId, f64>,
+    ) -> Vec<(PeerId, Multiaddr)> {
         if directly_reachable {
             return Vec::new();
         }
-        self.relays.to_reserve(now)
+        self.relays.to_reserve(now, rtt_ms)
+    }
+
+    /// A circuit through `relay` opened: it counts for the relay when relays are drawn.
+    pub fn circuit_worked(&mut self, relay: &PeerId) {
+        self.relays.circuit_worked(relay);
     }
 
     /// Listening through `relay` as `listener` asks it for a reservation.
@@ -206,7 +217,7 @@ mod tests {
     fn reserved(reach: &mut Reach, now: Instant) -> (PeerId, ListenerId) {
         let relay = peer();
         assert!(reach.on_identified(relay, false, true, &[addr(RELAY_ADDR)]));
-        let picks = reach.to_reserve(false, now);
+        let picks = reach.to_reserve(false, now, &Default::default());
         assert_eq!(picks.len(), 1);
         assert_eq!(picks[0].0, relay);
         let listener = ListenerId::next();
@@ -223,15 +234,24 @@ mod tests {
         let mut reach = Reach::new(2);
         let relay = peer();
         reach.on_identified(relay, false, true, &[addr(RELAY_ADDR)]);
-        assert!(reach.to_reserve(true, Instant::now()).is_empty());
-        assert_eq!(reach.to_reserve(false, Instant::now()).len(), 1);
+        assert!(reach
+            .to_reserve(true, Instant::now(), &Default::default())
+            .is_empty());
+        assert_eq!(
+            reach
+                .to_reserve(false, Instant::now(), &Default::default())
+                .len(),
+            1
+        );
     }
 
     #[test]
     fn what_a_relayed_connection_says_is_ignored() {
         let mut reach = Reach::new(2);
         assert!(!reach.on_identified(peer(), true, true, &[addr(RELAY_ADDR)]));
-        assert!(reach.to_reserve(false, Instant::now()).is_empty());
+        assert!(reach
+            .to_reserve(false, Instant::now(), &Default::default())
+            .is_empty());
     }
 
     #[test]
@@ -282,7 +302,10 @@ mod tests {
             reach.on_reservation_accepted(&small, Some(Duration::from_secs(120)), None),
             Reserved::Unfit(Some(listener))
         );
-        assert!(reach.to_reserve(false, now).is_empty(), "not picked again");
+        assert!(
+            reach.to_reserve(false, now, &Default::default()).is_empty(),
+            "not picked again"
+        );
     }
 
     #[test]

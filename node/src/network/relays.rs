@@ -44,6 +44,21 @@ pub struct Relays {
     candidates: HashMap<PeerId, Multiaddr>,
     reservations: HashMap<PeerId, Reservation>,
     backoff: HashMap<PeerId, Instant>,
+    /// Circuits through each relay that opened, as this node saw them.
+    worked: HashMap<PeerId, u32>,
+}
+
+/// Round trip assumed for a relay not measured yet, in milliseconds.
+const UNMEASURED_RELAY_RTT_MS: f64 = 500.0;
+/// Circuits that worked count towards a relay's weight up to this many.
+const WORKED_CAP: u32 = 8;
+
+/// How likely a relay is to be picked: nearer ones, and ones whose circuits worked, more. Never
+/// zero, so every candidate has a chance: a peer id cannot be ground to win, and a relay
+/// cannot capture the reservations by claiming anything about itself.
+fn weight(rtt_ms: Option<f64>, worked: u32) -> f64 {
+    let rtt = rtt_ms.unwrap_or(UNMEASURED_RELAY_RTT_MS).max(0.0);
+    f64::from(1 + worked.min(WORKED_CAP)) / (rtt + 20.0)
 }
 
 impl Relays {
@@ -73,21 +88,43 @@ impl Relays {
         self.candidates.remove(peer);
     }
 
-    /// The circuit addresses to listen on now, one per new relay, up to the maximum.
-    pub fn to_reserve(&self, now: Instant) -> Vec<(PeerId, Multiaddr)> {
+    /// The circuit addresses to listen on now, one per new relay, up to the maximum: drawn at
+    /// random among the candidates, weighted by the round trip this node measured to each
+    /// (`rtt_ms`) and the circuits through it that worked ([`weight`]).
+    pub fn to_reserve(
+        &self,
+        now: Instant,
+        rtt_ms: &HashMap<PeerId, f64>,
+    ) -> Vec<(PeerId, Multiaddr)> {
+        use rand::seq::SliceRandom;
         let room = self.max.saturating_sub(self.reservations.len());
-        let mut picks: Vec<(&PeerId, &Multiaddr)> = self
+        let picks: Vec<(&PeerId, &Multiaddr)> = self
             .candidates
             .iter()
             .filter(|(peer, _)| !self.reservations.contains_key(peer))
             .filter(|(peer, _)| self.backoff.get(peer).is_none_or(|until| *until <= now))
             .collect();
-        picks.sort_by_key(|(peer, _)| peer.to_bytes());
+        let weight_of = |(peer, _): &(&PeerId, &Multiaddr)| {
+            weight(
+                rtt_ms.get(*peer).copied(),
+                self.worked.get(*peer).copied().unwrap_or(0),
+            )
+        };
         picks
+            .choose_multiple_weighted(&mut rand::thread_rng(), room, weight_of)
+            .map(|chosen| chosen.cloned().collect::<Vec<_>>())
+            .unwrap_or_default()
             .into_iter()
-            .take(room)
             .map(|(peer, addr)| (*peer, circuit_addr(addr, peer)))
             .collect()
+    }
+
+    /// A circuit through `relay` opened.
+    pub fn circuit_worked(&mut self, relay: &PeerId) {
+        if self.candidates.contains_key(relay) {
+            let n = self.worked.entry(*relay).or_default();
+            *n = n.saturating_add(1);
+        }
     }
 
     /// A reservation with `relay` was requested through `listener`.
@@ -172,7 +209,7 @@ mod tests {
         );
         relays.offer(b, &[addr("/ip4/198.51.100.11/udp/4001/quic-v1")]);
         relays.offer(c, &[addr("/ip4/198.51.100.12/tcp/4001")]);
-        let picks = relays.to_reserve(Instant::now());
+        let picks = relays.to_reserve(Instant::now(), &HashMap::new());
         assert_eq!(picks.len(), 2);
         let for_a = circuit_addr(&addr("/ip4/198.51.100.10/tcp/4001"), &a);
         if let Some((_, circuit)) = picks.iter().find(|(p, _)| *p == a) {
@@ -191,25 +228,57 @@ mod tests {
         relays.offer(a, &[addr("/ip4/198.51.100.10/tcp/4001")]);
         relays.offer(b, &[addr("/ip4/198.51.100.11/tcp/4001")]);
         let now = Instant::now();
-        let (first, _) = relays.to_reserve(now)[0];
+        let (first, _) = relays.to_reserve(now, &HashMap::new())[0];
         let listener = ListenerId::next();
         relays.requested(first, listener);
-        assert!(relays.to_reserve(now).is_empty(), "one relay is enough");
+        assert!(
+            relays.to_reserve(now, &HashMap::new()).is_empty(),
+            "one relay is enough"
+        );
         assert!(relays.accepted(&first));
         assert!(!relays.accepted(&first), "a renewal is not news");
         assert_eq!(relays.active(), vec![first]);
 
         assert_eq!(relays.closed(listener, now), Some(first));
-        let next = relays.to_reserve(now);
+        let next = relays.to_reserve(now, &HashMap::new());
         assert_eq!(next.len(), 1);
         assert_ne!(next[0].0, first, "the relay that went away waits");
         let later = now + RELAY_BACKOFF + Duration::from_secs(1);
         relays.withdraw(&next[0].0);
         assert_eq!(
-            relays.to_reserve(later)[0].0,
+            relays.to_reserve(later, &HashMap::new())[0].0,
             first,
             "and comes back after the backoff"
         );
+    }
+
+    #[test]
+    fn the_choice_is_random_weighted_by_round_trip_and_circuits_that_worked() {
+        // 2,000 draws of one relay among a near one, a far one and a far one whose circuits
+        // worked: every one is drawn sometimes (a peer id cannot be ground to win), the near
+        // one most, and circuits that worked lift the far one above its twin.
+        let (near, far, proven) = (peer(), peer(), peer());
+        let mut relays = Relays::new(1);
+        for (p, ip) in [(near, 10), (far, 11), (proven, 12)] {
+            relays.offer(p, &[addr(&format!("/ip4/198.51.100.{ip}/tcp/4001"))]);
+        }
+        for _ in 0..3 {
+            relays.circuit_worked(&proven);
+        }
+        let rtts: HashMap<PeerId, f64> = [(near, 5.0), (far, 200.0), (proven, 200.0)]
+            .into_iter()
+            .collect();
+        let mut drawn: HashMap<PeerId, u32> = HashMap::new();
+        for _ in 0..2000 {
+            let picks = relays.to_reserve(Instant::now(), &rtts);
+            assert_eq!(picks.len(), 1);
+            *drawn.entry(picks[0].0).or_default() += 1;
+        }
+        let count = |p| drawn.get(&p).copied().unwrap_or(0);
+        assert!(count(far) > 0, "{drawn:?}");
+        assert!(count(near) > count(proven), "{drawn:?}");
+        assert!(count(proven) > count(far) * 2, "{drawn:?}");
+        assert!(weight(None, 0) > 0.0 && weight(Some(1e9), 0) > 0.0);
     }
 
     #[test]
@@ -236,7 +305,9 @@ mod tests {
         let listener = ListenerId::next();
         relays.requested(a, listener);
         assert_eq!(relays.reject(&a), Some(listener));
-        assert!(relays.to_reserve(Instant::now()).is_empty());
+        assert!(relays
+            .to_reserve(Instant::now(), &HashMap::new())
+            .is_empty());
         assert!(relays.active().is_empty());
     }
 
@@ -246,6 +317,8 @@ mod tests {
         let a = peer();
         let relayed = format!("/ip4/198.51.100.10/tcp/4001/p2p/{}/p2p-circuit", peer());
         relays.offer(a, &[addr(&relayed)]);
-        assert!(relays.to_reserve(Instant::now()).is_empty());
+        assert!(relays
+            .to_reserve(Instant::now(), &HashMap::new())
+            .is_empty());
     }
 }

@@ -153,7 +153,10 @@ impl EventLoop {
             relay::client::Event::OutboundCircuitEstablished {
                 relay_peer_id,
                 limit,
-            } => tracing::debug!(relay = %relay_peer_id, ?limit, "circuit to a peer opened"),
+            } => {
+                tracing::debug!(relay = %relay_peer_id, ?limit, "circuit to a peer opened");
+                self.reach.circuit_worked(&relay_peer_id);
+            }
             relay::client::Event::InboundCircuitEstablished { src_peer_id, limit } => {
                 tracing::debug!(peer = %src_peer_id, ?limit, "circuit from a peer opened")
             }

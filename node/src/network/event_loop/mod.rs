@@ -241,7 +241,8 @@ impl EventLoop {
     /// Reserves relay slots while this node cannot be dialled directly.
     fn reserve_relays(&mut self) {
         let direct = directly_reachable(self.swarm.external_addresses());
-        for (relay, addr) in self.reach.to_reserve(direct, Instant::now()) {
+        let rtt_ms = self.table.read().round_trips_ms();
+        for (relay, addr) in self.reach.to_reserve(direct, Instant::now(), &rtt_ms) {
             match self.swarm.listen_on(addr.clone()) {
                 Ok(listener) => {
                     tracing::info!(%relay, %addr, "not reachable directly: asking a relay for a slot");
