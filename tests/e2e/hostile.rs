@@ -609,3 +609,86 @@ async fn three_hundred_sybils_from_one_ip_leave_the_node_able_to_dial_out_and_se
     other.shutdown().await;
     target.shutdown().await;
 }
+
+/// A node with only a wildcard TCP listener (so only AutoNAT can confirm an address for it),
+/// joined to one AutoNAT server at each of `server_ips`.
+async fn behind_autonat(server_ips: &[&str]) -> (Node, Vec<Node>) {
+    let mut servers = Vec::new();
+    for ip in server_ips {
+        let mut config = loopback_config(vec![]);
+        config.network.listen = vec![format!("/ip4/{ip}/tcp/0").parse().unwrap()];
+        servers.push(
+            Node::start(NodeIdentity::generate(), Vec::new(), config)
+                .await
+                .expect("server starts"),
+        );
+    }
+    let mut bootstrap = Vec::new();
+    for server in &servers {
+        bootstrap.push(tcp_addr(server).await);
+    }
+    let mut config = loopback_config(bootstrap);
+    config.network.listen = vec!["/ip4/0.0.0.0/tcp/0".parse().unwrap()];
+    config.network.autonat_retry = Duration::from_secs(1);
+    let node = Node::start(NodeIdentity::generate(), Vec::new(), config)
+        .await
+        .expect("node starts");
+    (node, servers)
+}
+
+/// Whether `status` lists a confirmed address that is not through a relay.
+fn direct_external(status: &mesh_node::network::NetworkStatus) -> bool {
+    status
+        .external_addrs
+        .iter()
+        .any(|a| !a.contains("p2p-circuit"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autonat_dial_backs_from_one_ip_do_not_make_a_node_public_and_two_ips_do() {
+    use mesh_node::network::Reachability;
+    // Three AutoNAT servers at one IP: their dial-backs succeed (AutoNAT itself says public),
+    // but the node does not believe them.
+    let (node, servers) = behind_autonat(&["127.0.0.2", "127.0.0.2", "127.0.0.2"]).await;
+    let deadline = Instant::now() + Duration::from_secs(12);
+    let mut autonat_said_public = false;
+    while Instant::now() < deadline {
+        let status = node.client().status().await.unwrap();
+        autonat_said_public |= status.autonat == Reachability::Public;
+        assert_ne!(status.reachability, Reachability::Public, "{status:?}");
+        assert!(!direct_external(&status), "{status:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        autonat_said_public,
+        "the servers' dial-backs never succeeded: the check above proved nothing"
+    );
+    node.shutdown().await;
+    for server in servers {
+        server.shutdown().await;
+    }
+
+    // Two servers at two IPs: the address is confirmed.
+    let (node, servers) = behind_autonat(&["127.0.0.2", "127.0.0.3"]).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let status = node.client().status().await.unwrap();
+        if direct_external(&status) || Instant::now() > deadline {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(direct_external(&status), "{status:?}");
+    assert_eq!(status.reachability, Reachability::Public);
+    assert!(
+        status
+            .external_addrs
+            .iter()
+            .any(|a| a.starts_with("/ip4/127.0.0.1/tcp/")),
+        "{status:?}"
+    );
+    node.shutdown().await;
+    for server in servers {
+        server.shutdown().await;
+    }
+}

@@ -26,7 +26,7 @@ pub struct MeshBehaviour {
     pub ping: ping::Behaviour,
     pub kad: kad::Behaviour<super::provider_store::ProviderStore>,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
-    pub autonat: Toggle<autonat::Behaviour>,
+    pub autonat: Toggle<super::autonat_quorum::AutonatQuorum>,
     pub relay_client: relay::client::Behaviour,
     pub relay: Toggle<super::relay_server::RelayServer>,
     pub dcutr: dcutr::Behaviour,
@@ -149,11 +149,11 @@ fn build_behaviour(
     };
 
     let autonat = config.dht_server.then(|| {
-        autonat::Behaviour::new(
+        let autonat = autonat::Behaviour::new(
             peer_id,
             autonat::Config {
                 boot_delay: Duration::from_secs(2),
-                retry_interval: Duration::from_secs(30),
+                retry_interval: config.autonat_retry,
                 throttle_server_period: Duration::from_secs(15),
                 // LANs and test networks use private and documentation ranges; a dial-back only
                 // ever goes to the IP the asking peer was observed at, so this opens no
@@ -161,7 +161,8 @@ fn build_behaviour(
                 only_global_ips: false,
                 ..Default::default()
             },
-        )
+        );
+        super::autonat_quorum::AutonatQuorum::new(autonat)
     });
     // The relay advertises itself only while this node has a direct confirmed external address.
     let relay = config

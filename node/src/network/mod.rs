@@ -20,6 +20,7 @@
 //! - [`client`]: the handle the rest of the node uses; [`NetworkError`] what it can fail with.
 
 mod addr;
+pub mod autonat_quorum;
 pub mod behaviour;
 pub mod client;
 mod connect;
@@ -111,6 +112,9 @@ pub struct NetworkConfig {
     pub max_relays: usize,
     /// How long a call to a peer reached only through a relay waits for a hole punch.
     pub hole_punch_wait: Duration,
+    /// How often AutoNAT asks again while it is not sure (its confirmations need two peers at
+    /// two IPs: [`autonat_quorum`]).
+    pub autonat_retry: Duration,
     pub max_connections: u32,
     pub max_connections_per_peer: u32,
     pub max_pending: u32,
@@ -146,6 +150,7 @@ impl Default for NetworkConfig {
             // (under 10 ms in the NAT lab); a symmetric NAT fails only after three attempts
             // (about 30 s), so a longer wait costs a symmetric peer's first call exactly that.
             hole_punch_wait: Duration::from_millis(300),
+            autonat_retry: Duration::from_secs(30),
             max_connections: 256,
             max_connections_per_peer: 4,
             max_pending: 64,
@@ -219,10 +224,21 @@ pub enum Reachability {
     Unknown,
 }
 
+impl Reachability {
+    fn unknown() -> Self {
+        Reachability::Unknown
+    }
+}
+
 /// How the node sits in the network, for `/v1/mesh/status`.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct NetworkStatus {
     pub reachability: Reachability,
+    /// AutoNAT's own verdict, which turns `public` on one peer's dial-back. The node believes
+    /// it only once two peers at two IPs confirmed an address (`autonat_quorum`); then
+    /// `reachability` says `public` too.
+    #[serde(default = "Reachability::unknown")]
+    pub autonat: Reachability,
     /// Confirmed external addresses, relayed ones included.
     pub external_addrs: Vec<String>,
     /// Relays this node holds an accepted reservation with.

@@ -189,11 +189,13 @@ impl Reach {
     pub fn status(&self, external: &[Multiaddr], relay_server: bool) -> NetworkStatus {
         let direct = directly_reachable(external.iter());
         NetworkStatus {
-            reachability: if direct {
-                Reachability::Public
-            } else {
-                self.nat_status
+            // AutoNAT's "public" counts once its address holds its quorum and is confirmed.
+            reachability: match (direct, self.nat_status) {
+                (true, _) => Reachability::Public,
+                (false, Reachability::Public) => Reachability::Unknown,
+                (false, status) => status,
             },
+            autonat: self.nat_status,
             external_addrs: external.iter().map(|a| a.to_string()).collect(),
             relays: self.relays.active().iter().map(|p| p.to_string()).collect(),
             relaying: relay_server && direct,
@@ -321,12 +323,22 @@ mod tests {
     #[test]
     fn autonat_decides_until_a_direct_address_is_confirmed() {
         let mut reach = Reach::new(0);
-        assert_eq!(reach.status(&[], false).reachability, Reachability::Unknown);
+        let status = reach.status(&[], false);
+        assert_eq!(status.reachability, Reachability::Unknown);
+        assert_eq!(status.autonat, Reachability::Public);
         reach.on_nat_status(&autonat::NatStatus::Private);
         let relayed = addr(&format!("{RELAY_ADDR}/p2p/{}/p2p-circuit", peer()));
         let status = reach.status(std::slice::from_ref(&relayed), false);
         assert_eq!(status.reachability, Reachability::Private);
         assert_eq!(status.external_addrs, vec![relayed.to_string()]);
+        // One peer's word (AutoNAT's status before the quorum confirmed an address) is not
+        // enough to say public.
+        reach.on_nat_status(&autonat::NatStatus::Public(addr(
+            "/ip4/203.0.113.5/tcp/4001",
+        )));
+        let status = reach.status(&[], false);
+        assert_eq!(status.reachability, Reachability::Unknown);
+        assert_eq!(status.autonat, Reachability::Public);
     }
 
     #[test]
