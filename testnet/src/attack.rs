@@ -9,6 +9,10 @@
 //! - [`Netns`]: a network namespace joined to this one by a veth pair, so attackers come from
 //!   another IP than the honest nodes (libp2p on loopback always dials from 127.0.0.1).
 //! - [`stalled_streams`]: inference streams that announce a 1 MiB request and send nothing more.
+//! - [`kad_flood`]: a Kademlia peer announcing many keys, each with hundreds of addresses.
+
+mod kad_flood;
+pub use kad_flood::{kad_flood, KadFloodReport};
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -692,3 +692,75 @@ async fn autonat_dial_backs_from_one_ip_do_not_make_a_node_public_and_two_ips_do
         server.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kademlia_flood_of_keys_and_addresses_is_bounded_and_the_nodes_own_records_survive() {
+    let open = AccessConfig::default();
+    let target = node(&[("m", "echo")], vec![], open.clone(), false).await;
+    let boot = tcp_addr(&target).await;
+    let before = target.client().status().await.unwrap().dht;
+    assert!(before.own_keys >= 1, "{before:?}");
+
+    // 300 keys, each announced with 300 made-up addresses.
+    let report = attack::kad_flood(
+        target.peer_id(),
+        boot.clone(),
+        300,
+        300,
+        30,
+        Duration::from_secs(120),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.keys, 300);
+    let flooder = report.peer.unwrap();
+    let after = target.client().status().await.unwrap().dht;
+    eprintln!("flood: {report:?}; the target's store before {before:?}, after {after:?}");
+    // The flood reached the store (it holds records of the flooder's, with addresses cut
+    // down from 300), and no more of it than one peer's share.
+    assert_eq!(after.remote_providers, 1, "{after:?}");
+    assert_eq!(
+        after.most_keys_of_one_provider,
+        mesh_node::network::provider_store::MAX_KEYS_PER_PROVIDER
+    );
+    assert_eq!(
+        after.most_addresses_in_one_record,
+        mesh_node::network::provider_store::MAX_ADDRESSES_PER_RECORD
+    );
+    assert!(
+        after.remote_addresses
+            <= after.remote_records * mesh_node::network::provider_store::MAX_ADDRESSES_PER_RECORD
+    );
+    assert_eq!(
+        after.own_keys, before.own_keys,
+        "the node's own records survive"
+    );
+
+    // A node that joins after the flood finds the target's model, and its call answers.
+    let caller = node(&[], vec![boot], open, false).await;
+    attack::until_providers(&caller.client(), "m", 1, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let found = caller.client().find_providers("m").await.unwrap();
+    assert!(found.contains(&target.peer_id()), "{found:?}");
+    assert!(!found.contains(&flooder));
+    let dispatcher = mesh_node::dispatch::Dispatcher {
+        client: caller.client(),
+        local: None,
+        cache: None,
+        trust: Default::default(),
+    };
+    let mut events = dispatcher.dispatch(
+        serde_json::from_value(json!({ "target": "any", "model": "m", "prompts": ["after the flood"], "deadline_ms": 30000 }))
+            .unwrap(),
+    );
+    let mut answered = false;
+    while let Some(event) = events.recv().await {
+        if let mesh_node::dispatch::CallEvent::Done { .. } = event {
+            answered = true;
+        }
+    }
+    assert!(answered, "the call after the flood answers");
+    caller.shutdown().await;
+    target.shutdown().await;
+}

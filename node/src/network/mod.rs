@@ -29,7 +29,7 @@ mod error;
 pub mod event_loop;
 pub mod inbound_guard;
 mod peer_table;
-mod provider_store;
+pub mod provider_store;
 mod reachability;
 pub mod relay_server;
 pub mod relays;
@@ -245,6 +245,27 @@ pub struct NetworkStatus {
     pub relays: Vec<String>,
     /// Whether this node relays for others now.
     pub relaying: bool,
+    /// What its Kademlia record store holds.
+    #[serde(default)]
+    pub dht: DhtStore,
+}
+
+/// What a node's Kademlia record store holds (`provider_store`): its own provider records,
+/// and the remote ones, with the largest share any one remote peer has.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct DhtStore {
+    /// Keys this node provides itself.
+    pub own_keys: usize,
+    /// Remote peers with provider records here.
+    pub remote_providers: usize,
+    /// Their records (one per key and provider).
+    pub remote_records: usize,
+    /// The addresses kept in those records.
+    pub remote_addresses: usize,
+    /// The most keys one remote peer provides here.
+    pub most_keys_of_one_provider: usize,
+    /// The most addresses kept in one record.
+    pub most_addresses_in_one_record: usize,
 }
 
 /// How a connection to a peer was made.

@@ -100,6 +100,35 @@ impl ProviderStore {
     }
 }
 
+impl ProviderStore {
+    /// What the store holds now (expired records not counted), for `/v1/mesh/status`.
+    pub fn stats(&self) -> super::DhtStore {
+        let now = Instant::now();
+        let keys: HashSet<&RecordKey> = self.by_provider.values().flatten().collect();
+        let mut of_provider: HashMap<PeerId, usize> = HashMap::new();
+        let mut stats = super::DhtStore {
+            own_keys: self.own.provided().count(),
+            ..Default::default()
+        };
+        for key in keys {
+            for record in self.remote.providers(key) {
+                if record.is_expired(now) {
+                    continue;
+                }
+                *of_provider.entry(record.provider).or_default() += 1;
+                stats.remote_records += 1;
+                stats.remote_addresses += record.addresses.len();
+                stats.most_addresses_in_one_record = stats
+                    .most_addresses_in_one_record
+                    .max(record.addresses.len());
+            }
+        }
+        stats.remote_providers = of_provider.len();
+        stats.most_keys_of_one_provider = of_provider.values().copied().max().unwrap_or(0);
+        stats
+    }
+}
+
 impl RecordStore for ProviderStore {
     type RecordsIter<'a> = <MemoryStore as RecordStore>::RecordsIter<'a>;
     type ProvidedIter<'a> = <MemoryStore as RecordStore>::ProvidedIter<'a>;
@@ -241,6 +270,16 @@ mod tests {
             Err(Error::MaxProvidedKeys)
         ));
         assert!(s.providers(&key(0))[0].addresses.len() <= MAX_ADDRESSES_PER_RECORD);
+        let stats = s.stats();
+        assert_eq!(stats.remote_providers, 1);
+        assert_eq!(stats.remote_records, MAX_KEYS_PER_PROVIDER);
+        assert_eq!(stats.most_keys_of_one_provider, MAX_KEYS_PER_PROVIDER);
+        assert_eq!(stats.most_addresses_in_one_record, MAX_ADDRESSES_PER_RECORD);
+        assert_eq!(
+            stats.remote_addresses,
+            MAX_KEYS_PER_PROVIDER * MAX_ADDRESSES_PER_RECORD
+        );
+        assert_eq!(stats.own_keys, 0);
         // A refresh of a key it has is fine; another peer is not held back.
         s.add_provider(record(&key(0), greedy, 900)).unwrap();
         s.add_provider(record(&key(999), random_peer(), 900))

@@ -199,6 +199,7 @@ impl Reach {
             external_addrs: external.iter().map(|a| a.to_string()).collect(),
             relays: self.relays.active().iter().map(|p| p.to_string()).collect(),
             relaying: relay_server && direct,
+            dht: Default::default(),
         }
     }
 }

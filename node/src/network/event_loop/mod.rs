@@ -189,7 +189,9 @@ impl EventLoop {
             Command::Status { reply } => {
                 let external: Vec<Multiaddr> = self.swarm.external_addresses().cloned().collect();
                 let relay_server = self.swarm.behaviour().relay.is_enabled();
-                let _ = reply.send(Ok(self.reach.status(&external, relay_server)));
+                let mut status = self.reach.status(&external, relay_server);
+                status.dht = self.swarm.behaviour_mut().kad.store_mut().stats();
+                let _ = reply.send(Ok(status));
             }
         }
     }
