@@ -13,7 +13,7 @@
 #   embed:    MiniLM in mesh (candle) vs sentence-transformers, same files, same threads
 #   gateway:  a chat completion through a node's OpenAI gateway vs the engine in-process
 #   hostile:  a `mesh join` process under each hostile-peer attack (half-open TCP flood, 300
-#             sybils, stalled streams, lying providers): an honest caller's calls before, during
+#             sybils, stalled streams, lying providers, a Kademlia flood): an honest caller's calls before, during
 #             and after, and the node's peak RSS during the attack
 # Prints JSON lines; docs/benchmarks.md quotes them.
 #

@@ -29,25 +29,12 @@ fn host(models: &[&str], boot: Option<&str>) -> JoinedNode {
 
 /// One `any` call through `node`'s API: how long it took and its event lines.
 async fn call_any(node: &JoinedNode, model: &str) -> (Duration, Vec<serde_json::Value>) {
-    let url = format!("http://127.0.0.1:{}/v1/mesh/infer", node.api_port());
     let spec = serde_json::json!({
         "target": "any", "model": model, "prompts": ["are you there?"], "deadline_ms": 30000
     });
     let start = Instant::now();
-    let body = reqwest::Client::new()
-        .post(url)
-        .json(&spec)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let events = body
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let api = format!("127.0.0.1:{}", node.api_port());
+    let events = crate::mesh_api::infer_events(&api, &spec, |_| {}).await;
     (start.elapsed(), events)
 }
 
@@ -174,10 +161,14 @@ async fn lookups_stay_fast_after_a_third_of_the_mesh_is_killed() {
     times.sort();
     // Printed for docs/benchmarks.md (`cargo test --test e2e heal -- --nocapture`).
     eprintln!("lookups after the kills, sorted: {times:?}");
+    // What this checks is a mechanism, not a speed (the figures are docs/benchmarks.md's,
+    // "Healing"): no lookup waits out a dead node's dial (the 5 s dial timeout) or the DHT
+    // query timeout, as every one did before lookups stopped waiting on dead nodes.
     let worst = *times.last().unwrap();
+    let dial_timeout = mesh_node::network::NetworkConfig::default().dial_timeout;
     assert!(
-        worst < Duration::from_secs(1),
-        "every lookup (p99 of 20 is the worst) under 1 s: {times:?}"
+        worst < dial_timeout,
+        "a lookup waited as long as a dead node's dial ({dial_timeout:?}): {times:?}"
     );
     drop((p1, p2, others));
 }

@@ -41,20 +41,9 @@ async fn until_providers(node: &Node, model: &str, count: usize) {
 }
 
 /// One `/v1/mesh/infer` call: its `done` or `error` event.
-async fn mesh_infer(http: &reqwest::Client, api: std::net::SocketAddr, spec: Value) -> Value {
-    let body = http
-        .post(format!("http://{api}/v1/mesh/infer"))
-        .json(&spec)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let last = body.lines().last().expect("an event");
-    let mut last: Value = serde_json::from_str(last).unwrap();
-    last["all"] = Value::String(body.clone());
-    last
+async fn mesh_infer(api: std::net::SocketAddr, spec: Value) -> Value {
+    let events = crate::mesh_api::infer_events(&api.to_string(), &spec, |_| {}).await;
+    events.last().expect("an event").clone()
 }
 
 async fn chat(http: &reqwest::Client, api: std::net::SocketAddr, model: &str) -> (u16, Value) {
@@ -101,7 +90,6 @@ async fn every_call_reaches_the_honest_provider_past_refusing_stalling_denying_a
     let started = Instant::now();
     for i in 0..8 {
         let done = mesh_infer(
-            &http,
             api,
             json!({ "target": "any", "model": "m", "weights": weights, "prompts": [format!("call {i}")], "deadline_ms": 30000 }),
         )
@@ -133,7 +121,6 @@ async fn every_call_reaches_the_honest_provider_past_refusing_stalling_denying_a
     // serves, the call fails and says who serves what.
     let other = "0".repeat(64);
     let refused = mesh_infer(
-        &http,
         api,
         json!({ "target": "any", "model": format!("m@sha256:{other}"), "prompts": ["x"], "deadline_ms": 10000 }),
     )
@@ -214,7 +201,6 @@ async fn a_provider_that_claims_to_be_idle_but_answers_slowly_gets_one_call_then
     let mut peers = Vec::new();
     for i in 0..6 {
         let done = mesh_infer(
-            &http,
             api,
             json!({ "target": "any", "model": "m", "prompts": [format!("call {i}")], "deadline_ms": 30000 }),
         )
@@ -254,7 +240,6 @@ async fn the_largest_numbers_a_provider_can_send_break_nothing_and_the_gateway_k
         assert_eq!(body["choices"][0]["message"]["content"], "inflated");
         assert_eq!(body["usage"]["prompt_tokens"], u32::MAX);
         let done = mesh_infer(
-            &http,
             api,
             json!({ "target": "any", "model": "big", "prompts": ["x"], "deadline_ms": 10000 }),
         )
@@ -761,6 +746,115 @@ async fn a_kademlia_flood_of_keys_and_addresses_is_bounded_and_the_nodes_own_rec
         }
     }
     assert!(answered, "the call after the flood answers");
+    caller.shutdown().await;
+    target.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_sybils_from_four_ips_fill_the_inbound_share_an_idle_one_gives_its_place() {
+    let mut namespaces = Vec::new();
+    for _ in 0..4 {
+        match attack::Netns::create() {
+            Ok(netns) => namespaces.push(netns),
+            Err(why) => {
+                assert!(
+                    std::env::var_os("CI").is_none(),
+                    "CI must run the eviction test, but it could not: {why}"
+                );
+                eprintln!("skipped: {why}");
+                return;
+            }
+        }
+    }
+    let mut config = loopback_config(vec![]);
+    for netns in &namespaces {
+        let facing: Multiaddr = format!("/ip4/{}/tcp/0", netns.host_ip()).parse().unwrap();
+        config.network.listen.push(facing);
+    }
+    let share = (config.network.max_connections / 4 * 3) as usize;
+    let per_ip = (config.network.max_connections / 4) as usize;
+    let target = Node::start(
+        NodeIdentity::generate(),
+        builtin_engines(&[("echo", "echo")]),
+        config,
+    )
+    .await
+    .expect("the node starts");
+    let addr = tcp_addr(&target).await;
+    let listen = target.client().listen_addrs().await.unwrap();
+    // 60 sybils from each of four IPs: 240 against a share of 192, 64 a IP.
+    let stop = CancellationToken::new();
+    let mut threads = Vec::new();
+    for netns in &namespaces {
+        let to = listen
+            .iter()
+            .find(|a| a.to_string().contains(&netns.host_ip().to_string()))
+            .expect("an address facing the namespace")
+            .clone()
+            .with_p2p(target.peer_id())
+            .unwrap();
+        let (held_tx, held_rx) = tokio::sync::oneshot::channel();
+        let inside = stop.clone();
+        threads.push(netns.run(move || async move {
+            attack::sybils_in_waves(&to, 60, 30, &inside).await;
+            let _ = held_tx.send(());
+            inside.cancelled().await;
+        }));
+        held_rx.await.expect("the sybils ran");
+    }
+    let insides: Vec<String> = namespaces
+        .iter()
+        .map(|n| n.inside_ip().to_string())
+        .collect();
+    let from_sybils = || async {
+        let peers = target.client().peers().await.unwrap();
+        peers
+            .iter()
+            .flat_map(|p| p.addresses.iter())
+            .filter(|a| insides.iter().any(|ip| a.contains(ip.as_str())))
+            .count()
+    };
+    let mut held = from_sybils().await;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = from_sybils().await;
+        if now == held {
+            break;
+        }
+        held = now;
+    }
+    eprintln!("sybils from four IPs holding a connection: {held} of 240 (share {share})");
+    assert!(
+        held <= share && held + 4 >= share,
+        "{held} sybils held, share {share}"
+    );
+    assert!(held <= 4 * per_ip);
+
+    // Once the sybils have been idle for the eviction age, a fresh caller takes one's place.
+    tokio::time::sleep(
+        mesh_node::network::inbound_guard::IDLE_BEFORE_EVICTION + Duration::from_secs(1),
+    )
+    .await;
+    let before = from_sybils().await;
+    let mut config = loopback_config(vec![addr]);
+    config.network.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    let caller = Node::start(NodeIdentity::generate(), Vec::new(), config)
+        .await
+        .expect("the caller joins");
+    assert_eq!(
+        call_text(&caller, target.peer_id(), "echo", "in place of a sybil").await,
+        Ok("echo: in place of a sybil".to_string())
+    );
+    let after = from_sybils().await;
+    eprintln!("sybils holding a connection before the caller joined: {before}, after: {after}");
+    assert!(
+        after < before,
+        "no sybil gave its place: {after} of {before}"
+    );
+    stop.cancel();
+    for thread in threads {
+        thread.join().unwrap().unwrap();
+    }
     caller.shutdown().await;
     target.shutdown().await;
 }

@@ -10,6 +10,7 @@ mod heal;
 mod hostile;
 mod identity;
 mod local;
+mod mesh_api;
 mod models;
 mod nat;
 mod network;

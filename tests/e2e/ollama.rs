@@ -40,27 +40,9 @@ fn api_of(node: &JoinedNode) -> String {
 /// Mesh's own answer: `/v1/mesh/infer` on `api` with this spec, the deltas joined.
 fn mesh_answer(api: &str, spec: Value) -> String {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let body = rt.block_on(async {
-        reqwest::Client::new()
-            .post(format!("{api}/v1/mesh/infer"))
-            .json(&spec)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    });
-    let events: Vec<Value> = body
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(events.last().unwrap()["event"], "done", "{body}");
-    events
-        .iter()
-        .filter(|e| e["event"] == "delta")
-        .map(|e| e["text"].as_str().unwrap())
-        .collect()
+    let events = rt.block_on(crate::mesh_api::infer_events(api, &spec, |_| {}));
+    assert_eq!(events.last().unwrap()["event"], "done", "{events:?}");
+    crate::mesh_api::text_of(&events)
 }
 
 /// The greedy answer to `QUESTION` as a chat, in at most `max_tokens`.

@@ -135,37 +135,13 @@ fn spec(question: &str, max_tokens: u32) -> serde_json::Value {
 async fn infer(
     node: &mesh_tests::JoinedNode,
     spec: &serde_json::Value,
-    mut each: impl FnMut(&serde_json::Value),
+    each: impl FnMut(&serde_json::Value),
 ) -> Vec<serde_json::Value> {
-    use futures::StreamExt;
-    let url = format!("http://127.0.0.1:{}/v1/mesh/infer", node.api_port());
-    let resp = reqwest::Client::new()
-        .post(url)
-        .json(spec)
-        .send()
-        .await
-        .unwrap();
-    let mut body = resp.bytes_stream();
-    let (mut buf, mut events) = (Vec::new(), Vec::new());
-    while let Some(chunk) = body.next().await {
-        buf.extend_from_slice(&chunk.unwrap());
-        while let Some(end) = buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=end).collect();
-            let event: serde_json::Value = serde_json::from_slice(&line).unwrap();
-            each(&event);
-            events.push(event);
-        }
-    }
-    events
+    let api = format!("127.0.0.1:{}", node.api_port());
+    crate::mesh_api::infer_events(&api, spec, each).await
 }
 
-fn text_of(events: &[serde_json::Value]) -> String {
-    events
-        .iter()
-        .filter(|e| e["event"] == "delta")
-        .map(|e| e["text"].as_str().unwrap())
-        .collect()
-}
+use crate::mesh_api::text_of;
 
 fn done_of(events: &[serde_json::Value]) -> &serde_json::Value {
     let last = events.last().expect("events");

@@ -78,12 +78,19 @@ pub async fn candidates(
             if let Some(local) = local {
                 return Ok(vec![local]);
             }
-            // An empty answer is not the end: the connected nodes are asked below.
-            client.find_providers(model).await.map_err(|e| {
-                CallFailure::network(ErrorCode::Internal, format!("network failure: {e}"))
-            })?
+            match find_providers_hedged(dispatcher, model, admission).await {
+                Hedged::Walk(found) => found.map_err(|e| {
+                    CallFailure::network(ErrorCode::Internal, format!("network failure: {e}"))
+                })?,
+                // The walk was slow and a connected node hosts the model.
+                Hedged::Connected(mut found) => {
+                    found.sort_by_key(|c| c.load);
+                    return Ok(found);
+                }
+            }
         }
     };
+    // An empty answer from the walk is not the end: the connected nodes are asked below.
     let (found, last_error) = ask_catalogs(dispatcher, model, &peers, Asked::Named).await;
     let (mut found, left_out) = admission.filter(found);
     excluded.extend(left_out);
@@ -116,6 +123,61 @@ pub async fn candidates(
             format!("no node on the mesh announces model {model:?}"),
         )),
         _ => Ok(found),
+    }
+}
+
+/// How long a DHT walk runs before the connected nodes are asked too. A walk normally answers
+/// within its grace after the first provider (200 ms on a LAN); one whose first requests went
+/// to nodes that just died waits for their connections to time out (a dead QUIC connection
+/// gives no error, only silence, for up to 10 s).
+pub const WALK_HEDGE: Duration = Duration::from_millis(500);
+
+/// What a hedged lookup found first.
+enum Hedged {
+    /// The DHT walk answered (perhaps with nobody).
+    Walk(Result<Vec<PeerId>, crate::network::NetworkError>),
+    /// The walk was slow, and connected nodes host the model (admitted, with their cards).
+    Connected(Vec<Candidate>),
+}
+
+/// The DHT's providers of `model`; when the walk takes longer than [`WALK_HEDGE`], the
+/// connected nodes' catalogs are asked while it goes on, and what they find is used if it
+/// comes first. (As a tail-latency hedge, not a replacement: in a large mesh the connected
+/// nodes rarely host the model, and the walk's answer is waited for.)
+async fn find_providers_hedged(
+    dispatcher: &Dispatcher,
+    model: &str,
+    admission: &Admission,
+) -> Hedged {
+    let client = &dispatcher.client;
+    let walk = client.find_providers(model);
+    tokio::pin!(walk);
+    tokio::select! {
+        found = &mut walk => return Hedged::Walk(found),
+        () = tokio::time::sleep(WALK_HEDGE) => {}
+    }
+    let connected = client.peers().await.unwrap_or_default();
+    let others = not_asked(connected.iter().map(|p| p.peer_id), &HashSet::new());
+    if others.is_empty() {
+        return Hedged::Walk(walk.await);
+    }
+    tracing::info!(
+        model,
+        connected = others.len(),
+        "the DHT walk is slow; asking the connected nodes meanwhile"
+    );
+    let neighbours = ask_catalogs(dispatcher, model, &others, Asked::Connected);
+    tokio::pin!(neighbours);
+    tokio::select! {
+        found = &mut walk => Hedged::Walk(found),
+        (found, _) = &mut neighbours => {
+            let (found, _) = admission.filter(found);
+            if found.is_empty() {
+                Hedged::Walk(walk.await)
+            } else {
+                Hedged::Connected(found)
+            }
+        }
     }
 }
 

@@ -39,7 +39,13 @@ use crate::inprocess::loopback_config;
 const ATTACKER_IP: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
 
 /// The attacks measured, in order.
-pub const ATTACKS: [&str; 4] = ["half-open", "sybils", "stalled-streams", "liars"];
+pub const ATTACKS: [&str; 5] = [
+    "half-open",
+    "sybils",
+    "stalled-streams",
+    "liars",
+    "kad-flood",
+];
 
 /// A `mesh join` process hosting the echo model on 127.0.0.1.
 struct Target {
@@ -366,15 +372,36 @@ async fn attack(
                 .clone();
             let staller = hostile(Act::Stall, "echo", &echo_sha, addr.clone()).await;
             let denier = hostile(Act::Deny, "echo", &echo_sha, addr.clone()).await;
+            let slow = Act::Slow(Duration::from_millis(1500));
+            let slowpoke = hostile(slow, "echo", &echo_sha, addr.clone()).await;
             tokio::spawn(async move {
                 stop.cancelled().await;
                 let calls = |h: &attack::Hostile| h.calls.load(std::sync::atomic::Ordering::SeqCst);
                 serde_json::json!({
                     "calls_to_staller": calls(&staller),
                     "calls_to_denier": calls(&denier),
+                    "calls_to_slow_one": calls(&slowpoke),
                 })
             })
         }
+        "kad-flood" => tokio::spawn(async move {
+            // One fresh peer id after another, each announcing 300 keys with 300 addresses.
+            let (mut floods, mut keys) = (0, 0);
+            while !stop.is_cancelled() {
+                let flood =
+                    attack::kad_flood(peer, addr.clone(), 300, 300, 30, Duration::from_secs(60));
+                tokio::select! {
+                    report = flood => {
+                        if let Ok(report) = report {
+                            floods += 1;
+                            keys += report.keys;
+                        }
+                    }
+                    () = stop.cancelled() => {}
+                }
+            }
+            serde_json::json!({ "floods": floods, "keys_announced": keys })
+        }),
         other => anyhow::bail!("no attack {other:?}; one of {ATTACKS:?}"),
     })
 }
@@ -419,7 +446,7 @@ pub async fn run(
         let rss = sample_rss(&target, stop.clone());
         let running = attack(name, &target, netns.as_ref(), stop.clone()).await?;
         if *name == "liars" {
-            attack::until_providers(&caller.client(), "echo", 3, Duration::from_secs(20))
+            attack::until_providers(&caller.client(), "echo", 4, Duration::from_secs(20))
                 .await
                 .map_err(anyhow::Error::msg)?;
         }

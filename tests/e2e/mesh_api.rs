@@ -1,0 +1,45 @@
+//! `POST /v1/mesh/infer` as the tests call it: one place that posts an `InferSpec` and splits
+//! the NDJSON answer into events.
+
+use futures::StreamExt;
+use serde_json::Value;
+
+/// Streams `/v1/mesh/infer` on the API at `api` (`HOST:PORT`, with or without `http://`),
+/// calls `each` on every event as it arrives, and returns all of them.
+pub async fn infer_events(api: &str, spec: &Value, mut each: impl FnMut(&Value)) -> Vec<Value> {
+    let base = if api.starts_with("http") {
+        api.to_string()
+    } else {
+        format!("http://{api}")
+    };
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/v1/mesh/infer"))
+        .json(spec)
+        .send()
+        .await
+        .unwrap();
+    let mut body = resp.bytes_stream();
+    let (mut buf, mut events) = (Vec::new(), Vec::new());
+    while let Some(chunk) = body.next().await {
+        buf.extend_from_slice(&chunk.unwrap());
+        while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=end).collect();
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let event: Value = serde_json::from_slice(&line).unwrap();
+            each(&event);
+            events.push(event);
+        }
+    }
+    events
+}
+
+/// The text of an answer's `delta` events, joined.
+pub fn text_of(events: &[Value]) -> String {
+    events
+        .iter()
+        .filter(|e| e["event"] == "delta")
+        .filter_map(|e| e["text"].as_str())
+        .collect()
+}
