@@ -494,6 +494,40 @@ print(path, round(med), round(p90))
 PY
 }
 
+# nat_metrics: scrapes a's GET /metrics after the latency series (calls through a's API
+# to b, hole-punched, and to c, relayed) and checks that its counters saw them: its hole punches
+# (DCUtR successes) and its answered calls by path. Sets metrics_line; returns 1 when a counter
+# did not move.
+nat_metrics() {
+  local out rc=0
+  out=$(ip netns exec "${nat_ns[a]}" "$nat_py" - <<'PY'
+import re, sys, urllib.request
+with urllib.request.urlopen("http://127.0.0.1:7440/metrics", timeout=10) as r:
+    kind = r.headers.get("content-type", "")
+    text = r.read().decode()
+def total(name, **labels):
+    n = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
+        if all(got.get(k) == v for k, v in labels.items()):
+            n += float(line.rsplit(" ", 1)[1])
+    return n
+punched = total("mesh_hole_punches_total", result="success")
+via_punch = total("mesh_calls_made_total", outcome="answered", path="hole-punched")
+via_relay = total("mesh_calls_made_total", outcome="answered", path="relayed")
+ok = kind.startswith("application/openmetrics-text") and text.endswith("# EOF\n") \
+    and punched >= 1 and via_punch >= 1 and via_relay >= 1
+print(f"a's /metrics: {punched:.0f} hole punch(es) succeeded, calls answered hole-punched {via_punch:.0f}, relayed {via_relay:.0f}")
+sys.exit(0 if ok else 1)
+PY
+  ) || rc=1
+  metrics_line="   $out"
+  [ "$rc" = 0 ] || metrics_line="$metrics_line: WRONG (a counter did not move)"
+  return "$rc"
+}
+
 # nat_status NAME: what node NAME says of its reachability (GET /v1/mesh/status), checked against
 # what the lab built: the relay public and relaying; a NATed node not public, reachable through
 # the relay, and not relaying. Prints one line; returns 1 when the node is wrong about itself.
@@ -1061,6 +1095,8 @@ nat_run() {
   local lat_b lat_c
   lat_b=$(nat_latency a b || echo "- - -")
   lat_c=$(nat_latency a c || echo "- - -")
+  local metrics_line=""
+  if ! nat_metrics; then nat_run_failures=$((nat_run_failures + 1)); fi
 
   local frozen_line=""
   if ! nat_frozen "$boot"; then nat_run_failures=$((nat_run_failures + 1)); fi
@@ -1079,6 +1115,7 @@ nat_run() {
   nat_say "   b's join to the first answered call from a: $([ "$join_ms" = - ] && echo "never" || echo "$join_ms ms") ($attempts attempt(s))"
   [ -n "$split_line" ] && nat_say "$split_line"
   printf '%s' "$status_lines"
+  nat_say "$metrics_line"
   nat_say "$frozen_line"
   nat_say "$failover_line"
   read -r p m q <<<"$lat_b"; nat_say "   small calls a->b through a's API, $NAT_LATENCY_CALLS in a row: $p, median $m us, p90 $q us"

@@ -39,6 +39,8 @@ pub enum Command {
     Models(FindArgs),
     /// List the peers a running node is connected to, and how
     Peers,
+    /// One screen about the running node: identity, reachability, models, peers, recent calls
+    Status,
     /// Print this node's peer id (creating its key on first use)
     Id,
     /// Issue, inspect and revoke capability tokens

@@ -113,6 +113,8 @@ mod tests {
             load: 0,
             network: None,
             stages: vec![],
+            model_loads: vec![],
+            served_last_minute: Default::default(),
         };
         let chosen = loopback_first(&status);
         assert_eq!(

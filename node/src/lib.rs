@@ -17,6 +17,7 @@
 //! - [`dispatch`]: choosing a node for a model and running a call end to end, with failover.
 //! - [`directory`]: the models this node can see on the mesh, and who hosts them.
 //! - [`split`]: a model's layers pooled across nodes: the head, its plan, its stages.
+//! - [`metrics`]: Prometheus metrics for `GET /metrics`.
 
 pub mod api;
 pub mod auth;
@@ -27,6 +28,7 @@ pub mod dispatch;
 pub mod engine;
 pub mod home;
 pub mod identity;
+pub mod metrics;
 pub mod models;
 pub mod network;
 pub mod node;

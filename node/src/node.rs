@@ -73,12 +73,13 @@ impl Node {
         stages: Vec<StageModel>,
         config: NodeConfig,
     ) -> Result<Node, NodeError> {
-        let server = Arc::new(Server::with_stages(
-            &identity,
-            engines,
-            stages,
-            config.serve.clone(),
-        )?);
+        // Everything `GET /metrics` shows: mesh's families, and the swarm's (registered as the
+        // network is built).
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = crate::metrics::Metrics::register(&mut registry);
+        let mut server = Server::with_stages(&identity, engines, stages, config.serve.clone())?;
+        server.observe(metrics.clone());
+        let server = Arc::new(server);
         let access = crate::api::ApiAccess {
             key: config.api_key.clone().filter(|k| !k.is_empty()),
             hosts: config.api_hosts.clone(),
@@ -92,8 +93,17 @@ impl Node {
             None => None,
         };
         let shutdown = CancellationToken::new();
-        let (client, inbound_streams, event_loop) =
-            crate::network::new(&identity, &config.network, shutdown.clone())?;
+        let (client, inbound_streams, event_loop) = crate::network::new_observed(
+            &identity,
+            &config.network,
+            shutdown.clone(),
+            &mut registry,
+            metrics.clone(),
+        )?;
+        let telemetry = crate::metrics::Telemetry {
+            registry: Arc::new(registry),
+            metrics,
+        };
         let mut listening = client.events();
 
         let mut tasks = JoinSet::new();
@@ -112,7 +122,8 @@ impl Node {
             let trust = Arc::new(config.trust.clone());
             tasks.spawn(async move {
                 if let Err(e) =
-                    crate::api::serve(listener, client, server, access, trust, shutdown).await
+                    crate::api::serve(listener, client, server, access, trust, telemetry, shutdown)
+                        .await
                 {
                     tracing::error!("the HTTP API stopped: {e}");
                 }

@@ -96,6 +96,34 @@ fn three_processes_find_and_call_a_model_through_the_dht() {
         "{}",
         stdout(&out)
     );
+
+    // `mesh status`: one screen about the running node, and the same as one JSON object.
+    let out = mesh(&["status", "--home", &a.home_dir(), "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(status["peer_id"], a.peer_id().as_str());
+    assert!(
+        status["peers_by_path"]["direct"].as_u64().unwrap() >= 1,
+        "{status}"
+    );
+    assert_eq!(status["model_loads"][0]["model"], "echo", "{status}");
+    assert_eq!(status["model_loads"][0]["busy"], 0);
+    // The three calls answered above: two from client nodes, one through this node's API.
+    let answered = status["served_last_minute"]["answered"].as_u64().unwrap();
+    assert!(answered >= 3, "{status}");
+    assert_eq!(status["network"]["dht"]["own_keys"], 1, "{status}");
+    let out = mesh(&["status", "--home", &a.home_dir()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let screen = stdout(&out);
+    for line in [
+        format!("node      {}", a.peer_id()),
+        "model     echo".to_string(),
+        format!("served    last minute: {answered} answered"),
+        "peers     ".to_string(),
+        "reach     ".to_string(),
+    ] {
+        assert!(screen.contains(&line), "{line:?} missing from:\n{screen}");
+    }
 }
 
 #[test]

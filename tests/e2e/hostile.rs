@@ -153,6 +153,7 @@ async fn keep_busy(
         local: None,
         cache: None,
         trust: Default::default(),
+        metrics: Default::default(),
     };
     let long = vec!["word"; 2000].join(" ");
     let mut events = busy.dispatch(
@@ -371,6 +372,7 @@ async fn hundreds_of_stalled_streams_from_one_peer_leave_others_served_on_open_a
             local: None,
             cache: None,
             trust: Default::default(),
+            metrics: Default::default(),
         };
         let mut events = dispatcher.dispatch(spec);
         let mut text = String::new();
@@ -426,6 +428,7 @@ async fn call_text(
         local: None,
         cache: None,
         trust: Default::default(),
+        metrics: Default::default(),
     };
     let spec = serde_json::from_value(json!({
         "target": target.to_string(), "model": model, "prompts": [prompt], "deadline_ms": 20000
@@ -734,6 +737,7 @@ async fn a_kademlia_flood_of_keys_and_addresses_is_bounded_and_the_nodes_own_rec
         local: None,
         cache: None,
         trust: Default::default(),
+        metrics: Default::default(),
     };
     let mut events = dispatcher.dispatch(
         serde_json::from_value(json!({ "target": "any", "model": "m", "prompts": ["after the flood"], "deadline_ms": 30000 }))

@@ -11,6 +11,7 @@ mod hostile;
 mod identity;
 mod local;
 mod mesh_api;
+mod metrics;
 mod models;
 mod nat;
 mod network;

@@ -33,6 +33,7 @@ pub async fn run(home: Home, args: &InferArgs, json: bool) -> anyhow::Result<Exi
                 local: None,
                 cache: None,
                 trust: Default::default(),
+                metrics: Default::default(),
             };
             client_node = Some(node);
             dispatcher.dispatch(ask)

@@ -7,6 +7,7 @@ mod models;
 mod peers;
 mod reach;
 mod receipt;
+mod status;
 mod token;
 
 use std::process::ExitCode;
@@ -26,6 +27,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Infer(args) => infer::run(home()?, args, json).await,
         Command::Models(args) => models::run(home()?, args, json).await,
         Command::Peers => peers::run(home()?, json).await,
+        Command::Status => status::run(home()?, json).await,
         Command::Model(action) => model::run(&home()?, action, json),
         Command::Token(action) => token::run(&home()?, action, json),
         Command::Receipt(action) => receipt::run(action, json),

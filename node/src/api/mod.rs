@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 pub(crate) use state::ApiState;
 
 use crate::dispatch::{CallEvent, InferSpec};
-use crate::network::{Client, PeerSummary};
+use crate::network::{Client, Path, PeerSummary};
 use crate::serve::Server;
 
 /// What `GET /v1/mesh/status` returns.
@@ -41,6 +41,20 @@ pub struct Status {
     /// The ranges of layers this node runs for heads, with their sessions open now.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stages: Vec<crate::serve::StageStatus>,
+    /// Each hosted model's calls waiting and slots computing, now.
+    #[serde(default)]
+    pub model_loads: Vec<ModelLoad>,
+    /// The calls this node served in the last minute, by outcome.
+    #[serde(default)]
+    pub served_last_minute: crate::metrics::LastMinute,
+}
+
+/// One hosted model's queue, in [`Status`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelLoad {
+    pub model: String,
+    pub queued: u32,
+    pub busy: u32,
 }
 
 /// `GET /v1/mesh/whoami?challenge=HEX`: the 32 bytes the node signs to prove who it is.
@@ -82,6 +96,7 @@ pub async fn serve(
     server: Arc<Server>,
     access: ApiAccess,
     trust: Arc<crate::dispatch::ProviderTrust>,
+    telemetry: crate::metrics::Telemetry,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let guard = Arc::new(guard::Guard::new(listener.local_addr()?, &access));
@@ -91,6 +106,7 @@ pub async fn serve(
         .route("/v1/mesh/peers", get(peers))
         .route("/v1/mesh/models", get(models))
         .route("/v1/mesh/infer", axum::routing::post(infer))
+        .route("/metrics", get(metrics))
         .merge(crate::openai::router())
         .merge(crate::ollama::router())
         .with_state(ApiState {
@@ -98,6 +114,7 @@ pub async fn serve(
             server,
             providers: Default::default(),
             trust,
+            telemetry,
         });
     let app = guard::apply(app, guard);
     axum::serve(listener, app)
@@ -142,6 +159,17 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Status>, ApiError>
         models: state.server.cards().cloned().collect(),
         load: state.server.load(),
         stages: state.server.stage_statuses(),
+        model_loads: state
+            .server
+            .model_loads()
+            .into_iter()
+            .map(|(model, queued, busy)| ModelLoad {
+                model,
+                queued,
+                busy,
+            })
+            .collect(),
+        served_last_minute: state.telemetry.metrics.last_minute(),
         network: Some(
             state
                 .client
@@ -150,6 +178,39 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Status>, ApiError>
                 .map_err(|e| ApiError(e.to_string()))?,
         ),
     }))
+}
+
+/// `GET /metrics`: Prometheus (OpenMetrics) text. The gauges are read at the scrape: each
+/// hosted model's queue, the peers by path, the relays held, the DHT store.
+async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
+    let telemetry = &state.telemetry;
+    let m = &telemetry.metrics;
+    for (model, queued, busy) in state.server.model_loads() {
+        m.model_load(&model, queued, busy);
+    }
+    if let Ok(peers) = state.client.peers().await {
+        let paths = [Path::Direct, Path::HolePunched, Path::Relayed];
+        let by_path: Vec<(&str, usize)> = paths
+            .iter()
+            .map(|path| {
+                (
+                    path.as_str(),
+                    peers.iter().filter(|p| p.path == *path).count(),
+                )
+            })
+            .collect();
+        m.peers_by_path(&by_path);
+    }
+    if let Ok(status) = state.client.status().await {
+        m.network(status.relays.len(), &status.dht);
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        crate::metrics::render(&telemetry.registry),
+    )
 }
 
 /// `GET /v1/mesh/models`: every model this node can see, with its host, load and card.

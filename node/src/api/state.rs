@@ -17,6 +17,8 @@ pub(crate) struct ApiState {
     pub(crate) providers: Arc<ProviderCache>,
     /// The providers `any` calls through the API are restricted to (`--trust-provider`).
     pub(crate) trust: Arc<ProviderTrust>,
+    /// What `GET /metrics` renders; calls made through the API are counted in it.
+    pub(crate) telemetry: crate::metrics::Telemetry,
 }
 
 impl ApiState {
@@ -27,6 +29,7 @@ impl ApiState {
             local: Some(self.server.clone()),
             cache: Some(self.providers.clone()),
             trust: self.trust.clone(),
+            metrics: self.telemetry.metrics.clone(),
         }
     }
 }

@@ -39,6 +39,7 @@ pub use spec::{build_request, BadTarget, CallEvent, InferSpec, ResumedFrom, Stag
 pub use trust::{Admission, ProviderTrust};
 
 use crate::call::{Call, CallError};
+use crate::metrics::Outcome;
 use crate::network::Client;
 use crate::serve::Server;
 use liveness::{unless_unresponsive, Watch};
@@ -53,6 +54,8 @@ pub struct Dispatcher {
     pub cache: Option<Arc<ProviderCache>>,
     /// The providers `any` calls are restricted to, by model name.
     pub trust: Arc<ProviderTrust>,
+    /// Where the calls made are counted (`Metrics::default()`: nowhere scraped).
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Events a dispatched call queues for its consumer before it waits for them.
@@ -82,7 +85,10 @@ impl Dispatcher {
                 last = tokio::time::timeout(deadline, run(&dispatcher, &spec, &tx)) => {
                     let last = match last {
                         Ok(Ok(last)) => last,
-                        Ok(Err(AskerGone)) => return,
+                        Ok(Err(AskerGone)) => {
+                            dispatcher.metrics.made(&spec.model, Outcome::Cancelled, "none");
+                            return;
+                        }
                         Err(_) => CallEvent::Error(CallFailure::local(
                             ErrorCode::DeadlineExceeded,
                             format!(
@@ -91,9 +97,12 @@ impl Dispatcher {
                             ),
                         )),
                     };
+                    count_made(&dispatcher.metrics, &spec.model, &last);
                     let _ = tx.send(last).await;
                 }
-                () = tx.closed() => {}
+                () = tx.closed() => {
+                    dispatcher.metrics.made(&spec.model, Outcome::Cancelled, "none");
+                }
             }
         });
         rx
@@ -108,6 +117,17 @@ impl Dispatcher {
             card,
             load: server.load(),
         })
+    }
+}
+
+/// Counts a made call of `model` that ended with `last`.
+fn count_made(metrics: &crate::metrics::Metrics, model: &str, last: &CallEvent) {
+    match last {
+        CallEvent::Done { path, .. } => metrics.made(model, Outcome::Answered, path.as_str()),
+        CallEvent::Error(failure) => {
+            metrics.made(model, Outcome::of_code(failure.code.as_str()), "none")
+        }
+        _ => {}
     }
 }
 
@@ -414,6 +434,9 @@ impl Round<'_> {
                     if let Some(cache) = cache {
                         cache.first_frame(peer, &spec.model, opening.elapsed());
                     }
+                    dispatcher
+                        .metrics
+                        .made_first_frame(&spec.model, opening.elapsed());
                     relay(call, attempt, path, &request, self.events, &mut sampled)
                         .await
                         .map_err(|f| match f {

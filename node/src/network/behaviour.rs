@@ -52,6 +52,7 @@ pub fn build_swarm(
     identity: &NodeIdentity,
     config: &NetworkConfig,
     table: SharedPeerTable,
+    registry: &mut prometheus_client::registry::Registry,
 ) -> Result<(Swarm<MeshBehaviour>, mpsc::Receiver<Inbound>, Opener), BuildError> {
     let streams_config = streams::Config {
         inbound_protocols: vec![INFER, CATALOG, STAGE],
@@ -75,6 +76,8 @@ pub fn build_swarm(
         .map_err(|e| transport(&e))?
         .with_relay_client(noise::Config::new, yamux::Config::default)
         .map_err(|e| transport(&e))?
+        // Bytes in and out, by transport stack (`libp2p_bandwidth_bytes_total`).
+        .with_bandwidth_metrics(registry)
         .with_behaviour(|key, relay_client| {
             let streams = streams.take().expect("the behaviour is built once");
             build_behaviour(key, relay_client, streams, table.clone(), config).map_err(|e| e.into())

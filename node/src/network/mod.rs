@@ -69,8 +69,32 @@ pub fn new(
     config: &NetworkConfig,
     shutdown: CancellationToken,
 ) -> Result<(Client, mpsc::Receiver<Inbound>, EventLoop), BuildError> {
+    let mut unscraped = prometheus_client::registry::Registry::default();
+    new_observed(
+        identity,
+        config,
+        shutdown,
+        &mut unscraped,
+        crate::metrics::Metrics::default(),
+    )
+}
+
+/// [`new`], with the swarm's metrics (`libp2p-metrics`, bytes in and out) registered in
+/// `registry` and mesh's network events counted in `metrics`.
+pub fn new_observed(
+    identity: &crate::identity::NodeIdentity,
+    config: &NetworkConfig,
+    shutdown: CancellationToken,
+    registry: &mut prometheus_client::registry::Registry,
+    metrics: crate::metrics::Metrics,
+) -> Result<(Client, mpsc::Receiver<Inbound>, EventLoop), BuildError> {
     let table = peer_table::SharedPeerTable::default();
-    let (mut swarm, inbound, opener) = behaviour::build_swarm(identity, config, table.clone())?;
+    let (mut swarm, inbound, opener) =
+        behaviour::build_swarm(identity, config, table.clone(), registry)?;
+    let recorders = event_loop::Recorders {
+        p2p: libp2p::metrics::Metrics::new(registry),
+        mesh: metrics,
+    };
     for addr in &config.listen {
         swarm
             .listen_on(addr.clone())
@@ -88,7 +112,15 @@ pub fn new(
         identity.peer_id(),
         table.clone(),
     );
-    let event_loop = EventLoop::new(swarm, command_rx, event_tx, config.clone(), shutdown, table);
+    let event_loop = EventLoop::new(
+        swarm,
+        command_rx,
+        event_tx,
+        config.clone(),
+        shutdown,
+        table,
+        recorders,
+    );
     Ok((client, inbound, event_loop))
 }
 

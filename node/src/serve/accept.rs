@@ -20,6 +20,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::Server;
+use crate::metrics::Outcome;
 use crate::wire::write_frame;
 
 /// Refusals that may be in flight besides the streams being served. Past this, a stream
@@ -194,6 +195,7 @@ pub async fn accept<P, S>(
                 // A stage stream is refused in its own protocol, by the stage session.
                 if protocol == Protocol::Infer && !server.auth.may_call_any(&peer) {
                     tracing::debug!(%peer, "stream from a peer no model here allows");
+                    server.metrics.served(None, Outcome::Refused(ErrorCode::Unauthorized.as_str()));
                     if may_refuse {
                         calls.spawn(refuse(stream, WireError::new(
                             ErrorCode::Unauthorized,
@@ -204,6 +206,9 @@ pub async fn accept<P, S>(
                 }
                 let Some(place) = per_peer.take(peer, pool, pool_limit) else {
                     tracing::debug!(%peer, ?protocol, "the peer has its most streams open");
+                    if protocol == Protocol::Infer {
+                        server.metrics.served(None, Outcome::Refused(ErrorCode::Overloaded.as_str()));
+                    }
                     if may_refuse {
                         calls.spawn(refuse(stream, WireError::new(
                             ErrorCode::Overloaded,
@@ -222,6 +227,7 @@ pub async fn accept<P, S>(
                     }
                     // Refusals are bounded too; past that bound the stream is dropped (reset).
                     Err(_) if may_refuse => {
+                        server.metrics.served(None, Outcome::Refused(ErrorCode::Overloaded.as_str()));
                         calls.spawn(refuse(stream, WireError::new(
                             ErrorCode::Overloaded,
                             "this node is serving its maximum number of streams",

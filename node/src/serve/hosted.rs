@@ -97,6 +97,11 @@ impl HostedModel {
         self.admitted.load(Ordering::Acquire)
     }
 
+    /// Slots computing a call now.
+    pub(super) fn busy(&self) -> usize {
+        (self.card().max_concurrency as usize).saturating_sub(self.slots.available_permits())
+    }
+
     /// Counts one start of the engine.
     pub(super) fn count_run(&self) {
         self.runs.fetch_add(1, Ordering::AcqRel);

@@ -121,6 +121,8 @@ pub struct Server {
     config: ServeConfig,
     identity: NodeIdentity,
     auth: Authorizer,
+    /// Where served calls are counted (unregistered until [`Server::observe`]).
+    metrics: crate::metrics::Metrics,
 }
 
 impl Server {
@@ -185,6 +187,7 @@ impl Server {
             config,
             identity: identity.clone(),
             auth,
+            metrics: Default::default(),
         })
     }
 
@@ -227,6 +230,23 @@ impl Server {
     pub fn load(&self) -> u32 {
         let calls: u32 = self.models.values().map(|m| m.admitted() as u32).sum();
         calls + self.stage_sessions() as u32
+    }
+
+    /// Counts the calls this server serves in `metrics`.
+    pub fn observe(&mut self, metrics: crate::metrics::Metrics) {
+        self.metrics = metrics;
+    }
+
+    /// Each hosted model's calls waiting for a slot, and its slots computing, now.
+    pub fn model_loads(&self) -> Vec<(String, u32, u32)> {
+        self.models
+            .iter()
+            .map(|(name, m)| {
+                let busy = m.busy();
+                let queued = m.admitted().saturating_sub(busy);
+                (name.clone(), queued as u32, busy as u32)
+            })
+            .collect()
     }
 
     /// How many times `model`'s engine was started (refused calls never start it).

@@ -32,6 +32,7 @@ use super::{ServeConfig, Server};
 use crate::auth::receipt::{self, ServedCall};
 use crate::auth::{unix_now, Grant, Refusal};
 use crate::engine::Output;
+use crate::metrics::Outcome;
 use crate::wire::{read_frame_paced, WireIoError, REQUEST_PACE};
 
 /// One inference stream being served.
@@ -161,27 +162,41 @@ where
         let started = Instant::now();
         let result = self.answer(request).await;
         let peer = self.peer;
+        let server: &Server = self.server;
+        let metrics = &server.metrics;
+        // Only hosted models' names become labels: a caller can name anything.
+        let label = server.models.contains_key(&model).then_some(model.as_str());
         match result {
-            Ok(()) => {
-                tracing::info!(%peer, %model, ms = started.elapsed().as_millis() as u64, "call served")
+            Ok(usage) => {
+                tracing::info!(%peer, %model, ms = started.elapsed().as_millis() as u64, "call served");
+                metrics.served(label, Outcome::Answered);
+                metrics.answered(
+                    &model,
+                    Duration::from_millis(usage.time_to_first_token_ms),
+                    Duration::from_millis(usage.total_ms),
+                    usage.completion_tokens,
+                );
             }
             Err(CallEnd::CallerGone) => {
-                tracing::info!(%peer, %model, "caller went away; call cancelled")
+                tracing::info!(%peer, %model, "caller went away; call cancelled");
+                metrics.served(label, Outcome::Cancelled);
             }
             Err(CallEnd::Unauthorized(refusal)) => {
                 tracing::info!(%peer, %model, reason = refusal.reason(), "call refused: {refusal}");
+                metrics.served(label, Outcome::Refused(ErrorCode::Unauthorized.as_str()));
                 self.send_error(refusal.into()).await;
             }
             Err(CallEnd::Failed(e)) => {
                 tracing::info!(%peer, %model, code = %e.code, "call failed: {}", e.message);
+                metrics.served(label, Outcome::of_code(e.code.as_str()));
                 self.send_error(e).await;
             }
         }
         frames::close(&mut self.wr).await;
     }
 
-    /// The phases of a call whose request was read, up to `done`.
-    async fn answer(&mut self, request: InferRequest) -> Result<(), CallEnd> {
+    /// The phases of a call whose request was read, up to `done`: its usage.
+    async fn answer(&mut self, request: InferRequest) -> Result<Usage, CallEnd> {
         let call = self.authorize(request)?;
         let hosted = self.check(&call.request).await?;
         let admitted = self.admit(&call, &hosted).await?;
@@ -354,7 +369,7 @@ where
     }
 
     /// Waits for compute's result and sends `done` with usage and the signed receipt.
-    async fn finish(&mut self, run: Running) -> Result<(), CallEnd> {
+    async fn finish(&mut self, run: Running) -> Result<Usage, CallEnd> {
         let Running {
             hosted,
             grant,
@@ -398,13 +413,14 @@ where
         );
         out.push(&InferResponse::Done {
             finish_reason: completion.finish_reason,
-            usage,
+            usage: usage.clone(),
             receipt: Some(signed),
             stages: completion.stages,
         })?;
         out.send(&mut self.wr)
             .await
-            .map_err(|_| CallEnd::CallerGone)
+            .map_err(|_| CallEnd::CallerGone)?;
+        Ok(usage)
     }
 
     async fn send_error(&mut self, error: WireError) {

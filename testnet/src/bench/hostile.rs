@@ -246,6 +246,7 @@ impl Caller<'_> {
             local: None,
             cache: Some(Arc::new(ProviderCache::default())),
             trust: Default::default(),
+            metrics: Default::default(),
         };
         let mut phase = Phase::default();
         let end = Instant::now() + length;

@@ -32,6 +32,7 @@ fn kad_addresses(
 
 impl EventLoop {
     pub(super) fn on_behaviour_event(&mut self, event: MeshBehaviourEvent) {
+        self.record(&event);
         match event {
             MeshBehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
@@ -119,6 +120,50 @@ impl EventLoop {
                 self.reach.on_nat_status(&new);
             }
             MeshBehaviourEvent::Kad(event) => self.on_kad_event(event),
+            _ => {}
+        }
+    }
+
+    /// Counts `event` in libp2p's metrics and mesh's.
+    fn record(&self, event: &MeshBehaviourEvent) {
+        use libp2p::metrics::Recorder;
+        let (p2p, mesh) = (&self.recorders.p2p, &self.recorders.mesh);
+        match event {
+            MeshBehaviourEvent::Identify(e) => p2p.record(e),
+            MeshBehaviourEvent::Ping(e) => p2p.record(e),
+            MeshBehaviourEvent::Kad(e) => p2p.record(e),
+            MeshBehaviourEvent::Relay(e) => {
+                p2p.record(e);
+                match e {
+                    relay::Event::ReservationReqAccepted { .. } => {
+                        mesh.relay("relay", "reservation_accepted")
+                    }
+                    relay::Event::ReservationReqDenied { .. } => {
+                        mesh.relay("relay", "reservation_denied")
+                    }
+                    relay::Event::CircuitReqAccepted { .. } => {
+                        mesh.relay("relay", "circuit_opened")
+                    }
+                    relay::Event::CircuitReqDenied { .. } => mesh.relay("relay", "circuit_denied"),
+                    _ => {}
+                }
+            }
+            MeshBehaviourEvent::Dcutr(e) => {
+                p2p.record(e);
+                mesh.hole_punch(e.result.is_ok());
+            }
+            MeshBehaviourEvent::RelayClient(e) => match e {
+                relay::client::Event::ReservationReqAccepted { renewal: false, .. } => {
+                    mesh.relay("client", "reservation_accepted")
+                }
+                relay::client::Event::OutboundCircuitEstablished { .. } => {
+                    mesh.relay("client", "circuit_opened")
+                }
+                relay::client::Event::InboundCircuitEstablished { .. } => {
+                    mesh.relay("client", "circuit_accepted")
+                }
+                _ => {}
+            },
             _ => {}
         }
     }

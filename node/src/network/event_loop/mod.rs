@@ -45,6 +45,14 @@ pub struct EventLoop {
     connects: Connects,
     discovery: Discovery,
     reach: Reach,
+    recorders: Recorders,
+}
+
+/// Where the swarm task counts what happens: libp2p's own metrics (connections, Kademlia
+/// queries, identify, ping, relay, DCUtR) and mesh's (hole punches, relay reservations).
+pub struct Recorders {
+    pub p2p: libp2p::metrics::Metrics,
+    pub mesh: crate::metrics::Metrics,
 }
 
 impl EventLoop {
@@ -55,6 +63,7 @@ impl EventLoop {
         config: NetworkConfig,
         shutdown: CancellationToken,
         table: SharedPeerTable,
+        recorders: Recorders,
     ) -> Self {
         let me = *swarm.local_peer_id();
         let max_relays = if config.dht_server {
@@ -72,6 +81,7 @@ impl EventLoop {
             connects: Connects::new(me),
             discovery: Discovery::new(me),
             reach: Reach::new(max_relays),
+            recorders,
         }
     }
 
@@ -256,6 +266,10 @@ impl EventLoop {
     }
 
     fn on_swarm_event(&mut self, event: SwarmEvent<MeshBehaviourEvent>) {
+        {
+            use libp2p::metrics::Recorder;
+            self.recorders.p2p.record(&event);
+        }
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 if is_relayed(&address) {
