@@ -33,6 +33,7 @@ pub mod provider_store;
 mod reachability;
 pub mod relay_server;
 pub mod relays;
+pub mod repunch;
 pub mod streams;
 
 use std::time::Duration;

@@ -101,6 +101,7 @@ impl EventLoop {
             }) => match result {
                 Ok(connection_id) => {
                     tracing::info!(%peer, "hole punched: direct connection");
+                    self.repunch.done(&peer);
                     let streams = &mut self.swarm.behaviour_mut().streams;
                     streams.hole_punched(peer, connection_id);
                     self.emit(NetworkEvent::Connected {
@@ -110,6 +111,7 @@ impl EventLoop {
                 }
                 Err(e) => {
                     tracing::info!(%peer, "hole punch failed, staying relayed: {e}");
+                    self.repunch.failed(peer, Instant::now());
                     self.swarm.behaviour_mut().streams.hole_punch_failed(peer);
                 }
             },

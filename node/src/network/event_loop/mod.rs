@@ -46,6 +46,7 @@ pub struct EventLoop {
     discovery: Discovery,
     reach: Reach,
     recorders: Recorders,
+    repunch: super::repunch::Repunch,
 }
 
 /// Where the swarm task counts what happens: libp2p's own metrics (connections, Kademlia
@@ -82,6 +83,7 @@ impl EventLoop {
             discovery: Discovery::new(me),
             reach: Reach::new(max_relays),
             recorders,
+            repunch: Default::default(),
         }
     }
 
@@ -98,6 +100,8 @@ impl EventLoop {
             let lookup_deadline = lookup_at.map_or_else(tokio::time::Instant::now, Into::into);
             let answer_at = self.discovery.next_due();
             let answer_deadline = answer_at.map_or_else(tokio::time::Instant::now, Into::into);
+            let repunch_at = self.repunch.next_due();
+            let repunch_deadline = repunch_at.map_or_else(tokio::time::Instant::now, Into::into);
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 _ = relay_check.tick() => self.reserve_relays(),
@@ -125,6 +129,9 @@ impl EventLoop {
                             query.finish();
                         }
                     }
+                }
+                _ = tokio::time::sleep_until(repunch_deadline), if repunch_at.is_some() => {
+                    self.punch_again();
                 }
                 command = self.commands.recv() => match command {
                     Some(command) => self.on_command(command),
@@ -250,6 +257,38 @@ impl EventLoop {
         }
     }
 
+    /// For each peer whose hole punch failed a while ago and that is still reached only
+    /// through a relay: opens another relayed connection to it, which makes DCUtR try again
+    /// (`super::repunch`). Only the node that dialled the relayed connection does (it knows
+    /// the circuit's address), and only while the peer has room for one more connection.
+    fn punch_again(&mut self) {
+        for peer in self.repunch.due(Instant::now()) {
+            let circuit = {
+                let table = self.table.read();
+                let connections = table.connections(&peer);
+                let all_relayed = connections.iter().all(|c| c.path == Path::Relayed);
+                let room = connections.len() < self.config.max_connections_per_peer.max(2) as usize;
+                connections
+                    .iter()
+                    .map(|c| c.remote.clone())
+                    .find(|remote| is_relayed(remote) && super::addr::ip_of(remote).is_some())
+                    .filter(|_| all_relayed && room)
+            };
+            let Some(circuit) = circuit else {
+                self.repunch.done(&peer);
+                continue;
+            };
+            tracing::info!(%peer, %circuit, "hole punch failed earlier: another relayed connection, so DCUtR tries again");
+            let opts = DialOpts::peer_id(peer)
+                .addresses(vec![circuit])
+                .condition(PeerCondition::Always)
+                .build();
+            if let Err(e) = self.swarm.dial(opts) {
+                tracing::debug!(%peer, "could not dial for another hole punch: {e}");
+            }
+        }
+    }
+
     /// Reserves relay slots while this node cannot be dialled directly.
     fn reserve_relays(&mut self) {
         let direct = directly_reachable(self.swarm.external_addresses());
@@ -343,6 +382,7 @@ impl EventLoop {
                 ..
             } => {
                 self.reach.on_disconnected(&peer_id);
+                self.repunch.done(&peer_id);
                 self.emit(NetworkEvent::Disconnected { peer: peer_id });
             }
             SwarmEvent::OutgoingConnectionError {
