@@ -56,18 +56,25 @@ async fn chat(http: &reqwest::Client, api: std::net::SocketAddr, model: &str) ->
     (resp.status().as_u16(), resp.json().await.unwrap())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_call_reaches_the_honest_provider_past_refusing_stalling_denying_and_lying_ones() {
-    let open = AccessConfig::default();
+/// An honest provider of `m` (and of `slow`, an echo that takes 50 ms a token, to keep it
+/// busy): the node, its TCP address, and the weights `m` is announced with.
+async fn honest_provider() -> (Node, Multiaddr, String) {
     let honest = node(
         &[("m", "echo"), ("slow", "echo?delay_ms=50")],
         vec![],
-        open.clone(),
+        AccessConfig::default(),
         false,
     )
     .await;
     let boot = tcp_addr(&honest).await;
     let weights = honest.cards()[0].sha256.clone();
+    (honest, boot, weights)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_reaches_the_honest_provider_past_refusing_stalling_denying_and_lying_ones() {
+    let open = AccessConfig::default();
+    let (honest, boot, weights) = honest_provider().await;
     // A real node whose policy refuses this caller (`unauthorized`).
     let closed = AccessConfig {
         default: Access::Token,
@@ -174,15 +181,7 @@ async fn keep_busy(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_that_claims_to_be_idle_but_answers_slowly_gets_one_call_then_comes_last() {
     let open = AccessConfig::default();
-    let honest = node(
-        &[("m", "echo"), ("slow", "echo?delay_ms=50")],
-        vec![],
-        open.clone(),
-        false,
-    )
-    .await;
-    let boot = tcp_addr(&honest).await;
-    let weights = honest.cards()[0].sha256.clone();
+    let (honest, boot, weights) = honest_provider().await;
     // Claims the honest weights and load 0, and makes every call wait 1.5 s for its first
     // frame: no stall (that would take 5 s), just slow.
     let slowpoke = hostile(

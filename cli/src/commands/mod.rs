@@ -42,6 +42,20 @@ pub async fn running_node(home: &Home) -> anyhow::Result<Option<mesh_node::api::
         .map_err(|e| output::failed(output::Exit::Unauthorized, e.to_string()))
 }
 
+/// The node running with `home`; none running is a network failure (`Exit::Network`) that says how to
+/// start one.
+pub async fn require_running_node(home: &Home) -> anyhow::Result<mesh_node::api::client::LocalApi> {
+    running_node(home).await?.ok_or_else(|| {
+        output::failed(
+            output::Exit::Network,
+            format!(
+                "no node is running with home {}: start one with `mesh join`",
+                home.root().display()
+            ),
+        )
+    })
+}
+
 pub fn load_identity(home: &Home) -> anyhow::Result<NodeIdentity> {
     NodeIdentity::load_or_create(&home.key_path())
         .with_context(|| format!("loading the node key in {}", home.root().display()))

@@ -4,18 +4,10 @@ use std::process::ExitCode;
 
 use mesh_node::Home;
 
-use crate::output::{self, failed, Exit};
+use crate::output;
 
 pub async fn run(home: Home, json: bool) -> anyhow::Result<ExitCode> {
-    let Some(node) = super::running_node(&home).await? else {
-        return Err(failed(
-            Exit::Network,
-            format!(
-                "no node is running with home {}: start one with `mesh join`",
-                home.root().display()
-            ),
-        ));
-    };
+    let node = super::require_running_node(&home).await?;
     let peers = node.peers().await?;
     if json {
         for p in &peers {

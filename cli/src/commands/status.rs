@@ -7,18 +7,10 @@ use std::process::ExitCode;
 use mesh_node::network::Path;
 use mesh_node::Home;
 
-use crate::output::{self, escape_controls, failed, Exit};
+use crate::output::{self, escape_controls};
 
 pub async fn run(home: Home, json: bool) -> anyhow::Result<ExitCode> {
-    let Some(node) = super::running_node(&home).await? else {
-        return Err(failed(
-            Exit::Network,
-            format!(
-                "no node is running with home {}: start one with `mesh join`",
-                home.root().display()
-            ),
-        ));
-    };
+    let node = super::require_running_node(&home).await?;
     let status = node.status().clone();
     let peers = node.peers().await?;
     let by_path = |path: Path| peers.iter().filter(|p| p.path == path).count();
