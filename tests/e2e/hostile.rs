@@ -496,6 +496,32 @@ async fn a_half_open_tcp_flood_from_one_ip_leaves_room_for_a_fresh_caller() {
     target.shutdown().await;
 }
 
+/// The connections `target` holds from any of `ips`, as its own peer table counts them (a
+/// sybil sees its connection established a moment before the node refuses it, so the
+/// sybils' own count runs ahead of the truth).
+async fn connections_from(target: &Node, ips: &[String]) -> usize {
+    let peers = target.client().peers().await.unwrap();
+    peers
+        .iter()
+        .flat_map(|p| p.addresses.iter())
+        .filter(|a| ips.iter().any(|ip| a.contains(ip.as_str())))
+        .count()
+}
+
+/// [`connections_from`] once it has stopped changing (checked every 100 ms, for at most 5 s).
+async fn settled_connections_from(target: &Node, ips: &[String]) -> usize {
+    let mut held = connections_from(target, ips).await;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = connections_from(target, ips).await;
+        if now == held {
+            break;
+        }
+        held = now;
+    }
+    held
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hundred_sybils_from_one_ip_leave_the_node_able_to_dial_out_and_serve_its_friend() {
     // libp2p on loopback always dials from 127.0.0.1, so the sybils run in a network
@@ -549,26 +575,9 @@ async fn three_hundred_sybils_from_one_ip_leave_the_node_able_to_dial_out_and_se
         inside.cancelled().await;
     });
     held_rx.await.expect("the sybils ran");
-    // Counted on the node: a sybil sees its connection established a moment before the node
-    // refuses it, so the sybils' own count runs ahead of the truth.
+    // Counted on the node (see `connections_from`).
     let inside = netns.inside_ip().to_string();
-    let from_sybils = || async {
-        let peers = target.client().peers().await.unwrap();
-        peers
-            .iter()
-            .flat_map(|p| p.addresses.iter())
-            .filter(|a| a.contains(&inside))
-            .count()
-    };
-    let mut held = from_sybils().await;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = from_sybils().await;
-        if now == held {
-            break;
-        }
-        held = now;
-    }
+    let held = settled_connections_from(&target, std::slice::from_ref(&inside)).await;
     eprintln!("sybils from {inside} holding a connection: {held} of 300");
     assert!(held > 32 && held <= 64, "one IP holds {held} connections");
 
@@ -809,23 +818,7 @@ async fn when_sybils_from_four_ips_fill_the_inbound_share_an_idle_one_gives_its_
         .iter()
         .map(|n| n.inside_ip().to_string())
         .collect();
-    let from_sybils = || async {
-        let peers = target.client().peers().await.unwrap();
-        peers
-            .iter()
-            .flat_map(|p| p.addresses.iter())
-            .filter(|a| insides.iter().any(|ip| a.contains(ip.as_str())))
-            .count()
-    };
-    let mut held = from_sybils().await;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = from_sybils().await;
-        if now == held {
-            break;
-        }
-        held = now;
-    }
+    let held = settled_connections_from(&target, &insides).await;
     eprintln!("sybils from four IPs holding a connection: {held} of 240 (share {share})");
     assert!(
         held <= share && held + 4 >= share,
@@ -838,7 +831,7 @@ async fn when_sybils_from_four_ips_fill_the_inbound_share_an_idle_one_gives_its_
         mesh_node::network::inbound_guard::IDLE_BEFORE_EVICTION + Duration::from_secs(1),
     )
     .await;
-    let before = from_sybils().await;
+    let before = connections_from(&target, &insides).await;
     let mut config = loopback_config(vec![addr]);
     config.network.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
     let caller = Node::start(NodeIdentity::generate(), Vec::new(), config)
@@ -848,7 +841,7 @@ async fn when_sybils_from_four_ips_fill_the_inbound_share_an_idle_one_gives_its_
         call_text(&caller, target.peer_id(), "echo", "in place of a sybil").await,
         Ok("echo: in place of a sybil".to_string())
     );
-    let after = from_sybils().await;
+    let after = connections_from(&target, &insides).await;
     eprintln!("sybils holding a connection before the caller joined: {before}, after: {after}");
     assert!(
         after < before,
