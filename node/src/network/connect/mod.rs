@@ -44,6 +44,29 @@ pub enum Step {
     /// Dial the peer at these addresses (from the DHT), even while another dial is in flight;
     /// report the outcome with [`Connects::dial_started`].
     DialAt(PeerId, Vec<Multiaddr>),
+    /// Dial the peer again from a new local port: every dial from the listening port failed
+    /// because that port already had a connection to the same address (see
+    /// [`local_port_taken`]). Report the outcome with [`Connects::dial_started`].
+    DialFromNewPort(PeerId),
+}
+
+/// Whether a dial failed because its local address was taken. Outgoing TCP connections
+/// leave from the listening port (so the NAT mapping a hole punch needs is the listening
+/// port's); when a connection from that port to the same remote address closed less than a
+/// minute ago, the kernel may still hold it (`TIME_WAIT`) and refuse the new one with
+/// `EADDRINUSE`. libp2p-tcp falls back to a new port only on `EADDRNOTAVAIL`, and the error
+/// reaches the swarm as text, so it is recognised by libp2p's and the OS's wording.
+pub fn local_port_taken(error: &str) -> bool {
+    error.contains("Address already in use") || error.contains("os error 98")
+}
+
+/// A `Command::Dial`: the address, who gets the peer, and whether it already left from a
+/// new port.
+#[derive(Debug)]
+struct AddrDial {
+    addr: Multiaddr,
+    reply: Reply<PeerId>,
+    from_new_port: bool,
 }
 
 /// How starting a dial went (`Swarm::dial`'s answer).
@@ -71,7 +94,7 @@ enum Failure {
 pub struct Connects<Q = libp2p::kad::QueryId> {
     local: PeerId,
     /// `Command::Dial` replies, by the connection the dial will make.
-    addr_dials: HashMap<ConnectionId, (Multiaddr, Reply<PeerId>)>,
+    addr_dials: HashMap<ConnectionId, AddrDial>,
     /// Connect replies waiting for a connection to their peer.
     waiting: HashMap<PeerId, Vec<Reply<()>>>,
     /// Peers being connected to whose DHT lookup already ran: the next failure is final.
@@ -82,6 +105,8 @@ pub struct Connects<Q = libp2p::kad::QueryId> {
     lookups: HashMap<Q, PeerId>,
     /// Peers being dialled for a connect, and when to look them up alongside the dial.
     lookup_due: HashMap<PeerId, Instant>,
+    /// Peers being connected to that were already dialled from a new port.
+    new_port_tried: HashSet<PeerId>,
 }
 
 impl<Q: Hash + Eq> Connects<Q> {
@@ -95,6 +120,7 @@ impl<Q: Hash + Eq> Connects<Q> {
             dialing: HashMap::new(),
             lookups: HashMap::new(),
             lookup_due: HashMap::new(),
+            new_port_tried: HashSet::new(),
         }
     }
 
@@ -138,8 +164,41 @@ impl<Q: Hash + Eq> Connects<Q> {
     }
 
     /// A dial of `addr` (peer unknown) that will make connection `id`; `reply` gets the peer.
-    pub fn dial_addr(&mut self, id: ConnectionId, addr: Multiaddr, reply: Reply<PeerId>) {
-        self.addr_dials.insert(id, (addr, reply));
+    /// `from_new_port`: the dial leaves from a new local port (a retry, see
+    /// [`Connects::retry_from_new_port`]).
+    pub fn dial_addr(
+        &mut self,
+        id: ConnectionId,
+        addr: Multiaddr,
+        reply: Reply<PeerId>,
+        from_new_port: bool,
+    ) {
+        let dial = AddrDial {
+            addr,
+            reply,
+            from_new_port,
+        };
+        self.addr_dials.insert(id, dial);
+    }
+
+    /// Address dial `id` failed with `error`: when the error is [`local_port_taken`] and the
+    /// dial left from the listening port, it is handed back to be dialled once more from a new
+    /// port (with [`Connects::dial_addr`], `from_new_port` set). Call before
+    /// [`Connects::on_dial_failed`].
+    pub fn retry_from_new_port(
+        &mut self,
+        id: ConnectionId,
+        error: &str,
+    ) -> Option<(Multiaddr, Reply<PeerId>)> {
+        let retry = self
+            .addr_dials
+            .get(&id)
+            .is_some_and(|dial| !dial.from_new_port && local_port_taken(error));
+        if !retry {
+            return None;
+        }
+        let dial = self.addr_dials.remove(&id)?;
+        Some((dial.addr, dial.reply))
     }
 
     /// Asks to be connected to `peer` (`connected`: already is).
@@ -183,14 +242,15 @@ impl<Q: Hash + Eq> Connects<Q> {
         self.dialing.remove(&id);
         let addr_dial = self.addr_dials.remove(&id);
         let was_addr_dial = addr_dial.is_some();
-        if let Some((_, reply)) = addr_dial {
-            let _ = reply.send(Ok(peer));
+        if let Some(dial) = addr_dial {
+            let _ = dial.reply.send(Ok(peer));
         }
         for reply in self.waiting.remove(&peer).unwrap_or_default() {
             let _ = reply.send(Ok(()));
         }
         self.looked_up.remove(&peer);
         self.lookup_due.remove(&peer);
+        self.new_port_tried.remove(&peer);
         was_addr_dial
     }
 
@@ -204,9 +264,9 @@ impl<Q: Hash + Eq> Connects<Q> {
         error: &str,
     ) -> Option<Step> {
         self.dialing.remove(&id);
-        if let Some((addr, reply)) = self.addr_dials.remove(&id) {
-            let _ = reply.send(Err(NetworkError::DialAddr {
-                addr,
+        if let Some(dial) = self.addr_dials.remove(&id) {
+            let _ = dial.reply.send(Err(NetworkError::DialAddr {
+                addr: dial.addr,
                 reason: error.to_string(),
             }));
         }
@@ -241,12 +301,18 @@ impl<Q: Hash + Eq> Connects<Q> {
         if connected || !self.waiting.contains_key(&peer) || self.still_trying(&peer) {
             return None;
         }
+        if let Failure::Unreachable(reason) = &failure {
+            if local_port_taken(reason) && self.new_port_tried.insert(peer) {
+                return Some(Step::DialFromNewPort(peer));
+            }
+        }
         let lookup_may_help = matches!(failure, Failure::NoAddresses | Failure::Unreachable(_));
         if lookup_may_help && self.looked_up.insert(peer) {
             return Some(Step::LookUp(peer));
         }
         self.looked_up.remove(&peer);
         self.lookup_due.remove(&peer);
+        self.new_port_tried.remove(&peer);
         for reply in self.waiting.remove(&peer).unwrap_or_default() {
             let error = match &failure {
                 Failure::NoAddresses | Failure::NotFound => NetworkError::NotFound { peer },

@@ -203,11 +203,11 @@ fn an_address_dial_reports_the_peer_or_the_error() {
     let mut c = Connects::<u32>::new(peer());
     let who = peer();
     let (tx, mut ok) = oneshot::channel();
-    c.dial_addr(conn(1), addr("/ip4/198.51.100.3/tcp/1"), tx);
+    c.dial_addr(conn(1), addr("/ip4/198.51.100.3/tcp/1"), tx, false);
     assert!(c.on_established(conn(1), who), "a bootstrap address");
     assert!(matches!(answer(&mut ok), Some(Ok(p)) if p == who));
     let (tx, mut err) = oneshot::channel();
-    c.dial_addr(conn(2), addr("/ip4/198.51.100.3/tcp/2"), tx);
+    c.dial_addr(conn(2), addr("/ip4/198.51.100.3/tcp/2"), tx, false);
     assert_eq!(c.on_dial_failed(conn(2), None, false, "refused"), None);
     match answer(&mut err) {
         Some(Err(NetworkError::DialAddr { addr: a, reason })) => {
@@ -291,4 +291,56 @@ fn a_second_connect_to_the_same_peer_waits_on_the_first_dial() {
     // Once answered, a new connect dials again.
     let (third, _rx3) = connect(&mut c, target);
     assert_eq!(third, Some(Step::Dial(target)));
+}
+
+const PORT_TAKEN: &str = "Multiple dial errors occurred:\n - Address already in use (os error 98)";
+
+#[test]
+fn an_address_dial_whose_port_is_taken_is_retried_once_from_a_new_port() {
+    let mut c = Connects::<u32>::new(peer());
+    let bootstrap = addr("/ip4/127.0.0.1/tcp/33945");
+    let (tx, mut rx) = oneshot::channel();
+    c.dial_addr(conn(1), bootstrap.clone(), tx, false);
+    assert!(c
+        .retry_from_new_port(conn(1), "connection refused")
+        .is_none());
+    let (again, reply) = c.retry_from_new_port(conn(1), PORT_TAKEN).expect("a retry");
+    assert_eq!(again, bootstrap);
+    assert!(answer(&mut rx).is_none(), "the reply goes with the retry");
+    c.dial_addr(conn(2), again, reply, true);
+    assert!(c.retry_from_new_port(conn(2), PORT_TAKEN).is_none(), "once");
+    c.on_dial_failed(conn(2), None, false, PORT_TAKEN);
+    assert!(matches!(
+        answer(&mut rx),
+        Some(Err(NetworkError::DialAddr { .. }))
+    ));
+}
+
+#[test]
+fn a_connect_whose_port_is_taken_dials_from_a_new_port_before_looking_up() {
+    let target = peer();
+    let mut c = Connects::<u32>::new(peer());
+    let (_, mut rx) = connect(&mut c, target);
+    c.dial_started(target, DialStart::Started);
+    c.on_dialing(conn(1), target);
+    let step = c.on_dial_failed(conn(1), Some(target), false, PORT_TAKEN);
+    assert_eq!(step, Some(Step::DialFromNewPort(target)));
+    assert_eq!(c.dial_started(target, DialStart::Started), None);
+    c.on_dialing(conn(2), target);
+    let step = c.on_dial_failed(conn(2), Some(target), false, PORT_TAKEN);
+    assert_eq!(
+        step,
+        Some(Step::LookUp(target)),
+        "a new port once, then the DHT"
+    );
+    assert!(answer(&mut rx).is_none());
+}
+
+#[test]
+fn only_a_taken_local_address_counts_as_a_taken_port() {
+    assert!(local_port_taken(PORT_TAKEN));
+    assert!(!local_port_taken("Connection refused (os error 111)"));
+    assert!(!local_port_taken(
+        "Cannot assign requested address (os error 99)"
+    ));
 }

@@ -157,17 +157,7 @@ impl EventLoop {
 
     fn on_command(&mut self, command: Command) {
         match command {
-            Command::Dial { addr, reply } => {
-                let opts = DialOpts::unknown_peer_id().address(addr.clone()).build();
-                let id = opts.connection_id();
-                match self.swarm.dial(opts) {
-                    Ok(()) => self.connects.dial_addr(id, addr, reply),
-                    Err(e) => {
-                        let reason = format!("cannot dial {addr}: {e}");
-                        let _ = reply.send(Err(NetworkError::DialAddr { addr, reason }));
-                    }
-                }
-            }
+            Command::Dial { addr, reply } => self.dial_addr(addr, reply, false),
             Command::Connect { peer, reply } => {
                 let connected = self.swarm.is_connected(&peer);
                 let step = self.connects.connect(peer, connected, reply);
@@ -214,6 +204,24 @@ impl EventLoop {
     }
 
     /// Performs what the connect state machine decided, and what that leads to.
+    /// Dials `addr` for a `Command::Dial`, from the listening port unless `from_new_port`.
+    fn dial_addr(&mut self, addr: Multiaddr, reply: Reply<PeerId>, from_new_port: bool) {
+        let opts = DialOpts::unknown_peer_id().address(addr.clone());
+        let opts = if from_new_port {
+            opts.allocate_new_port().build()
+        } else {
+            opts.build()
+        };
+        let id = opts.connection_id();
+        match self.swarm.dial(opts) {
+            Ok(()) => self.connects.dial_addr(id, addr, reply, from_new_port),
+            Err(e) => {
+                let reason = format!("cannot dial {addr}: {e}");
+                let _ = reply.send(Err(NetworkError::DialAddr { addr, reason }));
+            }
+        }
+    }
+
     fn perform(&mut self, mut next: Option<Step>) {
         while let Some(step) = next.take() {
             next = match step {
@@ -236,6 +244,15 @@ impl EventLoop {
                     let opts = DialOpts::peer_id(peer)
                         .addresses(addrs)
                         .condition(PeerCondition::Disconnected)
+                        .build();
+                    let start = dial_start(self.swarm.dial(opts));
+                    self.connects.dial_started(peer, start)
+                }
+                Step::DialFromNewPort(peer) => {
+                    tracing::debug!(%peer, "the listening port is taken towards the peer; dialling from a new port");
+                    let opts = DialOpts::peer_id(peer)
+                        .condition(PeerCondition::Disconnected)
+                        .allocate_new_port()
                         .build();
                     let start = dial_start(self.swarm.dial(opts));
                     self.connects.dial_started(peer, start)
@@ -391,13 +408,17 @@ impl EventLoop {
                 error,
             } => {
                 tracing::debug!(?peer_id, "dial failed: {error}");
+                let error = error.to_string();
+                if let Some((addr, reply)) =
+                    self.connects.retry_from_new_port(connection_id, &error)
+                {
+                    tracing::debug!(%addr, "the listening port is taken towards the address; dialling from a new port");
+                    self.dial_addr(addr, reply, true);
+                }
                 let connected = peer_id.is_some_and(|p| self.swarm.is_connected(&p));
-                let step = self.connects.on_dial_failed(
-                    connection_id,
-                    peer_id,
-                    connected,
-                    &error.to_string(),
-                );
+                let step = self
+                    .connects
+                    .on_dial_failed(connection_id, peer_id, connected, &error);
                 if let Some(Step::LookUp(peer)) = &step {
                     // The addresses we held are stale (a relay went away, the peer moved).
                     tracing::debug!(%peer, "known addresses failed; looking the peer up in the DHT");
