@@ -9,9 +9,9 @@ export MESH_MODELS="${MESH_MODELS:-$PWD/target/mesh-models}"
 # The official OpenAI and Ollama Python clients, to test the gateway and the Ollama API with
 # real clients.
 venv="$PWD/target/test-venv"
-if ! "$venv/bin/python" -c 'import openai, ollama, prometheus_client' 2>/dev/null; then
+if ! "$venv/bin/python" -c 'import openai, ollama, prometheus_client, selenium' 2>/dev/null; then
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check "openai==3.54.0" "ollama==0.6.3" "prometheus-client==0.26.0"
+  "$venv/bin/pip" install -q --disable-pip-version-check "openai==3.54.0" "ollama==0.6.3" "prometheus-client==0.26.0" "selenium==4.50.0"
 fi
 export MESH_TEST_PYTHON="$venv/bin/python"
 # A real OpenAI-compatible server (llama-cpp-python's), to test models hosted from an upstream

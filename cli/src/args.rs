@@ -41,6 +41,16 @@ pub enum Command {
     Peers,
     /// One screen about the running node: identity, reachability, models, peers, recent calls
     Status,
+    /// The calls the running node made and served lately (its traffic inspector), newest first
+    Calls,
+    /// Show or switch the inspector's capture of call bodies (redacted and capped)
+    Capture {
+        /// `on` or `off` [default: show the switch]
+        #[arg(value_parser = ["on", "off"])]
+        state: Option<String>,
+    },
+    /// Make a call the running node captured again, to the same node or another
+    Replay(ReplayArgs),
     /// Print this node's peer id (creating its key on first use)
     Id,
     /// Issue, inspect and revoke capability tokens
@@ -52,6 +62,21 @@ pub enum Command {
     /// Fetch and list the real models mesh knows how to get
     #[command(subcommand)]
     Model(ModelCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// The call's id (see `mesh calls` or the console's inspector)
+    pub id: u64,
+    /// Where to send it: `same` (the node that answered it), `any`, or a peer id
+    #[arg(long, default_value = "same", value_name = "same|any|PEER_ID")]
+    pub to: String,
+    /// A capability token (mtk1.…), for a call that carried one (the capture does not keep it)
+    #[arg(long, value_name = "TOKEN")]
+    pub token: Option<String>,
+    /// Seconds to wait for the whole answer
+    #[arg(long, default_value_t = 120, value_name = "SECONDS")]
+    pub timeout: u64,
 }
 
 #[derive(Debug, Subcommand)]

@@ -28,6 +28,7 @@ pub mod dispatch;
 pub mod engine;
 pub mod home;
 pub mod identity;
+pub mod inspector;
 pub mod metrics;
 pub mod models;
 pub mod network;

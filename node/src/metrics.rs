@@ -424,6 +424,8 @@ impl Metrics {
 pub struct Telemetry {
     pub registry: Arc<Registry>,
     pub metrics: Metrics,
+    /// The calls the console's inspector and `/v1/mesh/events` show.
+    pub inspector: crate::inspector::Inspector,
 }
 
 impl Default for Telemetry {
@@ -434,6 +436,7 @@ impl Default for Telemetry {
         Telemetry {
             registry: Arc::new(registry),
             metrics,
+            inspector: Default::default(),
         }
     }
 }

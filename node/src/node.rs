@@ -77,8 +77,9 @@ impl Node {
         // network is built).
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = crate::metrics::Metrics::register(&mut registry);
+        let inspector = crate::inspector::Inspector::default();
         let mut server = Server::with_stages(&identity, engines, stages, config.serve.clone())?;
-        server.observe(metrics.clone());
+        server.observe(metrics.clone(), inspector.clone());
         let server = Arc::new(server);
         let access = crate::api::ApiAccess {
             key: config.api_key.clone().filter(|k| !k.is_empty()),
@@ -103,11 +104,13 @@ impl Node {
         let telemetry = crate::metrics::Telemetry {
             registry: Arc::new(registry),
             metrics,
+            inspector: inspector.clone(),
         };
         let mut listening = client.events();
 
         let mut tasks = JoinSet::new();
         tasks.spawn(event_loop.run());
+        tasks.spawn(tell_peers(client.events(), inspector, shutdown.clone()));
         tasks.spawn(accept(
             inbound_streams,
             server.clone(),
@@ -230,6 +233,37 @@ impl Node {
         {
             tracing::warn!("node tasks did not stop within 5 s; aborting them");
             self.tasks.abort_all();
+        }
+    }
+}
+
+/// Tells the inspector's subscribers (`/v1/mesh/events`) of peers connected and gone.
+async fn tell_peers(
+    mut events: broadcast::Receiver<crate::network::NetworkEvent>,
+    inspector: crate::inspector::Inspector,
+    shutdown: CancellationToken,
+) {
+    use crate::inspector::MeshEvent;
+    use crate::network::NetworkEvent;
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => event,
+            () = shutdown.cancelled() => return,
+        };
+        match event {
+            Ok(NetworkEvent::Connected { peer, path }) => {
+                inspector.publish(MeshEvent::PeerConnected {
+                    peer: peer.to_string(),
+                    path,
+                });
+            }
+            Ok(NetworkEvent::Disconnected { peer }) => {
+                inspector.publish(MeshEvent::PeerDisconnected {
+                    peer: peer.to_string(),
+                });
+            }
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return,
         }
     }
 }

@@ -54,3 +54,15 @@ pub(crate) fn done_with(
         resumed: Vec::new(),
     }
 }
+
+/// A capability token for `echo`, issued by a fresh key to a fresh peer.
+pub(crate) fn signed_token() -> mesh_protocol::SignedToken {
+    let request = crate::auth::token::TokenRequest {
+        subject: random_peer(),
+        models: vec!["echo".into()],
+        not_before: 0,
+        expires: u64::MAX / 2,
+        max_requests: None,
+    };
+    crate::auth::token::issue(&crate::NodeIdentity::generate(), &request).expect("a valid token")
+}

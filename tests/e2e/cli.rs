@@ -124,6 +124,45 @@ fn three_processes_find_and_call_a_model_through_the_dht() {
     ] {
         assert!(screen.contains(&line), "{line:?} missing from:\n{screen}");
     }
+
+    // The inspector from the command line: capture on, a call, `mesh calls`, `mesh replay`.
+    let home = a.home_dir();
+    let out = mesh(&["capture", "on", "--home", &home]);
+    assert!(stdout(&out).starts_with("capture on"), "{}", stderr(&out));
+    let out = mesh(&["infer", "--home", &home, "any", "echo", "--prompt", "again"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = mesh(&["calls", "--home", &home, "--json"]);
+    let list: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(list["capture"], true);
+    let newest = &list["calls"][0];
+    assert_eq!(
+        (newest["direction"].as_str(), newest["state"].as_str()),
+        (Some("out"), Some("answered"))
+    );
+    let captured = newest["id"].as_u64().unwrap().to_string();
+    // The `local` call above was made with capture off: not replayable, and why.
+    let uncaptured = list["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["direction"] == "out" && c.get("capture").is_none())
+        .expect("the call made before capture was on")["id"]
+        .to_string();
+    let out = mesh(&["replay", &captured, "--home", &home, "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let done: serde_json::Value =
+        serde_json::from_str(stdout(&out).lines().last().unwrap()).unwrap();
+    assert_eq!(done["event"], "done", "{done}");
+    assert_eq!(done["peer"], a.peer_id().as_str());
+    let out = mesh(&["replay", &uncaptured, "--home", &home]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(stderr(&out).contains("capture off"), "{}", stderr(&out));
+    let out = mesh(&["replay", "999999", "--home", &home]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let out = mesh(&["calls", "--home", &home]);
+    let screen = stdout(&out);
+    assert!(screen.starts_with("capture on;"), "{screen}");
+    assert!(screen.contains("[captured]"), "{screen}");
 }
 
 #[test]

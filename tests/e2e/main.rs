@@ -3,6 +3,7 @@
 mod auth;
 mod campaigns;
 mod cli;
+mod console;
 mod embed;
 mod engine;
 mod gateway;

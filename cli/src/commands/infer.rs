@@ -40,6 +40,24 @@ pub async fn run(home: Home, args: &InferArgs, json: bool) -> anyhow::Result<Exi
         }
     };
 
+    let outcome = show_events(&mut rx, give_up, args.timeout, json).await;
+    // Hanging up cancels the call wherever it runs.
+    drop(rx);
+    if let Some(node) = client_node {
+        node.shutdown().await;
+    }
+    outcome
+}
+
+/// Prints a call's events as they come (the answer on stdout, its summary on stderr; JSON
+/// lines with `--json`) until `done` or `error`, or `give_up` (`timeout`: what `--timeout`
+/// said, for the message).
+pub(super) async fn show_events(
+    rx: &mut tokio::sync::mpsc::Receiver<CallEvent>,
+    give_up: tokio::time::Instant,
+    timeout: u64,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let mut outcome = Ok(ExitCode::SUCCESS);
     loop {
         let event = match tokio::time::timeout_at(give_up, rx.recv()).await {
@@ -48,7 +66,7 @@ pub async fn run(home: Home, args: &InferArgs, json: bool) -> anyhow::Result<Exi
             Err(_) => {
                 outcome = Err(failed(
                     Exit::DeadlineExceeded,
-                    format!("no complete answer within --timeout {} s", args.timeout),
+                    format!("no complete answer within --timeout {} s", timeout),
                 ));
                 break;
             }
@@ -107,11 +125,6 @@ pub async fn run(home: Home, args: &InferArgs, json: bool) -> anyhow::Result<Exi
             }
             _ => {}
         }
-    }
-    // Hanging up cancels the call wherever it runs.
-    drop(rx);
-    if let Some(node) = client_node {
-        node.shutdown().await;
     }
     outcome
 }

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 mod infer;
+mod inspect;
 mod join;
 mod model;
 mod models;
@@ -28,6 +29,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Models(args) => models::run(home()?, args, json).await,
         Command::Peers => peers::run(home()?, json).await,
         Command::Status => status::run(home()?, json).await,
+        Command::Calls => inspect::calls(home()?, json).await,
+        Command::Capture { state } => inspect::capture(home()?, state.as_deref(), json).await,
+        Command::Replay(args) => inspect::replay(home()?, args, json).await,
         Command::Model(action) => model::run(&home()?, action, json),
         Command::Token(action) => token::run(&home()?, action, json),
         Command::Receipt(action) => receipt::run(action, json),

@@ -67,6 +67,11 @@ pub enum ApiClientError {
         api: std::net::SocketAddr,
         node_json: String,
     },
+    #[error("the node said: {message}")]
+    Said {
+        status: reqwest::StatusCode,
+        message: String,
+    },
     #[error("the node's API at {api} sent a body that does not decode: {source}")]
     Body {
         api: std::net::SocketAddr,
@@ -256,22 +261,114 @@ impl LocalApi {
             .await
             .and_then(|r| r.error_for_status())
             .map_err(|e| format!("the local node's API failed: {e}"))?;
-        let mut body = response.bytes_stream();
-        let mut lines = NdjsonLines::default();
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| format!("the local node's answer broke off: {e}"))?;
-            for line in lines.push(&chunk)? {
-                let event = serde_json::from_slice::<CallEvent>(&line)
-                    .map_err(|e| format!("bad line from the local node: {e}"))?;
-                let last = matches!(event, CallEvent::Done { .. } | CallEvent::Error(_));
-                if tx.send(event).await.is_err() || last {
-                    return Ok(());
-                }
-            }
-        }
-        Err("the local node ended the answer early".into())
+        stream_events(response, tx).await
     }
 
+    /// `POST /v1/mesh/calls/{id}/replay`: the new call's id in the inspector, and its events as
+    /// [`LocalApi::infer`] gives them. `to`: `same`, `any` or a peer id.
+    pub async fn replay(
+        &self,
+        id: u64,
+        to: &str,
+        token: Option<&str>,
+    ) -> Result<(u64, mpsc::Receiver<CallEvent>), ApiClientError> {
+        let api = self.api;
+        let body = serde_json::json!({ "to": to, "token": token });
+        let response = self
+            .http
+            .post(format!("http://{api}/v1/mesh/calls/{id}/replay"))
+            .json(&body)
+            .send()
+            .await
+            .map_err(|source| ApiClientError::Unreachable { api, source })?;
+        let response = said(response).await?;
+        let new_id = response
+            .headers()
+            .get("x-mesh-call-id")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_default();
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        tokio::spawn(async move {
+            tokio::select! {
+                result = stream_events(response, &tx) => {
+                    if let Err(message) = result {
+                        let failure = CallFailure::network(ErrorCode::Internal, message);
+                        let _ = tx.send(CallEvent::Error(failure)).await;
+                    }
+                }
+                () = tx.closed() => {}
+            }
+        });
+        Ok((new_id, rx))
+    }
+
+    /// The inspector's capture switch: set to `on` if given; its state after.
+    pub async fn capture(&self, on: Option<bool>) -> Result<bool, ApiClientError> {
+        let api = self.api;
+        let url = format!("http://{api}/v1/mesh/capture");
+        let request = match on {
+            Some(on) => self
+                .http
+                .put(url)
+                .json(&serde_json::json!({ "capture": on })),
+            None => self.http.get(url),
+        };
+        let response = request
+            .timeout(STATUS_TIMEOUT)
+            .send()
+            .await
+            .map_err(|source| ApiClientError::Unreachable { api, source })?;
+        let switch: serde_json::Value = said(response)
+            .await?
+            .json()
+            .await
+            .map_err(|source| ApiClientError::Body { api, source })?;
+        Ok(switch["capture"].as_bool().unwrap_or(false))
+    }
+
+    /// The inspector's calls, newest first (`GET /v1/mesh/calls`).
+    pub async fn calls(&self) -> Result<super::inspect::CallList, ApiClientError> {
+        self.get_json("/v1/mesh/calls", STATUS_TIMEOUT).await
+    }
+}
+
+/// `response` if it succeeded, else the node's error message.
+async fn said(response: reqwest::Response) -> Result<reqwest::Response, ApiClientError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    let message = body["error"]["message"]
+        .as_str()
+        .map_or_else(|| status.to_string(), str::to_string);
+    Err(ApiClientError::Said { status, message })
+}
+
+/// Decodes the JSON lines of a call's events from `response` onto `tx`, up to `done` or
+/// `error`.
+async fn stream_events(
+    response: reqwest::Response,
+    tx: &mpsc::Sender<CallEvent>,
+) -> Result<(), String> {
+    let mut body = response.bytes_stream();
+    let mut lines = NdjsonLines::default();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| format!("the local node's answer broke off: {e}"))?;
+        for line in lines.push(&chunk)? {
+            let event = serde_json::from_slice::<CallEvent>(&line)
+                .map_err(|e| format!("bad line from the local node: {e}"))?;
+            let last = matches!(event, CallEvent::Done { .. } | CallEvent::Error(_));
+            if tx.send(event).await.is_err() || last {
+                return Ok(());
+            }
+        }
+    }
+    Err("the local node ended the answer early".into())
+}
+
+impl LocalApi {
     async fn get_json<T: serde::de::DeserializeOwned>(
         &self,
         path: &str,

@@ -10,7 +10,8 @@
 //!    of those hosts, else `403`: a browser page elsewhere cannot drive the node.
 //! 3. With an API key, every route needs `Authorization: Bearer <key>` (compared in constant
 //!    time), else `401`; all but `GET` [`WHOAMI_PATH`], where the node proves who it is to the
-//!    local commands before they send the key (the `Host` check and the bounds still apply).
+//!    local commands before they send the key, and the console's assets, which hold no data
+//!    ([`super::console::PUBLIC_ASSETS`]; the `Host` check and the bounds still apply).
 //! 4. At most [`MAX_CONCURRENT_REQUESTS`] requests are served at once (a streamed answer holds
 //!    its place until its body ends); more are shed at once with `503` and `Retry-After`.
 //! 5. Request bodies are at most [`MAX_REQUEST_BODY`] bytes, else `413`.
@@ -155,8 +156,12 @@ impl Guard {
         }
         // The one route that needs no key: the node proving who it is, so that a local command
         // checks that before it sends the key (api::proof).
-        let proof_only = request.method() == Method::GET && request.uri().path() == WHOAMI_PATH;
-        if let (Some(key), false) = (&self.key, proof_only) {
+        let path = request.uri().path();
+        let proof_only = request.method() == Method::GET && path == WHOAMI_PATH;
+        // The console's assets hold no data; the page asks for the key when the API wants it.
+        let asset = matches!(*request.method(), Method::GET | Method::HEAD)
+            && super::console::PUBLIC_ASSETS.contains(&path);
+        if let (Some(key), false) = (&self.key, proof_only || asset) {
             let given = headers
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())

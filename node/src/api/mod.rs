@@ -6,7 +6,9 @@
 //! size. A call made through the API acts as the node's owner (docs/security.md).
 
 pub mod client;
+pub mod console;
 pub mod guard;
+pub mod inspect;
 pub mod proof;
 pub(crate) mod state;
 
@@ -107,6 +109,20 @@ pub async fn serve(
         .route("/v1/mesh/models", get(models))
         .route("/v1/mesh/infer", axum::routing::post(infer))
         .route("/metrics", get(metrics))
+        .route("/v1/mesh/calls", get(inspect::calls))
+        .route("/v1/mesh/calls/{id}", get(inspect::call))
+        .route(
+            "/v1/mesh/calls/{id}/replay",
+            axum::routing::post(inspect::replay),
+        )
+        .route(
+            "/v1/mesh/capture",
+            get(inspect::capture).put(inspect::set_capture),
+        )
+        .route("/v1/mesh/events", get(inspect::events))
+        .route("/", get(console::root))
+        .route("/console.js", get(console::script))
+        .route("/console.css", get(console::style))
         .merge(crate::openai::router())
         .merge(crate::ollama::router())
         .with_state(ApiState {
@@ -115,6 +131,7 @@ pub async fn serve(
             providers: Default::default(),
             trust,
             telemetry,
+            event_feeds: inspect::feed_places(),
         });
     let app = guard::apply(app, guard);
     axum::serve(listener, app)
@@ -238,7 +255,7 @@ async fn infer(
     spec: Result<Json<InferSpec>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let events = match spec {
-        Ok(Json(spec)) => state.dispatcher().dispatch(spec),
+        Ok(Json(spec)) => state.dispatch(spec),
         Err(axum::extract::rejection::JsonRejection::JsonDataError(e)) => {
             let (tx, rx) = mpsc::channel(1);
             let failure = crate::dispatch::CallFailure::remote(
@@ -256,7 +273,7 @@ async fn infer(
         .expect("static headers are valid")
 }
 
-fn ndjson_lines(
+pub(crate) fn ndjson_lines(
     rx: mpsc::Receiver<CallEvent>,
 ) -> impl futures::Stream<Item = Result<String, std::convert::Infallible>> {
     futures::stream::unfold(rx, |mut rx| async move {

@@ -6,7 +6,9 @@
 
 use std::sync::Arc;
 
-use crate::dispatch::{Dispatcher, ProviderCache, ProviderTrust};
+use tokio::sync::mpsc;
+
+use crate::dispatch::{CallEvent, Dispatcher, InferSpec, ProviderCache, ProviderTrust};
 use crate::network::Client;
 use crate::serve::Server;
 
@@ -19,9 +21,30 @@ pub(crate) struct ApiState {
     pub(crate) trust: Arc<ProviderTrust>,
     /// What `GET /metrics` renders; calls made through the API are counted in it.
     pub(crate) telemetry: crate::metrics::Telemetry,
+    /// The places of the open `/v1/mesh/events` feeds ([`super::inspect`]).
+    pub(crate) event_feeds: Arc<tokio::sync::Semaphore>,
 }
 
 impl ApiState {
+    /// Starts `spec` on the mesh as [`Dispatcher::dispatch`] does, the call followed by the
+    /// inspector (`/v1/mesh/calls`, `/v1/mesh/events`).
+    pub(crate) fn dispatch(&self, spec: InferSpec) -> mpsc::Receiver<CallEvent> {
+        self.dispatch_inspected(spec, None).1
+    }
+
+    /// [`ApiState::dispatch`], also giving the call's id in the inspector; `replay_of`: the
+    /// call it replays.
+    pub(crate) fn dispatch_inspected(
+        &self,
+        spec: InferSpec,
+        replay_of: Option<u64>,
+    ) -> (u64, mpsc::Receiver<CallEvent>) {
+        let events = self.dispatcher().dispatch(spec.clone());
+        self.telemetry
+            .inspector
+            .watch_made(&spec, replay_of, events)
+    }
+
     /// What a call made through the API can reach: the mesh, this node's models, the cache.
     pub(crate) fn dispatcher(&self) -> Dispatcher {
         Dispatcher {

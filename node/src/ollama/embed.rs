@@ -53,7 +53,7 @@ async fn run(
         token: token(headers)?,
         ..spec_for_any(model_name(model), Task::Embed)
     };
-    collect_answer(state.dispatcher().dispatch(spec))
+    collect_answer(state.dispatch(spec))
         .await
         .map_err(OllamaError::from_mesh)
 }

@@ -203,7 +203,7 @@ async fn answer(
         };
         return Ok(Json(framer.chunk(String::new(), Some(loaded))).into_response());
     }
-    let mut events = state.dispatcher().dispatch(spec);
+    let mut events = state.dispatch(spec);
     if !stream {
         let a = collect_answer(events)
             .await

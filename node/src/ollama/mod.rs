@@ -35,11 +35,14 @@ pub use error::OllamaError;
 use crate::api::state::ApiState;
 use crate::dispatch::{build_request, CallFailure, InferSpec, Target};
 
+/// What Ollama answers on `GET /`, which its clients and scripts use as a liveness check. The
+/// node's `/` answers it to anything but a browser (which gets the console, [`crate::api`]).
+pub const ROOT_ANSWER: &str = "Ollama is running";
+
 /// Ollama's routes (the API key, like every other check of the request's head, is the
 /// API's guard's, which answers in Ollama's shape here).
 pub(crate) fn router() -> Router<ApiState> {
     Router::new()
-        .route("/", get(models::root))
         .route("/api/version", get(models::version))
         .route("/api/tags", get(models::tags))
         .route("/api/ps", get(models::ps))

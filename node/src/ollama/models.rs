@@ -24,10 +24,6 @@ use crate::api::state::ApiState;
 /// The Ollama API version whose routes and fields the node speaks (not mesh's version).
 pub(crate) const OLLAMA_API_VERSION: &str = "0.9.0";
 
-pub(super) async fn root() -> &'static str {
-    "Ollama is running"
-}
-
 pub(super) async fn version() -> Json<Version> {
     Json(Version {
         version: OLLAMA_API_VERSION,

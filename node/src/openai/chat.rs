@@ -40,7 +40,7 @@ pub(super) async fn chat_completions(
         ..spec
     };
     let id = format!("chatcmpl-{:016x}", rand::random::<u64>());
-    let events = state.dispatcher().dispatch(spec);
+    let events = state.dispatch(spec);
     if req.stream {
         let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
         return Ok(stream_chat(id, req.model, events, include_usage).await);

@@ -36,7 +36,7 @@ pub(super) async fn completions(
         token: mesh_token(&headers)?,
         ..completion_spec(&req)?
     };
-    let mut events = state.dispatcher().dispatch(spec);
+    let mut events = state.dispatch(spec);
     let mut framer = TextFramer {
         id: format!("cmpl-{:016x}", rand::random::<u64>()),
         model: req.model.clone(),

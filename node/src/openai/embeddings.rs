@@ -51,7 +51,7 @@ pub(super) async fn embeddings(
         token,
         ..spec_for_any(&req.model, Task::Embed)
     };
-    let answer = collect(state.dispatcher().dispatch(spec)).await?;
+    let answer = collect(state.dispatch(spec)).await?;
     let tokens = answer.usage.prompt_tokens;
     Ok(Json(answer_body(
         req.model,

@@ -42,7 +42,7 @@ pub(super) async fn responses(
         temperature: Some(spec.params.temperature),
         top_p: spec.params.top_p,
     };
-    let mut events = state.dispatcher().dispatch(spec);
+    let mut events = state.dispatch(spec);
     if !req.stream {
         let answer = collect(events).await?;
         let response = head.finished(answer.text, answer.finish_reason, &answer.usage);

@@ -123,6 +123,8 @@ pub struct Server {
     auth: Authorizer,
     /// Where served calls are counted (unregistered until [`Server::observe`]).
     metrics: crate::metrics::Metrics,
+    /// Where the calls served are told, for the console and `/v1/mesh/events`.
+    inspector: crate::inspector::Inspector,
 }
 
 impl Server {
@@ -188,6 +190,7 @@ impl Server {
             identity: identity.clone(),
             auth,
             metrics: Default::default(),
+            inspector: Default::default(),
         })
     }
 
@@ -232,9 +235,14 @@ impl Server {
         calls + self.stage_sessions() as u32
     }
 
-    /// Counts the calls this server serves in `metrics`.
-    pub fn observe(&mut self, metrics: crate::metrics::Metrics) {
+    /// Counts the calls this server serves in `metrics`, and tells `inspector` of each.
+    pub fn observe(
+        &mut self,
+        metrics: crate::metrics::Metrics,
+        inspector: crate::inspector::Inspector,
+    ) {
         self.metrics = metrics;
+        self.inspector = inspector;
     }
 
     /// Each hosted model's calls waiting for a slot, and its slots computing, now.

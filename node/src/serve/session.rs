@@ -32,6 +32,7 @@ use super::{ServeConfig, Server};
 use crate::auth::receipt::{self, ServedCall};
 use crate::auth::{unix_now, Grant, Refusal};
 use crate::engine::Output;
+use crate::inspector::ServedEnd;
 use crate::metrics::Outcome;
 use crate::wire::{read_frame_paced, WireIoError, REQUEST_PACE};
 
@@ -160,16 +161,26 @@ where
         };
         let model = request.model.clone();
         let started = Instant::now();
+        // A call this node makes to itself is in the inspector already, as made (path local).
+        let inspected = (self.peer != self.server.identity().peer_id())
+            .then(|| self.server.inspector.served_started(&model, &self.peer));
         let result = self.answer(request).await;
         let peer = self.peer;
         let server: &Server = self.server;
         let metrics = &server.metrics;
+        let inspector = &server.inspector;
+        let ended = |end: ServedEnd| {
+            if let Some(id) = inspected {
+                inspector.served_ended(id, end);
+            }
+        };
         // Only hosted models' names become labels: a caller can name anything.
         let label = server.models.contains_key(&model).then_some(model.as_str());
         match result {
             Ok(usage) => {
                 tracing::info!(%peer, %model, ms = started.elapsed().as_millis() as u64, "call served");
                 metrics.served(label, Outcome::Answered);
+                ended(ServedEnd::Answered(&usage));
                 metrics.answered(
                     &model,
                     Duration::from_millis(usage.time_to_first_token_ms),
@@ -180,15 +191,21 @@ where
             Err(CallEnd::CallerGone) => {
                 tracing::info!(%peer, %model, "caller went away; call cancelled");
                 metrics.served(label, Outcome::Cancelled);
+                ended(ServedEnd::Cancelled);
             }
             Err(CallEnd::Unauthorized(refusal)) => {
                 tracing::info!(%peer, %model, reason = refusal.reason(), "call refused: {refusal}");
                 metrics.served(label, Outcome::Refused(ErrorCode::Unauthorized.as_str()));
-                self.send_error(refusal.into()).await;
+                let refusal: WireError = refusal.into();
+                let (code, message) = (refusal.code.as_str(), refusal.message.as_str());
+                ended(ServedEnd::Error { code, message });
+                self.send_error(refusal).await;
             }
             Err(CallEnd::Failed(e)) => {
                 tracing::info!(%peer, %model, code = %e.code, "call failed: {}", e.message);
                 metrics.served(label, Outcome::of_code(e.code.as_str()));
+                let (code, message) = (e.code.as_str(), e.message.as_str());
+                ended(ServedEnd::Error { code, message });
                 self.send_error(e).await;
             }
         }
