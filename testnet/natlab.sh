@@ -528,6 +528,48 @@ PY
   return "$rc"
 }
 
+# nat_doctor: `mesh doctor` as the lab's operators would run it. On c (behind the symmetric
+# NAT) it must say so from the ports its peers observe, name the relays its calls go through,
+# and explain a relayed a by the symmetric NAT; on a (cone NAT) it must find the mapping
+# consistent. Sets doctor_line; returns 1 when a verdict is wrong.
+nat_doctor() {
+  local rc=0 out_c out_ca out_a
+  out_c=$(ip netns exec "$(nat_ns_of c)" env RUST_LOG=warn "$mesh" doctor --home "$run_dir/c" --json 2>&1) || true
+  out_ca=$(ip netns exec "$(nat_ns_of c)" env RUST_LOG=warn "$mesh" doctor "${nat_peer[a]}" --home "$run_dir/c" --json 2>&1) || true
+  out_a=$(ip netns exec "$(nat_ns_of a)" env RUST_LOG=warn "$mesh" doctor --home "$run_dir/a" --json 2>&1) || true
+  doctor_line=$("$nat_py" - "$out_c" "$out_ca" "$out_a" "${nat_peer[a]}" <<'PY'
+import json, sys
+out_c, out_ca, out_a, peer_a = sys.argv[1:]
+def checks(text):
+    try:
+        return json.loads(text.strip().splitlines()[-1])["checks"]
+    except (ValueError, IndexError, KeyError):
+        return []
+c, ca, a = checks(out_c), checks(out_ca), checks(out_a)
+problems = []
+reach = next((x["summary"] for x in c if x["area"] == "reach"), "")
+if not reach.startswith("behind a symmetric NAT: direct connections will not form; calls go through relays"):
+    problems.append(f"c's reach: {reach or out_c[-300:]!r}")
+c_nat = [x for x in c if x["area"].startswith("nat ")]
+if not c_nat or not all(x["verdict"] == "warn" and "symmetric" in x["summary"] for x in c_nat):
+    problems.append(f"c's nat checks: {c_nat}")
+short = f"peer {peer_a[:8]}\u2026{peer_a[-6:]}"
+why = next((x for x in ca if x["area"] == short), None)
+if not why or why["verdict"] != "warn" or "symmetric NAT" not in why["summary"]:
+    problems.append(f"c's doctor {peer_a[:12]}: {why or out_ca[-300:]}")
+a_nat = [x for x in a if x["area"].startswith("nat ")]
+if not a_nat or not all(x["verdict"] == "ok" and "consistently" in x["summary"] for x in a_nat):
+    problems.append(f"a's nat checks: {a_nat or out_a[-300:]}")
+if problems:
+    print("mesh doctor: WRONG: " + "; ".join(problems))
+    sys.exit(1)
+print(f"mesh doctor: c says {reach[:90]}...; on a: {a_nat[0]['summary'][:70]}...; c explains a: {why['summary'][:90]}...")
+PY
+  ) || rc=1
+  doctor_line="   $doctor_line"
+  return "$rc"
+}
+
 # nat_status NAME: what node NAME says of its reachability (GET /v1/mesh/status), checked against
 # what the lab built: the relay public and relaying; a NATed node not public, reachable through
 # the relay, and not relaying. Prints one line; returns 1 when the node is wrong about itself.
@@ -1097,6 +1139,8 @@ nat_run() {
   lat_c=$(nat_latency a c || echo "- - -")
   local metrics_line=""
   if ! nat_metrics; then nat_run_failures=$((nat_run_failures + 1)); fi
+  local doctor_line=""
+  if ! nat_doctor; then nat_run_failures=$((nat_run_failures + 1)); fi
 
   local frozen_line=""
   if ! nat_frozen "$boot"; then nat_run_failures=$((nat_run_failures + 1)); fi
@@ -1116,6 +1160,7 @@ nat_run() {
   [ -n "$split_line" ] && nat_say "$split_line"
   printf '%s' "$status_lines"
   nat_say "$metrics_line"
+  nat_say "$doctor_line"
   nat_say "$frozen_line"
   nat_say "$failover_line"
   read -r p m q <<<"$lat_b"; nat_say "   small calls a->b through a's API, $NAT_LATENCY_CALLS in a row: $p, median $m us, p90 $q us"

@@ -51,6 +51,13 @@ pub enum Command {
     },
     /// Make a call the running node captured again, to the same node or another
     Replay(ReplayArgs),
+    /// Check this machine's node: key and home permissions, model files, clock, API exposure,
+    /// reachability and NAT, peers; with a peer id, why calls to it take their path
+    Doctor {
+        /// A peer to explain (connects to it if needed)
+        #[arg(value_name = "PEER_ID")]
+        peer: Option<String>,
+    },
     /// Print this node's peer id (creating its key on first use)
     Id,
     /// Issue, inspect and revoke capability tokens

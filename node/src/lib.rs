@@ -25,6 +25,7 @@ pub mod call;
 pub mod client_node;
 pub mod directory;
 pub mod dispatch;
+pub mod doctor;
 pub mod engine;
 pub mod home;
 pub mod identity;

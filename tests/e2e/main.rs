@@ -4,6 +4,7 @@ mod auth;
 mod campaigns;
 mod cli;
 mod console;
+mod doctor;
 mod embed;
 mod engine;
 mod gateway;

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+mod doctor;
 mod infer;
 mod inspect;
 mod join;
@@ -29,6 +30,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Models(args) => models::run(home()?, args, json).await,
         Command::Peers => peers::run(home()?, json).await,
         Command::Status => status::run(home()?, json).await,
+        Command::Doctor { peer } => doctor::run(home()?, peer.as_deref(), json).await,
         Command::Calls => inspect::calls(home()?, json).await,
         Command::Capture { state } => inspect::capture(home()?, state.as_deref(), json).await,
         Command::Replay(args) => inspect::replay(home()?, args, json).await,

@@ -327,6 +327,23 @@ impl LocalApi {
         Ok(switch["capture"].as_bool().unwrap_or(false))
     }
 
+    /// What the node saw of its network (`GET /v1/mesh/diagnosis`).
+    pub async fn diagnosis(
+        &self,
+    ) -> Result<crate::network::diagnosis::NetworkDiagnosis, ApiClientError> {
+        self.get_json("/v1/mesh/diagnosis", PEERS_TIMEOUT).await
+    }
+
+    /// One peer as connected now, connecting first (`GET /v1/mesh/diagnosis/{peer}`).
+    pub async fn diagnose_peer(
+        &self,
+        peer: &str,
+    ) -> Result<super::diagnose::PeerDiagnosis, ApiClientError> {
+        let timeout = super::diagnose::PEER_CONNECT_TIMEOUT + PEERS_TIMEOUT;
+        self.get_json(&format!("/v1/mesh/diagnosis/{peer}"), timeout)
+            .await
+    }
+
     /// The inspector's calls, newest first (`GET /v1/mesh/calls`).
     pub async fn calls(&self) -> Result<super::inspect::CallList, ApiClientError> {
         self.get_json("/v1/mesh/calls", STATUS_TIMEOUT).await

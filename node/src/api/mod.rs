@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod console;
+pub mod diagnose;
 pub mod guard;
 pub mod inspect;
 pub mod proof;
@@ -120,6 +121,8 @@ pub async fn serve(
             get(inspect::capture).put(inspect::set_capture),
         )
         .route("/v1/mesh/events", get(inspect::events))
+        .route("/v1/mesh/diagnosis", get(diagnose::diagnosis))
+        .route("/v1/mesh/diagnosis/{peer}", get(diagnose::peer))
         .route("/", get(console::root))
         .route("/console.js", get(console::script))
         .route("/console.css", get(console::style))

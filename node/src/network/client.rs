@@ -172,6 +172,12 @@ impl Client {
             .await
     }
 
+    /// What the node saw of its network, for `mesh doctor`.
+    pub async fn diagnosis(&self) -> Result<super::diagnosis::NetworkDiagnosis, NetworkError> {
+        self.request("the network diagnosis", |reply| Command::Diagnose { reply })
+            .await
+    }
+
     /// Connects to `peer` if needed and opens a stream for `protocol` on the best connection.
     pub async fn open_stream(
         &self,

@@ -24,6 +24,7 @@ pub mod autonat_quorum;
 pub mod behaviour;
 pub mod client;
 mod connect;
+pub mod diagnosis;
 mod discovery;
 mod error;
 pub mod event_loop;

@@ -56,6 +56,10 @@ impl EventLoop {
                 );
                 let path = self.table.read().path_of(&peer_id, connection_id);
                 let relayed = path.is_none_or(|p| p == Path::Relayed);
+                if !relayed {
+                    let now = Instant::now();
+                    self.diagnosis.observed(peer_id, &info.observed_addr, now);
+                }
                 let offers_relay = info.protocols.contains(&relay::HOP_PROTOCOL_NAME);
                 if self
                     .reach
@@ -102,6 +106,7 @@ impl EventLoop {
                 Ok(connection_id) => {
                     tracing::info!(%peer, "hole punched: direct connection");
                     self.repunch.done(&peer);
+                    self.diagnosis.punched(peer, Ok(()), Instant::now());
                     let streams = &mut self.swarm.behaviour_mut().streams;
                     streams.hole_punched(peer, connection_id);
                     self.emit(NetworkEvent::Connected {
@@ -112,6 +117,8 @@ impl EventLoop {
                 Err(e) => {
                     tracing::info!(%peer, "hole punch failed, staying relayed: {e}");
                     self.repunch.failed(peer, Instant::now());
+                    self.diagnosis
+                        .punched(peer, Err(e.to_string()), Instant::now());
                     self.swarm.behaviour_mut().streams.hole_punch_failed(peer);
                 }
             },

@@ -45,4 +45,8 @@ pub enum Command {
     Status {
         reply: Reply<NetworkStatus>,
     },
+    /// What the node saw of its network: observed addresses, port mappings, hole punches.
+    Diagnose {
+        reply: Reply<crate::network::diagnosis::NetworkDiagnosis>,
+    },
 }

@@ -47,6 +47,8 @@ pub struct EventLoop {
     reach: Reach,
     recorders: Recorders,
     repunch: super::repunch::Repunch,
+    /// Observed addresses and hole punches, for `mesh doctor`.
+    diagnosis: super::diagnosis::Diagnosis,
 }
 
 /// Where the swarm task counts what happens: libp2p's own metrics (connections, Kademlia
@@ -84,6 +86,7 @@ impl EventLoop {
             reach: Reach::new(max_relays),
             recorders,
             repunch: Default::default(),
+            diagnosis: Default::default(),
         }
     }
 
@@ -199,6 +202,9 @@ impl EventLoop {
                 let mut status = self.reach.status(&external, relay_server);
                 status.dht = self.swarm.behaviour_mut().kad.store_mut().stats();
                 let _ = reply.send(Ok(status));
+            }
+            Command::Diagnose { reply } => {
+                let _ = reply.send(Ok(self.diagnosis.report(Instant::now())));
             }
         }
     }
