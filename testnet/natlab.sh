@@ -551,19 +551,21 @@ reach = next((x["summary"] for x in c if x["area"] == "reach"), "")
 if not reach.startswith("behind a symmetric NAT: direct connections will not form; calls go through relays"):
     problems.append(f"c's reach: {reach or out_c[-300:]!r}")
 c_nat = [x for x in c if x["area"].startswith("nat ")]
-if not c_nat or not all(x["verdict"] == "warn" and "symmetric" in x["summary"] for x in c_nat):
+# Every transport two peers observed must say symmetric; one observed by a single peer is unknown.
+judged = [x for x in c_nat if "not enough to judge" not in x["summary"]]
+if not judged or not all(x["verdict"] == "warn" and "symmetric" in x["summary"] for x in judged):
     problems.append(f"c's nat checks: {c_nat}")
 short = f"peer {peer_a[:8]}\u2026{peer_a[-6:]}"
 why = next((x for x in ca if x["area"] == short), None)
 if not why or why["verdict"] != "warn" or "symmetric NAT" not in why["summary"]:
     problems.append(f"c's doctor {peer_a[:12]}: {why or out_ca[-300:]}")
-a_nat = [x for x in a if x["area"].startswith("nat ")]
+a_nat = [x for x in a if x["area"].startswith("nat ") and "not enough to judge" not in x["summary"]]
 if not a_nat or not all(x["verdict"] == "ok" and "consistently" in x["summary"] for x in a_nat):
     problems.append(f"a's nat checks: {a_nat or out_a[-300:]}")
 if problems:
     print("mesh doctor: WRONG: " + "; ".join(problems))
     sys.exit(1)
-print(f"mesh doctor: c says {reach[:90]}...; on a: {a_nat[0]['summary'][:70]}...; c explains a: {why['summary'][:90]}...")
+print(f"mesh doctor: c says {reach[:90]}...; {judged[0]['area']} on c: {judged[0]['summary'][:60]}...; on a: {a_nat[0]['summary'][:70]}...; c explains a: {why['summary'][:90]}...")
 PY
   ) || rc=1
   doctor_line="   $doctor_line"

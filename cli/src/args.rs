@@ -96,6 +96,27 @@ pub enum ModelCommand {
     },
     /// The models mesh knows how to fetch, and whether they are here
     List,
+    /// Fetch a model's file from the peers that host it: pieces from several at once, each
+    /// verified, resumable; installed once its sha256 matches the signed card
+    Pull(PullArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// The model's name, or sha256:HEX for a file by its hash
+    #[arg(value_name = "NAME|sha256:HEX")]
+    pub what: String,
+    /// Pull from this peer only (repeatable) [default: every peer that holds the file]
+    #[arg(long, value_name = "PEER_ID")]
+    pub from: Vec<String>,
+    /// The name to install it under, when it is not a known model [default: the model's name]
+    #[arg(long = "as", value_name = "NAME")]
+    pub name: Option<String>,
+    /// A capability token (mtk1.…), for a model whose host asks for one
+    #[arg(long, value_name = "TOKEN")]
+    pub token: Option<String>,
+    #[command(flatten)]
+    pub find: FindArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -178,6 +199,15 @@ pub struct JoinArgs {
     /// Do not relay for other nodes (a reachable node relays by default)
     #[arg(long)]
     pub no_relay: bool,
+
+    /// Do not serve the hosted models' files to peers (`mesh model pull`); they are served,
+    /// under each model's access policy, by default
+    #[arg(long)]
+    pub no_share_weights: bool,
+
+    /// Most MiB a second of model files sent to peers, over all of them [default: no limit]
+    #[arg(long, value_name = "MIB_PER_SEC", value_parser = clap::value_parser!(u64).range(1..))]
+    pub share_rate: Option<u64>,
 
     /// Relay reservations to hold while this node cannot be reached directly
     #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=8))]

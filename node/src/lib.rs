@@ -21,6 +21,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod blobs;
 pub mod call;
 pub mod client_node;
 pub mod directory;

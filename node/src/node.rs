@@ -31,6 +31,8 @@ pub struct NodeConfig {
     pub api_hosts: Vec<String>,
     /// The providers `any` calls through the API may use, by model (`--trust-provider`).
     pub trust: crate::dispatch::ProviderTrust,
+    /// Where model files pulled through the API go (`POST /v1/mesh/pull`).
+    pub models_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,11 +124,14 @@ impl Node {
         let api_key_required = access.key.is_some();
         if let Some(listener) = api_listener {
             let (client, server, shutdown) = (client.clone(), server.clone(), shutdown.clone());
-            let trust = Arc::new(config.trust.clone());
+            let context = crate::api::ApiContext {
+                trust: Arc::new(config.trust.clone()),
+                telemetry,
+                models_dir: config.models_dir.clone(),
+            };
             tasks.spawn(async move {
                 if let Err(e) =
-                    crate::api::serve(listener, client, server, access, trust, telemetry, shutdown)
-                        .await
+                    crate::api::serve(listener, client, server, access, context, shutdown).await
                 {
                     tracing::error!("the HTTP API stopped: {e}");
                 }
@@ -161,6 +166,12 @@ impl Node {
         for card in node.server.stage_cards() {
             node.client
                 .provide_stage(&card.sha256)
+                .await
+                .map_err(|e| NodeError::Bootstrap(e.to_string()))?;
+        }
+        for sha256 in node.server.shared_files() {
+            node.client
+                .provide_blob(&sha256)
                 .await
                 .map_err(|e| NodeError::Bootstrap(e.to_string()))?;
         }

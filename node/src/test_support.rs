@@ -24,6 +24,7 @@ pub(crate) fn card(name: &str, task: Task) -> ModelCard {
         license: None,
         max_concurrency: 1,
         layers: None,
+        blob_root: None,
     }
 }
 

@@ -46,6 +46,11 @@ pub struct ModelCard {
     /// over `/mesh/stage/1`, not `/mesh/infer/1`): which ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layers: Option<crate::stage::LayerRange>,
+    /// The root of the weights file's blob tree, lower-case hex (docs/protocol.md, "Blob
+    /// tree"): what `/mesh/blob/1` fetches it by, each piece checked against it. Absent for a
+    /// model with no single file (builtin, upstream, a directory) and from older nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blob_root: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,6 +8,8 @@ pub const INFER_PROTOCOL: &str = "/mesh/infer/1";
 pub const CATALOG_PROTOCOL: &str = "/mesh/catalog/1";
 /// A range of a model's layers run for a head: one session per stream (see [`crate::stage`]).
 pub const STAGE_PROTOCOL: &str = "/mesh/stage/1";
+/// A model's file by pieces, each checked against the blob tree's root (see [`crate::blob`]).
+pub const BLOB_PROTOCOL: &str = "/mesh/blob/1";
 /// Kademlia protocol name, so a mesh DHT never merges with the public IPFS DHT.
 pub const KAD_PROTOCOL: &str = "/mesh/kad/1";
 /// identify's protocol version string.
@@ -24,6 +26,13 @@ pub fn model_provider_key(model: &str) -> Vec<u8> {
 /// themselves: `/mesh/stage/1/<sha256 of the weights, lower-case hex>`.
 pub fn stage_provider_key(weights_sha256: &str) -> Vec<u8> {
     format!("/mesh/stage/1/{weights_sha256}").into_bytes()
+}
+
+/// The Kademlia provider key under which nodes that serve a model's file announce it:
+/// `/mesh/blob/1/<sha256 of the file, lower-case hex>` (the sha256 every card names; the card
+/// signed by the node gives the blob tree's root to fetch it by).
+pub fn blob_provider_key(file_sha256: &str) -> Vec<u8> {
+    format!("/mesh/blob/1/{file_sha256}").into_bytes()
 }
 
 /// A model name is 1..=128 bytes of `[A-Za-z0-9._:/-]`: safe in a DHT key, a URL path and a shell.

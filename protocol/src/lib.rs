@@ -8,10 +8,12 @@
 //! - [`token`]: capability tokens a node owner signs for a caller.
 //! - [`receipt`]: the receipt a serving node signs into the `done` frame.
 //! - [`stage`]: `/mesh/stage/1`, a range of a model's layers run for a head.
+//! - [`blob`]: `/mesh/blob/1`, a model's file by verified pieces.
 //!
 //! This crate has no async runtime, no networking and no model code, so another
 //! implementation (or a fuzzer) can use it alone. `docs/protocol.md` specifies every frame.
 
+pub mod blob;
 pub mod card;
 pub mod error;
 pub mod frame;

@@ -180,6 +180,7 @@ fn card() -> impl Strategy<Value = ModelCard> {
         proptest::option::of(text()),
         any::<u32>(),
         proptest::option::of(layer_range()),
+        proptest::option::of("[0-9a-f]{64}"),
     )
         .prop_map(
             |(
@@ -194,6 +195,7 @@ fn card() -> impl Strategy<Value = ModelCard> {
                 license,
                 max_concurrency,
                 layers,
+                blob_root,
             )| ModelCard {
                 name,
                 task,
@@ -206,6 +208,7 @@ fn card() -> impl Strategy<Value = ModelCard> {
                 license,
                 max_concurrency,
                 layers,
+                blob_root,
             },
         )
 }

@@ -10,8 +10,11 @@
 //!   another IP than the honest nodes (libp2p on loopback always dials from 127.0.0.1).
 //! - [`stalled_streams`]: inference streams that announce a 1 MiB request and send nothing more.
 //! - [`kad_flood`]: a Kademlia peer announcing many keys, each with hundreds of addresses.
+//! - [`blob_liar`]: a peer that holds a model's file and serves every piece corrupted.
 
+mod blob_liar;
 mod kad_flood;
+pub use blob_liar::{blob_liar, BlobLiar};
 pub use kad_flood::{kad_flood, KadFloodReport};
 
 use std::net::{IpAddr, SocketAddr};
@@ -113,6 +116,7 @@ pub async fn hostile(act: Act, model: &str, sha256: &str, bootstrap: Multiaddr) 
         license: None,
         max_concurrency: 64,
         layers: None,
+        blob_root: None,
     };
     let bytes = encode_body(&card).unwrap();
     let signed = SignedModelCard {

@@ -135,13 +135,16 @@ fn doctor_finds_each_problem_it_claims_and_says_how_to_fix_it() {
         .contains(&format!("mesh model fetch {smol}")));
 
     // The screen: a verdict, the area, what was found, and the fix under it.
+    // Warnings: the API's, and the clock's where NTP does not keep it (machines differ).
+    let warns = found.iter().filter(|c| c["verdict"] == "warn").count();
     let out = doctor(&home, models.path(), &[]);
     assert_eq!(out.status.code(), Some(1));
     let screen = stdout(&out);
     assert!(screen.contains("FAIL  key "), "{screen}");
     assert!(screen.contains("fix: chmod 600 "), "{screen}");
     assert!(screen.contains("warn  api "), "{screen}");
-    assert!(screen.contains("\n2 problem(s), 1 warning(s)"), "{screen}");
+    let summary = format!("\n2 problem(s), {warns} warning(s)");
+    assert!(screen.contains(&summary), "{summary:?} not in {screen}");
 
     // One peer: why calls to it take their path.
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();

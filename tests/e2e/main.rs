@@ -1,6 +1,7 @@
 //! The end-to-end test binary: real `mesh` processes and real libp2p swarms.
 
 mod auth;
+mod blobs;
 mod campaigns;
 mod cli;
 mod console;

@@ -55,6 +55,9 @@ pub async fn run(home: Home, args: &JoinArgs, json: bool) -> anyhow::Result<Exit
         ..RelayLimits::default()
     });
     config.serve.max_queue = args.queue;
+    config.serve.share_weights = !args.no_share_weights;
+    config.models_dir = Some(home.models_dir());
+    config.serve.share_rate = args.share_rate.map(|mib| mib << 20);
     config.serve.access = access_config(&home, args)?;
     config.api = Some(args.api);
     config.api_key = args.api_key.clone().filter(|k| !k.is_empty());
@@ -241,8 +244,9 @@ fn load_models(home: &Home, args: &JoinArgs, mesh: &Mesh) -> anyhow::Result<Mode
                         .map_err(|e| failed(Exit::BadRequest, e))?;
                     models.engines.push(std::sync::Arc::new(head));
                 }
-                engine::Layers::Stage(card, model) => {
-                    models.stages.push(StageModel { card, model });
+                engine::Layers::Stage(card, model, blob) => {
+                    let (card, blob) = (*card, Some(blob));
+                    models.stages.push(StageModel { card, model, blob });
                 }
             },
         }

@@ -7,6 +7,7 @@ mod join;
 mod model;
 mod models;
 mod peers;
+mod pull;
 mod reach;
 mod receipt;
 mod status;
@@ -34,6 +35,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Calls => inspect::calls(home()?, json).await,
         Command::Capture { state } => inspect::capture(home()?, state.as_deref(), json).await,
         Command::Replay(args) => inspect::replay(home()?, args, json).await,
+        Command::Model(crate::args::ModelCommand::Pull(args)) => {
+            pull::run(home()?, args, json).await
+        }
         Command::Model(action) => model::run(&home()?, action, json),
         Command::Token(action) => token::run(&home()?, action, json),
         Command::Receipt(action) => receipt::run(action, json),

@@ -29,6 +29,8 @@ pub fn run(home: &Home, action: &ModelCommand, json: bool) -> anyhow::Result<Exi
                 }
             }
         }
+        // Async, run by `pull::run` (commands/mod.rs).
+        ModelCommand::Pull(_) => unreachable!("mesh model pull runs in commands::pull"),
         ModelCommand::Fetch { names } => {
             let names: Vec<&str> = if names.iter().any(|n| n == "all") {
                 KNOWN_MODELS.iter().map(|m| m.name).collect()

@@ -344,6 +344,66 @@ impl LocalApi {
             .await
     }
 
+    /// `POST /v1/mesh/pull`: the node pulls a model's file; its events, the last being `done`
+    /// or `error`. Dropping the receiver stops the pull.
+    pub async fn pull(
+        &self,
+        request: &crate::blobs::job::PullRequest,
+    ) -> Result<mpsc::Receiver<crate::blobs::job::PullEvent>, ApiClientError> {
+        let api = self.api;
+        let response = self
+            .http
+            .post(format!("http://{api}/v1/mesh/pull"))
+            .json(request)
+            .send()
+            .await
+            .map_err(|source| ApiClientError::Unreachable { api, source })?;
+        let response = said(response).await?;
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        tokio::spawn(async move {
+            use crate::blobs::job::PullEvent;
+            let mut body = response.bytes_stream();
+            let mut lines = NdjsonLines::default();
+            let fail = |message: String| PullEvent::Error {
+                code: "network".into(),
+                message,
+            };
+            loop {
+                let chunk = tokio::select! {
+                    chunk = body.next() => chunk,
+                    () = tx.closed() => return,
+                };
+                let Some(chunk) = chunk else {
+                    let _ = tx
+                        .send(fail("the local node ended the pull's answer early".into()))
+                        .await;
+                    return;
+                };
+                let lines = chunk
+                    .map_err(|e| format!("the local node's answer broke off: {e}"))
+                    .and_then(|c| lines.push(&c));
+                let lines = match lines {
+                    Ok(lines) => lines,
+                    Err(e) => {
+                        let _ = tx.send(fail(e)).await;
+                        return;
+                    }
+                };
+                for line in lines {
+                    let event = match serde_json::from_slice::<PullEvent>(&line) {
+                        Ok(event) => event,
+                        Err(e) => fail(format!("bad line from the local node: {e}")),
+                    };
+                    let last = matches!(event, PullEvent::Done { .. } | PullEvent::Error { .. });
+                    if tx.send(event).await.is_err() || last {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(rx)
+    }
+
     /// The inspector's calls, newest first (`GET /v1/mesh/calls`).
     pub async fn calls(&self) -> Result<super::inspect::CallList, ApiClientError> {
         self.get_json("/v1/mesh/calls", STATUS_TIMEOUT).await

@@ -11,6 +11,7 @@ pub mod diagnose;
 pub mod guard;
 pub mod inspect;
 pub mod proof;
+pub mod pull;
 pub(crate) mod state;
 
 use std::net::SocketAddr;
@@ -92,16 +93,30 @@ async fn whoami(State(state): State<ApiState>, Query(query): Query<WhoamiQuery>)
 
 pub use guard::ApiAccess;
 
+/// What the API's handlers share besides the network and the server.
+pub struct ApiContext {
+    /// The providers `any` calls through the API may use (`--trust-provider`).
+    pub trust: Arc<crate::dispatch::ProviderTrust>,
+    /// What `GET /metrics`, the inspector and `/v1/mesh/events` show.
+    pub telemetry: crate::metrics::Telemetry,
+    /// Where `POST /v1/mesh/pull` puts model files (`None`: it cannot).
+    pub models_dir: Option<std::path::PathBuf>,
+}
+
 /// Serves the API on `listener` until `shutdown` fires, every route behind [`guard`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     client: Client,
     server: Arc<Server>,
     access: ApiAccess,
-    trust: Arc<crate::dispatch::ProviderTrust>,
-    telemetry: crate::metrics::Telemetry,
+    context: ApiContext,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let ApiContext {
+        trust,
+        telemetry,
+        models_dir,
+    } = context;
     let guard = Arc::new(guard::Guard::new(listener.local_addr()?, &access));
     let app = Router::new()
         .route("/v1/mesh/status", get(status))
@@ -121,6 +136,7 @@ pub async fn serve(
             get(inspect::capture).put(inspect::set_capture),
         )
         .route("/v1/mesh/events", get(inspect::events))
+        .route("/v1/mesh/pull", axum::routing::post(pull::pull_route))
         .route("/v1/mesh/diagnosis", get(diagnose::diagnosis))
         .route("/v1/mesh/diagnosis/{peer}", get(diagnose::peer))
         .route("/", get(console::root))
@@ -135,6 +151,7 @@ pub async fn serve(
             trust,
             telemetry,
             event_feeds: inspect::feed_places(),
+            models_dir,
         });
     let app = guard::apply(app, guard);
     axum::serve(listener, app)

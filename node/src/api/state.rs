@@ -23,6 +23,8 @@ pub(crate) struct ApiState {
     pub(crate) telemetry: crate::metrics::Telemetry,
     /// The places of the open `/v1/mesh/events` feeds ([`super::inspect`]).
     pub(crate) event_feeds: Arc<tokio::sync::Semaphore>,
+    /// Where `POST /v1/mesh/pull` puts model files (`None`: it cannot).
+    pub(crate) models_dir: Option<std::path::PathBuf>,
 }
 
 impl ApiState {

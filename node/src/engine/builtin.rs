@@ -55,6 +55,7 @@ fn card(name: &str, task: Task, architecture: &str, max_concurrency: u32) -> Mod
         license: Some("Apache-2.0".into()),
         max_concurrency,
         layers: None,
+        blob_root: None,
     }
 }
 

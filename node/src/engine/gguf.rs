@@ -102,6 +102,8 @@ impl Feed for Session<'_> {
 
 pub struct GgufEngine {
     card: ModelCard,
+    /// The weights file, which `/mesh/blob/1` serves.
+    blob: crate::blobs::Blob,
     weights: Weights,
     tokenizer: Tokenizer,
     template: Option<ChatTemplate>,
@@ -135,11 +137,10 @@ fn file_type_name(t: u32) -> Option<&'static str> {
     })
 }
 
-/// A GGUF file's sha256, the file opened, and its metadata and tensor index read and checked
-/// against the file's size.
-fn open_gguf(path: &Path) -> Result<(String, File, gguf_file::Content), String> {
-    let sha256 =
-        crate::models::sha256_file(path).map_err(|e| format!("cannot read the file: {e}"))?;
+/// A GGUF file's hashes (sha256 and blob tree, in one read), the file opened, and its
+/// metadata and tensor index read and checked against the file's size.
+fn open_gguf(path: &Path) -> Result<(crate::blobs::Blob, File, gguf_file::Content), String> {
+    let blob = crate::blobs::hash_file(path).map_err(|e| format!("cannot read the file: {e}"))?;
     let mut file = File::open(path).map_err(|e| format!("cannot open the file: {e}"))?;
     let content = gguf_header::read(&mut file)?;
     let len = file
@@ -147,7 +148,7 @@ fn open_gguf(path: &Path) -> Result<(String, File, gguf_file::Content), String> 
         .map_err(|e| format!("cannot read the file: {e}"))?
         .len();
     gguf_header::check_tensors(&content, len)?;
-    Ok((sha256, file, content))
+    Ok((blob, file, content))
 }
 
 /// The layers `layers` of the llama model in `path`, without its ends, for a node that runs
@@ -157,9 +158,9 @@ pub fn load_stage(
     path: &Path,
     options: &EngineOptions,
     layers: std::ops::Range<usize>,
-) -> Result<(ModelCard, Arc<Llama>), String> {
+) -> Result<(ModelCard, Arc<Llama>, crate::blobs::Blob), String> {
     let started = Instant::now();
-    let (sha256, mut file, content) = open_gguf(path)?;
+    let (blob, mut file, content) = open_gguf(path)?;
     let config = super::llama::LlamaConfig::from_gguf(&content)?;
     if layers.start == 0 || layers.start >= layers.end || layers.end > config.layers {
         return Err(format!(
@@ -192,7 +193,7 @@ pub fn load_stage(
             .to_string(),
         context_length: config.context as u32,
         embedding_dims: None,
-        sha256,
+        sha256: blob.sha256.clone(),
         license: meta_str(&content, "general.license"),
         max_concurrency: options.max_concurrency,
         layers: Some(mesh_protocol::LayerRange {
@@ -200,8 +201,9 @@ pub fn load_stage(
             end: layers.end as u32,
             total: config.layers as u32,
         }),
+        blob_root: Some(blob.root_hex()),
     };
-    Ok((card, Arc::new(model)))
+    Ok((card, Arc::new(model), blob))
 }
 
 impl GgufEngine {
@@ -218,7 +220,7 @@ impl GgufEngine {
         layers: Option<std::ops::Range<usize>>,
     ) -> Result<GgufEngine, String> {
         let started = Instant::now();
-        let (sha256, mut file, content) = open_gguf(path)?;
+        let (blob, mut file, content) = open_gguf(path)?;
         let parameters = gguf_header::parameters(&content);
         let quantization = meta_u32(&content, "general.file_type")
             .and_then(file_type_name)
@@ -270,7 +272,7 @@ impl GgufEngine {
                 ))
             }
         };
-        let cache_key = format!("{sha256}:{format}");
+        let cache_key = format!("{}:{format}", blob.sha256);
         let held = match &weights {
             Weights::Own(m) => format!("{} ({} MB held)", m.format(), m.weight_bytes() >> 20),
             Weights::Candle(_) => "as in the file (candle-transformers)".into(),
@@ -293,11 +295,13 @@ impl GgufEngine {
                 quantization,
                 context_length,
                 embedding_dims: None,
-                sha256,
+                sha256: blob.sha256.clone(),
                 license,
                 max_concurrency: options.max_concurrency,
                 layers: None,
+                blob_root: Some(blob.root_hex()),
             },
+            blob,
             weights,
             tokenizer,
             template,
@@ -361,6 +365,10 @@ impl GgufEngine {
 }
 
 impl Engine for GgufEngine {
+    fn blob(&self) -> Option<&crate::blobs::Blob> {
+        Some(&self.blob)
+    }
+
     fn card(&self) -> &ModelCard {
         &self.card
     }

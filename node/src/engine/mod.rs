@@ -105,6 +105,12 @@ pub struct Gone;
 pub trait Engine: Send + Sync + 'static {
     fn card(&self) -> &ModelCard;
 
+    /// The model's weights file, which `/mesh/blob/1` serves to peers (its root is the card's
+    /// `blob_root`); `None` for a model without one file.
+    fn blob(&self) -> Option<&crate::blobs::Blob> {
+        None
+    }
+
     /// Checks what only the model can check (e.g. the prompt fits its context), cheaply and
     /// before the call is admitted, so a bad request never takes a slot or starts compute.
     fn validate(&self, _request: &InferRequest) -> Result<(), WireError> {
@@ -248,7 +254,8 @@ pub fn model_path(
 /// and sample) or a stage's (later layers only, run for heads).
 pub enum Layers {
     Head(Box<gguf::GgufEngine>),
-    Stage(ModelCard, Arc<llama::Llama>),
+    /// A stage: its card, its layers and its weights file (which it serves to peers too).
+    Stage(Box<ModelCard>, Arc<llama::Llama>, crate::blobs::Blob),
 }
 
 /// Loads the layers `layers` of the llama GGUF model `spec` names.
@@ -270,7 +277,7 @@ pub fn load_layers(
                 .map(|e| Layers::Head(Box::new(e)))
         } else {
             gguf::load_stage(&spec.name, &path, options, layers.clone())
-                .map(|(card, model)| Layers::Stage(card, model))
+                .map(|(card, model, blob)| Layers::Stage(Box::new(card), model, blob))
         }
     })
     .unwrap_or_else(|_| Err("the loader panicked on this file (corrupt?)".into()));
@@ -278,7 +285,7 @@ pub fn load_layers(
     if let Some(known) = crate::models::find_known(&spec.source) {
         let card = match &mut loaded {
             Layers::Head(e) => e.card_mut(),
-            Layers::Stage(card, _) => card,
+            Layers::Stage(card, _, _) => card,
         };
         card.license
             .get_or_insert_with(|| known.license.to_string());

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::peer_table::SharedPeerTable;
 use super::streams::{self, Inbound, Opener};
-use super::{NetworkConfig, CATALOG, INFER, STAGE};
+use super::{NetworkConfig, BLOB, CATALOG, INFER, STAGE};
 use crate::identity::NodeIdentity;
 
 pub const KAD: StreamProtocol = StreamProtocol::new(KAD_PROTOCOL);
@@ -55,7 +55,7 @@ pub fn build_swarm(
     registry: &mut prometheus_client::registry::Registry,
 ) -> Result<(Swarm<MeshBehaviour>, mpsc::Receiver<Inbound>, Opener), BuildError> {
     let streams_config = streams::Config {
-        inbound_protocols: vec![INFER, CATALOG, STAGE],
+        inbound_protocols: vec![INFER, CATALOG, STAGE, BLOB],
         inbound_queue: config.inbound_queue,
         open_queue: config.command_queue,
         hole_punch_wait: config.hole_punch_wait,

@@ -12,7 +12,7 @@ use super::streams::Opener;
 use super::{NetworkEvent, NetworkStatus, Path, PeerSummary};
 
 pub use super::error::NetworkError;
-pub use super::{CATALOG, INFER, STAGE};
+pub use super::{BLOB, CATALOG, INFER, STAGE};
 
 /// How long a request to the swarm task, a dial or a stream open may take by default.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -115,6 +115,19 @@ impl Client {
     /// Announces that this node runs layers of the weights whose sha256 is `weights_sha256`.
     pub async fn provide_stage(&self, weights_sha256: &str) -> Result<(), NetworkError> {
         self.announce(Topic::Stage(weights_sha256.to_string()))
+            .await
+    }
+
+    /// Announces that this node serves the file whose sha256 is `file_sha256`
+    /// (`/mesh/blob/1`).
+    pub async fn provide_blob(&self, file_sha256: &str) -> Result<(), NetworkError> {
+        self.announce(Topic::Blob(file_sha256.to_string())).await
+    }
+
+    /// Peers that announce the file whose sha256 is `file_sha256`.
+    pub async fn find_blob_hosts(&self, file_sha256: &str) -> Result<Vec<PeerId>, NetworkError> {
+        let topic = Topic::Blob(file_sha256.to_string());
+        self.request("the DHT", |reply| Command::FindProviders { topic, reply })
             .await
     }
 

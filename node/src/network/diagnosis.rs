@@ -16,7 +16,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 
-/// Peers whose observation of this node is kept (the latest ones).
+/// Peers whose observation of this node is kept, per transport (the latest ones).
 pub const MAX_OBSERVERS: usize = 32;
 
 /// Peers whose last hole punch is kept (the latest ones).
@@ -74,7 +74,8 @@ pub struct NetworkDiagnosis {
 
 #[derive(Debug, Default)]
 pub struct Diagnosis {
-    observed: HashMap<PeerId, (Multiaddr, Instant)>,
+    /// What each peer observed last, per transport (a peer may be connected over both).
+    observed: HashMap<(PeerId, &'static str), (Multiaddr, Instant)>,
     punches: HashMap<PeerId, (Result<(), String>, Instant)>,
 }
 
@@ -82,11 +83,11 @@ impl Diagnosis {
     /// `peer` saw this node at `addr`, over a connection that is not relayed (a relayed
     /// connection's observed address is the relay's view of the relay).
     pub fn observed(&mut self, peer: PeerId, addr: &Multiaddr, now: Instant) {
-        if ip_port(addr).is_none() {
+        let Some((transport, _)) = ip_port(addr) else {
             return;
-        }
-        self.observed.insert(peer, (addr.clone(), now));
-        if self.observed.len() > MAX_OBSERVERS {
+        };
+        self.observed.insert((peer, transport), (addr.clone(), now));
+        if self.observed.len() > 2 * MAX_OBSERVERS {
             forget_oldest(&mut self.observed, |(_, at)| *at);
         }
     }
@@ -116,7 +117,7 @@ impl Diagnosis {
         let mut observations: Vec<Observation> = self
             .observed
             .iter()
-            .map(|(peer, (addr, at))| Observation {
+            .map(|((peer, _), (addr, at))| Observation {
                 peer: peer.to_string(),
                 observed: addr.to_string(),
                 secs_ago: ago(at),
@@ -186,8 +187,11 @@ fn ip_port(addr: &Multiaddr) -> Option<(&'static str, String)> {
     Some((transport, format!("{}:{port}", ip?)))
 }
 
-fn forget_oldest<V>(map: &mut HashMap<PeerId, V>, at: impl Fn(&V) -> Instant) {
-    if let Some(oldest) = map.iter().min_by_key(|(_, v)| at(v)).map(|(p, _)| *p) {
+fn forget_oldest<K: Copy + Eq + std::hash::Hash, V>(
+    map: &mut HashMap<K, V>,
+    at: impl Fn(&V) -> Instant,
+) {
+    if let Some(oldest) = map.iter().min_by_key(|(_, v)| at(v)).map(|(k, _)| *k) {
         map.remove(&oldest);
     }
 }
@@ -252,6 +256,22 @@ mod tests {
     }
 
     #[test]
+    fn one_peer_over_tcp_and_quic_counts_for_both() {
+        let mut d = Diagnosis::default();
+        let now = Instant::now();
+        for _ in 0..2 {
+            let peer = random_peer();
+            d.observed(peer, &addr("/ip4/198.51.100.21/tcp/4001"), now);
+            d.observed(peer, &addr("/ip4/198.51.100.21/udp/4001/quic-v1"), now);
+        }
+        let mappings = d.mappings();
+        assert_eq!(mappings.len(), 2);
+        assert!(mappings
+            .iter()
+            .all(|m| m.verdict == MappingVerdict::Consistent && m.observers == 2));
+    }
+
+    #[test]
     fn circuit_addresses_are_not_observations_and_peers_are_bounded() {
         let mut d = Diagnosis::default();
         let now = Instant::now();
@@ -260,12 +280,12 @@ mod tests {
         assert!(d.mappings().is_empty());
         let first = random_peer();
         d.observed(first, &addr("/ip4/203.0.113.1/tcp/1"), now);
-        for i in 0..MAX_OBSERVERS {
+        for i in 0..2 * MAX_OBSERVERS {
             let later = now + Duration::from_secs(1 + i as u64);
             d.observed(random_peer(), &addr("/ip4/203.0.113.1/tcp/1"), later);
         }
         let report = d.report(now + Duration::from_secs(100));
-        assert_eq!(report.observations.len(), MAX_OBSERVERS);
+        assert_eq!(report.observations.len(), 2 * MAX_OBSERVERS);
         assert!(report
             .observations
             .iter()

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use libp2p::kad::RecordKey;
 use libp2p::PeerId;
-use mesh_protocol::ids::{model_provider_key, stage_provider_key};
+use mesh_protocol::ids::{blob_provider_key, model_provider_key, stage_provider_key};
 
 use super::connect::Reply;
 use super::NetworkError;
@@ -32,6 +32,8 @@ pub const MAX_PROVIDERS_PER_QUERY: usize = 32;
 pub enum Topic {
     Model(String),
     Stage(String),
+    /// A model's file, by its sha256 (served over `/mesh/blob/1`).
+    Blob(String),
 }
 
 impl Topic {
@@ -40,6 +42,7 @@ impl Topic {
         match self {
             Topic::Model(model) => RecordKey::new(&model_provider_key(model)),
             Topic::Stage(sha256) => RecordKey::new(&stage_provider_key(sha256)),
+            Topic::Blob(sha256) => RecordKey::new(&blob_provider_key(sha256)),
         }
     }
 }
@@ -49,6 +52,7 @@ impl std::fmt::Display for Topic {
         match self {
             Topic::Model(model) => write!(f, "model {model}"),
             Topic::Stage(sha256) => write!(f, "layers of {sha256}"),
+            Topic::Blob(sha256) => write!(f, "the file {sha256}"),
         }
     }
 }

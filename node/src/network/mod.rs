@@ -40,7 +40,7 @@ pub mod streams;
 use std::time::Duration;
 
 use libp2p::StreamProtocol;
-use mesh_protocol::ids::{CATALOG_PROTOCOL, INFER_PROTOCOL, STAGE_PROTOCOL};
+use mesh_protocol::ids::{BLOB_PROTOCOL, CATALOG_PROTOCOL, INFER_PROTOCOL, STAGE_PROTOCOL};
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -58,6 +58,8 @@ pub const INFER: StreamProtocol = StreamProtocol::new(INFER_PROTOCOL);
 pub const CATALOG: StreamProtocol = StreamProtocol::new(CATALOG_PROTOCOL);
 /// `/mesh/stage/1`: a range of a model's layers, run for a head.
 pub const STAGE: StreamProtocol = StreamProtocol::new(STAGE_PROTOCOL);
+/// `/mesh/blob/1`: pieces of a model's file.
+pub const BLOB: StreamProtocol = StreamProtocol::new(BLOB_PROTOCOL);
 
 /// [`NetworkEvent`]s a slow subscriber may fall behind by before it misses some.
 const EVENT_QUEUE: usize = 1024;

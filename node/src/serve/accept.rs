@@ -2,7 +2,8 @@
 //!
 //! The stream's protocol id picks the handler ([`Protocol`]), and bounds on the streams served
 //! at once keep a flood from taking the node down ([`StreamLimits`]): per peer, so one peer
-//! cannot take every place; over all peers; and a pool of their own for catalogs. Past a
+//! cannot take every place; over all peers; and pools of their own for catalogs and for
+//! pieces of model files. Past a
 //! bound, an inference stream is answered `overloaded` at once and a catalog stream is
 //! dropped. The transport only hands streams over; it knows nothing of serving.
 
@@ -13,7 +14,7 @@ use std::time::Duration;
 use futures::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use libp2p::PeerId;
 use mesh_protocol::frame::DEFAULT_MAX_FRAME_LEN;
-use mesh_protocol::ids::{CATALOG_PROTOCOL, INFER_PROTOCOL, STAGE_PROTOCOL};
+use mesh_protocol::ids::{BLOB_PROTOCOL, CATALOG_PROTOCOL, INFER_PROTOCOL, STAGE_PROTOCOL};
 use mesh_protocol::{ErrorCode, InferResponse, WireError};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
@@ -39,6 +40,8 @@ pub enum Protocol {
     Catalog,
     /// `/mesh/stage/1`: one session of a range of layers, for a head.
     Stage,
+    /// `/mesh/blob/1`: pieces of a model's file.
+    Blob,
 }
 
 impl Protocol {
@@ -48,6 +51,7 @@ impl Protocol {
             INFER_PROTOCOL => Some(Protocol::Infer),
             CATALOG_PROTOCOL => Some(Protocol::Catalog),
             STAGE_PROTOCOL => Some(Protocol::Stage),
+            BLOB_PROTOCOL => Some(Protocol::Blob),
             _ => None,
         }
     }
@@ -63,6 +67,7 @@ impl Server {
             Protocol::Infer => self.serve_infer(peer, stream).await,
             Protocol::Catalog => self.serve_catalog(stream).await,
             Protocol::Stage => self.serve_stage(peer, stream).await,
+            Protocol::Blob => self.serve_blob(peer, stream).await,
         }
     }
 }
@@ -79,6 +84,11 @@ pub struct StreamLimits {
     pub catalogs: usize,
     /// Catalog streams of one peer.
     pub catalogs_per_peer: usize,
+    /// Blob streams (pieces of model files), over all peers: a pool of their own, so a
+    /// download never takes the places of calls.
+    pub blobs: usize,
+    /// Blob streams of one peer.
+    pub blobs_per_peer: usize,
 }
 
 impl Default for StreamLimits {
@@ -88,6 +98,8 @@ impl Default for StreamLimits {
             per_peer: 32,
             catalogs: 64,
             catalogs_per_peer: 4,
+            blobs: 32,
+            blobs_per_peer: 8,
         }
     }
 }
@@ -103,6 +115,7 @@ struct PeerStreams {
 enum Pool {
     Calls,
     Catalogs,
+    Blobs,
 }
 
 /// One stream's place in its peer's count.
@@ -176,9 +189,10 @@ pub async fn accept<P, S>(
     let mut calls = JoinSet::new();
     let streams = Arc::new(Semaphore::new(limits.streams));
     let catalogs = Arc::new(Semaphore::new(limits.catalogs));
+    let blobs = Arc::new(Semaphore::new(limits.blobs));
     let per_peer = Arc::new(PeerStreams::default());
     // Served streams plus at most this many refusals in flight.
-    let refusal_cap = limits.streams + limits.catalogs + REFUSAL_HEADROOM;
+    let refusal_cap = limits.streams + limits.catalogs + limits.blobs + REFUSAL_HEADROOM;
     loop {
         tokio::select! {
             next = incoming.recv() => {
@@ -190,6 +204,7 @@ pub async fn accept<P, S>(
                 let may_refuse = protocol == Protocol::Infer && calls.len() < refusal_cap;
                 let (pool, pool_limit, places) = match protocol {
                     Protocol::Catalog => (Pool::Catalogs, limits.catalogs_per_peer, &catalogs),
+                    Protocol::Blob => (Pool::Blobs, limits.blobs_per_peer, &blobs),
                     Protocol::Infer | Protocol::Stage => (Pool::Calls, limits.per_peer, &streams),
                 };
                 // A stage stream is refused in its own protocol, by the stage session.

@@ -20,6 +20,7 @@
 //! - `compute`: the engine on a blocking thread, and the channel back to the stream.
 
 mod accept;
+mod blob;
 mod compute;
 mod frames;
 mod hosted;
@@ -80,6 +81,10 @@ pub struct ServeConfig {
     pub max_frame_len: usize,
     /// Who may call which model.
     pub access: AccessConfig,
+    /// Serve the weights files of the hosted models to peers (`--no-share-weights`: no).
+    pub share_weights: bool,
+    /// Bytes a second of weights sent to peers, over all streams (`--share-rate`).
+    pub share_rate: Option<u64>,
 }
 
 impl Default for ServeConfig {
@@ -91,6 +96,8 @@ impl Default for ServeConfig {
             max_queue: DEFAULT_MAX_QUEUE,
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
             access: AccessConfig::default(),
+            share_weights: true,
+            share_rate: None,
         }
     }
 }
@@ -112,6 +119,8 @@ pub enum ServeSetupError {
 pub struct StageModel {
     pub card: ModelCard,
     pub model: Arc<crate::engine::llama::Llama>,
+    /// The weights file, served to peers over `/mesh/blob/1`.
+    pub blob: Option<crate::blobs::Blob>,
 }
 
 /// Everything a node serves.
@@ -125,6 +134,10 @@ pub struct Server {
     metrics: crate::metrics::Metrics,
     /// Where the calls served are told, for the console and `/v1/mesh/events`.
     inspector: crate::inspector::Inspector,
+    /// The weights files served over `/mesh/blob/1`, by root.
+    blobs: crate::blobs::BlobStore,
+    /// The upload rate of those files, over all streams.
+    share_rate: crate::blobs::rate::RateLimit,
 }
 
 impl Server {
@@ -150,8 +163,12 @@ impl Server {
         config: ServeConfig,
     ) -> Result<Server, ServeSetupError> {
         let mut models = BTreeMap::new();
+        let mut blobs = crate::blobs::BlobStore::default();
         for engine in engines {
             let card = engine.card().clone();
+            if let Some(blob) = engine.blob() {
+                blobs.add(&card.name, blob.clone());
+            }
             mesh_protocol::ids::validate_model_name(&card.name)
                 .map_err(|e| ServeSetupError::BadName(card.name.clone(), e))?;
             if card.max_concurrency == 0 {
@@ -163,7 +180,15 @@ impl Server {
             }
         }
         let mut hosted_stages = BTreeMap::new();
-        for StageModel { mut card, model } in stages {
+        for StageModel {
+            mut card,
+            model,
+            blob,
+        } in stages
+        {
+            if let Some(blob) = blob {
+                blobs.add(&card.name, blob);
+            }
             mesh_protocol::ids::validate_model_name(&card.name)
                 .map_err(|e| ServeSetupError::BadName(card.name.clone(), e))?;
             if card.layers.is_none() || models.contains_key(&card.name) {
@@ -182,6 +207,7 @@ impl Server {
             }
         }
         let names: Vec<String> = models.keys().chain(hosted_stages.keys()).cloned().collect();
+        let share_rate = crate::blobs::rate::RateLimit::new(config.share_rate);
         let auth = Authorizer::new(identity.peer_id(), &config.access, &names)?;
         Ok(Server {
             models,
@@ -191,7 +217,20 @@ impl Server {
             auth,
             metrics: Default::default(),
             inspector: Default::default(),
+            blobs,
+            share_rate,
         })
+    }
+
+    /// The sha256 of each file this node serves over `/mesh/blob/1` (none with sharing off).
+    pub fn shared_files(&self) -> Vec<String> {
+        if !self.config.share_weights {
+            return Vec::new();
+        }
+        let mut files: Vec<String> = self.blobs.iter().map(|(b, _)| b.sha256.clone()).collect();
+        files.sort();
+        files.dedup();
+        files
     }
 
     /// The access policy in effect.

@@ -250,6 +250,10 @@ impl Engine for SplitEngine {
         self.head.card()
     }
 
+    fn blob(&self) -> Option<&crate::blobs::Blob> {
+        self.head.blob()
+    }
+
     fn validate(&self, request: &InferRequest) -> Result<(), WireError> {
         self.head.validate(request)
     }

@@ -82,6 +82,7 @@ impl BertEngine {
                 license: None,
                 max_concurrency,
                 layers: None,
+                blob_root: None,
             },
             model,
             tokenizer,

@@ -93,6 +93,7 @@ impl UpstreamEngine {
             license: None,
             max_concurrency,
             layers: None,
+            blob_root: None,
         };
         Ok(UpstreamEngine {
             upstream: Upstream {
