@@ -984,6 +984,46 @@ PY
   [ "$ok" = 1 ] || nat_run_failures=$((nat_run_failures + 1))
 }
 
+# nat_pull: node a pulls SmolLM2's file from stage-b (behind the other cone NAT), through its
+# running node (`mesh model pull --from`), which must end hole-punched to stage-b; the file must
+# be whole (sha256) and every piece from stage-b. Sets pull_line; returns 1 on failure.
+nat_pull() {
+  local out rc=0 sha
+  sha=$(sha256sum "$nat_split_model" | cut -d' ' -f1)
+  out=$(ip netns exec "$(nat_ns_of a)" env RUST_LOG=warn "$mesh" model pull "sha256:$sha" \
+    --from "${nat_peer[stage-b]}" --home "$run_dir/a" --json 2>&1) || rc=1
+  pull_line=$(ip netns exec "$(nat_ns_of a)" "$nat_py" - "$out" "$sha" "${nat_peer[stage-b]}" "$rc" <<'PY'
+import hashlib, json, sys, urllib.request
+out, sha, stage, rc = sys.argv[1:]
+lines = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
+done = next((l for l in lines if l.get("event") == "done"), None)
+with urllib.request.urlopen("http://127.0.0.1:7440/v1/mesh/peers", timeout=5) as r:
+    path = next((p["path"] for p in json.load(r) if p["peer_id"] == stage), "not connected")
+problems = []
+if rc != "0" or not done:
+    problems.append(f"the pull failed: {out[-400:]!r}")
+else:
+    h = hashlib.sha256()
+    with open(done["path"], "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    if h.hexdigest() != sha:
+        problems.append("the file's sha256 is wrong")
+    if done["by_source"].get(stage) != done["pieces"]:
+        problems.append(f"pieces not all from stage-b: {done['by_source']}")
+if path != "hole-punched":
+    problems.append(f"a reaches stage-b {path}, not hole-punched")
+if problems:
+    print("pull a<=stage-b: WRONG: " + "; ".join(problems))
+    sys.exit(1)
+mb, secs = done["len"] / 1e6, done["took_ms"] / 1000
+print(f"pull a<=stage-b: {mb:.0f} MB in {secs:.1f} s ({mb / secs:.0f} MB/s), {done['pieces']} pieces from stage-b, sha256 verified, path {path}")
+PY
+  ) || rc=1
+  pull_line="   $pull_line"
+  return "$rc"
+}
+
 # nat_split BOOT: the split checks (see above), one head after the other. The nodes they start
 # run until the run ends: stopped here, just before the failover stops relay 1, they made a, b
 # and c notice relay 1's departure over QUIC only by idle timeout (10-15 s, against the
@@ -1092,7 +1132,10 @@ nat_run() {
   if ! nat_wait_ready relay2; then
     nat_run_record 0 - 0 "relay2 not ready"; nat_show_logs; nat_run_rc=1; return 0
   fi
-  for n in a c; do nat_start_node "$n" --model echo=builtin:echo --bootstrap "$boot"; done
+  # a and c pull model files into models directories of their own (nat_pull).
+  for n in a c; do
+    MESH_MODELS="$run_dir/$n-models" nat_start_node "$n" --model echo=builtin:echo --bootstrap "$boot"
+  done
   for n in a c; do
     if ! nat_wait_ready "$n"; then
       nat_run_record 0 - 0 "node $n not ready"; nat_show_logs; nat_run_rc=1; return 0
@@ -1147,8 +1190,11 @@ nat_run() {
   local frozen_line=""
   if ! nat_frozen "$boot"; then nat_run_failures=$((nat_run_failures + 1)); fi
 
-  local split_line=""
-  [ "$NAT_SPLIT" = 1 ] && nat_split "$boot"
+  local split_line="" pull_line=""
+  if [ "$NAT_SPLIT" = 1 ]; then
+    nat_split "$boot"
+    if ! nat_pull; then nat_run_failures=$((nat_run_failures + 1)); fi
+  fi
 
   local failover_line=""
   if ! nat_failover; then nat_run_failures=$((nat_run_failures + 1)); fi
@@ -1160,6 +1206,7 @@ nat_run() {
   printf '%s\n' "${nat_rows[@]}"
   nat_say "   b's join to the first answered call from a: $([ "$join_ms" = - ] && echo "never" || echo "$join_ms ms") ($attempts attempt(s))"
   [ -n "$split_line" ] && nat_say "$split_line"
+  [ -n "$pull_line" ] && nat_say "$pull_line"
   printf '%s' "$status_lines"
   nat_say "$metrics_line"
   nat_say "$doctor_line"
