@@ -12,6 +12,8 @@
 #   rss:      peak RSS of a node hosting both models
 #   embed:    MiniLM in mesh (candle) vs sentence-transformers, same files, same threads
 #   gateway:  a chat completion through a node's OpenAI gateway vs the engine in-process
+#   pull:     `mesh model pull` of SmolLM2's file from 1, 2 and 3 `mesh join` holders vs curl
+#             from a plain HTTP server (Python's http.server), the same file, on loopback
 #   hostile:  a `mesh join` process under each hostile-peer attack (half-open TCP flood, 300
 #             sybils, stalled streams, lying providers, a Kademlia flood): an honest caller's calls before, during
 #             and after, and the node's peak RSS during the attack
@@ -19,7 +21,7 @@
 #
 # The reference implementations come from PyPI (llama-cpp-python builds llama.cpp from source,
 # ~15 min on 2 cores, into the venv the tests share; sentence-transformers pulls torch).
-# Usage: testnet/bench.sh [all|network|generate|kernels|server|split|rss|gateway|embed|hostile]
+# Usage: testnet/bench.sh [all|network|generate|kernels|server|split|rss|gateway|embed|pull|hostile]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MESH_MODELS="${MESH_MODELS:-$PWD/target/mesh-models}"
@@ -131,6 +133,26 @@ if [ "$what" = all ] || [ "$what" = rss ]; then
 fi
 if [ "$what" = all ] || [ "$what" = gateway ]; then
   "$bench" gateway --runs 10 --seconds 5
+fi
+if [ "$what" = all ] || [ "$what" = pull ]; then
+  holders=()
+  for n in 1 2 3; do
+    boot_args=()
+    [ "$n" = 1 ] || boot_args=(--bootstrap "$(head -1 "$scratch/h1.out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["listen_addrs"][0])')")
+    "$mesh" join --json --home "$scratch/h$n" --listen /ip4/127.0.0.1/tcp/0 --no-mdns \
+      --api 127.0.0.1:0 --model "smol=$gguf" "${boot_args[@]}" >"$scratch/h$n.out" 2>"$scratch/h$n.log" &
+    holders+=($!)
+    for _ in $(seq 1 300); do [ -s "$scratch/h$n.out" ] && break; sleep 0.1; done
+  done
+  python3 -m http.server 7462 --bind 127.0.0.1 --directory "$(dirname "$gguf")" >/dev/null 2>&1 &
+  http_pid=$!
+  sleep 2
+  peer() { head -1 "$scratch/h$1.out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["peer_id"])'; }
+  python3 testnet/reference/pull_bench.py "$mesh" \
+    "$(head -1 "$scratch/h1.out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["listen_addrs"][0])')" \
+    "http://127.0.0.1:7462/$(basename "$gguf")" "$scratch" "${BENCH_PULL_ROUNDS:-5}" \
+    "$(peer 1)" "$(peer 2)" "$(peer 3)"
+  kill "${holders[@]}" "$http_pid"; wait "${holders[@]}" "$http_pid" 2>/dev/null || true
 fi
 if [ "$what" = all ] || [ "$what" = hostile ]; then
   "$bench" hostile --mesh "$mesh" --seconds 5

@@ -107,7 +107,12 @@ pub fn reachability(status: &NetworkStatus, diagnosis: &NetworkDiagnosis) -> Vec
         checks.push(match mapping.verdict {
             MappingVerdict::Consistent => Check::ok(
                 area,
-                format!("{} peers see one public address ({seen}): the NAT maps the port consistently, hole punching can work", mapping.observers),
+                format!(
+                    "{} of {} peers see one public address ({}): the NAT maps the port consistently, hole punching can work",
+                    mapping.agreeing,
+                    mapping.observers,
+                    mapping.seen.first().map_or("", String::as_str)
+                ),
             ),
             MappingVerdict::Varies => {
                 let route = if status.relays.is_empty() {
@@ -272,6 +277,7 @@ mod tests {
                 verdict: MappingVerdict::Varies,
                 observers: 2,
                 seen: vec!["198.51.100.23:40001".into(), "198.51.100.23:51234".into()],
+                agreeing: 1,
             }],
             ..Default::default()
         }

@@ -26,9 +26,11 @@ pub const MAX_PUNCHES: usize = 256;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum MappingVerdict {
-    /// Every peer sees the same address and port: endpoint-independent, punching can work.
+    /// At least two peers see the same address and port: the NAT kept one public port for
+    /// several destinations (endpoint-independent), so punching can work. (A connection that
+    /// left from another local port, seen at another public port, does not disprove it.)
     Consistent,
-    /// Peers see different ports: endpoint-dependent (symmetric), punching cannot work.
+    /// Every peer sees a port of its own: endpoint-dependent (symmetric), punching cannot work.
     Varies,
     /// Fewer than two peers observed this transport.
     Unknown,
@@ -42,8 +44,11 @@ pub struct Mapping {
     pub verdict: MappingVerdict,
     /// How many peers observed it.
     pub observers: usize,
-    /// The distinct addresses they saw (`IP:PORT`).
+    /// The distinct addresses they saw (`IP:PORT`), the most seen first.
     pub seen: Vec<String>,
+    /// How many peers saw the most seen address.
+    #[serde(default)]
+    pub agreeing: usize,
 }
 
 /// One peer's observation.
@@ -81,7 +86,9 @@ pub struct Diagnosis {
 
 impl Diagnosis {
     /// `peer` saw this node at `addr`, over a connection that is not relayed (a relayed
-    /// connection's observed address is the relay's view of the relay).
+    /// connection's observed address is the relay's view of the relay). Only transports the
+    /// node listens on count: without a listener every dial leaves from a port of its own, and
+    /// different ports would prove nothing about the NAT (the caller checks).
     pub fn observed(&mut self, peer: PeerId, addr: &Multiaddr, now: Instant) {
         let Some((transport, _)) = ip_port(addr) else {
             return;
@@ -150,23 +157,33 @@ impl Diagnosis {
             .filter_map(|transport| {
                 let all = by_transport.remove(transport)?;
                 let observers = all.len();
-                let mut seen = all;
-                seen.sort();
-                seen.dedup();
-                let verdict = match (observers, seen.len()) {
-                    (0 | 1, _) => MappingVerdict::Unknown,
-                    (_, 1) => MappingVerdict::Consistent,
+                let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+                for addr in all {
+                    *counts.entry(addr).or_default() += 1;
+                }
+                let mut seen: Vec<(String, usize)> = counts.into_iter().collect();
+                seen.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+                let agreeing = seen.first().map_or(0, |(_, n)| *n);
+                let verdict = match observers {
+                    0 | 1 => MappingVerdict::Unknown,
+                    _ if agreeing >= 2 => MappingVerdict::Consistent,
                     _ => MappingVerdict::Varies,
                 };
                 Some(Mapping {
                     transport: transport.to_string(),
                     verdict,
                     observers,
-                    seen,
+                    seen: seen.into_iter().map(|(addr, _)| addr).collect(),
+                    agreeing,
                 })
             })
             .collect()
     }
+}
+
+/// `tcp` or `quic` for a direct address (`None` for a circuit or another transport).
+pub fn transport(addr: &Multiaddr) -> Option<&'static str> {
+    ip_port(addr).map(|(transport, _)| transport)
 }
 
 /// `(transport, "IP:PORT")` of a direct TCP or QUIC address.
@@ -269,6 +286,22 @@ mod tests {
         assert!(mappings
             .iter()
             .all(|m| m.verdict == MappingVerdict::Consistent && m.observers == 2));
+    }
+
+    #[test]
+    fn a_stray_connection_from_another_local_port_does_not_make_a_cone_nat_symmetric() {
+        // The NAT lab once saw this: two peers at the listening port's public port, and one
+        // connection that left from another local port.
+        let mut d = Diagnosis::default();
+        let now = Instant::now();
+        for port in [4001, 4001, 39782] {
+            let seen = format!("/ip4/198.51.100.21/udp/{port}/quic-v1");
+            d.observed(random_peer(), &addr(&seen), now);
+        }
+        let quic = &d.mappings()[0];
+        let verdict = (quic.verdict, quic.agreeing, quic.observers);
+        assert_eq!(verdict, (MappingVerdict::Consistent, 2, 3));
+        assert_eq!(quic.seen[0], "198.51.100.21:4001", "the most seen first");
     }
 
     #[test]

@@ -56,7 +56,13 @@ impl EventLoop {
                 );
                 let path = self.table.read().path_of(&peer_id, connection_id);
                 let relayed = path.is_none_or(|p| p == Path::Relayed);
-                if !relayed {
+                let observed = super::super::diagnosis::transport(&info.observed_addr);
+                let listens = observed.is_some()
+                    && self
+                        .swarm
+                        .listeners()
+                        .any(|l| super::super::diagnosis::transport(l) == observed);
+                if !relayed && listens {
                     let now = Instant::now();
                     self.diagnosis.observed(peer_id, &info.observed_addr, now);
                 }

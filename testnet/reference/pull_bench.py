@@ -1,0 +1,56 @@
+"""Pull throughput: `mesh model pull` from 1, 2 and 3 holders against `curl` from a plain HTTP
+server, the same file, alternating in each round (testnet/bench.sh pull).
+
+Usage: pull_bench.py MESH BOOTSTRAP URL SCRATCH ROUNDS PEER...
+Prints one JSON line per transfer, then one summary line with medians and ratios.
+"""
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+mesh, bootstrap, url, scratch, rounds = sys.argv[1:6]
+peers = sys.argv[6:]
+rounds = int(rounds)
+results = {}
+
+
+def record(name, wall, took, size):
+    results.setdefault(name, []).append(wall)
+    line = {"bench": "pull", "how": name, "wall_ms": round(wall * 1000), "bytes": size}
+    if took is not None:
+        line["transfer_ms"] = took
+    print(json.dumps(line), flush=True)
+
+
+for r in range(rounds):
+    target = os.path.join(scratch, "curl.gguf")
+    t = time.perf_counter()
+    subprocess.run(["curl", "-sf", "-o", target, url], check=True)
+    record("curl", time.perf_counter() - t, None, os.path.getsize(target))
+    os.remove(target)
+    for n in range(1, len(peers) + 1):
+        models = os.path.join(scratch, f"pull-{n}-{r}")
+        args = [mesh, "model", "pull", "smol", "--json", "--no-mdns", "--bootstrap", bootstrap,
+                "--home", os.path.join(scratch, "puller")]
+        for p in peers[:n]:
+            args += ["--from", p]
+        env = dict(os.environ, MESH_MODELS=models, RUST_LOG="warn")
+        t = time.perf_counter()
+        out = subprocess.run(args, env=env, capture_output=True, text=True, check=True).stdout
+        wall = time.perf_counter() - t
+        done = json.loads(out.strip().splitlines()[-1])
+        assert done["event"] == "done", done
+        assert len([k for k, v in done["by_source"].items() if v > 0]) == n, done
+        record(f"mesh-{n}", wall, done["took_ms"], done["len"])
+        shutil.rmtree(models)
+
+med = {k: statistics.median(v) for k, v in results.items()}
+summary = {"bench": "pull-summary", "rounds": rounds,
+           "median_wall_ms": {k: round(v * 1000) for k, v in med.items()},
+           "vs_curl": {k: round(v / med["curl"], 2) for k, v in med.items() if k != "curl"}}
+print(json.dumps(summary), flush=True)
