@@ -66,6 +66,33 @@ impl Drop for Hostile {
     }
 }
 
+/// Dials `bootstrap` (again, a few times, if the dial fails) and waits until it is in the
+/// routing table, so what the caller announces next reaches it.
+pub(crate) async fn join(client: &mesh_node::network::Client, bootstrap: Multiaddr) -> PeerId {
+    // A dial on loopback can fail for a moment under the load of many tests (the node itself
+    // dials again from a new port on EADDRINUSE): try again.
+    let mut attempt = 0;
+    let boot_peer = loop {
+        match client.dial(bootstrap.clone()).await {
+            Ok(peer) => break peer,
+            Err(e) => {
+                attempt += 1;
+                assert!(attempt < 5, "the attacker cannot join: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !client.known_peers().await.unwrap().contains(&boot_peer) {
+        assert!(
+            Instant::now() < deadline,
+            "the bootstrap node never entered the table"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    boot_peer
+}
+
 pub async fn hostile(act: Act, model: &str, sha256: &str, bootstrap: Multiaddr) -> Hostile {
     let identity = NodeIdentity::generate();
     let config = crate::inprocess::loopback_config(vec![bootstrap.clone()]).network;
@@ -82,27 +109,7 @@ pub async fn hostile(act: Act, model: &str, sha256: &str, bootstrap: Multiaddr) 
             listening += 1;
         }
     }
-    // libp2p dials from the port it listens on; on loopback that 4-tuple can still be in
-    // TIME_WAIT from an earlier connection (EADDRINUSE): try again.
-    let mut attempt = 0;
-    let boot_peer = loop {
-        match client.dial(bootstrap.clone()).await {
-            Ok(peer) => break peer,
-            Err(e) => {
-                attempt += 1;
-                assert!(attempt < 5, "the hostile peer cannot join: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !client.known_peers().await.unwrap().contains(&boot_peer) {
-        assert!(
-            Instant::now() < deadline,
-            "the bootstrap node never entered the table"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    join(&client, bootstrap.clone()).await;
     client.provide(model).await.expect("announces");
     let card = ModelCard {
         name: model.into(),

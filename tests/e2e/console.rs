@@ -11,23 +11,11 @@ use std::time::Duration;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use mesh_node::auth::{Access, AccessConfig};
-use mesh_node::{Node, NodeIdentity};
-use mesh_testnet::inprocess::{builtin_engines, loopback_config, tcp_addr};
+use mesh_testnet::inprocess::tcp_addr;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-async fn node_with_api(
-    engines: &[(&str, &str)],
-    bootstrap: Vec<libp2p::Multiaddr>,
-    access: AccessConfig,
-) -> Node {
-    let mut config = loopback_config(bootstrap);
-    config.serve.access = access;
-    config.api = Some("127.0.0.1:0".parse().unwrap());
-    Node::start(NodeIdentity::generate(), builtin_engines(engines), config)
-        .await
-        .expect("node starts")
-}
+use crate::mesh_api::node_with_api;
 
 /// Follows `api`'s `/v1/mesh/events` with a real SSE parser: (event name, JSON body) as they
 /// come. Returns once the feed answered.

@@ -1,8 +1,27 @@
-//! `POST /v1/mesh/infer` as the tests call it: one place that posts an `InferSpec` and splits
-//! the NDJSON answer into events.
+//! A node's API as the tests use it: an in-process node with its API on a free port
+//! ([`node_with_api`]), and `POST /v1/mesh/infer`, posting an `InferSpec` and splitting the
+//! NDJSON answer into events.
 
 use futures::StreamExt;
+use mesh_node::auth::AccessConfig;
+use mesh_node::{Node, NodeIdentity};
+use mesh_testnet::inprocess::{builtin_engines, loopback_config};
 use serde_json::Value;
+
+/// An in-process node hosting `engines` (builtin specs) under `access`, joined through
+/// `bootstrap`, with its HTTP API on a free loopback port.
+pub async fn node_with_api(
+    engines: &[(&str, &str)],
+    bootstrap: Vec<libp2p::Multiaddr>,
+    access: AccessConfig,
+) -> Node {
+    let mut config = loopback_config(bootstrap);
+    config.serve.access = access;
+    config.api = Some("127.0.0.1:0".parse().unwrap());
+    Node::start(NodeIdentity::generate(), builtin_engines(engines), config)
+        .await
+        .expect("node starts")
+}
 
 /// Streams `/v1/mesh/infer` on the API at `api` (`HOST:PORT`, with or without `http://`),
 /// calls `each` on every event as it arrives, and returns all of them.

@@ -7,22 +7,11 @@ use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 
 use mesh_node::auth::{Access, AccessConfig};
-use mesh_node::{Node, NodeIdentity};
-use mesh_testnet::inprocess::{builtin_engines, loopback_config, tcp_addr};
+use mesh_node::Node;
+use mesh_testnet::inprocess::tcp_addr;
 use serde_json::{json, Value};
 
-async fn node_with_api(
-    engines: &[(&str, &str)],
-    bootstrap: Vec<libp2p::Multiaddr>,
-    access: AccessConfig,
-) -> Node {
-    let mut config = loopback_config(bootstrap);
-    config.serve.access = access;
-    config.api = Some("127.0.0.1:0".parse().unwrap());
-    Node::start(NodeIdentity::generate(), builtin_engines(engines), config)
-        .await
-        .expect("node starts")
-}
+use crate::mesh_api::node_with_api;
 
 /// Scrapes `node`'s `/metrics` and parses it with `prometheus_client`'s OpenMetrics parser
 /// (Python, the official client library): every sample as `[name, labels, value]`.

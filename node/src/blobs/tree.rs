@@ -226,13 +226,20 @@ pub fn verify_piece(
             want,
         });
     }
-    // RFC 9162, 2.1.3.2: walk up from the leaf, the sibling on the left or the right.
-    let mismatch = TreeError::Mismatch { index };
-    let (mut f, mut s) = (index, pieces - 1);
-    let mut r = leaf(piece);
+    if !leaf_in_root(root, len, index, &leaf(piece), proof) {
+        return Err(TreeError::Mismatch { index });
+    }
+    Ok(())
+}
+
+/// Whether `leaf_hash`, as piece `index` of a file of `len` bytes, leads to `root` through
+/// `proof`: RFC 9162, 2.1.3.2, walking up from the leaf, the sibling on the left or the right.
+fn leaf_in_root(root: &Hash, len: u64, index: u64, leaf_hash: &Hash, proof: &[Hash]) -> bool {
+    let (mut f, mut s) = (index, piece_count(len) - 1);
+    let mut r = *leaf_hash;
     for p in proof {
         if s == 0 {
-            return Err(mismatch);
+            return false;
         }
         if f & 1 == 1 || f == s {
             r = node(p, &r);
@@ -246,10 +253,7 @@ pub fn verify_piece(
         f >>= 1;
         s >>= 1;
     }
-    if s != 0 || root_of(len, &r) != *root {
-        return Err(mismatch);
-    }
-    Ok(())
+    s == 0 && root_of(len, &r) == *root
 }
 
 #[cfg(test)]
@@ -281,41 +285,17 @@ mod tests {
                     "n {n}: depth"
                 );
                 // A leaf check without the bytes: recompute from the leaf directly.
-                let ok = check_leaf(&tree.root(), len, i, &tree.leaves()[i as usize], &proof);
+                let ok = leaf_in_root(&tree.root(), len, i, &tree.leaves()[i as usize], &proof);
                 assert!(ok, "n {n}, piece {i}");
                 if n > 1 {
                     let other = (i + 1) % n;
                     let wrong =
-                        check_leaf(&tree.root(), len, other, &tree.leaves()[i as usize], &proof);
+                        leaf_in_root(&tree.root(), len, other, &tree.leaves()[i as usize], &proof);
                     assert!(!wrong, "n {n}: piece {i}'s proof passed as piece {other}'s");
                 }
             }
             assert!(tree.proof(n).is_none());
         }
-    }
-
-    /// [`verify_piece`]'s walk, from a leaf hash (the test builds trees without their bytes).
-    fn check_leaf(root: &Hash, len: u64, index: u64, leaf_hash: &Hash, proof: &[Hash]) -> bool {
-        let pieces = piece_count(len);
-        let (mut f, mut s) = (index, pieces - 1);
-        let mut r = *leaf_hash;
-        for p in proof {
-            if s == 0 {
-                return false;
-            }
-            if f & 1 == 1 || f == s {
-                r = node(p, &r);
-                while f & 1 == 0 && f != 0 {
-                    f >>= 1;
-                    s >>= 1;
-                }
-            } else {
-                r = node(&r, p);
-            }
-            f >>= 1;
-            s >>= 1;
-        }
-        s == 0 && root_of(len, &r) == *root
     }
 
     #[test]

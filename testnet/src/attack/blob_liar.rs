@@ -6,7 +6,6 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use futures::AsyncWriteExt;
 use libp2p::{Multiaddr, PeerId};
@@ -43,15 +42,7 @@ pub async fn blob_liar(model: &str, file: &Path, bootstrap: Multiaddr) -> BlobLi
     let (client, mut inbound, event_loop) =
         mesh_node::network::new(&identity, &config, shutdown.clone()).expect("a swarm");
     tokio::spawn(event_loop.run());
-    let boot = client.dial(bootstrap).await.expect("joins");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !client.known_peers().await.unwrap().contains(&boot) {
-        assert!(
-            Instant::now() < deadline,
-            "the bootstrap node never entered the table"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    super::join(&client, bootstrap).await;
     client.provide(model).await.expect("announces the model");
     client
         .provide_blob(&blob.sha256)
