@@ -93,6 +93,38 @@ pub(crate) async fn join(client: &mesh_node::network::Client, bootstrap: Multiad
     boot_peer
 }
 
+/// A card for a llama model named `model` with weights `sha256` (and `blob_root`), signed by
+/// `identity`, as an attacker announces it.
+pub(crate) fn llama_card(
+    identity: &NodeIdentity,
+    model: &str,
+    sha256: &str,
+    max_concurrency: u32,
+    blob_root: Option<String>,
+) -> SignedModelCard {
+    let card = ModelCard {
+        name: model.into(),
+        task: mesh_protocol::Task::Generate,
+        architecture: "llama".into(),
+        parameters: 0,
+        quantization: "Q4_1".into(),
+        context_length: 2048,
+        embedding_dims: None,
+        sha256: sha256.into(),
+        license: None,
+        max_concurrency,
+        layers: None,
+        blob_root,
+    };
+    let bytes = encode_body(&card).unwrap();
+    SignedModelCard {
+        signature: identity
+            .sign(&SignedModelCard::signed_message(&bytes))
+            .to_vec(),
+        card: bytes,
+    }
+}
+
 pub async fn hostile(act: Act, model: &str, sha256: &str, bootstrap: Multiaddr) -> Hostile {
     let identity = NodeIdentity::generate();
     let config = crate::inprocess::loopback_config(vec![bootstrap.clone()]).network;
@@ -111,27 +143,7 @@ pub async fn hostile(act: Act, model: &str, sha256: &str, bootstrap: Multiaddr) 
     }
     join(&client, bootstrap.clone()).await;
     client.provide(model).await.expect("announces");
-    let card = ModelCard {
-        name: model.into(),
-        task: mesh_protocol::Task::Generate,
-        architecture: "llama".into(),
-        parameters: 0,
-        quantization: "Q4_1".into(),
-        context_length: 2048,
-        embedding_dims: None,
-        sha256: sha256.into(),
-        license: None,
-        max_concurrency: 64,
-        layers: None,
-        blob_root: None,
-    };
-    let bytes = encode_body(&card).unwrap();
-    let signed = SignedModelCard {
-        signature: identity
-            .sign(&SignedModelCard::signed_message(&bytes))
-            .to_vec(),
-        card: bytes,
-    };
+    let signed = llama_card(&identity, model, sha256, 64, None);
     let calls = Arc::new(AtomicUsize::new(0));
     let counted = calls.clone();
     let stop = shutdown.clone();

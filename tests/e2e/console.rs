@@ -10,12 +10,12 @@ use std::time::Duration;
 
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
-use mesh_node::auth::{Access, AccessConfig};
+use mesh_node::auth::AccessConfig;
 use mesh_testnet::inprocess::tcp_addr;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::mesh_api::node_with_api;
+use crate::mesh_api::{echo_and_secret_provider, node_with_api};
 
 /// Follows `api`'s `/v1/mesh/events` with a real SSE parser: (event name, JSON body) as they
 /// come. Returns once the feed answered.
@@ -79,13 +79,7 @@ fn echo_to(target: &str, prompt: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_event_stream_tells_each_call_made_and_served_as_it_happens() {
-    let access = AccessConfig {
-        models: [("secret".to_string(), Access::Token)]
-            .into_iter()
-            .collect(),
-        ..AccessConfig::default()
-    };
-    let provider = node_with_api(&[("echo", "echo"), ("secret", "echo")], vec![], access).await;
+    let provider = echo_and_secret_provider().await;
     let caller = node_with_api(
         &[],
         vec![tcp_addr(&provider).await],

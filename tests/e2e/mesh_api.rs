@@ -3,7 +3,7 @@
 //! NDJSON answer into events.
 
 use futures::StreamExt;
-use mesh_node::auth::AccessConfig;
+use mesh_node::auth::{Access, AccessConfig};
 use mesh_node::{Node, NodeIdentity};
 use mesh_testnet::inprocess::{builtin_engines, loopback_config};
 use serde_json::Value;
@@ -21,6 +21,18 @@ pub async fn node_with_api(
     Node::start(NodeIdentity::generate(), builtin_engines(engines), config)
         .await
         .expect("node starts")
+}
+
+/// A provider with its API, hosting `echo` open to all and `secret` (an echo too) only for
+/// callers with a capability token.
+pub async fn echo_and_secret_provider() -> Node {
+    let access = AccessConfig {
+        models: [("secret".to_string(), Access::Token)]
+            .into_iter()
+            .collect(),
+        ..AccessConfig::default()
+    };
+    node_with_api(&[("echo", "echo"), ("secret", "echo")], vec![], access).await
 }
 
 /// Streams `/v1/mesh/infer` on the API at `api` (`HOST:PORT`, with or without `http://`),

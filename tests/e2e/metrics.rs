@@ -6,12 +6,12 @@
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 
-use mesh_node::auth::{Access, AccessConfig};
+use mesh_node::auth::AccessConfig;
 use mesh_node::Node;
 use mesh_testnet::inprocess::tcp_addr;
 use serde_json::{json, Value};
 
-use crate::mesh_api::node_with_api;
+use crate::mesh_api::{echo_and_secret_provider, node_with_api};
 
 /// Scrapes `node`'s `/metrics` and parses it with `prometheus_client`'s OpenMetrics parser
 /// (Python, the official client library): every sample as `[name, labels, value]`.
@@ -84,13 +84,7 @@ async fn mesh_infer(api: std::net::SocketAddr, target: &str, model: &str) -> Val
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrape_parses_and_counts_answered_and_refused_calls_on_both_sides() {
-    let access = AccessConfig {
-        models: [("secret".to_string(), Access::Token)]
-            .into_iter()
-            .collect(),
-        ..AccessConfig::default()
-    };
-    let provider = node_with_api(&[("echo", "echo"), ("secret", "echo")], vec![], access).await;
+    let provider = echo_and_secret_provider().await;
     let boot = tcp_addr(&provider).await;
     let caller = node_with_api(&[], vec![boot], AccessConfig::default()).await;
     let target = provider.peer_id().to_string();

@@ -13,9 +13,9 @@ use mesh_node::blobs::{hash_file, tree};
 use mesh_node::wire::{read_frame, write_frame};
 use mesh_node::NodeIdentity;
 use mesh_protocol::blob::{BlobRequest, BlobResponse};
-use mesh_protocol::frame::{encode_body, DEFAULT_MAX_FRAME_LEN};
+use mesh_protocol::frame::DEFAULT_MAX_FRAME_LEN;
 use mesh_protocol::ids::{BLOB_PROTOCOL, CATALOG_PROTOCOL};
-use mesh_protocol::{CatalogRequest, CatalogResponse, ModelCard, SignedModelCard};
+use mesh_protocol::{CatalogRequest, CatalogResponse};
 use tokio_util::sync::CancellationToken;
 
 /// The liar, running while it lives.
@@ -48,27 +48,7 @@ pub async fn blob_liar(model: &str, file: &Path, bootstrap: Multiaddr) -> BlobLi
         .provide_blob(&blob.sha256)
         .await
         .expect("announces the file");
-    let card = ModelCard {
-        name: model.into(),
-        task: mesh_protocol::Task::Generate,
-        architecture: "llama".into(),
-        parameters: 0,
-        quantization: "Q4_1".into(),
-        context_length: 2048,
-        embedding_dims: None,
-        sha256: blob.sha256.clone(),
-        license: None,
-        max_concurrency: 4,
-        layers: None,
-        blob_root: Some(blob.root_hex()),
-    };
-    let bytes = encode_body(&card).unwrap();
-    let signed = SignedModelCard {
-        signature: identity
-            .sign(&SignedModelCard::signed_message(&bytes))
-            .to_vec(),
-        card: bytes,
-    };
+    let signed = super::llama_card(&identity, model, &blob.sha256, 4, Some(blob.root_hex()));
     let lies = Arc::new(AtomicUsize::new(0));
     let (counted, stop) = (lies.clone(), shutdown.clone());
     let data = Arc::new(std::fs::read(file).expect("the file reads"));
