@@ -32,7 +32,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a node in the foreground: host models and join the mesh
-    Join(JoinArgs),
+    Join(Box<JoinArgs>),
     /// Call a model on a peer (or on any peer that hosts it) and stream the answer
     Infer(InferArgs),
     /// List the models on the mesh and who hosts them
@@ -94,11 +94,23 @@ pub enum ModelCommand {
         #[arg(required = true)]
         names: Vec<String>,
     },
-    /// The models mesh knows how to fetch, and whether they are here
+    /// The models in the cache (where each came from, its files and their hashes) and the
+    /// known models not fetched yet
     List,
-    /// Fetch a model's file from the peers that host it: pieces from several at once, each
-    /// verified, resumable; installed once its sha256 matches the signed card
+    /// Fetch a model's files from the peers that host it: pieces from several at once, each
+    /// verified, resumable; installed once each sha256 matches the signed card
     Pull(PullArgs),
+    /// Import a GGUF file or a BERT directory (model.safetensors, config.json, tokenizer.json)
+    /// into the cache: hard-linked (or copied), hashed, and recorded, to host with
+    /// `mesh join --model NAME` (which shares its files too)
+    Add {
+        /// The GGUF file or the BERT directory
+        #[arg(value_name = "PATH")]
+        path: std::path::PathBuf,
+        /// Its name in the cache [default: the file's stem, or the directory's name]
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -182,7 +194,9 @@ pub struct JoinArgs {
     #[arg(long, value_name = "MULTIADDR")]
     pub bootstrap: Vec<Multiaddr>,
 
-    /// A model to host, NAME=PATH (repeatable); PATH may be builtin:echo or builtin:hash-embed
+    /// A model to host, NAME=PATH (repeatable); PATH may be a GGUF file, a BERT directory,
+    /// the name of a model in the cache (`mesh model list`), builtin:echo or builtin:hash-embed;
+    /// NAME alone hosts the cached model NAME
     #[arg(long = "model", value_name = "NAME=PATH")]
     pub models: Vec<ModelSpec>,
 
@@ -200,10 +214,11 @@ pub struct JoinArgs {
     #[arg(long)]
     pub no_relay: bool,
 
-    /// Do not serve the hosted models' files to peers (`mesh model pull`); they are served,
-    /// under each model's access policy, by default
-    #[arg(long)]
-    pub no_share_weights: bool,
+    /// Do not serve the hosted models' files to peers (`mesh model pull`); with =MODEL
+    /// (repeatable), that model's only. They are served, under each model's access policy, by
+    /// default
+    #[arg(long, value_name = "MODEL", num_args = 0..=1, require_equals = true, default_missing_value = "*")]
+    pub no_share_weights: Vec<String>,
 
     /// Most MiB a second of model files sent to peers, over all of them [default: no limit]
     #[arg(long, value_name = "MIB_PER_SEC", value_parser = clap::value_parser!(u64).range(1..))]

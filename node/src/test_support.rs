@@ -25,6 +25,7 @@ pub(crate) fn card(name: &str, task: Task) -> ModelCard {
         max_concurrency: 1,
         layers: None,
         blob_root: None,
+        files: Vec::new(),
     }
 }
 

@@ -51,6 +51,53 @@ pub struct ModelCard {
     /// model with no single file (builtin, upstream, a directory) and from older nodes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blob_root: Option<String>,
+    /// The other files of a model that is a directory (a BERT model's `config.json` and
+    /// `tokenizer.json`), each a blob of its own; empty (and omitted) for a model of one file.
+    /// `sha256` and `blob_root` above are always the weights file's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<CardFile>,
+}
+
+/// Most files a card may name besides its weights.
+pub const MAX_CARD_FILES: usize = 8;
+
+/// One more file of a model that is a directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CardFile {
+    /// The file's name in the model's directory: `[A-Za-z0-9._-]`, 1 to 64 characters, not
+    /// starting with a dot ([`CardFile::validate`]).
+    pub name: String,
+    /// sha256 of the file, lower-case hex.
+    pub sha256: String,
+    /// The root of the file's blob tree, lower-case hex.
+    pub blob_root: String,
+}
+
+impl CardFile {
+    /// Whether the name is safe to create in a directory and the hashes are well formed. A
+    /// card comes from a peer: a name like `../x` must never reach the file system.
+    pub fn validate(&self) -> Result<(), String> {
+        let name = &self.name;
+        let safe = !name.is_empty()
+            && name.len() <= 64
+            && !name.starts_with('.')
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !safe {
+            return Err(format!(
+                "file name {name:?} is not 1 to 64 of [A-Za-z0-9._-] not starting with a dot"
+            ));
+        }
+        for (what, hex) in [("sha256", &self.sha256), ("blob_root", &self.blob_root)] {
+            if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+                return Err(format!(
+                    "file {name:?}: {what} is not 64 lower-case hex digits"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,4 +130,40 @@ pub struct CatalogResponse {
     pub cards: Vec<SignedModelCard>,
     /// Requests waiting or running on this node now, a hint for routing.
     pub load: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(name: &str) -> CardFile {
+        CardFile {
+            name: name.into(),
+            sha256: "ab".repeat(32),
+            blob_root: "cd".repeat(32),
+        }
+    }
+
+    #[test]
+    fn a_card_file_name_never_leaves_its_directory() {
+        for good in ["config.json", "tokenizer.json", "a-b_c.0"] {
+            assert_eq!(file(good).validate(), Ok(()), "{good}");
+        }
+        let long = "x".repeat(65);
+        for bad in [
+            "", ".", "..", "../x", "a/b", ".hidden", "a\\b", "é.json", &long,
+        ] {
+            assert!(file(bad).validate().is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn a_card_file_hash_is_64_lower_case_hex_digits() {
+        let mut f = file("config.json");
+        f.sha256 = "AB".repeat(32);
+        assert!(f.validate().unwrap_err().contains("sha256"));
+        f = file("config.json");
+        f.blob_root = "cd".repeat(31);
+        assert!(f.validate().unwrap_err().contains("blob_root"));
+    }
 }

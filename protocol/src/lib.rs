@@ -23,7 +23,7 @@ pub mod receipt;
 pub mod stage;
 pub mod token;
 
-pub use card::{CatalogRequest, CatalogResponse, ModelCard, SignedModelCard, Task};
+pub use card::{CardFile, CatalogRequest, CatalogResponse, ModelCard, SignedModelCard, Task};
 pub use error::{ErrorCode, WireError};
 pub use frame::{decode_frame, encode_frame, FrameError, DEFAULT_MAX_FRAME_LEN};
 pub use infer::{

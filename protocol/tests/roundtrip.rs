@@ -168,7 +168,7 @@ fn response() -> impl Strategy<Value = InferResponse> {
 }
 
 fn card() -> impl Strategy<Value = ModelCard> {
-    (
+    let card = (
         model_name(),
         prop_oneof![Just(Task::Generate), Just(Task::Embed)],
         text(),
@@ -209,8 +209,21 @@ fn card() -> impl Strategy<Value = ModelCard> {
                 max_concurrency,
                 layers,
                 blob_root,
+                files: Vec::new(),
             },
-        )
+        );
+    let file =
+        ("[a-z.]{1,16}", "[0-9a-f]{64}", "[0-9a-f]{64}").prop_map(|(name, sha256, blob_root)| {
+            mesh_protocol::CardFile {
+                name,
+                sha256,
+                blob_root,
+            }
+        });
+    (card, proptest::collection::vec(file, 0..3)).prop_map(|(mut card, files)| {
+        card.files = files;
+        card
+    })
 }
 
 fn stage_request() -> impl Strategy<Value = StageRequest> {

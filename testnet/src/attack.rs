@@ -115,6 +115,7 @@ pub(crate) fn llama_card(
         max_concurrency,
         layers: None,
         blob_root,
+        files: Vec::new(),
     };
     let bytes = encode_body(&card).unwrap();
     SignedModelCard {

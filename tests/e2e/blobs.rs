@@ -247,11 +247,18 @@ fn run(root: [u8; 32], count: u32, token: Option<Vec<u8>>) -> PieceRun {
     }
 }
 
+/// The pinned blob root of a known model's weights (computed by an independent
+/// implementation, tests/e2e/fixtures/blob_tree.py).
+fn pinned_root(model: &str) -> [u8; 32] {
+    let hex = mesh_node::models::find_known(model).unwrap().files[0].blob_root;
+    let bytes: Vec<u8> = (0..32)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    bytes.try_into().unwrap()
+}
+
 fn smol_root() -> [u8; 32] {
-    mesh_node::blobs::hash_file(&smol_path())
-        .unwrap()
-        .tree
-        .root()
+    pinned_root(SMOL)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -453,7 +460,256 @@ fn a_running_node_pulls_through_its_own_swarm_into_its_models_directory() {
         .unwrap();
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("no peer this node can see serves a file"),
+        stderr(&out).contains("no peer this node can see serves the files of"),
+        "{}",
+        stderr(&out)
+    );
+    // c serves the file onward at once, without a restart: d takes every piece from c.
+    let d_models = tempfile::tempdir().unwrap();
+    let d_home = tempfile::tempdir().unwrap();
+    let from_c = ["--from", &c.peer_id()];
+    let (code, done, err) = finish(pull(d_models.path(), d_home.path(), &a.addr(), &from_c));
+    assert_eq!(code, Some(0), "{err}\n{done}");
+    assert_eq!(done["by_source"][c.peer_id()], done["pieces"], "{done}");
+    assert_eq!(
+        mesh_node::models::sha256_file(&installed(d_models.path())).unwrap(),
+        smol_sha256()
+    );
+    // c's cache records where the file came from.
+    let listed = list(models.path());
+    let smol = listed.iter().find(|m| m["model"] == SMOL).unwrap();
+    assert_eq!(smol["source"]["kind"], "peers", "{smol}");
+    assert_eq!(smol["source"]["peers"][0], a.peer_id(), "{smol}");
+}
+
+/// `mesh model list --json` of the cache `models`.
+fn list(models: &Path) -> Vec<Value> {
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(mesh_bin())
+        .args(["model", "list", "--json", "--home"])
+        .arg(home.path())
+        .env("MESH_MODELS", models)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_bert_directory_travels_as_its_three_files_and_is_hosted_from_the_cache() {
+    let minilm = mesh_node::models::find_known("all-minilm-l6-v2").unwrap();
+    let a = JoinedNode::start(&["--model", "minilm=all-minilm-l6-v2"]);
+    let models = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    // By the weights' sha256: a known model's, so only its pinned files (all three, by sha256
+    // and blob root, which an independent implementation computed) are taken.
+    let what = format!("sha256:{}", minilm.files[0].sha256);
+    let child = Command::new(mesh_bin())
+        .args([
+            "model",
+            "pull",
+            &what,
+            "--json",
+            "--no-mdns",
+            "--bootstrap",
+            &a.addr(),
+        ])
+        .args(["--home", home.path().to_str().unwrap()])
+        .env("MESH_MODELS", models.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (code, done, err) = finish(child);
+    assert_eq!(code, Some(0), "{err}\n{done}");
+    let dir = models.path().join(minilm.name);
+    assert_eq!(done["path"], dir.to_str().unwrap(), "{done}");
+    for file in minilm.files {
+        let ours = std::fs::read(dir.join(file.name)).unwrap();
+        let theirs = std::fs::read(mesh_tests::models_dir().join(minilm.name).join(file.name));
+        assert!(ours == theirs.unwrap(), "{} differs", file.name);
+    }
+    let listed = list(models.path());
+    let entry = listed.iter().find(|m| m["model"] == minilm.name).unwrap();
+    assert_eq!(entry["source"]["peers"][0], a.peer_id(), "{entry}");
+    assert_eq!(entry["fetched"], true, "{entry}");
+    let files = entry["files"].as_array().unwrap();
+    assert_eq!(files.len(), minilm.files.len(), "{entry}");
+    for pin in minilm.files {
+        let listed = files.iter().find(|f| f["name"] == pin.name).unwrap();
+        assert_eq!(listed["sha256"], pin.sha256, "{entry}");
+        assert_eq!(listed["blob_root"], pin.blob_root, "{entry}");
+    }
+    // Hosted from the cache by name; its card names the same files.
+    let env = [("MESH_MODELS", models.path().to_str().unwrap())];
+    let b = JoinedNode::start_with_env(&["--model", "all-minilm-l6-v2"], &env);
+    assert_eq!(b.ready["models"][0], minilm.name, "{}", b.ready);
+    // Pulling again is a no-op: the cache holds these very files.
+    let again = Command::new(mesh_bin())
+        .args([
+            "model",
+            "pull",
+            &what,
+            "--json",
+            "--no-mdns",
+            "--bootstrap",
+            &b.addr(),
+        ])
+        .args(["--home", home.path().to_str().unwrap()])
+        .env("MESH_MODELS", models.path())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(again.status.success(), "{}", stderr(&again));
+    let last: Value = serde_json::from_str(stdout(&again).lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (last["event"].as_str(), last["pieces"].as_u64()),
+        (Some("done"), Some(0)),
+        "{last}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_import_is_hosted_by_its_name_shared_per_model_and_pulled_by_a_peer() {
+    let own = tempfile::tempdir().unwrap();
+    // SmolLM2 with another model name in its metadata: a GGUF file no registry knows.
+    let original = own.path().join("My-Model.Q4_1.gguf");
+    let mut bytes = std::fs::read(smol_path()).unwrap();
+    let key = bytes
+        .windows(12)
+        .position(|w| w == b"general.name")
+        .unwrap();
+    assert_eq!(bytes[key + 24], b'S', "the name's first letter");
+    bytes[key + 24] = b'M';
+    std::fs::write(&original, bytes).unwrap();
+    let blob = mesh_node::blobs::hash_file(&original).unwrap();
+    let models = own.path().join("models");
+    let out = Command::new(mesh_bin())
+        .args([
+            "model",
+            "add",
+            original.to_str().unwrap(),
+            "--json",
+            "--home",
+        ])
+        .arg(own.path().join("h"))
+        .env("MESH_MODELS", &models)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let added: Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(added["model"], "my-model.q4_1", "{added}");
+    assert_eq!(added["placed"], "linked", "{added}");
+    assert_eq!(added["source"]["kind"], "local", "{added}");
+    assert_eq!(added["files"][0]["sha256"], blob.sha256, "{added}");
+    assert_eq!(added["files"][0]["blob_root"], blob.root_hex(), "{added}");
+    // Not a model: refused with the reason, exit 6 (a bad request).
+    let text = own.path().join("notes.txt");
+    std::fs::write(&text, "hello").unwrap();
+    let out = Command::new(mesh_bin())
+        .args(["model", "add", text.to_str().unwrap(), "--home"])
+        .arg(own.path().join("h"))
+        .env("MESH_MODELS", &models)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not a GGUF file"), "{}", stderr(&out));
+
+    // Hosted by its cache name; MiniLM beside it is not shared (per model).
+    let env = [("MESH_MODELS", models.to_str().unwrap())];
+    let minilm = format!(
+        "minilm={}",
+        mesh_tests::models_dir().join("all-minilm-l6-v2").display()
+    );
+    let args = [
+        "--model",
+        "mine=my-model.q4_1",
+        "--model",
+        &minilm,
+        "--no-share-weights=minilm",
+    ];
+    let a = JoinedNode::start_with_env(&args, &env);
+    let node = client(&a.addr()).await;
+    let peer = a.peer_id().parse().unwrap();
+    let minilm_root = pinned_root("all-minilm-l6-v2");
+    let refused = fetch_run(&node.client(), peer, &run(minilm_root, 1, None), |_| {}).await;
+    match refused {
+        Err(FetchError::Refused { ref error, .. }) => {
+            assert!(
+                error.message.contains("--no-share-weights=minilm"),
+                "{error:?}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    let shared = fetch_run(
+        &node.client(),
+        peer,
+        &run(blob.tree.root(), 2, None),
+        |_| {},
+    )
+    .await;
+    assert!(shared.is_ok(), "{shared:?}");
+    node.shutdown().await;
+
+    // A peer pulls it by the name it is hosted under.
+    let theirs = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let child = Command::new(mesh_bin())
+        .args([
+            "model",
+            "pull",
+            "mine",
+            "--json",
+            "--no-mdns",
+            "--bootstrap",
+            &a.addr(),
+        ])
+        .args(["--home", home.path().to_str().unwrap()])
+        .env("MESH_MODELS", theirs.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (code, done, err) = tokio::task::spawn_blocking(move || finish(child))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{err}\n{done}");
+    let path = theirs.path().join("mine").join("mine.gguf");
+    assert_eq!(done["path"], path.to_str().unwrap(), "{done}");
+    assert_eq!(mesh_node::models::sha256_file(&path).unwrap(), blob.sha256);
+    let listed = list(theirs.path());
+    let mine = listed.iter().find(|m| m["model"] == "mine").unwrap();
+    assert_eq!(mine["source"]["peers"][0], a.peer_id(), "{mine}");
+    assert_eq!(mine["files"][0]["blob_root"], blob.root_hex(), "{mine}");
+
+    // A model named in --no-share-weights that the node does not host: a clear error.
+    let out = Command::new(mesh_bin())
+        .args([
+            "join",
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--api",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--model",
+            "echo=builtin:echo",
+            "--no-share-weights=nosuch",
+            "--home",
+        ])
+        .arg(own.path().join("h2"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--no-share-weights=nosuch"),
         "{}",
         stderr(&out)
     );

@@ -55,7 +55,13 @@ pub async fn run(home: Home, args: &JoinArgs, json: bool) -> anyhow::Result<Exit
         ..RelayLimits::default()
     });
     config.serve.max_queue = args.queue;
-    config.serve.share_weights = !args.no_share_weights;
+    config.serve.share_weights = !args.no_share_weights.iter().any(|m| m == "*");
+    config.serve.unshared_models = args
+        .no_share_weights
+        .iter()
+        .filter(|m| *m != "*")
+        .cloned()
+        .collect();
     config.models_dir = Some(home.models_dir());
     config.serve.share_rate = args.share_rate.map(|mib| mib << 20);
     config.serve.access = access_config(&home, args)?;

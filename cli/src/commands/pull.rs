@@ -1,6 +1,6 @@
-//! `mesh model pull NAME|sha256:HEX [--from PEER]...`: a model's file from the peers that
+//! `mesh model pull NAME|sha256:HEX [--from PEER]...`: a model's files from the peers that
 //! host it, pieces from several at once, each verified, resumable; installed in the model
-//! cache once its sha256 matches the signed card.
+//! cache (with a record of where they came from) once each sha256 matches the signed card.
 //!
 //! Through the node running here when there is one (it pulls with its own connections and
 //! identity: `POST /v1/mesh/pull`), else with a short-lived node; both run the same job
@@ -80,17 +80,42 @@ async fn show(events: &mut mpsc::Receiver<PullEvent>, json: bool) -> anyhow::Res
                 model,
                 sha256,
                 len,
+                files,
                 sources,
                 ..
             } => {
                 if !json {
+                    let files = if files > 1 {
+                        format!("{files} files, ")
+                    } else {
+                        String::new()
+                    };
                     eprintln!(
-                        "mesh: pulling {model} ({} MB, sha256 {}…) from {sources} peer(s)",
+                        "mesh: pulling {model} ({files}{} MB, sha256 {}…) from {sources} peer(s)",
                         len >> 20,
                         &sha256[..12.min(sha256.len())]
                     );
                     bar = Some(progress_bar(len));
                 }
+            }
+            PullEvent::Done {
+                model,
+                path,
+                len,
+                pieces: 0,
+                ..
+            } => {
+                if let Some(bar) = bar.take() {
+                    bar.finish_and_clear();
+                }
+                if !json {
+                    eprintln!(
+                        "mesh: {model} is in the cache already ({} MB, verified)",
+                        len >> 20
+                    );
+                    outln!("{model}: --model {model}={}", path.display());
+                }
+                return Ok(ExitCode::SUCCESS);
             }
             PullEvent::Done {
                 model,

@@ -54,6 +54,16 @@ pub fn hash_file(path: &Path) -> std::io::Result<Blob> {
     })
 }
 
+/// The sha256 and blob tree of `data`, the contents of `path`, already in memory.
+pub fn hash_bytes(path: &Path, data: &[u8]) -> Blob {
+    let tree = Tree::read(data).expect("reading from memory does not fail");
+    Blob {
+        path: path.to_path_buf(),
+        sha256: hex::encode(Sha256::digest(data)),
+        tree: Arc::new(tree),
+    }
+}
+
 /// A reader that feeds what it reads to a sha256 as well.
 struct Tee<'a, R> {
     inner: R,

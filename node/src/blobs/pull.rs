@@ -62,10 +62,16 @@ pub struct Report {
     pub pieces: u64,
     /// Pieces found on disk from an earlier pull.
     pub resumed: u64,
+    /// Their bytes.
+    pub resumed_bytes: u64,
     pub by_source: BTreeMap<String, u64>,
     /// Sources that sent a bad piece, with their strikes.
     pub struck: BTreeMap<String, u32>,
     pub took_ms: u64,
+    /// The file as this node can now serve it: its tree built from the leaves verified on
+    /// the way, so it is not read again.
+    #[serde(skip)]
+    pub blob: super::Blob,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -283,16 +289,35 @@ pub async fn pull(
             expected: wanted.sha256.clone(),
         });
     }
+    let tree = {
+        let state = shared.state.lock();
+        let leaves: Option<Vec<Hash>> = (0..pieces)
+            .map(|i| {
+                let hex = state.leaves.get(&i)?;
+                hex::decode(hex).ok()?.try_into().ok()
+            })
+            .collect();
+        leaves.and_then(|l| tree::Tree::from_leaves(len, l).ok())
+    }
+    .filter(|t| t.root() == wanted.root)
+    .ok_or_else(|| PullError::SourcesExhausted("the pieces kept do not make the root".into()))?;
     std::fs::rename(&part, &wanted.dest).map_err(io(&wanted.dest))?;
     let _ = std::fs::remove_file(&state_path);
+    crate::models::remember_verified(&wanted.dest, &actual);
     Ok(Report {
         path: wanted.dest.clone(),
         len,
         pieces,
         resumed: have.len() as u64,
+        resumed_bytes: resumed,
         by_source,
         struck,
         took_ms: started.elapsed().as_millis() as u64,
+        blob: super::Blob {
+            path: wanted.dest.clone(),
+            sha256: actual,
+            tree: Arc::new(tree),
+        },
     })
 }
 

@@ -219,6 +219,7 @@ mod tests {
             name: "w.bin",
             // sha256 of b"hello"
             sha256: "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824",
+            blob_root: "",
             size: 5,
         }];
         let model = KnownModel {

@@ -56,6 +56,7 @@ fn card(name: &str, task: Task, architecture: &str, max_concurrency: u32) -> Mod
         max_concurrency,
         layers: None,
         blob_root: None,
+        files: Vec::new(),
     }
 }
 

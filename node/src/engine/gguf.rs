@@ -202,6 +202,7 @@ pub fn load_stage(
             total: config.layers as u32,
         }),
         blob_root: Some(blob.root_hex()),
+        files: Vec::new(),
     };
     Ok((card, Arc::new(model), blob))
 }
@@ -300,6 +301,7 @@ impl GgufEngine {
                 max_concurrency: options.max_concurrency,
                 layers: None,
                 blob_root: Some(blob.root_hex()),
+                files: Vec::new(),
             },
             blob,
             weights,
@@ -365,8 +367,8 @@ impl GgufEngine {
 }
 
 impl Engine for GgufEngine {
-    fn blob(&self) -> Option<&crate::blobs::Blob> {
-        Some(&self.blob)
+    fn blobs(&self) -> Vec<crate::blobs::Blob> {
+        vec![self.blob.clone()]
     }
 
     fn card(&self) -> &ModelCard {

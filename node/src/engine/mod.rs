@@ -105,10 +105,11 @@ pub struct Gone;
 pub trait Engine: Send + Sync + 'static {
     fn card(&self) -> &ModelCard;
 
-    /// The model's weights file, which `/mesh/blob/1` serves to peers (its root is the card's
-    /// `blob_root`); `None` for a model without one file.
-    fn blob(&self) -> Option<&crate::blobs::Blob> {
-        None
+    /// The model's files, which `/mesh/blob/1` serves to peers: the weights first (their root
+    /// is the card's `blob_root`), then the card's `files` in order; none for a model without
+    /// files (builtin, upstream).
+    fn blobs(&self) -> Vec<crate::blobs::Blob> {
+        Vec::new()
     }
 
     /// Checks what only the model can check (e.g. the prompt fits its context), cheaply and
@@ -143,7 +144,8 @@ pub fn wrong_task(card: &ModelCard) -> WireError {
     WireError::bad_request(format!("model {} takes {wants} input", card.name))
 }
 
-/// Where a model comes from, as given on the command line: `NAME=SPEC`.
+/// Where a model comes from, as given on the command line: `NAME=SPEC`, or `NAME` for the
+/// model of that name in the cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelSpec {
     pub name: String,
@@ -154,9 +156,8 @@ impl std::str::FromStr for ModelSpec {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (name, source) = s
-            .split_once('=')
-            .ok_or_else(|| format!("expected NAME=PATH, got {s:?}"))?;
+        // `NAME` alone hosts the cached model of that name under it.
+        let (name, source) = s.split_once('=').unwrap_or((s, s));
         mesh_protocol::ids::validate_model_name(name)?;
         if source.is_empty() {
             return Err(format!("model {name:?} has an empty path"));
@@ -246,7 +247,24 @@ pub fn model_path(
             crate::models::verify_known(models_dir, known).map_err(fail)?;
             Ok(path)
         }
-        None => Ok(std::path::PathBuf::from(&spec.source)),
+        None => {
+            let path = std::path::PathBuf::from(&spec.source);
+            // A name in the model cache (`mesh model add` or `pull`), unless a file of that
+            // name is here.
+            if path.exists() || crate::models::library::validate_name(&spec.source).is_err() {
+                return Ok(path);
+            }
+            match crate::models::library::read(models_dir, &spec.source).map_err(fail)? {
+                Some(entry) => {
+                    entry.verify(models_dir).map_err(fail)?;
+                    Ok(entry.entry_path(models_dir))
+                }
+                None => Err(fail(format!(
+                    "no such file, and no model of that name in the cache ({}): see `mesh model list`",
+                    models_dir.display()
+                ))),
+            }
+        }
     }
 }
 

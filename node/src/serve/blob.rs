@@ -64,12 +64,26 @@ impl Server {
                 "this node does not share model files (--no-share-weights)",
             ));
         }
-        let Some((blob, model)) = self.blobs.get(&request.root) else {
+        let found = self
+            .blobs
+            .read()
+            .get(&request.root)
+            .map(|(b, m)| (b.clone(), m.to_string()));
+        let Some((blob, model)) = found else {
             return Err(WireError::new(
                 ErrorCode::UnknownModel,
                 format!("no file with blob root {} here", hex::encode(&request.root)),
             ));
         };
+        let model = model.as_str();
+        if !self.shares(model) {
+            return Err(WireError::new(
+                ErrorCode::Unauthorized,
+                format!(
+                    "this node does not share the files of {model} (--no-share-weights={model})"
+                ),
+            ));
+        }
         self.auth
             .authorize(&peer, model, request.token.as_deref(), unix_now())
             .map_err(WireError::from)?;

@@ -83,6 +83,8 @@ pub struct ServeConfig {
     pub access: AccessConfig,
     /// Serve the weights files of the hosted models to peers (`--no-share-weights`: no).
     pub share_weights: bool,
+    /// Models whose files are not served even so (`--no-share-weights=MODEL`).
+    pub unshared_models: std::collections::BTreeSet<String>,
     /// Bytes a second of weights sent to peers, over all streams (`--share-rate`).
     pub share_rate: Option<u64>,
 }
@@ -97,6 +99,7 @@ impl Default for ServeConfig {
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
             access: AccessConfig::default(),
             share_weights: true,
+            unshared_models: Default::default(),
             share_rate: None,
         }
     }
@@ -110,6 +113,8 @@ pub enum ServeSetupError {
     BadName(String, String),
     #[error("model {0:?} has max_concurrency 0")]
     NoConcurrency(String),
+    #[error("--no-share-weights={0}: this node hosts no model of that name")]
+    UnknownUnshared(String),
     #[error(transparent)]
     Access(#[from] AccessSetupError),
 }
@@ -134,8 +139,9 @@ pub struct Server {
     metrics: crate::metrics::Metrics,
     /// Where the calls served are told, for the console and `/v1/mesh/events`.
     inspector: crate::inspector::Inspector,
-    /// The weights files served over `/mesh/blob/1`, by root.
-    blobs: crate::blobs::BlobStore,
+    /// The files served over `/mesh/blob/1`, by root: the hosted models', and those pulled
+    /// while the node runs ([`Server::share_pulled`]).
+    blobs: parking_lot::RwLock<crate::blobs::BlobStore>,
     /// The upload rate of those files, over all streams.
     share_rate: crate::blobs::rate::RateLimit,
 }
@@ -166,8 +172,8 @@ impl Server {
         let mut blobs = crate::blobs::BlobStore::default();
         for engine in engines {
             let card = engine.card().clone();
-            if let Some(blob) = engine.blob() {
-                blobs.add(&card.name, blob.clone());
+            for blob in engine.blobs() {
+                blobs.add(&card.name, blob);
             }
             mesh_protocol::ids::validate_model_name(&card.name)
                 .map_err(|e| ServeSetupError::BadName(card.name.clone(), e))?;
@@ -207,6 +213,9 @@ impl Server {
             }
         }
         let names: Vec<String> = models.keys().chain(hosted_stages.keys()).cloned().collect();
+        if let Some(name) = config.unshared_models.iter().find(|n| !names.contains(n)) {
+            return Err(ServeSetupError::UnknownUnshared(name.clone()));
+        }
         let share_rate = crate::blobs::rate::RateLimit::new(config.share_rate);
         let auth = Authorizer::new(identity.peer_id(), &config.access, &names)?;
         Ok(Server {
@@ -217,20 +226,46 @@ impl Server {
             auth,
             metrics: Default::default(),
             inspector: Default::default(),
-            blobs,
+            blobs: parking_lot::RwLock::new(blobs),
             share_rate,
         })
     }
 
     /// The sha256 of each file this node serves over `/mesh/blob/1` (none with sharing off).
     pub fn shared_files(&self) -> Vec<String> {
-        if !self.config.share_weights {
-            return Vec::new();
-        }
-        let mut files: Vec<String> = self.blobs.iter().map(|(b, _)| b.sha256.clone()).collect();
+        let mut files: Vec<String> = self
+            .blobs
+            .read()
+            .iter()
+            .filter(|(_, model)| self.shares(model))
+            .map(|(b, _)| b.sha256.clone())
+            .collect();
         files.sort();
         files.dedup();
         files
+    }
+
+    /// Whether the files of `model` are served to peers.
+    pub fn shares(&self, model: &str) -> bool {
+        self.config.share_weights && !self.config.unshared_models.contains(model)
+    }
+
+    /// Serves `blobs`, the files of `model` pulled while the node runs, from now on (under the
+    /// policy a model of that name has here). Returns the sha256 of those now shared, to
+    /// announce; none when sharing is off for it. A file served already keeps its model.
+    pub fn share_pulled(&self, model: &str, blobs: Vec<crate::blobs::Blob>) -> Vec<String> {
+        if !self.shares(model) {
+            return Vec::new();
+        }
+        let mut store = self.blobs.write();
+        let mut added = Vec::new();
+        for blob in blobs {
+            if store.get(&blob.tree.root()).is_none() {
+                added.push(blob.sha256.clone());
+                store.add(model, blob);
+            }
+        }
+        added
     }
 
     /// The access policy in effect.

@@ -250,8 +250,8 @@ impl Engine for SplitEngine {
         self.head.card()
     }
 
-    fn blob(&self) -> Option<&crate::blobs::Blob> {
-        self.head.blob()
+    fn blobs(&self) -> Vec<crate::blobs::Blob> {
+        self.head.blobs()
     }
 
     fn validate(&self, request: &InferRequest) -> Result<(), WireError> {

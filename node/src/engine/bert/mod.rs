@@ -30,7 +30,14 @@ pub struct BertEngine {
     card: ModelCard,
     model: BertModel,
     tokenizer: Tokenizer,
+    /// The directory's files, weights first, served to peers over `/mesh/blob/1`.
+    blobs: Vec<crate::blobs::Blob>,
 }
+
+/// The files of a BERT directory besides the weights, in the order cards name them.
+pub const COMPANION_FILES: [&str; 2] = ["config.json", "tokenizer.json"];
+/// The weights file of a BERT directory.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
 
 impl BertEngine {
     /// Loads `dir/{config.json, tokenizer.json, model.safetensors}`.
@@ -39,12 +46,16 @@ impl BertEngine {
         let read = |file: &str| {
             std::fs::read(dir.join(file)).map_err(|e| format!("cannot read {file}: {e}"))
         };
-        let raw: serde_json::Value = serde_json::from_slice(&read("config.json")?)
+        // Each file is read once: parsed, and hashed for the card and for sharing.
+        let mut blobs = Vec::with_capacity(3);
+        let config_bytes = read("config.json")?;
+        let tokenizer_bytes = read("tokenizer.json")?;
+        let raw: serde_json::Value = serde_json::from_slice(&config_bytes)
             .map_err(|e| format!("config.json is not a BERT config: {e}"))?;
         let config = BertConfig::from_json(&raw)?;
         let max_tokens = MAX_INPUT_TOKENS.min(config.max_positions);
 
-        let mut tokenizer = Tokenizer::from_bytes(read("tokenizer.json")?)
+        let mut tokenizer = Tokenizer::from_bytes(&tokenizer_bytes)
             .map_err(|e| format!("tokenizer.json does not load: {e}"))?;
         // No padding (texts are packed, not padded), and long inputs truncated.
         tokenizer.with_padding(None);
@@ -57,8 +68,24 @@ impl BertEngine {
 
         // Read into memory rather than mmap: a file truncated under us must be an error, not
         // a SIGBUS.
-        let bytes = read("model.safetensors")?;
-        let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        let bytes = read(WEIGHTS_FILE)?;
+        blobs.push(crate::blobs::hash_bytes(&dir.join(WEIGHTS_FILE), &bytes));
+        for (file, data) in COMPANION_FILES
+            .iter()
+            .zip([&config_bytes, &tokenizer_bytes])
+        {
+            blobs.push(crate::blobs::hash_bytes(&dir.join(file), data));
+        }
+        let files = COMPANION_FILES
+            .iter()
+            .zip(&blobs[1..])
+            .map(|(name, blob)| mesh_protocol::CardFile {
+                name: name.to_string(),
+                sha256: blob.sha256.clone(),
+                blob_root: blob.root_hex(),
+            })
+            .collect();
+        let sha256 = blobs[0].sha256.clone();
         let parameters = count_parameters(&bytes)?;
         let hidden = config.width as u32;
         let model = BertModel::load(&bytes, config)
@@ -82,10 +109,12 @@ impl BertEngine {
                 license: None,
                 max_concurrency,
                 layers: None,
-                blob_root: None,
+                blob_root: Some(blobs[0].root_hex()),
+                files,
             },
             model,
             tokenizer,
+            blobs,
         })
     }
 
@@ -175,6 +204,10 @@ impl BertEngine {
 impl Engine for BertEngine {
     fn card(&self) -> &ModelCard {
         &self.card
+    }
+
+    fn blobs(&self) -> Vec<crate::blobs::Blob> {
+        self.blobs.clone()
     }
 
     fn run(

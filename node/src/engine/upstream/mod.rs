@@ -94,6 +94,7 @@ impl UpstreamEngine {
             max_concurrency,
             layers: None,
             blob_root: None,
+            files: Vec::new(),
         };
         Ok(UpstreamEngine {
             upstream: Upstream {

