@@ -14,6 +14,7 @@
 #   gateway:  a chat completion through a node's OpenAI gateway vs the engine in-process
 #   pull:     `mesh model pull` of SmolLM2's file from 1, 2 and 3 `mesh join` holders vs curl
 #             from a plain HTTP server (Python's http.server), the same file, on loopback
+#             then hashing CPU per GiB: `mesh model add` (sha256 + BLAKE3 tree) vs sha256sum
 #   hostile:  a `mesh join` process under each hostile-peer attack (half-open TCP flood, 300
 #             sybils, stalled streams, lying providers, a Kademlia flood): an honest caller's calls before, during
 #             and after, and the node's peak RSS during the attack

@@ -988,17 +988,18 @@ PY
   [ "$ok" = 1 ] || nat_run_failures=$((nat_run_failures + 1))
 }
 
-# nat_pull: node a pulls SmolLM2's file from stage-b (behind the other cone NAT), through its
-# running node (`mesh model pull --from`), which must end hole-punched to stage-b; the file must
-# be whole (sha256) and every piece from stage-b. Sets pull_line; returns 1 on failure.
+# nat_pull NODE PATH: NODE pulls SmolLM2's file from stage-b (behind b's cone NAT) through its
+# running node (`mesh model pull --from`): a (behind the other cone NAT) must end hole-punched to
+# stage-b, c (behind the symmetric NAT) relayed. The file must be whole (sha256) and every piece
+# from stage-b. Appends to pull_line; returns 1 on failure.
 nat_pull() {
-  local out rc=0 sha
+  local node=$1 want=$2 out rc=0 sha line
   sha=$(sha256sum "$nat_split_model" | cut -d' ' -f1)
-  out=$(ip netns exec "$(nat_ns_of a)" env RUST_LOG=warn "$mesh" model pull "sha256:$sha" \
-    --from "${nat_peer[stage-b]}" --home "$run_dir/a" --json 2>&1) || rc=1
-  pull_line=$(ip netns exec "$(nat_ns_of a)" "$nat_py" - "$out" "$sha" "${nat_peer[stage-b]}" "$rc" <<'PY'
+  out=$(ip netns exec "$(nat_ns_of "$node")" env RUST_LOG=warn "$mesh" model pull "sha256:$sha" \
+    --from "${nat_peer[stage-b]}" --home "$run_dir/$node" --json 2>&1) || rc=1
+  line=$(ip netns exec "$(nat_ns_of "$node")" "$nat_py" - "$out" "$sha" "${nat_peer[stage-b]}" "$rc" "$node" "$want" <<'PY'
 import hashlib, json, sys, urllib.request
-out, sha, stage, rc = sys.argv[1:]
+out, sha, stage, rc, node, want = sys.argv[1:]
 lines = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
 done = next((l for l in lines if l.get("event") == "done"), None)
 with urllib.request.urlopen("http://127.0.0.1:7440/v1/mesh/peers", timeout=5) as r:
@@ -1015,16 +1016,16 @@ else:
         problems.append("the file's sha256 is wrong")
     if done["by_source"].get(stage) != done["pieces"]:
         problems.append(f"pieces not all from stage-b: {done['by_source']}")
-if path != "hole-punched":
-    problems.append(f"a reaches stage-b {path}, not hole-punched")
+if path != want:
+    problems.append(f"{node} reaches stage-b {path}, not {want}")
 if problems:
-    print("pull a<=stage-b: WRONG: " + "; ".join(problems))
+    print(f"pull {node}<=stage-b: WRONG: " + "; ".join(problems))
     sys.exit(1)
 mb, secs = done["len"] / 1e6, done["took_ms"] / 1000
-print(f"pull a<=stage-b: {mb:.0f} MB in {secs:.1f} s ({mb / secs:.0f} MB/s), {done['pieces']} pieces from stage-b, sha256 verified, path {path}")
+print(f"pull {node}<=stage-b: {mb:.0f} MB in {secs:.1f} s ({mb / secs:.0f} MB/s), {done['pieces']} pieces from stage-b, sha256 verified, path {path}")
 PY
   ) || rc=1
-  pull_line="   $pull_line"
+  pull_line+="   $line"$'\n'
   return "$rc"
 }
 
@@ -1202,7 +1203,8 @@ nat_run() {
   local split_line="" pull_line=""
   if [ "$NAT_SPLIT" = 1 ]; then
     nat_split "$boot"
-    if ! nat_pull; then nat_run_failures=$((nat_run_failures + 1)); fi
+    if ! nat_pull a hole-punched; then nat_run_failures=$((nat_run_failures + 1)); fi
+    if ! nat_pull c relayed; then nat_run_failures=$((nat_run_failures + 1)); fi
   fi
 
   local failover_line=""
@@ -1215,7 +1217,7 @@ nat_run() {
   printf '%s\n' "${nat_rows[@]}"
   nat_say "   b's join to the first answered call from a: $([ "$join_ms" = - ] && echo "never" || echo "$join_ms ms") ($attempts attempt(s))"
   [ -n "$split_line" ] && nat_say "$split_line"
-  [ -n "$pull_line" ] && nat_say "$pull_line"
+  [ -n "$pull_line" ] && printf '%s' "$pull_line"
   printf '%s' "$status_lines"
   nat_say "$metrics_line"
   nat_say "$doctor_line"

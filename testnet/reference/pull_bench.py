@@ -1,8 +1,9 @@
 """Pull throughput: `mesh model pull` from 1, 2 and 3 holders against `curl` from a plain HTTP
-server, the same file, alternating in each round (testnet/bench.sh pull).
+server, the same file, alternating in each round (testnet/bench.sh pull); then the CPU that
+hashing takes per GiB, `mesh model add` against `sha256sum`.
 
 Usage: pull_bench.py MESH BOOTSTRAP URL SCRATCH ROUNDS PEER...
-Prints one JSON line per transfer, then one summary line with medians and ratios.
+Prints one JSON line per transfer or hash, and a summary line for each with medians and ratios.
 """
 
 import json
@@ -54,3 +55,42 @@ summary = {"bench": "pull-summary", "rounds": rounds,
            "median_wall_ms": {k: round(v * 1000) for k, v in med.items()},
            "vs_curl": {k: round(v / med["curl"], 2) for k, v in med.items() if k != "curl"}}
 print(json.dumps(summary), flush=True)
+
+# Hashing CPU per GiB: `mesh model add` of a 1 GiB GGUF-headed file (one read: sha256 and the
+# BLAKE3 blob tree; the file is hard-linked, not copied) against `sha256sum` alone, the same
+# file, page cache warm for both, alternating. CPU is user + system of the child.
+big = os.path.join(scratch, "hash-1g.gguf")
+with open(big, "wb") as f:
+    f.write(b"GGUF")
+    for _ in range(1024):
+        f.write(os.urandom(1 << 20))
+gib = os.path.getsize(big) / (1 << 30)
+
+
+def cpu_of(args, env=None):
+    before = os.times()
+    t = time.perf_counter()
+    subprocess.run(args, env=env, check=True, capture_output=True)
+    wall = time.perf_counter() - t
+    after = os.times()
+    cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    return cpu, wall
+
+
+cpu = {"mesh-add": [], "sha256sum": []}
+for r in range(rounds):
+    c, w = cpu_of(["sha256sum", big])
+    cpu["sha256sum"].append(c / gib)
+    print(json.dumps({"bench": "hash", "how": "sha256sum", "cpu_s_per_gib": round(c / gib, 3),
+                      "wall_ms": round(w * 1000)}), flush=True)
+    models = os.path.join(scratch, f"add-{r}")
+    env = dict(os.environ, MESH_MODELS=models, RUST_LOG="warn")
+    c, w = cpu_of([mesh, "model", "add", big, "--json", "--home", os.path.join(scratch, "adder")], env)
+    cpu["mesh-add"].append(c / gib)
+    print(json.dumps({"bench": "hash", "how": "mesh model add", "cpu_s_per_gib": round(c / gib, 3),
+                      "wall_ms": round(w * 1000)}), flush=True)
+    shutil.rmtree(models)
+os.remove(big)
+print(json.dumps({"bench": "hash-summary", "rounds": rounds,
+                  "median_cpu_s_per_gib": {k: round(statistics.median(v), 3) for k, v in cpu.items()}}),
+      flush=True)
