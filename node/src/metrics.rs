@@ -123,6 +123,7 @@ pub struct Metrics {
     relay: Family<RelayLabels, Counter>,
     relays_held: Gauge,
     dht_records: Family<PathLabel, Gauge>,
+    catalogs_served: Counter,
     /// The model names made calls were counted under.
     made_models: Arc<Mutex<HashSet<String>>>,
     /// Served calls by the second, for the last minute (`mesh status`).
@@ -207,6 +208,7 @@ impl Default for Metrics {
             relay: Family::default(),
             relays_held: Gauge::default(),
             dht_records: Family::default(),
+            catalogs_served: Counter::default(),
             made_models: Arc::default(),
             recent: Arc::default(),
         }
@@ -283,7 +285,17 @@ impl Metrics {
             "Provider records in this node's DHT store: own keys, remote records, remote addresses",
             metrics.dht_records.clone(),
         );
+        r.register(
+            "catalogs_served",
+            "Signed catalogs this node sent to peers (/mesh/catalog/1)",
+            metrics.catalogs_served.clone(),
+        );
         metrics
+    }
+
+    /// A catalog was sent to a peer.
+    pub fn catalog_served(&self) {
+        self.catalogs_served.inc();
     }
 
     /// A call to hosted `model` ended as `outcome`; `model` is `None` when the request named a
@@ -467,6 +479,7 @@ mod tests {
             7,
         );
         metrics.made("echo", Outcome::Answered, "hole-punched");
+        metrics.catalog_served();
         for n in 0..MAX_MODEL_LABELS + 10 {
             metrics.made(&format!("m{n}"), Outcome::Failed("unknown_model"), "none");
         }
@@ -480,6 +493,7 @@ mod tests {
             r#"mesh_calls_served_total{model="echo",outcome="refused",code="unauthorized"} 1"#
         ));
         assert!(text.contains(r#"model="other",outcome="failed",code="unknown_model"} 1"#));
+        assert!(text.contains("mesh_catalogs_served_total 1"), "{text}");
         assert!(text.contains(r#"mesh_tokens_generated_total{model="echo"} 7"#));
         assert!(text.contains(r#"mesh_first_output_seconds_count{model="echo"} 1"#));
         assert!(text.contains(r#"path="hole-punched"} 1"#));

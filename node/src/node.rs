@@ -52,6 +52,8 @@ pub struct Node {
     api_addr: Option<std::net::SocketAddr>,
     api_key_required: bool,
     server: Arc<Server>,
+    /// What `GET /metrics` renders (also without an API: [`Node::metrics_text`]).
+    registry: Arc<prometheus_client::registry::Registry>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -108,6 +110,7 @@ impl Node {
             metrics,
             inspector: inspector.clone(),
         };
+        let registry = telemetry.registry.clone();
         let mut listening = client.events();
 
         let mut tasks = JoinSet::new();
@@ -142,6 +145,7 @@ impl Node {
             api_addr,
             api_key_required,
             server,
+            registry,
             shutdown,
             tasks,
         };
@@ -228,6 +232,11 @@ impl Node {
 
     pub fn server(&self) -> &Arc<Server> {
         &self.server
+    }
+
+    /// The node's metrics in Prometheus's text format, as `GET /metrics` gives them.
+    pub fn metrics_text(&self) -> String {
+        crate::metrics::render(&self.registry)
     }
 
     pub fn cards(&self) -> Vec<ModelCard> {

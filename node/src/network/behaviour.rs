@@ -72,6 +72,10 @@ pub fn build_swarm(
         )
         .map_err(|e| transport(&e))?
         .with_quic()
+        .with_other_transport::<libp2p::core::muxing::StreamMuxerBox, MemoryStack, _>(|key| {
+            memory_transport(key, config.memory_plaintext)
+        })
+        .map_err(|e| transport(&e))?
         .with_dns()
         .map_err(|e| transport(&e))?
         .with_relay_client(noise::Config::new, yamux::Config::default)
@@ -92,6 +96,34 @@ pub fn build_swarm(
         .with_connection_timeout(config.dial_timeout)
         .build();
     Ok((swarm, inbound, opener))
+}
+
+type MemoryStack =
+    libp2p::core::transport::Boxed<(libp2p::PeerId, libp2p::core::muxing::StreamMuxerBox)>;
+
+/// In-process connections (`/memory/N`), which only the simulator (`testnet/sim`) listens on:
+/// Noise and Yamux as over TCP, or plaintext when it asks (`memory_plaintext`).
+fn memory_transport(
+    key: &libp2p::identity::Keypair,
+    plaintext: bool,
+) -> Result<MemoryStack, Box<dyn std::error::Error + Send + Sync>> {
+    use libp2p::core::muxing::StreamMuxerBox;
+    use libp2p::core::transport::{MemoryTransport, Transport};
+    use libp2p::core::upgrade::Version;
+    let memory = MemoryTransport::default().upgrade(Version::V1Lazy);
+    Ok(if plaintext {
+        memory
+            .authenticate(libp2p::plaintext::Config::new(key))
+            .multiplex(yamux::Config::default())
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            .boxed()
+    } else {
+        memory
+            .authenticate(noise::Config::new(key)?)
+            .multiplex(yamux::Config::default())
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            .boxed()
+    })
 }
 
 fn build_behaviour(

@@ -166,6 +166,10 @@ pub struct NetworkConfig {
     pub command_queue: usize,
     /// Inbound streams accepted but not yet picked up by a serving task.
     pub inbound_queue: usize,
+    /// Connections over the in-process transport (`/memory/N`, the simulator's) skip
+    /// encryption: peers are authenticated by the key they claim, in the clear. Never for a
+    /// real network; every other transport always runs Noise.
+    pub memory_plaintext: bool,
 }
 
 impl Default for NetworkConfig {
@@ -200,6 +204,7 @@ impl Default for NetworkConfig {
             max_providers_per_key: 100,
             command_queue: 256,
             inbound_queue: 1024,
+            memory_plaintext: false,
         }
     }
 }

@@ -362,7 +362,7 @@ impl Server {
                 match tokio::time::timeout(WRITE_TIMEOUT, write_frame(&mut wr, &response, max))
                     .await
                 {
-                    Ok(Ok(())) => {}
+                    Ok(Ok(())) => self.metrics.catalog_served(),
                     Ok(Err(e)) => tracing::debug!("catalog reply failed: {e}"),
                     Err(_) => tracing::debug!("catalog reply timed out"),
                 }
