@@ -124,6 +124,7 @@ pub struct Metrics {
     relays_held: Gauge,
     dht_records: Family<PathLabel, Gauge>,
     catalogs_served: Counter,
+    dht_lookup_requests: Histogram,
     /// The model names made calls were counted under.
     made_models: Arc<Mutex<HashSet<String>>>,
     /// Served calls by the second, for the last minute (`mesh status`).
@@ -209,6 +210,7 @@ impl Default for Metrics {
             relays_held: Gauge::default(),
             dht_records: Family::default(),
             catalogs_served: Counter::default(),
+            dht_lookup_requests: Histogram::new(exponential_buckets(1.0, 2.0, 9)),
             made_models: Arc::default(),
             recent: Arc::default(),
         }
@@ -290,7 +292,17 @@ impl Metrics {
             "Signed catalogs this node sent to peers (/mesh/catalog/1)",
             metrics.catalogs_served.clone(),
         );
+        r.register(
+            "dht_lookup_requests",
+            "Provider lookups this node finished, by the Kademlia requests each sent",
+            metrics.dht_lookup_requests.clone(),
+        );
         metrics
+    }
+
+    /// A provider lookup ended after sending `requests` Kademlia requests.
+    pub fn dht_lookup(&self, requests: u32) {
+        self.dht_lookup_requests.observe(f64::from(requests));
     }
 
     /// A catalog was sent to a peer.
@@ -480,6 +492,7 @@ mod tests {
         );
         metrics.made("echo", Outcome::Answered, "hole-punched");
         metrics.catalog_served();
+        metrics.dht_lookup(5);
         for n in 0..MAX_MODEL_LABELS + 10 {
             metrics.made(&format!("m{n}"), Outcome::Failed("unknown_model"), "none");
         }
@@ -494,6 +507,8 @@ mod tests {
         ));
         assert!(text.contains(r#"model="other",outcome="failed",code="unknown_model"} 1"#));
         assert!(text.contains("mesh_catalogs_served_total 1"), "{text}");
+        assert!(text.contains("mesh_dht_lookup_requests_sum 5.0"), "{text}");
+        assert!(text.contains("mesh_dht_lookup_requests_count 1"), "{text}");
         assert!(text.contains(r#"mesh_tokens_generated_total{model="echo"} 7"#));
         assert!(text.contains(r#"mesh_first_output_seconds_count{model="echo"} 1"#));
         assert!(text.contains(r#"path="hole-punched"} 1"#));

@@ -154,4 +154,8 @@ fn print_table(r: &Report) {
         "| provider records stored for others | mean {:.1}, max {} |",
         r.records_mean, r.records_max
     );
+    println!(
+        "| dht requests per provider lookup | {:.1} |",
+        r.dht_requests_per_lookup
+    );
 }

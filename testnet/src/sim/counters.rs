@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 /// The message kinds the simulation reports, each a sum of metric samples.
-pub const KINDS: [(&str, &[&str]); 8] = [
+pub const KINDS: [(&str, &[&str]); 10] = [
     (
         "dht announce (add_provider in)",
         &["libp2p_kad_inbound_requests_total{request=\"AddProvider\""],
@@ -35,7 +35,13 @@ pub const KINDS: [(&str, &[&str]); 8] = [
         "bytes out",
         &["libp2p_bandwidth_bytes_total{protocols=\"/memory\",direction=\"Outbound\""],
     ),
+    ("provider lookups made", &["mesh_dht_lookup_requests_count"]),
+    ("their dht requests", &["mesh_dht_lookup_requests_sum"]),
 ];
+
+/// Where [`KINDS`] has the lookups made and their requests.
+pub const LOOKUPS: usize = 8;
+pub const LOOKUP_REQUESTS: usize = 9;
 
 /// Every sample of a metrics text, by its name and labels as written.
 pub fn samples(text: &str) -> BTreeMap<String, f64> {
@@ -91,22 +97,29 @@ libp2p_ping_rtt_seconds_sum 0.01
 mesh_catalogs_served_total 5
 libp2p_bandwidth_bytes_total{protocols=\"/memory\",direction=\"Inbound\"} 1000
 libp2p_bandwidth_bytes_total{protocols=\"/memory\",direction=\"Outbound\"} 2000
+mesh_dht_lookup_requests_sum 30.0
+mesh_dht_lookup_requests_count 3
+mesh_dht_lookup_requests_bucket{le=\"1.0\"} 0
 # EOF
 ";
 
     #[test]
     fn each_kind_sums_its_samples() {
-        assert_eq!(kinds(TEXT), [4.0, 2.0, 10.0, 4.0, 7.0, 5.0, 1000.0, 2000.0]);
-        assert_eq!(kinds("# EOF\n"), [0.0; 8]);
+        let expected = [4.0, 2.0, 10.0, 4.0, 7.0, 5.0, 1000.0, 2000.0, 3.0, 30.0];
+        assert_eq!(kinds(TEXT), expected);
+        assert_eq!(kinds("# EOF\n"), [0.0; 10]);
     }
 
     #[test]
     fn rates_are_means_over_nodes_per_minute() {
-        let pairs = vec![(vec![0.0; 8], vec![2.0; 8]), (vec![1.0; 8], vec![5.0; 8])];
+        let pairs = vec![
+            (vec![0.0; 10], vec![2.0; 10]),
+            (vec![1.0; 10], vec![5.0; 10]),
+        ];
         let rates = per_node_per_minute(&pairs, 2.0);
-        assert_eq!(rates, [1.5; 8]);
+        assert_eq!(rates, [1.5; 10]);
         // A counter that went back (a node restarted) counts nothing, not a negative.
-        let back = per_node_per_minute(&[(vec![5.0; 8], vec![1.0; 8])], 1.0);
-        assert_eq!(back, [0.0; 8]);
+        let back = per_node_per_minute(&[(vec![5.0; 10], vec![1.0; 10])], 1.0);
+        assert_eq!(back, [0.0; 10]);
     }
 }

@@ -100,7 +100,8 @@ pub struct Report {
     pub config: SimConfig,
     /// Seconds to start every node.
     pub start_secs: f64,
-    /// Resident memory of the process over the nodes alive, in KiB per node.
+    /// The process's resident memory after the warm-up, less what it held before the first
+    /// node started, per node, in KiB.
     pub rss_kib_per_node: u64,
     pub popular: Lookups,
     pub rare: Lookups,
@@ -117,6 +118,9 @@ pub struct Report {
     /// Per node per minute, over the nodes alive through the whole measure: each of
     /// [`counters::KINDS`], in its order.
     pub per_node_per_minute: Vec<(String, f64)>,
+    /// Kademlia requests per provider lookup, over every lookup the nodes finished (calls'
+    /// lookups included).
+    pub dht_requests_per_lookup: f64,
     /// Provider records each node stores for others: mean and max.
     pub records_mean: f64,
     pub records_max: usize,
@@ -260,12 +264,13 @@ pub async fn run(config: SimConfig, say: impl Fn(String) + Send + Sync) -> anyho
         }
     }
     let start_secs = started.elapsed().as_secs_f64();
-    let rss_kib_per_node = rss_kib().saturating_sub(rss_before) / config.nodes.max(1) as u64;
     say(format!(
-        "{} nodes up in {start_secs:.1} s ({rss_kib_per_node} KiB each); warming up for {:?}",
+        "{} nodes up in {start_secs:.1} s; warming up for {:?}",
         config.nodes, config.warmup
     ));
     tokio::time::sleep(config.warmup).await;
+    // Once the routing tables and connections have settled.
+    let rss_kib_per_node = rss_kib().saturating_sub(rss_before) / config.nodes.max(1) as u64;
 
     // The measure: counters before, then churn, calls and lookups side by side, counters after.
     let before: HashMap<PeerId, Vec<f64>> = {
@@ -313,6 +318,8 @@ pub async fn run(config: SimConfig, say: impl Fn(String) + Send + Sync) -> anyho
         }
     }
     let rates = counters::per_node_per_minute(&pairs, minutes);
+    let dht_requests_per_lookup =
+        rates[counters::LOOKUP_REQUESTS] / rates[counters::LOOKUPS].max(1e-9);
     let per_node_per_minute = counters::KINDS
         .iter()
         .zip(rates)
@@ -332,6 +339,7 @@ pub async fn run(config: SimConfig, say: impl Fn(String) + Send + Sync) -> anyho
         call_failures: calls.failures,
         churned,
         per_node_per_minute,
+        dht_requests_per_lookup,
         records_mean,
         records_max: records.iter().copied().max().unwrap_or(0),
     };

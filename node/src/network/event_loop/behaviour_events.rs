@@ -263,7 +263,10 @@ impl EventLoop {
                 self.announce(models);
             }
             kad::Event::OutboundQueryProgressed {
-                id, result, step, ..
+                id,
+                result,
+                step,
+                stats,
             } => match result {
                 kad::QueryResult::GetProviders(Ok(kad::GetProvidersOk::FoundProviders {
                     providers,
@@ -277,10 +280,16 @@ impl EventLoop {
                         let _ = self.swarm.dial(opts);
                     }
                     if step.last {
+                        self.recorders.mesh.dht_lookup(stats.num_requests());
                         self.discovery.providers_done(&id);
                     }
                 }
-                kad::QueryResult::GetProviders(_) => self.discovery.providers_done(&id),
+                kad::QueryResult::GetProviders(_) => {
+                    if step.last {
+                        self.recorders.mesh.dht_lookup(stats.num_requests());
+                    }
+                    self.discovery.providers_done(&id);
+                }
                 kad::QueryResult::GetClosestPeers(result) => {
                     let Some(target) = self.connects.lookup_target(&id) else {
                         return;
