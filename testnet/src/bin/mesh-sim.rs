@@ -50,7 +50,7 @@ struct Args {
     /// Skip encryption between the simulated nodes (Noise costs CPU that one machine lacks)
     #[arg(long)]
     plaintext: bool,
-    /// Print only the JSON line
+    /// Print only the JSON line on stdout (progress still goes to stderr)
     #[arg(long)]
     json: bool,
 }
@@ -83,14 +83,12 @@ fn main() -> anyhow::Result<()> {
         lookups_per_second: args.lookups_per_sec,
         plaintext: args.plaintext,
     };
-    let quiet = args.json;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let began = std::time::Instant::now();
     let report = runtime.block_on(sim::run(config, move |line| {
-        if !quiet {
-            eprintln!("mesh-sim: {line}");
-        }
+        eprintln!("mesh-sim: {:>6.1} s: {line}", began.elapsed().as_secs_f64());
     }))?;
     if !args.json {
         print_table(&report);

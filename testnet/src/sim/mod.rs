@@ -280,6 +280,7 @@ pub async fn run(config: SimConfig, say: impl Fn(String) + Send + Sync) -> anyho
             .map(|(p, n)| (*p, counters::kinds(&n.node.metrics_text())))
             .collect()
     };
+    say(format!("measuring for {:?}", config.measure));
     let measure_start = Instant::now();
     let deadline = measure_start + config.measure;
     let churn = tokio::spawn(churn_loop(
@@ -305,6 +306,7 @@ pub async fn run(config: SimConfig, say: impl Fn(String) + Send + Sync) -> anyho
     let calls = calls.await?;
     let (popular, rare) = lookups.await?;
     let minutes = measure_start.elapsed().as_secs_f64() / 60.0;
+    say("reading every node's counters".into());
 
     let mesh = mesh.lock().await;
     let mut pairs = Vec::new();
@@ -346,11 +348,9 @@ pub async fn run(config: SimConfig, say: impl Fn(String) + Send + Sync) -> anyho
     let nodes: Vec<Arc<SimNode>> = mesh.nodes.values().cloned().collect();
     drop(mesh);
     say("shutting the nodes down".into());
-    for node in nodes {
-        if let Ok(node) = Arc::try_unwrap(node) {
-            node.node.shutdown().await;
-        }
-    }
+    let stops = nodes.into_iter().filter_map(|n| Arc::try_unwrap(n).ok());
+    let stops: Vec<_> = stops.map(|n| n.node.shutdown()).collect();
+    futures::future::join_all(stops).await;
     Ok(report)
 }
 
