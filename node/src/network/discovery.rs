@@ -16,7 +16,7 @@ use mesh_protocol::ids::{blob_provider_key, model_provider_key, stage_provider_k
 use super::connect::Reply;
 use super::NetworkError;
 
-/// A topic goes out again when a new neighbour near its key appears, at most this often.
+/// Announcements go out again when a new neighbour appears, at most this often.
 pub const REANNOUNCE_AFTER: Duration = Duration::from_secs(2);
 /// Once a provider query has found a host, how long it may go on finding more before it
 /// answers with what it has: a walk that waits on a departed or frozen peer does not hold up
@@ -69,8 +69,7 @@ struct ProviderQuery {
 pub struct Discovery<Q = libp2p::kad::QueryId> {
     local: PeerId,
     provided: HashSet<Topic>,
-    /// When each topic last went out.
-    last_announced: HashMap<Topic, Instant>,
+    last_announce: Option<Instant>,
     provider_queries: HashMap<Q, ProviderQuery>,
     bootstrap_queries: HashMap<Q, Reply<()>>,
 }
@@ -80,7 +79,7 @@ impl<Q: Hash + Eq + Clone> Discovery<Q> {
         Discovery {
             local,
             provided: HashSet::new(),
-            last_announced: HashMap::new(),
+            last_announce: None,
             provider_queries: HashMap::new(),
             bootstrap_queries: HashMap::new(),
         }
@@ -93,33 +92,16 @@ impl<Q: Hash + Eq + Clone> Discovery<Q> {
         self.announce_all(now)
     }
 
-    /// A new peer entered the routing table. The topics it may hold records of (`is_close`:
-    /// it is among the k peers this node knows nearest to the topic's key) go out again, each
-    /// at most every [`REANNOUNCE_AFTER`]; a neighbour far from every key changes nothing. (It
-    /// used to send every topic on any new neighbour: in a large mesh with churn each node
-    /// then re-announced everything every 2 s, docs/scale.md.)
-    pub fn on_new_neighbour(
-        &mut self,
-        now: Instant,
-        mut is_close: impl FnMut(&Topic) -> bool,
-    ) -> Vec<Topic> {
-        let due = |t: &Topic| {
-            self.last_announced
-                .get(t)
-                .is_none_or(|at| now.duration_since(*at) > REANNOUNCE_AFTER)
-        };
-        let mut topics: Vec<Topic> = self
-            .provided
-            .iter()
-            .filter(|t| due(t))
-            .filter(|t| is_close(t))
-            .cloned()
-            .collect();
-        topics.sort();
-        for topic in &topics {
-            self.last_announced.insert(topic.clone(), now);
+    /// A new peer entered the routing table; it may be one of the closest to our keys. The
+    /// models to announce again, unless they went out less than [`REANNOUNCE_AFTER`] ago.
+    pub fn on_new_neighbour(&mut self, now: Instant) -> Vec<Topic> {
+        let stale = self
+            .last_announce
+            .is_none_or(|t| now.duration_since(t) > REANNOUNCE_AFTER);
+        if self.provided.is_empty() || !stale {
+            return Vec::new();
         }
-        topics
+        self.announce_all(now)
     }
 
     /// This node became reachable at a new address (a relay reservation, a confirmed public
@@ -133,17 +115,14 @@ impl<Q: Hash + Eq + Clone> Discovery<Q> {
     }
 
     fn announce_all(&mut self, now: Instant) -> Vec<Topic> {
+        self.last_announce = Some(now);
         let mut topics: Vec<Topic> = self.provided.iter().cloned().collect();
         topics.sort();
-        for topic in &topics {
-            self.last_announced.insert(topic.clone(), now);
-        }
         topics
     }
 
     /// The topics to stop announcing, on shutdown.
     pub fn stop_all(&mut self) -> Vec<Topic> {
-        self.last_announced.clear();
         self.provided.drain().collect()
     }
 
@@ -268,26 +247,16 @@ mod tests {
     fn providing_announces_every_model_and_new_neighbours_are_throttled() {
         let mut d = Discovery::<u32>::new(peer());
         let t = Instant::now();
-        assert!(
-            d.on_new_neighbour(t, |_| true).is_empty(),
-            "nothing to announce yet"
-        );
+        assert!(d.on_new_neighbour(t).is_empty(), "nothing to announce yet");
         assert_eq!(d.provide(model("echo"), t), vec![model("echo")]);
         assert_eq!(
             d.provide(model("tiny"), t),
             vec![model("echo"), model("tiny")]
         );
-        assert!(d
-            .on_new_neighbour(t + Duration::from_secs(1), |_| true)
-            .is_empty());
-        assert_eq!(
-            d.on_new_neighbour(t + Duration::from_secs(3), |_| true)
-                .len(),
-            2
-        );
+        assert!(d.on_new_neighbour(t + Duration::from_secs(1)).is_empty());
+        assert_eq!(d.on_new_neighbour(t + Duration::from_secs(3)).len(), 2);
         assert!(
-            d.on_new_neighbour(t + Duration::from_secs(4), |_| true)
-                .is_empty(),
+            d.on_new_neighbour(t + Duration::from_secs(4)).is_empty(),
             "the re-announce counts too"
         );
         assert_eq!(
@@ -295,30 +264,10 @@ mod tests {
             2,
             "a new address is announced at once"
         );
-        assert!(d
-            .on_new_neighbour(t + Duration::from_secs(5), |_| true)
-            .is_empty());
+        assert!(d.on_new_neighbour(t + Duration::from_secs(5)).is_empty());
         assert_eq!(d.stop_all().len(), 2);
         assert!(d.on_new_address(t + Duration::from_secs(60)).is_empty());
-        assert!(d
-            .on_new_neighbour(t + Duration::from_secs(60), |_| true)
-            .is_empty());
-    }
-
-    #[test]
-    fn a_new_neighbour_brings_out_only_the_topics_it_is_near() {
-        let mut d = Discovery::<u32>::new(peer());
-        let t = Instant::now();
-        d.provide(model("near"), t);
-        d.provide(model("far"), t);
-        let later = t + Duration::from_secs(10);
-        let far_from_all = d.on_new_neighbour(later, |_| false);
-        assert!(far_from_all.is_empty(), "{far_from_all:?}");
-        let near = d.on_new_neighbour(later, |topic| *topic == model("near"));
-        assert_eq!(near, vec![model("near")]);
-        // Each topic has its own clock: `far` is due, `near` went out just now.
-        let both = d.on_new_neighbour(later + Duration::from_secs(1), |_| true);
-        assert_eq!(both, vec![model("far")]);
+        assert!(d.on_new_neighbour(t + Duration::from_secs(60)).is_empty());
     }
 
     #[test]

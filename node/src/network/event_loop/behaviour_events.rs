@@ -9,7 +9,6 @@ use libp2p::{autonat, dcutr, identify, kad, mdns, ping, relay, Multiaddr};
 use super::EventLoop;
 use crate::network::addr::is_unspecified;
 use crate::network::behaviour::{MeshBehaviourEvent, KAD};
-use crate::network::discovery::Topic;
 use crate::network::reachability::{circuits_through, Reserved};
 use crate::network::{NetworkEvent, Path};
 
@@ -257,23 +256,11 @@ impl EventLoop {
     fn on_kad_event(&mut self, event: kad::Event) {
         match event {
             kad::Event::RoutingUpdated {
-                peer,
-                is_new_peer: true,
-                ..
+                is_new_peer: true, ..
             } => {
-                // A new neighbour among the k nearest this node knows to one of its keys may
-                // be one of the k that should hold the record: announce that key soon.
-                let kad = &mut self.swarm.behaviour_mut().kad;
-                let near = |topic: &Topic| {
-                    let key = kad::KBucketKey::from(topic.key());
-                    let near = kad
-                        .get_closest_local_peers(&key)
-                        .take(kad::K_VALUE.get())
-                        .any(|k| *k.preimage() == peer);
-                    near
-                };
-                let topics = self.discovery.on_new_neighbour(Instant::now(), near);
-                self.announce(topics);
+                // A new neighbour may be one of the closest to our keys: tell it soon.
+                let models = self.discovery.on_new_neighbour(Instant::now());
+                self.announce(models);
             }
             kad::Event::OutboundQueryProgressed {
                 id,
