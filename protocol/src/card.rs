@@ -73,18 +73,23 @@ pub struct CardFile {
     pub blob_root: String,
 }
 
+/// Whether `name` is one safe path component: 1 to 64 of `[A-Za-z0-9._-]`, not starting with a
+/// dot (so never `.`, `..`, a hidden file or a path).
+pub fn is_safe_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
 impl CardFile {
     /// Whether the name is safe to create in a directory and the hashes are well formed. A
     /// card comes from a peer: a name like `../x` must never reach the file system.
     pub fn validate(&self) -> Result<(), String> {
         let name = &self.name;
-        let safe = !name.is_empty()
-            && name.len() <= 64
-            && !name.starts_with('.')
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-        if !safe {
+        if !is_safe_file_name(name) {
             return Err(format!(
                 "file name {name:?} is not 1 to 64 of [A-Za-z0-9._-] not starting with a dot"
             ));

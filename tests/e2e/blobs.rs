@@ -36,11 +36,16 @@ fn host(extra: &[&str]) -> JoinedNode {
 
 /// `mesh model pull smol` into an empty models directory, through `bootstrap`.
 fn pull(models: &Path, home: &Path, bootstrap: &str, extra: &[&str]) -> Child {
+    pull_what("smol", models, home, bootstrap, extra)
+}
+
+/// `mesh model pull WHAT --json` into `models`, through `bootstrap`.
+fn pull_what(what: &str, models: &Path, home: &Path, bootstrap: &str, extra: &[&str]) -> Child {
     Command::new(mesh_bin())
         .args([
             "model",
             "pull",
-            "smol",
+            what,
             "--json",
             "--no-mdns",
             "--bootstrap",
@@ -118,26 +123,7 @@ fn a_pull_takes_pieces_from_two_sources_and_the_file_is_the_one_signed() {
         smol_sha256()
     );
     // Installed where a known model goes: `mesh model list` sees it fetched, `--model` finds it.
-    let out = Command::new(mesh_bin())
-        .args([
-            "model",
-            "list",
-            "--json",
-            "--home",
-            home.path().join("c").to_str().unwrap(),
-        ])
-        .env("MESH_MODELS", models.path())
-        .output()
-        .unwrap();
-    assert!(
-        stdout(&out).contains(&format!("\"model\":\"{SMOL}\"")),
-        "{}",
-        stdout(&out)
-    );
-    let listed: Vec<Value> = stdout(&out)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let listed = list(models.path());
     let smol = listed.iter().find(|m| m["model"] == SMOL).unwrap();
     assert_eq!(smol["fetched"], true, "{smol}");
 }
@@ -507,23 +493,7 @@ fn a_bert_directory_travels_as_its_three_files_and_is_hosted_from_the_cache() {
     // By the weights' sha256: a known model's, so only its pinned files (all three, by sha256
     // and blob root, which an independent implementation computed) are taken.
     let what = format!("sha256:{}", minilm.files[0].sha256);
-    let child = Command::new(mesh_bin())
-        .args([
-            "model",
-            "pull",
-            &what,
-            "--json",
-            "--no-mdns",
-            "--bootstrap",
-            &a.addr(),
-        ])
-        .args(["--home", home.path().to_str().unwrap()])
-        .env("MESH_MODELS", models.path())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = pull_what(&what, models.path(), home.path(), &a.addr(), &[]);
     let (code, done, err) = finish(child);
     assert_eq!(code, Some(0), "{err}\n{done}");
     let dir = models.path().join(minilm.name);
@@ -549,23 +519,8 @@ fn a_bert_directory_travels_as_its_three_files_and_is_hosted_from_the_cache() {
     let b = JoinedNode::start_with_env(&["--model", "all-minilm-l6-v2"], &env);
     assert_eq!(b.ready["models"][0], minilm.name, "{}", b.ready);
     // Pulling again is a no-op: the cache holds these very files.
-    let again = Command::new(mesh_bin())
-        .args([
-            "model",
-            "pull",
-            &what,
-            "--json",
-            "--no-mdns",
-            "--bootstrap",
-            &b.addr(),
-        ])
-        .args(["--home", home.path().to_str().unwrap()])
-        .env("MESH_MODELS", models.path())
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(again.status.success(), "{}", stderr(&again));
-    let last: Value = serde_json::from_str(stdout(&again).lines().last().unwrap()).unwrap();
+    let (code, last, err) = finish(pull_what(&what, models.path(), home.path(), &b.addr(), &[]));
+    assert_eq!(code, Some(0), "{err}");
     assert_eq!(
         (last["event"].as_str(), last["pieces"].as_u64()),
         (Some("done"), Some(0)),
@@ -659,23 +614,7 @@ async fn a_local_import_is_hosted_by_its_name_shared_per_model_and_pulled_by_a_p
     // A peer pulls it by the name it is hosted under.
     let theirs = tempfile::tempdir().unwrap();
     let home = tempfile::tempdir().unwrap();
-    let child = Command::new(mesh_bin())
-        .args([
-            "model",
-            "pull",
-            "mine",
-            "--json",
-            "--no-mdns",
-            "--bootstrap",
-            &a.addr(),
-        ])
-        .args(["--home", home.path().to_str().unwrap()])
-        .env("MESH_MODELS", theirs.path())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = pull_what("mine", theirs.path(), home.path(), &a.addr(), &[]);
     let (code, done, err) = tokio::task::spawn_blocking(move || finish(child))
         .await
         .unwrap();

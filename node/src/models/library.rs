@@ -113,13 +113,7 @@ impl Entry {
 /// Whether `name` can name an entry: 1 to 64 of `[A-Za-z0-9._-]`, not starting with a dot,
 /// so it is one directory under the models directory and a model name too.
 pub fn validate_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with('.')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
+    if mesh_protocol::card::is_safe_file_name(name) {
         Ok(())
     } else {
         Err(format!(
