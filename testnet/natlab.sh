@@ -1126,14 +1126,17 @@ nat_run() {
   nat_flush_conntrack
 
   nat_say "== run $nat_run_no: starting the relay, then a and c, then b"
+  # The relays carry c's pull of SmolLM2's file (98 MB, nat_pull) in one circuit: the default
+  # circuit budget (64 MiB) would close it midway (docs/operations.md, "Relaying model files").
   # shellcheck disable=SC2086  # NAT_RELAY_ARGS is a word list on purpose
-  nat_start_node relay ${NAT_RELAY_ARGS:-}
+  nat_start_node relay --relay-circuit-mib 256 ${NAT_RELAY_ARGS:-}
   if ! nat_wait_ready relay; then
     nat_run_record 0 - 0 "relay not ready"; nat_show_logs; nat_run_rc=1; return 0
   fi
   local boot="/ip4/198.51.100.10/tcp/4001/p2p/${nat_peer[relay]}" n
   [ "$NAT_TRANSPORT" = quic ] && boot="/ip4/198.51.100.10/udp/4001/quic-v1/p2p/${nat_peer[relay]}"
-  nat_start_node relay2 --bootstrap "/ip4/198.51.100.10/tcp/4001/p2p/${nat_peer[relay]}"
+  nat_start_node relay2 --relay-circuit-mib 256 \
+    --bootstrap "/ip4/198.51.100.10/tcp/4001/p2p/${nat_peer[relay]}"
   if ! nat_wait_ready relay2; then
     nat_run_record 0 - 0 "relay2 not ready"; nat_show_logs; nat_run_rc=1; return 0
   fi

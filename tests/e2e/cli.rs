@@ -245,8 +245,16 @@ fn join_refuses_bad_models_and_stops_cleanly_on_sigterm() {
         stderr(&out)
     );
 
-    let out = mesh(&["join", "--model", "no-equals-sign"]);
+    let out = mesh(&["join", "--model", "=no-name"]);
     assert_eq!(out.status.code(), Some(2), "clap usage error");
+    // A name alone is a model in the cache; none of that name is a clear load error.
+    let out = mesh(&["join", "--model", "not-in-the-cache"]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no model of that name in the cache"),
+        "{}",
+        stderr(&out)
+    );
 
     let mut a = JoinedNode::start(&["--model", "echo=builtin:echo"]);
     let runtime = std::path::Path::new(&a.home_dir()).join("node.json");
