@@ -16,14 +16,8 @@ fi
 export MESH_TEST_PYTHON="$venv/bin/python"
 # A real OpenAI-compatible server (llama-cpp-python's), to test models hosted from an upstream
 # server. pip builds llama.cpp from source (about 15 minutes on 2 cores), so the venv lives
-# outside the clone and is built once per machine.
-llama_venv="${MESH_LLAMA_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/mesh/llama-venv}"
-if ! "$llama_venv/bin/python" -c 'import llama_cpp.server' 2>/dev/null; then
-  echo "== installing llama-cpp-python[server] into $llama_venv (builds llama.cpp, ~15 min)"
-  python3 -m venv "$llama_venv"
-  "$llama_venv/bin/pip" install -q --disable-pip-version-check "llama-cpp-python[server]==0.3.36"
-fi
-export MESH_LLAMA_PYTHON="$llama_venv/bin/python"
+# outside the clone and is built once per machine (scripts/llama-venv.sh).
+. scripts/llama-venv.sh
 # The official OpenAI and Ollama JavaScript clients, to test both APIs from Node.js too.
 if command -v npm >/dev/null 2>&1 && command -v node >/dev/null 2>&1; then
   node_dir="$PWD/target/test-node"

@@ -39,12 +39,8 @@ bench=target/release/mesh-bench
 "$mesh" model fetch all >/dev/null 2>&1
 # llama.cpp through llama-cpp-python, built from source for this CPU: the same venv the tests
 # use; sentence-transformers (with torch) in a second one.
-llama_venv="${MESH_LLAMA_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/mesh/llama-venv}"
+. scripts/llama-venv.sh
 st_venv="${BENCH_ST_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/mesh/st-venv}"
-if ! "$llama_venv/bin/python" -c 'import llama_cpp.server' 2>/dev/null; then
-  python3 -m venv "$llama_venv"
-  "$llama_venv/bin/pip" install -q "llama-cpp-python[server]==0.3.36"
-fi
 if ! "$st_venv/bin/python" -c 'import sentence_transformers' 2>/dev/null; then
   python3 -m venv "$st_venv"
   "$st_venv/bin/pip" install -q sentence-transformers
