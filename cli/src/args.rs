@@ -232,8 +232,8 @@ pub struct JoinArgs {
     #[arg(long, value_name = "N", default_value_t = 128)]
     pub relay_max_reservations: usize,
 
-    /// As a relay: most circuits relayed at once
-    #[arg(long, value_name = "N", default_value_t = 64)]
+    /// As a relay: most circuits relayed at once (16 per peer)
+    #[arg(long, value_name = "N", default_value_t = 256)]
     pub relay_max_circuits: usize,
 
     /// As a relay: longest life of one circuit, in seconds

@@ -37,6 +37,7 @@ pub mod relays;
 pub mod repunch;
 pub mod streams;
 
+use std::num::NonZeroU32;
 use std::time::Duration;
 
 use libp2p::StreamProtocol;
@@ -230,17 +231,35 @@ impl Default for RelayLimits {
             max_reservations: 128,
             max_reservations_per_peer: 4,
             reservation_duration: Duration::from_secs(60 * 60),
-            max_circuits: 64,
-            max_circuits_per_peer: 8,
+            // A NATed node holds a circuit to each peer it reaches through the relay (and
+            // keeps it until the connection idles out, also after a hole punch), so an
+            // office of NATed nodes needs many; each costs at most two Yamux windows of
+            // buffering (2 x 256 KiB).
+            max_circuits: 256,
+            max_circuits_per_peer: 16,
             max_circuit_duration: Duration::from_secs(15 * 60),
             max_circuit_bytes: 64 * 1024 * 1024,
         }
     }
 }
 
+/// Circuits a relay opens for one source peer: a burst of this many, then one per interval.
+/// libp2p's default (30, then one every 2 minutes) starved the nodes of the NAT lab, which dial
+/// each of a handful of NATed peers through each relay (Kademlia, calls, hole punches).
+pub const CIRCUIT_RATE_PER_PEER: (NonZeroU32, Duration) = (
+    NonZeroU32::new(64).expect("64 > 0"),
+    Duration::from_secs(5),
+);
+/// The same for one source IP address, which every node behind one NAT shares.
+pub const CIRCUIT_RATE_PER_IP: (NonZeroU32, Duration) = (
+    NonZeroU32::new(256).expect("256 > 0"),
+    Duration::from_secs(1),
+);
+
 impl RelayLimits {
     pub(crate) fn to_relay_config(&self) -> libp2p::relay::Config {
         libp2p::relay::Config {
+            circuit_src_rate_limiters: Vec::new(),
             max_reservations: self.max_reservations,
             max_reservations_per_peer: self.max_reservations_per_peer,
             reservation_duration: self.reservation_duration,
@@ -250,6 +269,8 @@ impl RelayLimits {
             max_circuit_bytes: self.max_circuit_bytes,
             ..Default::default()
         }
+        .circuit_src_per_peer(CIRCUIT_RATE_PER_PEER.0, CIRCUIT_RATE_PER_PEER.1)
+        .circuit_src_per_ip(CIRCUIT_RATE_PER_IP.0, CIRCUIT_RATE_PER_IP.1)
     }
 }
 
@@ -383,4 +404,24 @@ where
 {
     let text = <std::borrow::Cow<'de, str> as serde::Deserialize>::deserialize(deserializer)?;
     text.parse().map_err(serde::de::Error::custom)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mesh_relay_replaces_libp2ps_circuit_rate_limits_with_its_own() {
+        let config = RelayLimits::default().to_relay_config();
+        let shown = format!("{config:?}");
+        assert!(shown.contains("max_circuits: 256"), "{shown}");
+        assert!(shown.contains("max_circuits_per_peer: 16"), "{shown}");
+        // libp2p's two default limiters are gone; mesh's per-peer and per-IP ones remain.
+        assert!(
+            shown.contains(r#"circuit_src_rate_limiters: "[2 rate limiters]""#),
+            "{shown}"
+        );
+        assert!(CIRCUIT_RATE_PER_PEER.0.get() >= 64);
+        assert!(CIRCUIT_RATE_PER_IP.0.get() >= CIRCUIT_RATE_PER_PEER.0.get());
+    }
 }
