@@ -16,8 +16,23 @@ use mesh_protocol::ids::{blob_provider_key, model_provider_key, stage_provider_k
 use super::connect::Reply;
 use super::NetworkError;
 
-/// Announcements go out again when a new neighbour appears, at most this often.
+/// While the routing table is small, announcements go out again when a new neighbour appears,
+/// at most this often.
 pub const REANNOUNCE_AFTER: Duration = Duration::from_secs(2);
+/// A routing table this full (Kademlia's k) no longer brings out announcements on new
+/// neighbours: past it, a node cannot tell from a new neighbour whether the nodes nearest its
+/// keys changed, and announcing on every one grows with the mesh's joins (docs/scale.md).
+pub const SMALL_TABLE: usize = 20;
+/// After a node first announces, it announces every topic again this long after, while the
+/// mesh around it settles (records placed by its first walks may sit on nodes that were the
+/// nearest it knew then); past the last, Kademlia's own republishing (every 5 minutes) keeps
+/// the records on the nodes nearest each key. Each is stretched by up to a fifth, by the
+/// node's id, so nodes started together do not announce together.
+pub const SETTLE_REANNOUNCES: [Duration; 3] = [
+    Duration::from_secs(10),
+    Duration::from_secs(30),
+    Duration::from_secs(90),
+];
 /// Once a provider query has found a host, how long it may go on finding more before it
 /// answers with what it has: a walk that waits on a departed or frozen peer does not hold up
 /// the call (Kademlia would wait for that peer's request to time out).
@@ -70,6 +85,8 @@ pub struct Discovery<Q = libp2p::kad::QueryId> {
     local: PeerId,
     provided: HashSet<Topic>,
     last_announce: Option<Instant>,
+    /// When the first announcement went out, and how many settling re-announces are done.
+    settling: Option<(Instant, usize)>,
     provider_queries: HashMap<Q, ProviderQuery>,
     bootstrap_queries: HashMap<Q, Reply<()>>,
 }
@@ -80,6 +97,7 @@ impl<Q: Hash + Eq + Clone> Discovery<Q> {
             local,
             provided: HashSet::new(),
             last_announce: None,
+            settling: None,
             provider_queries: HashMap::new(),
             bootstrap_queries: HashMap::new(),
         }
@@ -92,16 +110,48 @@ impl<Q: Hash + Eq + Clone> Discovery<Q> {
         self.announce_all(now)
     }
 
-    /// A new peer entered the routing table; it may be one of the closest to our keys. The
-    /// models to announce again, unless they went out less than [`REANNOUNCE_AFTER`] ago.
-    pub fn on_new_neighbour(&mut self, now: Instant) -> Vec<Topic> {
+    /// A new peer entered the routing table, which now holds `table_peers`. While the table
+    /// is smaller than [`SMALL_TABLE`], the newcomer is likely one of the nodes nearest our
+    /// keys (a node just started, or a small mesh): the topics to announce again, unless they
+    /// went out less than [`REANNOUNCE_AFTER`] ago. Past it, nothing: the settling
+    /// re-announces and Kademlia's republishing place the records.
+    pub fn on_new_neighbour(&mut self, table_peers: usize, now: Instant) -> Vec<Topic> {
         let stale = self
             .last_announce
             .is_none_or(|t| now.duration_since(t) > REANNOUNCE_AFTER);
-        if self.provided.is_empty() || !stale {
+        if self.provided.is_empty() || !stale || table_peers >= SMALL_TABLE {
             return Vec::new();
         }
         self.announce_all(now)
+    }
+
+    /// When the next settling re-announce is due, if one is.
+    pub fn settle_due(&self) -> Option<Instant> {
+        let (first, done) = self.settling?;
+        if self.provided.is_empty() {
+            return None;
+        }
+        let after = SETTLE_REANNOUNCES.get(done)?;
+        Some(first + after.mul_f64(self.stretch()))
+    }
+
+    /// The settling re-announce that is due: the topics to announce again.
+    pub fn on_settle_due(&mut self, now: Instant) -> Vec<Topic> {
+        if self.settle_due().is_none_or(|due| now < due) {
+            return Vec::new();
+        }
+        if let Some((_, done)) = self.settling.as_mut() {
+            *done += 1;
+        }
+        self.announce_all(now)
+    }
+
+    /// 1 to 1.2, from the node's id: spreads the settling re-announces of nodes started
+    /// together.
+    fn stretch(&self) -> f64 {
+        let bytes = self.local.to_bytes();
+        let last = bytes.last().copied().unwrap_or(0);
+        1.0 + f64::from(last) / 255.0 * 0.2
     }
 
     /// This node became reachable at a new address (a relay reservation, a confirmed public
@@ -116,6 +166,7 @@ impl<Q: Hash + Eq + Clone> Discovery<Q> {
 
     fn announce_all(&mut self, now: Instant) -> Vec<Topic> {
         self.last_announce = Some(now);
+        self.settling.get_or_insert((now, 0));
         let mut topics: Vec<Topic> = self.provided.iter().cloned().collect();
         topics.sort();
         topics
@@ -247,16 +298,19 @@ mod tests {
     fn providing_announces_every_model_and_new_neighbours_are_throttled() {
         let mut d = Discovery::<u32>::new(peer());
         let t = Instant::now();
-        assert!(d.on_new_neighbour(t).is_empty(), "nothing to announce yet");
+        assert!(
+            d.on_new_neighbour(1, t).is_empty(),
+            "nothing to announce yet"
+        );
         assert_eq!(d.provide(model("echo"), t), vec![model("echo")]);
         assert_eq!(
             d.provide(model("tiny"), t),
             vec![model("echo"), model("tiny")]
         );
-        assert!(d.on_new_neighbour(t + Duration::from_secs(1)).is_empty());
-        assert_eq!(d.on_new_neighbour(t + Duration::from_secs(3)).len(), 2);
+        assert!(d.on_new_neighbour(2, t + Duration::from_secs(1)).is_empty());
+        assert_eq!(d.on_new_neighbour(3, t + Duration::from_secs(3)).len(), 2);
         assert!(
-            d.on_new_neighbour(t + Duration::from_secs(4)).is_empty(),
+            d.on_new_neighbour(4, t + Duration::from_secs(4)).is_empty(),
             "the re-announce counts too"
         );
         assert_eq!(
@@ -264,10 +318,57 @@ mod tests {
             2,
             "a new address is announced at once"
         );
-        assert!(d.on_new_neighbour(t + Duration::from_secs(5)).is_empty());
+        assert!(d.on_new_neighbour(5, t + Duration::from_secs(5)).is_empty());
         assert_eq!(d.stop_all().len(), 2);
         assert!(d.on_new_address(t + Duration::from_secs(60)).is_empty());
-        assert!(d.on_new_neighbour(t + Duration::from_secs(60)).is_empty());
+        assert!(d
+            .on_new_neighbour(5, t + Duration::from_secs(60))
+            .is_empty());
+    }
+
+    #[test]
+    fn past_a_small_table_new_neighbours_bring_out_nothing() {
+        let mut d = Discovery::<u32>::new(peer());
+        let t = Instant::now();
+        d.provide(model("echo"), t);
+        let later = t + Duration::from_secs(5);
+        assert!(d.on_new_neighbour(SMALL_TABLE, later).is_empty());
+        assert!(d.on_new_neighbour(SMALL_TABLE + 100, later).is_empty());
+        assert_eq!(d.on_new_neighbour(SMALL_TABLE - 1, later).len(), 1);
+    }
+
+    #[test]
+    fn the_first_announcement_is_followed_by_settling_ones_then_none() {
+        let mut d = Discovery::<u32>::new(peer());
+        assert_eq!(d.settle_due(), None, "nothing announced yet");
+        let t = Instant::now();
+        d.provide(model("echo"), t);
+        let mut at = Vec::new();
+        while let Some(due) = d.settle_due() {
+            assert!(
+                d.on_settle_due(due - Duration::from_millis(1)).is_empty(),
+                "not before it is due"
+            );
+            assert_eq!(d.on_settle_due(due), vec![model("echo")]);
+            at.push(due.duration_since(t));
+        }
+        assert_eq!(at.len(), SETTLE_REANNOUNCES.len());
+        for (got, base) in at.iter().zip(SETTLE_REANNOUNCES) {
+            assert!(
+                *got >= base && *got <= base.mul_f64(1.2),
+                "{got:?} stretched from {base:?}"
+            );
+        }
+        // A topic provided later is announced at once and does not restart the schedule.
+        let end = t + Duration::from_secs(600);
+        assert_eq!(d.provide(model("tiny"), end).len(), 2);
+        assert_eq!(d.settle_due(), None);
+        assert!(d.on_settle_due(end).is_empty());
+        // Nothing provided, nothing due.
+        let mut idle = Discovery::<u32>::new(peer());
+        idle.provide(model("echo"), t);
+        idle.stop_all();
+        assert_eq!(idle.settle_due(), None);
     }
 
     #[test]

@@ -246,10 +246,8 @@ impl Default for RelayLimits {
 /// Circuits a relay opens for one source peer: a burst of this many, then one per interval.
 /// libp2p's default (30, then one every 2 minutes) starved the nodes of the NAT lab, which dial
 /// each of a handful of NATed peers through each relay (Kademlia, calls, hole punches).
-pub const CIRCUIT_RATE_PER_PEER: (NonZeroU32, Duration) = (
-    NonZeroU32::new(64).expect("64 > 0"),
-    Duration::from_secs(5),
-);
+pub const CIRCUIT_RATE_PER_PEER: (NonZeroU32, Duration) =
+    (NonZeroU32::new(64).expect("64 > 0"), Duration::from_secs(5));
 /// The same for one source IP address, which every node behind one NAT shares.
 pub const CIRCUIT_RATE_PER_IP: (NonZeroU32, Duration) = (
     NonZeroU32::new(256).expect("256 > 0"),

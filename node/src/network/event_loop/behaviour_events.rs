@@ -258,8 +258,16 @@ impl EventLoop {
             kad::Event::RoutingUpdated {
                 is_new_peer: true, ..
             } => {
-                // A new neighbour may be one of the closest to our keys: tell it soon.
-                let models = self.discovery.on_new_neighbour(Instant::now());
+                // While the table is small, a new neighbour is likely one of the nearest to
+                // our keys: tell it soon.
+                let table_peers = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .kbuckets()
+                    .map(|bucket| bucket.num_entries())
+                    .sum();
+                let models = self.discovery.on_new_neighbour(table_peers, Instant::now());
                 self.announce(models);
             }
             kad::Event::OutboundQueryProgressed {

@@ -105,6 +105,8 @@ impl EventLoop {
             let answer_deadline = answer_at.map_or_else(tokio::time::Instant::now, Into::into);
             let repunch_at = self.repunch.next_due();
             let repunch_deadline = repunch_at.map_or_else(tokio::time::Instant::now, Into::into);
+            let settle_at = self.discovery.settle_due();
+            let settle_deadline = settle_at.map_or_else(tokio::time::Instant::now, Into::into);
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 _ = relay_check.tick() => self.reserve_relays(),
@@ -135,6 +137,10 @@ impl EventLoop {
                 }
                 _ = tokio::time::sleep_until(repunch_deadline), if repunch_at.is_some() => {
                     self.punch_again();
+                }
+                _ = tokio::time::sleep_until(settle_deadline), if settle_at.is_some() => {
+                    let topics = self.discovery.on_settle_due(Instant::now());
+                    self.announce(topics);
                 }
                 command = self.commands.recv() => match command {
                     Some(command) => self.on_command(command),
