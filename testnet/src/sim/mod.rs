@@ -305,16 +305,24 @@ pub async fn run(config: SimConfig, say: impl Fn(String) + Send + Sync) -> anyho
     let churned = churn.await?;
     let calls = calls.await?;
     let (popular, rare) = lookups.await?;
-    let minutes = measure_start.elapsed().as_secs_f64() / 60.0;
     say("reading every node's counters".into());
 
+    // Every node's counters first, at one moment (reading them takes no round trip), and the
+    // window ends there; the records come after, from each node's event loop, which on a
+    // loaded machine takes minutes at a few hundred nodes and would otherwise lengthen the
+    // window of the nodes read last.
     let mesh = mesh.lock().await;
-    let mut pairs = Vec::new();
+    let pairs: Vec<_> = mesh
+        .nodes
+        .iter()
+        .filter_map(|(peer, node)| {
+            let before = before.get(peer)?;
+            Some((before.clone(), counters::kinds(&node.node.metrics_text())))
+        })
+        .collect();
+    let minutes = measure_start.elapsed().as_secs_f64() / 60.0;
     let mut records = Vec::new();
-    for (peer, node) in &mesh.nodes {
-        if let Some(b) = before.get(peer) {
-            pairs.push((b.clone(), counters::kinds(&node.node.metrics_text())));
-        }
+    for node in mesh.nodes.values() {
         if let Ok(status) = node.node.client().status().await {
             records.push(status.dht.remote_records);
         }
@@ -379,6 +387,7 @@ async fn churn_loop(
     let every = Duration::from_secs_f64(60.0 / per_minute);
     let mut left = 0;
     let mut next = Instant::now() + every;
+    let mut joins = tokio::task::JoinSet::new();
     while next < deadline {
         tokio::time::sleep_until(next.into()).await;
         next += every;
@@ -410,13 +419,24 @@ async fn churn_loop(
                 }
             });
         }
+        // The newcomer starts beside the loop: on a loaded machine a start takes seconds, and
+        // departures keep their pace.
         let models = population.draw_for_node(&mut rand::thread_rng());
         let boot = pick_seeds(&seeds, &mut rand::thread_rng());
-        match start_one(models, boot, config.plaintext, false).await {
-            Ok((peer, node, _)) => mesh.lock().await.add(peer, node),
-            Err(e) => tracing::warn!("a joining node failed to start: {e}"),
-        }
+        let (mesh, plaintext) = (mesh.clone(), config.plaintext);
+        joins.spawn(async move {
+            match start_one(models, boot, plaintext, false).await {
+                Ok((peer, node, _)) => mesh.lock().await.add(peer, node),
+                Err(e) => tracing::warn!("a joining node failed to start: {e}"),
+            }
+        });
     }
+    // Starts still under way at the deadline finish first (they join the mesh the report
+    // stops), within the measure's own length.
+    let _ = tokio::time::timeout(config.measure, async {
+        while joins.join_next().await.is_some() {}
+    })
+    .await;
     left
 }
 
@@ -522,7 +542,10 @@ async fn lookup_loop(
     let mut turn = 0usize;
     while next < deadline {
         tokio::time::sleep_until(next.into()).await;
-        next += every;
+        // Each lookup is awaited: one slower than the pace skips the slots it overran, so
+        // the loop ends at the deadline (a loaded machine makes fewer lookups, not a longer
+        // window).
+        next = (next + every).max(Instant::now());
         let kind = turn % 2;
         turn += 1;
         let (node, model) = {
