@@ -87,6 +87,9 @@ pub struct Discovery<Q = libp2p::kad::QueryId> {
     last_announce: Option<Instant>,
     /// When the first announcement went out, and how many settling re-announces are done.
     settling: Option<(Instant, usize)>,
+    /// 1 to 1.2, from the node's id: spreads the settling re-announces of nodes started
+    /// together.
+    stretch: f64,
     provider_queries: HashMap<Q, ProviderQuery>,
     bootstrap_queries: HashMap<Q, Reply<()>>,
 }
@@ -98,6 +101,7 @@ impl<Q: Hash + Eq + Clone> Discovery<Q> {
             provided: HashSet::new(),
             last_announce: None,
             settling: None,
+            stretch: 1.0 + f64::from(local.to_bytes().last().copied().unwrap_or(0)) / 255.0 * 0.2,
             provider_queries: HashMap::new(),
             bootstrap_queries: HashMap::new(),
         }
@@ -132,7 +136,7 @@ impl<Q: Hash + Eq + Clone> Discovery<Q> {
             return None;
         }
         let after = SETTLE_REANNOUNCES.get(done)?;
-        Some(first + after.mul_f64(self.stretch()))
+        Some(first + after.mul_f64(self.stretch))
     }
 
     /// The settling re-announce that is due: the topics to announce again.
@@ -144,14 +148,6 @@ impl<Q: Hash + Eq + Clone> Discovery<Q> {
             *done += 1;
         }
         self.announce_all(now)
-    }
-
-    /// 1 to 1.2, from the node's id: spreads the settling re-announces of nodes started
-    /// together.
-    fn stretch(&self) -> f64 {
-        let bytes = self.local.to_bytes();
-        let last = bytes.last().copied().unwrap_or(0);
-        1.0 + f64::from(last) / 255.0 * 0.2
     }
 
     /// This node became reachable at a new address (a relay reservation, a confirmed public
