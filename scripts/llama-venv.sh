@@ -5,8 +5,9 @@
 # GGML_NATIVE (-march=native): a virtual machine may list AMX while the kernel does not let a
 # process use its tiles, and a native build then dies of SIGILL on its first tile instruction
 # (seen on a Xeon VM: `tilezero` in libggml-cpu.so). AMX stays off; every other extension the
-# CPU lists is used. The options are written next to the venv; a venv built with others is
-# built again.
+# CPU lists is used. The options are written next to the venv; a venv of ours built with others
+# is built again. A venv named by MESH_LLAMA_VENV is the caller's: it is used as it is, and
+# only installed into when it lacks the server, never removed.
 llama_venv="${MESH_LLAMA_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/mesh/llama-venv}"
 llama_cmake_args="-DGGML_NATIVE=OFF"
 if [ "$(uname -m)" = x86_64 ] && [ -r /proc/cpuinfo ]; then
@@ -25,11 +26,14 @@ if [ "$(uname -m)" = x86_64 ] && [ -r /proc/cpuinfo ]; then
   llama_cmake_args+=" -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
 fi
 llama_stamp="$llama_venv/mesh-cmake-args"
-if ! "$llama_venv/bin/python" -c 'import llama_cpp.server' 2>/dev/null \
-  || [ "$(cat "$llama_stamp" 2>/dev/null)" != "$llama_cmake_args" ]; then
+llama_stale=0
+if [ -z "${MESH_LLAMA_VENV:-}" ] && [ "$(cat "$llama_stamp" 2>/dev/null)" != "$llama_cmake_args" ]; then
+  llama_stale=1
+fi
+if ! "$llama_venv/bin/python" -c 'import llama_cpp.server' 2>/dev/null || [ "$llama_stale" = 1 ]; then
   echo "== installing llama-cpp-python[server] into $llama_venv (builds llama.cpp, ~15 min)"
   echo "   CMAKE_ARGS=$llama_cmake_args"
-  rm -rf "$llama_venv"
+  [ "$llama_stale" = 1 ] && rm -rf "$llama_venv"
   python3 -m venv "$llama_venv"
   CMAKE_ARGS="$llama_cmake_args" "$llama_venv/bin/pip" install -q --disable-pip-version-check \
     --no-cache-dir "llama-cpp-python[server]==0.3.36"
