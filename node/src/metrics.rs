@@ -124,6 +124,7 @@ pub struct Metrics {
     relays_held: Gauge,
     dht_records: Family<PathLabel, Gauge>,
     catalogs_served: Counter,
+    connections_trimmed: Counter,
     dht_lookup_requests: Histogram,
     /// The model names made calls were counted under.
     made_models: Arc<Mutex<HashSet<String>>>,
@@ -210,6 +211,7 @@ impl Default for Metrics {
             relays_held: Gauge::default(),
             dht_records: Family::default(),
             catalogs_served: Counter::default(),
+            connections_trimmed: Counter::default(),
             dht_lookup_requests: Histogram::new(exponential_buckets(1.0, 2.0, 9)),
             made_models: Arc::default(),
             recent: Arc::default(),
@@ -293,6 +295,11 @@ impl Metrics {
             metrics.catalogs_served.clone(),
         );
         r.register(
+            "connections_trimmed",
+            "Idle connections closed to keep the count under the high mark",
+            metrics.connections_trimmed.clone(),
+        );
+        r.register(
             "dht_lookup_requests",
             "Provider lookups this node finished, by the Kademlia requests each sent",
             metrics.dht_lookup_requests.clone(),
@@ -303,6 +310,11 @@ impl Metrics {
     /// A provider lookup ended after sending `requests` Kademlia requests.
     pub fn dht_lookup(&self, requests: u32) {
         self.dht_lookup_requests.observe(f64::from(requests));
+    }
+
+    /// `n` connections were closed for being past the high mark.
+    pub fn connections_trimmed(&self, n: usize) {
+        self.connections_trimmed.inc_by(n as u64);
     }
 
     /// A catalog was sent to a peer.
@@ -492,6 +504,7 @@ mod tests {
         );
         metrics.made("echo", Outcome::Answered, "hole-punched");
         metrics.catalog_served();
+        metrics.connections_trimmed(3);
         metrics.dht_lookup(5);
         for n in 0..MAX_MODEL_LABELS + 10 {
             metrics.made(&format!("m{n}"), Outcome::Failed("unknown_model"), "none");
@@ -507,6 +520,7 @@ mod tests {
         ));
         assert!(text.contains(r#"model="other",outcome="failed",code="unknown_model"} 1"#));
         assert!(text.contains("mesh_catalogs_served_total 1"), "{text}");
+        assert!(text.contains("mesh_connections_trimmed_total 3"), "{text}");
         assert!(text.contains("mesh_dht_lookup_requests_sum 5.0"), "{text}");
         assert!(text.contains("mesh_dht_lookup_requests_count 1"), "{text}");
         assert!(text.contains(r#"mesh_tokens_generated_total{model="echo"} 7"#));

@@ -362,3 +362,82 @@ async fn a_full_queue_answers_overloaded_at_once() {
     c.shutdown().await;
     a.shutdown().await;
 }
+
+/// A node's `mesh_connections_trimmed_total`.
+fn trimmed(node: &Node) -> f64 {
+    let text = node.metrics_text();
+    text.lines()
+        .find_map(|l| l.strip_prefix("mesh_connections_trimmed_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("the node counts trimmed connections")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_its_high_mark_a_node_closes_idle_kademlia_connections_and_keeps_a_callers() {
+    use mesh_node::network::trim::Watermarks;
+    use mesh_node::NodeIdentity;
+
+    // A hub that trims past 3 connections down to 2, and six nodes joined through it; A hosts
+    // a model and the hub calls it, so their connection carried a mesh stream.
+    let mut config = mesh_testnet::inprocess::loopback_config(vec![]);
+    config.network.connection_marks = Watermarks {
+        low: 2,
+        high: 3,
+        grace: Duration::from_secs(1),
+    };
+    let hub = Node::start(NodeIdentity::generate(), vec![], config)
+        .await
+        .unwrap();
+    let hub_addr = tcp_addr(&hub).await;
+    let a = start_node(builtin_engines(&[("echo", "echo")]), vec![hub_addr.clone()]).await;
+    let mut others = Vec::new();
+    for _ in 0..5 {
+        others.push(start_node(vec![], vec![hub_addr.clone()]).await);
+    }
+    let mut events = hub.client().events();
+    let (text, _) = run_call(&hub, a.peer_id(), &chat("echo", "before"))
+        .await
+        .unwrap();
+    assert_eq!(text, "echo: before");
+
+    // The check runs every 10 s; six connections past a high mark of 3 go down to 2, the
+    // caller's kept: at least 4 closed (more if the others come back and go again).
+    let start = Instant::now();
+    while trimmed(&hub) < 4.0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "the hub trimmed {} of its {} peers' connections",
+            trimmed(&hub),
+            hub.client().peers().await.unwrap().len()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Others were disconnected; A never was.
+    let mut disconnected = Vec::new();
+    loop {
+        match events.try_recv() {
+            Ok(mesh_node::network::NetworkEvent::Disconnected { peer }) => disconnected.push(peer),
+            Ok(_) => {}
+            Err(tokio::sync::broadcast::error::TryRecvError::Lagged(n)) => {
+                panic!("{n} network events were missed")
+            }
+            Err(_) => break,
+        }
+    }
+    assert!(!disconnected.is_empty(), "trimming disconnected nobody");
+    assert!(
+        !disconnected.contains(&a.peer_id()),
+        "the connection that carried a call was closed"
+    );
+    // The hub still serves the mesh: a trimmed node finds A through it, and calls it.
+    let found = providers_of(&others[0], "echo").await;
+    assert_eq!(found, vec![a.peer_id()]);
+    let (text, _) = run_call(&others[0], a.peer_id(), &chat("echo", "after"))
+        .await
+        .unwrap();
+    assert_eq!(text, "echo: after");
+
+    for n in others.into_iter().chain([a, hub]) {
+        n.shutdown().await;
+    }
+}

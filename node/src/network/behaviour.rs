@@ -157,7 +157,7 @@ fn build_behaviour(
         .set_provider_publication_interval(Some(config.provider_ttl / 3))
         // Provider lists for popular models exceed the 16 KiB default response.
         .set_max_packet_size(256 * 1024)
-        .set_periodic_bootstrap_interval(Some(Duration::from_secs(60)));
+        .set_periodic_bootstrap_interval(Some(config.routing_refresh));
     let store = super::provider_store::ProviderStore::new(
         peer_id,
         kad::store::MemoryStoreConfig {
@@ -216,7 +216,7 @@ fn build_behaviour(
             table,
         ),
         identify,
-        ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15))),
+        ping: ping::Behaviour::new(ping::Config::new().with_interval(config.ping_interval)),
         kad,
         mdns: Toggle::from(mdns),
         autonat: Toggle::from(autonat),

@@ -36,6 +36,7 @@ pub mod relay_server;
 pub mod relays;
 pub mod repunch;
 pub mod streams;
+pub mod trim;
 
 use std::num::NonZeroU32;
 use std::time::Duration;
@@ -155,12 +156,21 @@ pub struct NetworkConfig {
     pub max_connections: u32,
     pub max_connections_per_peer: u32,
     pub max_pending: u32,
+    /// The band the connection count is trimmed to, below `max_connections` ([`trim`]).
+    pub connection_marks: trim::Watermarks,
     pub idle_connection_timeout: Duration,
     /// How long one address may take to become a connection (transport, encryption and
     /// multiplexing). A peer's addresses are dialled in parallel, so one that black-holes
     /// (a stale address, a punch through a symmetric NAT) costs its own dial only.
     pub dial_timeout: Duration,
     pub query_timeout: Duration,
+    /// How often Kademlia walks its routing table again (a lookup of its own id and of one
+    /// key in each farther bucket); a table with fewer than k peers is also walked whenever
+    /// a peer joins it.
+    pub routing_refresh: Duration,
+    /// How often each connection is pinged: its round trip ranks providers and shows in
+    /// `mesh peers`. The first ping goes out as the connection opens.
+    pub ping_interval: Duration,
     pub provider_ttl: Duration,
     pub max_providers_per_key: usize,
     /// Commands that may wait for the swarm task.
@@ -195,12 +205,21 @@ impl Default for NetworkConfig {
             max_connections: 256,
             max_connections_per_peer: 4,
             max_pending: 64,
+            connection_marks: trim::Watermarks::default(),
             idle_connection_timeout: Duration::from_secs(120),
             // libp2p's default is 10 s; a relayed dial across the internet takes a few round
             // trips, well inside 5 s.
             dial_timeout: Duration::from_secs(5),
             // Below the client's 20 s wait, so a slow walk ends with what it found.
             query_timeout: Duration::from_secs(15),
+            // libp2p's default. Each refresh walks once per bucket, so at 60 s (this node's
+            // setting until December 2026) the walks alone made a node touch nearly every
+            // peer of a 200-node mesh each minute (docs/scale.md).
+            routing_refresh: Duration::from_secs(5 * 60),
+            // libp2p's default is 15 s. Pings were most of what a node handles at 100 to 200
+            // simulated nodes (a connection to every other node, each pinged 4 times a
+            // minute), and a round trip a minute old ranks providers as well.
+            ping_interval: Duration::from_secs(60),
             provider_ttl: Duration::from_secs(15 * 60),
             max_providers_per_key: 100,
             command_queue: 256,

@@ -182,6 +182,19 @@ impl PeerTable {
             .map(|c| c.path)
     }
 
+    /// Every open connection, each with whether it is its peer's [`PeerTable::best`].
+    pub fn every_connection(&self) -> Vec<(PeerId, &Connection, bool)> {
+        self.peers
+            .keys()
+            .flat_map(|peer| {
+                let best = self.best(peer).map(|c| c.id);
+                self.connections(peer)
+                    .iter()
+                    .map(move |c| (*peer, c, Some(c.id) == best))
+            })
+            .collect()
+    }
+
     pub fn is_connected(&self, peer: &PeerId) -> bool {
         self.peers.contains_key(peer)
     }
@@ -346,6 +359,27 @@ mod tests {
         // Same instant: the higher id, whatever the insertion order.
         table.add(p, conn(9), addr(DIRECT), false, t + Duration::from_secs(5));
         assert_eq!(table.best(&p).unwrap().id, conn(9));
+    }
+
+    #[test]
+    fn every_connection_is_listed_once_with_its_peers_best_marked() {
+        let mut table = PeerTable::default();
+        let (p, q) = (peer(), peer());
+        let t = Instant::now();
+        table.add(p, conn(1), addr(DIRECT), false, t);
+        table.add(p, conn(2), addr(DIRECT), false, t + Duration::from_secs(1));
+        table.add(q, conn(3), addr(RELAYED), true, t);
+        let mut listed: Vec<(PeerId, ConnectionId, bool)> = table
+            .every_connection()
+            .into_iter()
+            .map(|(peer, c, best)| (peer, c.id, best))
+            .collect();
+        listed.sort_by_key(|(_, id, _)| *id);
+        assert_eq!(
+            listed,
+            [(p, conn(1), false), (p, conn(2), true), (q, conn(3), true)]
+        );
+        assert!(PeerTable::default().every_connection().is_empty());
     }
 
     #[test]

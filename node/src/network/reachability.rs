@@ -57,6 +57,11 @@ pub fn circuits_through<'a>(
 }
 
 impl Reach {
+    /// Whether `peer` is one of this node's relays (a reservation asked for or held).
+    pub fn reserves_with(&self, peer: &PeerId) -> bool {
+        self.relays.holds(peer)
+    }
+
     /// Holding at most `max_relays` reservations (0 for a short-lived client).
     pub fn new(max_relays: usize) -> Self {
         Reach {

@@ -173,6 +173,11 @@ impl Relays {
         self.reservations.drain().map(|(_, r)| r.listener).collect()
     }
 
+    /// Whether this node asked `relay` for a reservation, or holds one there.
+    pub fn holds(&self, relay: &PeerId) -> bool {
+        self.reservations.contains_key(relay)
+    }
+
     /// Relays holding an accepted reservation.
     pub fn active(&self) -> Vec<PeerId> {
         let mut out: Vec<PeerId> = self

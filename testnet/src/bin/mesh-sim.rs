@@ -50,6 +50,15 @@ struct Args {
     /// Skip encryption between the simulated nodes (Noise costs CPU that one machine lacks)
     #[arg(long)]
     plaintext: bool,
+    /// The nodes' Kademlia routing refresh, in seconds (default: the node's)
+    #[arg(long)]
+    routing_refresh_secs: Option<u64>,
+    /// The nodes' idle connection timeout, in seconds (default: the node's)
+    #[arg(long)]
+    idle_secs: Option<u64>,
+    /// How often the nodes ping each connection, in seconds (default: the node's)
+    #[arg(long)]
+    ping_secs: Option<u64>,
     /// Print only the JSON line on stdout (progress still goes to stderr)
     #[arg(long)]
     json: bool,
@@ -69,6 +78,7 @@ fn main() -> anyhow::Result<()> {
         (0.0..=1.0).contains(&args.churn),
         "--churn is a fraction per minute, 0 to 1"
     );
+    let defaults = mesh_node::network::NetworkConfig::default();
     let config = SimConfig {
         nodes: args.nodes,
         models: args.models,
@@ -82,6 +92,15 @@ fn main() -> anyhow::Result<()> {
         calls_per_second: args.calls_per_sec,
         lookups_per_second: args.lookups_per_sec,
         plaintext: args.plaintext,
+        routing_refresh: args
+            .routing_refresh_secs
+            .map_or(defaults.routing_refresh, Duration::from_secs),
+        idle_timeout: args
+            .idle_secs
+            .map_or(defaults.idle_connection_timeout, Duration::from_secs),
+        ping_interval: args
+            .ping_secs
+            .map_or(defaults.ping_interval, Duration::from_secs),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -112,8 +131,8 @@ fn print_table(r: &Report) {
         if c.plaintext { "plaintext" } else { "noise" }
     );
     println!(
-        "started in {:.1} s, {} KiB per node, {} nodes churned",
-        r.start_secs, r.rss_kib_per_node, r.churned
+        "started in {:.1} s, {} KiB per node, {} nodes churned; connections per node at the end: mean {:.1}, max {}",
+        r.start_secs, r.rss_kib_per_node, r.churned, r.connections_mean, r.connections_max
     );
     println!();
     println!("| lookup | n | found | p50 ms | p99 ms | live providers | stale providers |");

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 /// The message kinds the simulation reports, each a sum of metric samples.
-pub const KINDS: [(&str, &[&str]); 10] = [
+pub const KINDS: [(&str, &[&str]); 13] = [
     (
         "dht announce (add_provider in)",
         &["libp2p_kad_inbound_requests_total{request=\"AddProvider\""],
@@ -37,6 +37,21 @@ pub const KINDS: [(&str, &[&str]); 10] = [
     ),
     ("provider lookups made", &["mesh_dht_lookup_requests_count"]),
     ("their dht requests", &["mesh_dht_lookup_requests_sum"]),
+    (
+        "dht requests sent: routing walks (bootstrap)",
+        &["libp2p_kad_query_result_num_requests_sum{type=\"Bootstrap\""],
+    ),
+    (
+        "dht requests sent: peer lookups (closest peers)",
+        &["libp2p_kad_query_result_num_requests_sum{type=\"GetClosestPeers\""],
+    ),
+    (
+        "dht requests sent: announcements",
+        &[
+            "libp2p_kad_query_result_num_requests_sum{type=\"StartProviding\"",
+            "libp2p_kad_query_result_num_requests_sum{type=\"RepublishProvider\"",
+        ],
+    ),
 ];
 
 /// Where [`KINDS`] has the lookups made and their requests.
@@ -61,6 +76,17 @@ pub fn total(samples: &BTreeMap<String, f64>, prefixes: &[&str]) -> f64 {
         .filter(|(k, _)| prefixes.iter().any(|p| k.starts_with(p)))
         .map(|(_, v)| v)
         .sum()
+}
+
+/// Connections a node opened, and those that closed (each closed one is a sample of the
+/// duration histogram), by libp2p-metrics' swarm family.
+pub const CONNECTIONS_OPENED: &str = "libp2p_swarm_connections_established_total{";
+pub const CONNECTIONS_CLOSED: &str = "libp2p_swarm_connections_duration_seconds_count{";
+
+/// How many connections a node holds now: opened less closed, over every role and transport.
+pub fn open_connections(text: &str) -> f64 {
+    let samples = samples(text);
+    total(&samples, &[CONNECTIONS_OPENED]) - total(&samples, &[CONNECTIONS_CLOSED])
 }
 
 /// One node's count of each kind in [`KINDS`].
@@ -100,26 +126,44 @@ libp2p_bandwidth_bytes_total{protocols=\"/memory\",direction=\"Outbound\"} 2000
 mesh_dht_lookup_requests_sum 30.0
 mesh_dht_lookup_requests_count 3
 mesh_dht_lookup_requests_bucket{le=\"1.0\"} 0
+libp2p_kad_query_result_num_requests_sum{type=\"Bootstrap\"} 40.0
+libp2p_kad_query_result_num_requests_count{type=\"Bootstrap\"} 2
+libp2p_kad_query_result_num_requests_sum{type=\"GetClosestPeers\"} 12.0
+libp2p_kad_query_result_num_requests_sum{type=\"StartProviding\"} 20.0
+libp2p_kad_query_result_num_requests_sum{type=\"RepublishProvider\"} 21.0
+libp2p_swarm_connections_established_total{role=\"Dialer\",protocols=\"/memory\"} 6
+libp2p_swarm_connections_established_total{role=\"Listener\",protocols=\"/memory\"} 5
+libp2p_swarm_connections_duration_seconds_sum{role=\"Dialer\",protocols=\"/memory\"} 40.0
+libp2p_swarm_connections_duration_seconds_count{role=\"Dialer\",protocols=\"/memory\"} 3
+libp2p_swarm_connections_duration_seconds_count{role=\"Listener\",protocols=\"/memory\"} 1
 # EOF
 ";
 
     #[test]
     fn each_kind_sums_its_samples() {
-        let expected = [4.0, 2.0, 10.0, 4.0, 7.0, 5.0, 1000.0, 2000.0, 3.0, 30.0];
+        let expected = [
+            4.0, 2.0, 10.0, 4.0, 7.0, 5.0, 1000.0, 2000.0, 3.0, 30.0, 40.0, 12.0, 41.0,
+        ];
         assert_eq!(kinds(TEXT), expected);
-        assert_eq!(kinds("# EOF\n"), [0.0; 10]);
+        assert_eq!(kinds("# EOF\n"), [0.0; KINDS.len()]);
+    }
+
+    #[test]
+    fn open_connections_are_the_opened_less_the_closed() {
+        assert_eq!(open_connections(TEXT), 7.0);
+        assert_eq!(open_connections("# EOF\n"), 0.0);
     }
 
     #[test]
     fn rates_are_means_over_nodes_per_minute() {
         let pairs = vec![
-            (vec![0.0; 10], vec![2.0; 10]),
-            (vec![1.0; 10], vec![5.0; 10]),
+            (vec![0.0; KINDS.len()], vec![2.0; KINDS.len()]),
+            (vec![1.0; KINDS.len()], vec![5.0; KINDS.len()]),
         ];
         let rates = per_node_per_minute(&pairs, 2.0);
-        assert_eq!(rates, [1.5; 10]);
+        assert_eq!(rates, [1.5; KINDS.len()]);
         // A counter that went back (a node restarted) counts nothing, not a negative.
-        let back = per_node_per_minute(&[(vec![5.0; 10], vec![1.0; 10])], 1.0);
-        assert_eq!(back, [0.0; 10]);
+        let back = per_node_per_minute(&[(vec![5.0; KINDS.len()], vec![1.0; KINDS.len()])], 1.0);
+        assert_eq!(back, [0.0; KINDS.len()]);
     }
 }

@@ -55,6 +55,32 @@ pub struct SimConfig {
     pub lookups_per_second: f64,
     /// Skip encryption on the memory transport.
     pub plaintext: bool,
+    /// The nodes' Kademlia routing refresh ([`mesh_node::network::NetworkConfig`]'s).
+    pub routing_refresh: Duration,
+    /// The nodes' idle connection timeout.
+    pub idle_timeout: Duration,
+    /// How often the nodes ping each connection.
+    pub ping_interval: Duration,
+}
+
+/// How each simulated node is configured, beyond its models and bootstrap peers.
+#[derive(Debug, Clone, Copy)]
+struct NodeSettings {
+    plaintext: bool,
+    routing_refresh: Duration,
+    idle_timeout: Duration,
+    ping_interval: Duration,
+}
+
+impl From<&SimConfig> for NodeSettings {
+    fn from(c: &SimConfig) -> Self {
+        NodeSettings {
+            plaintext: c.plaintext,
+            routing_refresh: c.routing_refresh,
+            idle_timeout: c.idle_timeout,
+            ping_interval: c.ping_interval,
+        }
+    }
 }
 
 /// Latency percentiles, in milliseconds.
@@ -124,6 +150,9 @@ pub struct Report {
     /// Provider records each node stores for others: mean and max.
     pub records_mean: f64,
     pub records_max: usize,
+    /// Connections each node held when the measure ended: mean and max.
+    pub connections_mean: f64,
+    pub connections_max: f64,
 }
 
 /// A node of the simulation.
@@ -175,7 +204,7 @@ impl Mesh {
 /// Memory-transport ports, unique in the process.
 static NEXT_PORT: AtomicU64 = AtomicU64::new(1);
 
-fn node_config(bootstrap: Vec<Multiaddr>, plaintext: bool) -> NodeConfig {
+fn node_config(bootstrap: Vec<Multiaddr>, settings: NodeSettings) -> NodeConfig {
     let port = 10_000 + NEXT_PORT.fetch_add(1, Ordering::Relaxed);
     let addr: Multiaddr = format!("/memory/{port}").parse().expect("a memory address");
     let mut config = NodeConfig::default();
@@ -186,7 +215,10 @@ fn node_config(bootstrap: Vec<Multiaddr>, plaintext: bool) -> NodeConfig {
     config.network.mdns = false;
     config.network.relay_server = None;
     config.network.max_relays = 0;
-    config.network.memory_plaintext = plaintext;
+    config.network.memory_plaintext = settings.plaintext;
+    config.network.routing_refresh = settings.routing_refresh;
+    config.network.idle_connection_timeout = settings.idle_timeout;
+    config.network.ping_interval = settings.ping_interval;
     config.api = None;
     config.models_dir = None;
     config
@@ -202,10 +234,10 @@ fn engines(models: &[String]) -> Vec<SharedEngine> {
 async fn start_one(
     models: Vec<String>,
     bootstrap: Vec<Multiaddr>,
-    plaintext: bool,
+    settings: NodeSettings,
     seed: bool,
 ) -> anyhow::Result<(PeerId, Arc<SimNode>, Multiaddr)> {
-    let config = node_config(bootstrap, plaintext);
+    let config = node_config(bootstrap, settings);
     let addr = config.network.listen[0].clone();
     let node = Node::start(NodeIdentity::generate(), engines(&models), config).await?;
     let peer = node.peer_id();
@@ -236,7 +268,7 @@ pub async fn run(config: SimConfig, say: impl Fn(String) + Send + Sync) -> anyho
     let mut seeds: Vec<Multiaddr> = Vec::new();
     for _ in 0..config.seeds.max(1) {
         let models = population.draw_for_node(&mut rand::thread_rng());
-        let (peer, node, addr) = start_one(models, seeds.clone(), config.plaintext, true).await?;
+        let (peer, node, addr) = start_one(models, seeds.clone(), (&config).into(), true).await?;
         mesh.lock().await.add(peer, node);
         seeds.push(addr);
     }
@@ -248,7 +280,7 @@ pub async fn run(config: SimConfig, say: impl Fn(String) + Send + Sync) -> anyho
         let starts = (0..batch).map(|_| {
             let models = population.draw_for_node(&mut rand::thread_rng());
             let boot = pick_seeds(&seeds, &mut rand::thread_rng());
-            start_one(models, boot, config.plaintext, false)
+            start_one(models, boot, (&config).into(), false)
         });
         for result in futures::future::join_all(starts).await {
             let (peer, node, _) = result?;
@@ -312,13 +344,18 @@ pub async fn run(config: SimConfig, say: impl Fn(String) + Send + Sync) -> anyho
     // loaded machine takes minutes at a few hundred nodes and would otherwise lengthen the
     // window of the nodes read last.
     let mesh = mesh.lock().await;
-    let pairs: Vec<_> = mesh
+    let texts: Vec<(PeerId, String)> = mesh
         .nodes
         .iter()
-        .filter_map(|(peer, node)| {
-            let before = before.get(peer)?;
-            Some((before.clone(), counters::kinds(&node.node.metrics_text())))
-        })
+        .map(|(peer, node)| (*peer, node.node.metrics_text()))
+        .collect();
+    let pairs: Vec<_> = texts
+        .iter()
+        .filter_map(|(peer, text)| Some((before.get(peer)?.clone(), counters::kinds(text))))
+        .collect();
+    let connected: Vec<f64> = texts
+        .iter()
+        .map(|(_, text)| counters::open_connections(text))
         .collect();
     let minutes = measure_start.elapsed().as_secs_f64() / 60.0;
     let mut records = Vec::new();
@@ -352,6 +389,8 @@ pub async fn run(config: SimConfig, say: impl Fn(String) + Send + Sync) -> anyho
         dht_requests_per_lookup,
         records_mean,
         records_max: records.iter().copied().max().unwrap_or(0),
+        connections_mean: connected.iter().sum::<f64>() / connected.len().max(1) as f64,
+        connections_max: connected.iter().copied().fold(0.0, f64::max),
     };
     let nodes: Vec<Arc<SimNode>> = mesh.nodes.values().cloned().collect();
     drop(mesh);
@@ -423,9 +462,9 @@ async fn churn_loop(
         // departures keep their pace.
         let models = population.draw_for_node(&mut rand::thread_rng());
         let boot = pick_seeds(&seeds, &mut rand::thread_rng());
-        let (mesh, plaintext) = (mesh.clone(), config.plaintext);
+        let (mesh, settings) = (mesh.clone(), NodeSettings::from(&config));
         joins.spawn(async move {
-            match start_one(models, boot, plaintext, false).await {
+            match start_one(models, boot, settings, false).await {
                 Ok((peer, node, _)) => mesh.lock().await.add(peer, node),
                 Err(e) => tracing::warn!("a joining node failed to start: {e}"),
             }

@@ -227,6 +227,7 @@ impl EventLoop {
         match event {
             relay::Event::ReservationReqAccepted { src_peer_id, .. } => {
                 tracing::info!(peer = %src_peer_id, "relaying for a peer");
+                self.relay_users.reservation(src_peer_id, true);
                 // The peer is reachable through this relay from now on: put it in the routing
                 // table at its circuit addresses, so DHT lookups find it at once, without
                 // waiting for its identify push to announce them.
@@ -238,16 +239,25 @@ impl EventLoop {
                     kad.add_address(&src_peer_id, addr);
                 }
             }
+            relay::Event::ReservationClosed { src_peer_id }
+            | relay::Event::ReservationTimedOut { src_peer_id } => {
+                tracing::debug!(peer = %src_peer_id, "a reservation on this relay ended");
+                self.relay_users.reservation(src_peer_id, false);
+            }
             relay::Event::CircuitReqAccepted {
                 src_peer_id,
                 dst_peer_id,
-            } => tracing::debug!(from = %src_peer_id, to = %dst_peer_id, "relaying a circuit"),
+            } => {
+                tracing::debug!(from = %src_peer_id, to = %dst_peer_id, "relaying a circuit");
+                self.relay_users.circuit_opened(src_peer_id, dst_peer_id);
+            }
             relay::Event::CircuitClosed {
                 src_peer_id,
                 dst_peer_id,
                 error,
             } => {
-                tracing::debug!(from = %src_peer_id, to = %dst_peer_id, ?error, "relayed circuit closed")
+                tracing::debug!(from = %src_peer_id, to = %dst_peer_id, ?error, "relayed circuit closed");
+                self.relay_users.circuit_closed(&src_peer_id, &dst_peer_id);
             }
             other => tracing::debug!("relay: {other:?}"),
         }

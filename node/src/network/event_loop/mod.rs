@@ -49,6 +49,8 @@ pub struct EventLoop {
     repunch: super::repunch::Repunch,
     /// Observed addresses and hole punches, for `mesh doctor`.
     diagnosis: super::diagnosis::Diagnosis,
+    /// Peers using this node as their relay, whose connections are never trimmed.
+    relay_users: super::trim::RelayUsers,
 }
 
 /// Where the swarm task counts what happens: libp2p's own metrics (connections, Kademlia
@@ -87,6 +89,7 @@ impl EventLoop {
             recorders,
             repunch: Default::default(),
             diagnosis: Default::default(),
+            relay_users: Default::default(),
         }
     }
 
@@ -96,6 +99,8 @@ impl EventLoop {
             self.swarm.add_external_address(addr);
         }
         let mut relay_check = tokio::time::interval(RELAY_CHECK);
+        let mut trim_check = tokio::time::interval(super::trim::CHECK_EVERY);
+        trim_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let push_at = self.reach.push_due();
             let push_deadline = push_at.map_or_else(tokio::time::Instant::now, Into::into);
@@ -110,6 +115,7 @@ impl EventLoop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 _ = relay_check.tick() => self.reserve_relays(),
+                _ = trim_check.tick() => self.trim_connections(),
                 _ = tokio::time::sleep_until(push_deadline), if push_at.is_some() => {
                     self.reach.pushed();
                     let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
@@ -157,6 +163,57 @@ impl EventLoop {
             let _ = self.swarm.disconnect_peer_id(peer);
         }
         tracing::debug!("network task stopped");
+    }
+
+    /// Past the high mark, closes the connections [`super::trim::to_close`] picks.
+    fn trim_connections(&mut self) {
+        let marks = self.config.connection_marks;
+        if (self
+            .swarm
+            .network_info()
+            .connection_counters()
+            .num_established() as usize)
+            <= marks.high
+        {
+            return;
+        }
+        let mut table_peers = std::collections::HashSet::new();
+        for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
+            for entry in bucket.iter() {
+                table_peers.insert(*entry.node.key.preimage());
+            }
+        }
+        let open: Vec<super::trim::Open> = {
+            let table = self.table.read();
+            table
+                .every_connection()
+                .into_iter()
+                .map(|(peer, c, best)| super::trim::Open {
+                    peer,
+                    id: c.id,
+                    since: c.since,
+                    protected: c.streams > 0
+                        || c.path != Path::Direct
+                        || self.reach.reserves_with(&peer)
+                        || self.relay_users.uses(&peer),
+                    spare: !best,
+                    in_routing_table: table_peers.contains(&peer),
+                })
+                .collect()
+        };
+        let closing = super::trim::to_close(&marks, &open, Instant::now());
+        if closing.is_empty() {
+            return;
+        }
+        tracing::debug!(
+            open = open.len(),
+            closing = closing.len(),
+            "over the connection high mark; closing idle Kademlia connections"
+        );
+        self.recorders.mesh.connections_trimmed(closing.len());
+        for (_, id) in closing {
+            self.swarm.close_connection(id);
+        }
     }
 
     fn emit(&self, event: NetworkEvent) {
