@@ -3,10 +3,12 @@
 //!
 //! This is a shell. What to do is decided by plain structs, each tested without a network:
 //! [`Connects`] (connecting to a peer by id), [`Discovery`] (DHT announcements and queries),
-//! [`Reach`] (reachability, relays, identify pushes) and the [`PeerTable`] (kept by the stream
-//! behaviour). The shell passes events in and performs the actions they return.
+//! [`Reach`] (reachability, relays, identify pushes), [`trim`] (which connections to close past
+//! the high mark) and the [`PeerTable`] (kept by the stream behaviour). The shell passes events
+//! in and performs the actions they return.
 //!
 //! [`PeerTable`]: super::peer_table::PeerTable
+//! [`trim`]: super::trim
 
 mod behaviour_events;
 mod command;
