@@ -2,21 +2,20 @@
 //!
 //! A node connects to every peer it asks anything: each step of a Kademlia walk, the peers
 //! that ask it, every provider whose catalog it fetches. libp2p closes a connection only once
-//! it has been idle for the swarm's idle timeout, and every open connection is pinged every
-//! 15 s. In a mesh of a few hundred nodes a node touches most of the others within that
-//! timeout, so without a bound it holds a connection to nearly every node, up to the hard cap
-//! (`max_connections`), where it refuses new ones, Kademlia's included (docs/scale.md).
+//! it has been idle for the swarm's idle timeout, and every open connection is pinged. In a
+//! mesh of a few hundred nodes a node touches most of the others within that timeout, so
+//! without a bound it holds a connection to nearly every node, up to the hard cap
+//! (`max_connections`), where it refuses new ones, its own dials included (docs/scale.md).
 //!
 //! So, as other DHT nodes do, the swarm task checks the count every 10 s; past the
 //! [`Watermarks::high`] mark it closes connections down to [`Watermarks::low`], before the cap
-//! is reached. Only those
-//! that carried nothing but libp2p's own protocols (Kademlia, identify, ping) are closed: not
-//! one that carried a mesh stream (a call, a catalog, a stage), one made through or upgraded
-//! from a relay, one to a relay this node reserves with, or one to a peer that holds a
-//! reservation or a circuit on this node. Among the rest, a spare (a second connection to a
-//! peer) goes first, then peers outside the routing table, then the oldest. A connection
-//! younger than [`Watermarks::grace`] is left alone: it was opened for something still
-//! under way.
+//! is reached. Only those that carried nothing but libp2p's own protocols (Kademlia, identify,
+//! ping) are closed: not one that carried a mesh stream (a call, a catalog, a stage), one made
+//! through or upgraded from a relay, one to a relay this node reserves with, or one to a peer
+//! that holds a reservation or a circuit on this node. Among the rest, a spare (a second
+//! connection to a peer) goes first, then peers outside the routing table, then the oldest. A
+//! connection younger than [`Watermarks::grace`] is left alone: it was opened for something
+//! still under way.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
