@@ -179,12 +179,8 @@ impl EventLoop {
         {
             return;
         }
-        let mut table_peers = std::collections::HashSet::new();
-        for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
-            for entry in bucket.iter() {
-                table_peers.insert(*entry.node.key.preimage());
-            }
-        }
+        let table_peers: std::collections::HashSet<PeerId> =
+            self.routing_table_peers().into_iter().collect();
         let open: Vec<super::trim::Open> = {
             let table = self.table.read();
             table
@@ -216,6 +212,17 @@ impl EventLoop {
         for (_, id) in closing {
             self.swarm.close_connection(id);
         }
+    }
+
+    /// Every peer in the Kademlia routing table.
+    fn routing_table_peers(&mut self) -> Vec<PeerId> {
+        let mut peers = Vec::new();
+        for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
+            for entry in bucket.iter() {
+                peers.push(*entry.node.key.preimage());
+            }
+        }
+        peers
     }
 
     fn emit(&self, event: NetworkEvent) {
@@ -250,13 +257,7 @@ impl EventLoop {
                 }
             },
             Command::KnownPeers { reply } => {
-                let mut peers = Vec::new();
-                for bucket in self.swarm.behaviour_mut().kad.kbuckets() {
-                    for entry in bucket.iter() {
-                        peers.push(*entry.node.key.preimage());
-                    }
-                }
-                let _ = reply.send(Ok(peers));
+                let _ = reply.send(Ok(self.routing_table_peers()));
             }
             Command::ListenAddrs { reply } => {
                 let _ = reply.send(Ok(self.swarm.listeners().cloned().collect()));
